@@ -1,0 +1,120 @@
+"""Pure conversions between the units people write and the ones the program uses."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+
+
+def parse_size(value: str | int) -> int:
+    """`512`, `64KiB`, `1MiB`, `10MB`, `2GiB` -> bytes. Raises ValueError with the reason."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512, 64KiB, 10MB or 2GiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size (try 512, 64KiB, 10MB or 2GiB)")
+    number, unit = match.groups()
+    factor = _SIZE_UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(
+            f"{value!r} has an unknown unit {unit!r} (use B, KiB, MiB, GiB, KB, MB, GB)"
+        )
+    result = float(number) * factor
+    if result != int(result):
+        raise ValueError(f"{value!r} is not a whole number of bytes")
+    return int(result)
+
+
+def parse_duration(value: str | int | float) -> float:
+    """`90s`, `15m`, `12h`, `3d`, `1h30m`, or a bare number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 90s, 15m, 12h or 3d")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    text = str(value).strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    if not text or not re.fullmatch(r"(?:\d+(?:\.\d+)?\s*[smhdw]\s*)+", text):
+        raise ValueError(f"{value!r} is not a duration (try 90s, 15m, 12h or 3d)")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_RE.findall(text))
+
+
+def format_size(size: int | float | None) -> str:
+    """Bytes -> `1.5 MiB`; None -> `?`."""
+    if size is None:
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float | None) -> str:
+    """Seconds -> `2d 3h`, `4h 10m`, `12m 5s`, `8s`; None -> `?`."""
+    if seconds is None:
+        return "?"
+    sign = "-" if seconds < 0 else ""
+    rest = int(abs(seconds))
+    days, rest = divmod(rest, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{sign}{days}d {hours}h"
+    if hours:
+        return f"{sign}{hours}h {minutes}m"
+    if minutes:
+        return f"{sign}{minutes}m {secs}s"
+    return f"{sign}{secs}s"
+
+
+def iso_utc(timestamp: float | None) -> str | None:
+    """POSIX seconds -> `2025-01-18T10:30:00Z` (milliseconds kept when present)."""
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    if moment.microsecond:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> float:
+    """ISO-8601 (`...Z`, `+00:00`, with or without fractions) -> POSIX seconds.
+
+    A timestamp without an offset is taken as UTC. Raises ValueError.
+    """
+    cleaned = text.strip()
+    if cleaned.endswith(("Z", "z")):
+        cleaned = cleaned[:-1] + "+00:00"
+    moment = datetime.fromisoformat(cleaned)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
