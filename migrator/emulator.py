@@ -1,0 +1,1011 @@
+"""A local emulator of the kie.ai File Upload API: the service's side, for tests and dry runs.
+
+It answers the three documented upload endpoints the way the public docs describe the
+real service (bearer auth, the `{success, code, msg, data}` envelope, 400/401/405/404),
+stores what it receives under a data directory so that it survives a restart, serves
+every file at its `downloadUrl` until `expiresAt`, and keeps its own clock (real time plus
+an offset that only moves forward) so that expiry can be tested without waiting 3 days.
+
+Nothing here is shared with `migrator.client`: the emulator writes its envelopes by hand,
+so a drift between what the client expects and what the service says shows up in tests.
+
+Overwrite rule: uploading the same `uploadPath` + `fileName` again stores the new bytes
+under a new `fileId`; the old `downloadUrl` then answers 404.
+
+Admin endpoints (same bearer key as the API):
+    POST /_emulator/clock     {"advance": seconds}        -> {"offset": s, "now": iso}
+    GET  /_emulator/clock                                 -> {"offset": s, "now": iso}
+    GET  /_emulator/requests                              -> [EmulatorRequest as JSON, ...]
+    POST /_emulator/faults    {"status", "count", "endpoint", "retry_after", "body_code"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import mimetypes
+import re
+import secrets
+import signal
+import sqlite3
+import sys
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, Final, Literal, TextIO, TypeGuard
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from migrator.errors import ConfigError
+
+Endpoint = Literal["base64", "stream", "url"]
+ResponseShape = Literal["quickstart", "endpoint"]
+
+ENDPOINTS: Final[tuple[str, ...]] = ("base64", "stream", "url")
+RESPONSE_SHAPES: Final[tuple[str, ...]] = ("quickstart", "endpoint")
+DEFAULT_TTL: Final = 72 * 3600.0
+DEFAULT_URL_MAX: Final = 100 * 1024 * 1024
+JSON_BODY_MAX: Final = 64 * 1024 * 1024  # base64 and URL routes; stream uploads have no limit
+FIELD_MAX: Final = 64 * 1024  # a text part of a multipart body (uploadPath, fileName)
+CHUNK: Final = 256 * 1024
+SUCCESS_MSG: Final = "File uploaded successfully"
+
+_PATHS: Final[dict[str, str]] = {
+    "base64": "/api/file-base64-upload",
+    "stream": "/api/file-stream-upload",
+    "url": "/api/file-url-upload",
+}
+_ENDPOINT_BY_PATH: Final[dict[str, str]] = {path: name for name, path in _PATHS.items()}
+_DATA_URL_RE = re.compile(r"^data:([^,]*?),(.*)$", re.DOTALL)
+_STATUS_MSGS: Final[dict[int, str]] = {
+    400: "bad request",
+    401: "missing or invalid credentials",
+    404: "not found",
+    405: "method not allowed: use POST",
+    413: "request body too large",
+    429: "too many requests",
+    500: "internal error, please retry",
+    502: "bad gateway",
+    503: "service unavailable, please retry",
+    504: "gateway timeout",
+}
+
+
+# -- values -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorRequest:
+    """One request to an upload endpoint, as the emulator saw it (failed ones included)."""
+
+    endpoint: str  # "base64" | "stream" | "url"
+    upload_path: str | None
+    file_name: str | None
+    file_url: str | None
+    status: int  # the HTTP status answered
+    size: int | None  # bytes stored, for a success
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorConfig:
+    """Everything `serve()` needs; mirrors the `Emulator` constructor."""
+
+    data_dir: Path
+    api_key: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    ttl: float = DEFAULT_TTL
+    response_shape: str = "quickstart"
+    url_fetch_timeout: float = 30.0
+    url_max: int = DEFAULT_URL_MAX
+    clock_offset: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """One file held by the emulator."""
+
+    file_id: str
+    upload_path: str
+    file_name: str
+    original_name: str | None
+    size: int
+    mime_type: str
+    uploaded_at: float
+    expires_at: float
+
+    @property
+    def remote_path(self) -> str:
+        return f"{self.upload_path}/{self.file_name}" if self.upload_path else self.file_name
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """Bytes of one upload, written to a temp file, before they are named and stored."""
+
+    size: int
+    upload_path: str
+    file_name: str | None
+    original_name: str | None
+    declared_type: str | None
+
+
+@dataclass(slots=True)
+class _Seen:
+    """What a request said so far; recorded in the request log even when it fails."""
+
+    upload_path: str | None = None
+    file_name: str | None = None
+    file_url: str | None = None
+
+
+@dataclass(slots=True)
+class _Fault:
+    status: int
+    remaining: int
+    endpoint: str | None
+    retry_after: float | None
+    body_code: int | None
+
+
+class _ApiError(Exception):
+    """Answered to the caller as the error envelope with this status."""
+
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+
+
+# -- pure helpers -------------------------------------------------------------------------
+
+
+def iso_ms(timestamp: float) -> str:
+    """POSIX seconds -> `2025-01-18T10:30:00.000Z` (always with milliseconds)."""
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{moment.microsecond // 1000:03d}Z"
+
+
+def error_envelope(status: int, msg: str) -> dict[str, Any]:
+    return {"success": False, "code": status, "msg": msg, "data": None}
+
+
+def _has_control_chars(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def check_upload_path(value: object) -> str:
+    """Validate an `uploadPath` and return it without trailing '/'. Raises _ApiError(400)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _ApiError(400, "uploadPath must be a string")
+    if _has_control_chars(value):
+        raise _ApiError(400, "uploadPath must not contain control characters")
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        raise _ApiError(400, "uploadPath must be relative, not absolute")
+    if "\\" in value:
+        raise _ApiError(400, "uploadPath must use '/' as separator")
+    stripped = value.rstrip("/")
+    segments = stripped.split("/") if stripped else []
+    if any(seg in ("", ".", "..") for seg in segments):
+        raise _ApiError(400, "uploadPath must not contain '..', '.' or empty segments")
+    return stripped
+
+
+def check_file_name(value: object) -> str | None:
+    """Validate an optional `fileName`; empty means omitted. Raises _ApiError(400)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _ApiError(400, "fileName must be a string")
+    if _has_control_chars(value):
+        raise _ApiError(400, "fileName must not contain control characters")
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        raise _ApiError(400, "fileName must be relative, not absolute")
+    if ".." in value or value == ".":
+        raise _ApiError(400, "fileName must not contain '..'")
+    if "/" in value or "\\" in value:
+        raise _ApiError(400, "fileName must be a name, without '/' or '\\'")
+    return value
+
+
+def decode_base64_data(value: object) -> tuple[bytes, str | None]:
+    """`base64Data` (plain base64 or a `data:` URL) -> (bytes, declared MIME type or None)."""
+    if not isinstance(value, str) or not value.strip():
+        raise _ApiError(400, "base64Data is required")
+    declared: str | None = None
+    payload = value
+    match = _DATA_URL_RE.match(value.strip())
+    if match:
+        params = match.group(1).split(";")
+        if "base64" not in (p.strip().lower() for p in params[1:]):
+            raise _ApiError(400, "base64Data data URL must be base64-encoded (';base64,')")
+        declared = params[0].strip() or None
+        payload = match.group(2)
+    compact = "".join(payload.split())
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise _ApiError(400, "base64Data is not valid base64") from None
+    if not data:
+        raise _ApiError(400, "base64Data decodes to no bytes")
+    return data, declared
+
+
+def random_file_name(original_name: str | None, declared_type: str | None) -> str:
+    """A fresh random name that keeps the original extension (or one fitting the type)."""
+    suffix = PurePosixPath(original_name).suffix if original_name else ""
+    if not re.fullmatch(r"\.[A-Za-z0-9]{1,10}", suffix):
+        suffix = mimetypes.guess_extension(declared_type or "") or ""
+    return secrets.token_hex(8) + suffix
+
+
+def pick_mime_type(file_name: str, declared_type: str | None) -> str:
+    """The type guessed from the stored name, else the one the client declared."""
+    guessed, _ = mimetypes.guess_type(file_name, strict=False)
+    if guessed:
+        return guessed
+    if declared_type and "/" in declared_type:
+        return declared_type.split(";")[0].strip() or "application/octet-stream"
+    return "application/octet-stream"
+
+
+def download_path(stored: StoredFile) -> str:
+    """`/files/<fileId>/<uploadPath>/<fileName>`, each segment URL-quoted."""
+    segments = [stored.file_id, *stored.remote_path.split("/")]
+    return "/files/" + "/".join(quote(seg, safe="") for seg in segments)
+
+
+def success_data(stored: StoredFile, base_url: str, shape: str) -> dict[str, Any]:
+    """The `data` object of a success, in the quickstart or the endpoint pages' shape."""
+    url = base_url + download_path(stored)
+    if shape == "endpoint":
+        return {
+            "fileName": stored.file_name,
+            "filePath": stored.remote_path,
+            "downloadUrl": url,
+            "fileSize": stored.size,
+            "mimeType": stored.mime_type,
+            "uploadedAt": iso_ms(stored.uploaded_at),
+        }
+    return {
+        "fileId": stored.file_id,
+        "fileName": stored.file_name,
+        "originalName": stored.original_name or stored.file_name,
+        "fileSize": stored.size,
+        "mimeType": stored.mime_type,
+        "uploadPath": stored.upload_path,
+        "fileUrl": url,
+        "downloadUrl": url,
+        "uploadTime": iso_ms(stored.uploaded_at),
+        "expiresAt": iso_ms(stored.expires_at),
+    }
+
+
+def format_retry_after(seconds: float) -> str:
+    """Delta-seconds as an integer when whole, else a decimal (tests use sub-second waits)."""
+    return str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}"
+
+
+def bearer_ok(header: str | None, api_key: str) -> bool:
+    """`Authorization: Bearer <key>` with the right key, compared in constant time."""
+    if not header:
+        return False
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def fetch_failure_reason(err: BaseException, timeout: float) -> str:
+    """A short human reason for a failed origin download."""
+    if isinstance(err, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    if isinstance(err, aiohttp.ClientConnectorError):
+        os_error = err.os_error
+        if isinstance(os_error, ConnectionRefusedError):
+            return "connection refused"
+        return f"cannot connect to {err.host}:{err.port}: {os_error.strerror or os_error}"
+    if isinstance(err, aiohttp.InvalidURL):
+        return "invalid URL"
+    return str(err) or type(err).__name__
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- storage ------------------------------------------------------------------------------
+
+
+class _Store:
+    """Blobs under data_dir/blobs/<fileId>, metadata in data_dir/emulator.sqlite3.
+
+    A blob is renamed into place before its row is committed, so a crash leaves at
+    most an orphan blob, which the next start removes.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = _ensure_dir(data_dir)
+        self.blobs = _ensure_dir(data_dir / "blobs")
+        self.tmp = _ensure_dir(data_dir / "tmp")
+        self._clock_file = data_dir / "clock.json"
+        self._db = sqlite3.connect(data_dir / "emulator.sqlite3")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS files ("
+            " file_id TEXT PRIMARY KEY, upload_path TEXT NOT NULL, file_name TEXT NOT NULL,"
+            " original_name TEXT, size INTEGER NOT NULL, mime_type TEXT NOT NULL,"
+            " uploaded_at REAL NOT NULL, expires_at REAL NOT NULL,"
+            " UNIQUE (upload_path, file_name))"
+        )
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def new_tmp(self) -> Path:
+        return self.tmp / f"{secrets.token_hex(12)}.part"
+
+    def blob_path(self, file_id: str) -> Path:
+        return self.blobs / file_id
+
+    def put(self, tmp: Path, stored: StoredFile) -> None:
+        """Move the temp file into place, then record it, replacing a same-named file."""
+        tmp.replace(self.blob_path(stored.file_id))
+        with self._db:
+            old = self._db.execute(
+                "SELECT file_id FROM files WHERE upload_path = ? AND file_name = ?",
+                (stored.upload_path, stored.file_name),
+            ).fetchone()
+            if old:
+                self._db.execute("DELETE FROM files WHERE file_id = ?", (old[0],))
+            self._db.execute(
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    stored.file_id,
+                    stored.upload_path,
+                    stored.file_name,
+                    stored.original_name,
+                    stored.size,
+                    stored.mime_type,
+                    stored.uploaded_at,
+                    stored.expires_at,
+                ),
+            )
+        if old:
+            self.blob_path(old[0]).unlink(missing_ok=True)
+
+    def get(self, file_id: str) -> StoredFile | None:
+        row = self._db.execute("SELECT * FROM files WHERE file_id = ?", (file_id,)).fetchone()
+        return StoredFile(*row) if row else None
+
+    def delete(self, file_id: str) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM files WHERE file_id = ?", (file_id,))
+        self.blob_path(file_id).unlink(missing_ok=True)
+
+    def sweep(self, now: float) -> None:
+        """Drop temp files, expired files, orphan blobs and rows whose blob is gone."""
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+        rows = self._db.execute("SELECT file_id, expires_at FROM files").fetchall()
+        known = {file_id for file_id, _ in rows}
+        for file_id, expires_at in rows:
+            if expires_at <= now or not self.blob_path(file_id).exists():
+                self.delete(file_id)
+        for blob in self.blobs.iterdir():
+            if blob.name not in known:
+                blob.unlink(missing_ok=True)
+
+    def load_offset(self) -> float:
+        try:
+            return float(json.loads(self._clock_file.read_text())["offset"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0
+
+    def save_offset(self, offset: float) -> None:
+        tmp = self._clock_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"offset": offset}))
+        tmp.replace(self._clock_file)
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+class Emulator:
+    """The emulated service. Use as `async with Emulator(dir, key) as emu:`.
+
+    `access_log`, when given, receives one structlog line per request (method, path,
+    status; never a header).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        api_key: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ttl: float = DEFAULT_TTL,
+        response_shape: str = "quickstart",
+        url_fetch_timeout: float = 30.0,
+        url_max: int = DEFAULT_URL_MAX,
+        clock_offset: float = 0.0,
+        access_log: TextIO | None = None,
+    ) -> None:
+        if not api_key:
+            raise ValueError("the emulator needs an API key")
+        if response_shape not in RESPONSE_SHAPES:
+            raise ValueError(f"response_shape must be one of {', '.join(RESPONSE_SHAPES)}")
+        if ttl <= 0 or url_fetch_timeout <= 0 or url_max < 0 or clock_offset < 0:
+            raise ValueError("ttl and url_fetch_timeout must be > 0; url_max, clock_offset >= 0")
+        self.data_dir = Path(data_dir)
+        self._api_key = api_key
+        self._host = host
+        self._port = port
+        self.ttl = float(ttl)
+        self.response_shape = response_shape
+        self.url_fetch_timeout = float(url_fetch_timeout)
+        self.url_max = int(url_max)
+        self._initial_offset = float(clock_offset)
+        self._offset = float(clock_offset)
+        self._requests: list[EmulatorRequest] = []
+        self._faults: list[_Fault] = []
+        self._store: _Store | None = None
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._bound_port: int | None = None
+        self._log = (
+            structlog.wrap_logger(
+                structlog.PrintLogger(access_log),
+                processors=[
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.KeyValueRenderer(
+                        key_order=["timestamp", "event"], drop_missing=True
+                    ),
+                ],
+            )
+            if access_log is not None
+            else None
+        )
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"Emulator(data_dir={str(self.data_dir)!r}, host={self._host!r}, port={self.port})"
+
+    # -- lifecycle
+
+    async def __aenter__(self) -> Emulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open the data dir, sweep what expired, and listen (port 0: a free one)."""
+        try:
+            self._store = _Store(self.data_dir)
+        except (OSError, sqlite3.Error) as err:
+            raise ConfigError(f"cannot use emulator data dir {self.data_dir}: {err}") from None
+        # The clock never moves back: a restart keeps the larger of the two offsets.
+        self._offset = max(self._store.load_offset(), self._initial_offset)
+        self._store.save_offset(self._offset)
+        self._store.sweep(self.now())
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.url_fetch_timeout), trust_env=False
+        )
+        self._runner = web.AppRunner(
+            self._build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        try:
+            await site.start()
+        except OSError as err:
+            await self.stop()
+            raise ConfigError(
+                f"cannot listen on {self._host}:{self._port}: {err.strerror or err}"
+            ) from None
+        self._bound_port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        """Stop listening and close the store; safe to call twice."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # -- public surface for tests and the runner
+
+    @property
+    def port(self) -> int | None:
+        return self._bound_port
+
+    @property
+    def base_url(self) -> str:
+        if self._bound_port is None:
+            raise RuntimeError("the emulator is not started")
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._bound_port}"
+
+    @property
+    def clock_offset(self) -> float:
+        return self._offset
+
+    def now(self) -> float:
+        """The emulator's clock: real time plus the offset, POSIX seconds."""
+        return time.time() + self._offset
+
+    def advance_clock(self, seconds: float) -> float:
+        """Move the clock forward (persisted in the data dir); returns the new offset."""
+        if seconds < 0:
+            raise ValueError("the emulator's clock only moves forward")
+        self._offset += float(seconds)
+        if self._store is not None:
+            self._store.save_offset(self._offset)
+        return self._offset
+
+    @property
+    def requests(self) -> list[EmulatorRequest]:
+        return list(self._requests)
+
+    def inject_faults(
+        self,
+        status: int,
+        count: int,
+        *,
+        endpoint: str | None = None,
+        retry_after: float | None = None,
+        body_code: int | None = None,
+    ) -> None:
+        """Answer the next `count` upload requests (to `endpoint`, or any) with `status`.
+
+        With `body_code`, answer HTTP 200 carrying `{"success": false, "code": body_code}`.
+        """
+        if not 100 <= status <= 599 or count < 1:
+            raise ValueError("status must be an HTTP status and count >= 1")
+        if endpoint is not None and endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
+        if retry_after is not None and retry_after < 0:
+            raise ValueError("retry_after cannot be negative")
+        self._faults.append(_Fault(status, count, endpoint, retry_after, body_code))
+
+    def stored_file(self, file_id: str) -> StoredFile | None:
+        """The metadata the emulator holds for a fileId (expired ones included)."""
+        return self._require_store().get(file_id)
+
+    # -- app
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=JSON_BODY_MAX, middlewares=[self._log_middleware, self._envelope]
+        )
+        app.router.add_post(_PATHS["base64"], self._endpoint_handler("base64"))
+        app.router.add_post(_PATHS["stream"], self._endpoint_handler("stream"))
+        app.router.add_post(_PATHS["url"], self._endpoint_handler("url"))
+        app.router.add_get("/files/{file_id}/{tail:.+}", self._download)
+        app.router.add_get("/_emulator/clock", self._admin_get_clock)
+        app.router.add_post("/_emulator/clock", self._admin_advance_clock)
+        app.router.add_get("/_emulator/requests", self._admin_requests)
+        app.router.add_post("/_emulator/faults", self._admin_faults)
+        return app
+
+    def _require_store(self) -> _Store:
+        if self._store is None:
+            raise RuntimeError("the emulator is not started")
+        return self._store
+
+    @web.middleware
+    async def _envelope(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every error leaves in the envelope, with the HTTP status equal to `code`."""
+        try:
+            return await handler(request)
+        except _ApiError as err:
+            return _error_response(err.status, err.msg)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            msg = _STATUS_MSGS.get(exc.status, exc.reason.lower())
+            endpoint = _ENDPOINT_BY_PATH.get(request.path)
+            if endpoint is not None:  # e.g. a GET on an upload endpoint
+                self._requests.append(EmulatorRequest(endpoint, None, None, None, exc.status, None))
+            return _error_response(exc.status, msg, headers)
+        except Exception as exc:
+            return _error_response(500, f"internal error, please retry ({type(exc).__name__})")
+
+    @web.middleware
+    async def _log_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.monotonic()
+        response = await handler(request)
+        if self._log is not None:
+            self._log.info(
+                "emulator.request",
+                method=request.method,
+                path=request.path,
+                status=response.status,
+                ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        return response
+
+    def _check_auth(self, request: web.Request) -> None:
+        if not bearer_ok(request.headers.get("Authorization"), self._api_key):
+            raise _ApiError(401, "missing or invalid credentials: send Authorization: Bearer <key>")
+
+    # -- upload endpoints
+
+    def _endpoint_handler(
+        self, endpoint: str
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._upload(request, endpoint)
+
+        return handle
+
+    async def _upload(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        seen = _Seen()
+        size: int | None = None
+        try:
+            self._check_auth(request)
+            fault = self._take_fault(endpoint)
+            if fault is not None:
+                response = _fault_response(fault)
+            else:
+                stored = await self._receive_and_store(request, endpoint, seen)
+                size = stored.size
+                base_url = self._public_base_url(request)
+                body = {
+                    "success": True,
+                    "code": 200,
+                    "msg": SUCCESS_MSG,
+                    "data": success_data(stored, base_url, self.response_shape),
+                }
+                response = web.json_response(body)
+        except _ApiError as err:
+            response = _error_response(err.status, err.msg)
+        except web.HTTPException as exc:  # e.g. 413 from the JSON body limit
+            response = _error_response(exc.status, _STATUS_MSGS.get(exc.status, exc.reason))
+        except Exception as exc:  # the service's 500: the caller may retry
+            response = _error_response(500, f"internal error, please retry ({type(exc).__name__})")
+        self._requests.append(
+            EmulatorRequest(
+                endpoint, seen.upload_path, seen.file_name, seen.file_url, response.status, size
+            )
+        )
+        return response
+
+    def _take_fault(self, endpoint: str) -> _Fault | None:
+        for fault in self._faults:
+            if fault.endpoint in (None, endpoint):
+                fault.remaining -= 1
+                if fault.remaining <= 0:
+                    self._faults.remove(fault)
+                return fault
+        return None
+
+    def _public_base_url(self, request: web.Request) -> str:
+        if self._host in ("0.0.0.0", "::", ""):
+            return f"{request.scheme}://{request.host}"
+        return self.base_url
+
+    async def _receive_and_store(
+        self, request: web.Request, endpoint: str, seen: _Seen
+    ) -> StoredFile:
+        store = self._require_store()
+        tmp = store.new_tmp()
+        try:
+            if endpoint == "base64":
+                received = await self._receive_base64(request, seen, tmp)
+            elif endpoint == "stream":
+                received = await _receive_stream(request, seen, tmp)
+            else:
+                received = await self._receive_url(request, seen, tmp)
+            name = received.file_name or random_file_name(
+                received.original_name, received.declared_type
+            )
+            now = self.now()
+            stored = StoredFile(
+                file_id=secrets.token_hex(12),
+                upload_path=received.upload_path,
+                file_name=name,
+                original_name=received.original_name or received.file_name,
+                size=received.size,
+                mime_type=pick_mime_type(name, received.declared_type),
+                uploaded_at=now,
+                expires_at=now + self.ttl,
+            )
+            store.put(tmp, stored)
+            return stored
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    async def _receive_base64(self, request: web.Request, seen: _Seen, tmp: Path) -> _Received:
+        body = await _read_json_object(request)
+        upload_path, file_name = _naming_fields(body, seen)
+        data, declared = decode_base64_data(body.get("base64Data"))
+        await asyncio.to_thread(tmp.write_bytes, data)
+        return _Received(len(data), upload_path, file_name, file_name, declared)
+
+    async def _receive_url(self, request: web.Request, seen: _Seen, tmp: Path) -> _Received:
+        body = await _read_json_object(request)
+        file_url = body.get("fileUrl")
+        seen.file_url = file_url if isinstance(file_url, str) else None
+        upload_path, file_name = _naming_fields(body, seen)
+        if not isinstance(file_url, str) or not file_url.strip():
+            raise _ApiError(400, "fileUrl is required")
+        parts = urlsplit(file_url.strip())
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            raise _ApiError(400, "fileUrl must be an http or https URL")
+        size, declared = await self._fetch_to(file_url.strip(), tmp)
+        original = unquote(PurePosixPath(parts.path).name) or None
+        return _Received(size, upload_path, file_name, original, declared)
+
+    async def _fetch_to(self, url: str, tmp: Path) -> tuple[int, str | None]:
+        """Download `url` into `tmp`, refusing more than url_max bytes."""
+        assert self._session is not None
+        limit = self.url_max
+        try:
+            async with self._session.get(url) as resp:
+                if not 200 <= resp.status < 300:
+                    raise _ApiError(400, f"failed to fetch fileUrl: origin answered {resp.status}")
+                if resp.content_length is not None and resp.content_length > limit:
+                    raise _ApiError(400, _too_big_msg(limit))
+                size = 0
+                with tmp.open("wb") as out:
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        size += len(chunk)
+                        if size > limit:
+                            raise _ApiError(400, _too_big_msg(limit))
+                        out.write(chunk)
+                declared = resp.headers.get("Content-Type")
+                return size, declared
+        except (TimeoutError, aiohttp.ClientError) as err:
+            reason = fetch_failure_reason(err, self.url_fetch_timeout)
+            raise _ApiError(400, f"failed to fetch fileUrl: {reason}") from None
+
+    # -- downloads
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        store = self._require_store()
+        stored = store.get(request.match_info["file_id"])
+        if stored is None or request.match_info["tail"] != stored.remote_path:
+            raise _ApiError(404, "file not found")
+        if stored.expires_at <= self.now():
+            store.delete(stored.file_id)
+            raise _ApiError(404, "file not found: it expired")
+        return web.FileResponse(
+            store.blob_path(stored.file_id),
+            chunk_size=CHUNK,
+            headers={"Content-Type": stored.mime_type},
+        )
+
+    # -- admin
+
+    async def _admin_get_clock(self, request: web.Request) -> web.StreamResponse:
+        self._check_auth(request)
+        return web.json_response(self._clock_state())
+
+    async def _admin_advance_clock(self, request: web.Request) -> web.StreamResponse:
+        self._check_auth(request)
+        body = await _read_json_object(request)
+        advance = body.get("advance")
+        if not _is_number(advance) or advance < 0:
+            raise _ApiError(400, "advance must be a number of seconds >= 0")
+        self.advance_clock(float(advance))
+        return web.json_response(self._clock_state())
+
+    def _clock_state(self) -> dict[str, Any]:
+        now = self.now()
+        return {"offset": self._offset, "now": iso_ms(now), "nowTimestamp": now}
+
+    async def _admin_requests(self, request: web.Request) -> web.StreamResponse:
+        self._check_auth(request)
+        return web.json_response([asdict(r) for r in self._requests])
+
+    async def _admin_faults(self, request: web.Request) -> web.StreamResponse:
+        self._check_auth(request)
+        body = await _read_json_object(request)
+        status, count = body.get("status"), body.get("count", 1)
+        retry_after, body_code = body.get("retry_after"), body.get("body_code")
+        endpoint = body.get("endpoint")
+        if not isinstance(status, int) or not isinstance(count, int):
+            raise _ApiError(400, "status and count must be integers")
+        if retry_after is not None and not _is_number(retry_after):
+            raise _ApiError(400, "retry_after must be a number of seconds")
+        if body_code is not None and not isinstance(body_code, int):
+            raise _ApiError(400, "body_code must be an integer")
+        if endpoint is not None and not isinstance(endpoint, str):
+            raise _ApiError(400, "endpoint must be a string")
+        try:
+            self.inject_faults(
+                status, count, endpoint=endpoint, retry_after=retry_after, body_code=body_code
+            )
+        except ValueError as err:
+            raise _ApiError(400, str(err)) from None
+        return web.json_response({"queued": sum(f.remaining for f in self._faults)})
+
+
+# -- request reading (module level: no emulator state) -----------------------------------
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _too_big_msg(limit: int) -> str:
+    return f"fileUrl is larger than the {limit} byte limit for URL uploads"
+
+
+def _error_response(status: int, msg: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error_envelope(status, msg), status=status, headers=headers)
+
+
+def _fault_response(fault: _Fault) -> web.Response:
+    headers = (
+        {"Retry-After": format_retry_after(fault.retry_after)}
+        if fault.retry_after is not None
+        else None
+    )
+    if fault.body_code is not None:
+        msg = _STATUS_MSGS.get(fault.body_code, "injected failure")
+        return web.json_response(error_envelope(fault.body_code, msg), headers=headers)
+    msg = _STATUS_MSGS.get(fault.status, "injected failure")
+    return _error_response(fault.status, msg, headers)
+
+
+async def _read_json_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()  # bounded by the app's client_max_size
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def _naming_fields(body: dict[str, Any], seen: _Seen) -> tuple[str, str | None]:
+    raw_path, raw_name = body.get("uploadPath"), body.get("fileName")
+    seen.upload_path = raw_path if isinstance(raw_path, str) else None
+    seen.file_name = raw_name if isinstance(raw_name, str) else None
+    return check_upload_path(raw_path), check_file_name(raw_name)
+
+
+async def _receive_stream(request: web.Request, seen: _Seen, tmp: Path) -> _Received:
+    """Read a multipart body part by part; the `file` part goes to disk chunk by chunk."""
+    try:
+        reader = await request.multipart()
+    except (ValueError, KeyError, AssertionError):
+        raise _ApiError(
+            400, "file is required: send multipart/form-data with the file in a part named 'file'"
+        ) from None
+    fields: dict[str, str] = {}
+    got_file: tuple[int, str | None, str | None] | None = None
+    try:
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, aiohttp.BodyPartReader):
+                raise _ApiError(400, "nested multipart bodies are not supported")
+            if part.name == "file" and got_file is None:
+                size = await _part_to_file(part, tmp)
+                got_file = (size, _part_file_name(part), part.headers.get("Content-Type"))
+            elif part.name in ("uploadPath", "fileName"):
+                fields[part.name] = await _read_field(part)
+            else:
+                await _drain(part)
+    except ValueError as err:  # aiohttp's word for a malformed multipart body
+        raise _ApiError(400, f"malformed multipart body: {err}") from None
+    seen.upload_path = fields.get("uploadPath")
+    seen.file_name = fields.get("fileName")
+    upload_path = check_upload_path(fields.get("uploadPath"))
+    file_name = check_file_name(fields.get("fileName"))
+    if got_file is None:
+        raise _ApiError(400, "file is required: send it as the multipart part named 'file'")
+    size, original, declared = got_file
+    return _Received(size, upload_path, file_name, original, declared)
+
+
+def _part_file_name(part: aiohttp.BodyPartReader) -> str | None:
+    """The part's filename; aiohttp's client percent-encodes it, browsers send raw UTF-8."""
+    name = part.filename
+    if name and re.search(r"%[0-9A-Fa-f]{2}", name):
+        with contextlib.suppress(UnicodeDecodeError):
+            return unquote(name, errors="strict")
+    return name
+
+
+async def _part_to_file(part: aiohttp.BodyPartReader, tmp: Path) -> int:
+    size = 0
+    with tmp.open("wb") as out:
+        while chunk := await part.read_chunk(CHUNK):
+            size += len(chunk)
+            out.write(chunk)
+    return size
+
+
+async def _read_field(part: aiohttp.BodyPartReader) -> str:
+    data = bytearray()
+    while chunk := await part.read_chunk(CHUNK):
+        data.extend(chunk)
+        if len(data) > FIELD_MAX:
+            raise _ApiError(400, f"multipart field {part.name!r} is too long")
+    charset = part.get_charset(default="utf-8")
+    try:
+        return data.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        raise _ApiError(400, f"multipart field {part.name!r} is not valid {charset}") from None
+
+
+async def _drain(part: aiohttp.BodyPartReader) -> None:
+    while await part.read_chunk(CHUNK):
+        pass
+
+
+# -- blocking entry for the CLI -----------------------------------------------------------
+
+
+async def serve(config: EmulatorConfig) -> None:
+    """Run the emulator until SIGINT or SIGTERM.
+
+    Prints exactly one line to stdout once listening, `emulator listening on URL`, so a
+    parent process can learn the port when it asked for port 0. The access log goes to
+    stderr.
+    """
+    emulator = Emulator(
+        config.data_dir,
+        config.api_key,
+        host=config.host,
+        port=config.port,
+        ttl=config.ttl,
+        response_shape=config.response_shape,
+        url_fetch_timeout=config.url_fetch_timeout,
+        url_max=config.url_max,
+        clock_offset=config.clock_offset,
+        access_log=sys.stderr,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with emulator:
+            print(f"emulator listening on {emulator.base_url}", flush=True)
+            await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+__all__ = [
+    "ENDPOINTS",
+    "RESPONSE_SHAPES",
+    "Emulator",
+    "EmulatorConfig",
+    "EmulatorRequest",
+    "StoredFile",
+    "serve",
+]

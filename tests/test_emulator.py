@@ -1,0 +1,815 @@
+"""The emulator behaves as the public docs describe the File Upload API."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import REPO_ROOT, EmulatorProcess, migrator_env
+
+from migrator.cli import main
+from migrator.emulator import Emulator, EmulatorRequest
+
+PNG_1X1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+DAY = 86400.0
+
+Json = dict[str, Any]
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def post_json(url: str, body: object, headers: dict[str, str]) -> tuple[int, Json]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def post_form(url: str, form: aiohttp.FormData, headers: dict[str, str]) -> tuple[int, Json]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=form, headers=headers) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def get(url: str, method: str = "GET") -> tuple[int, bytes, dict[str, str]]:
+    async with aiohttp.ClientSession() as session, session.request(method, url) as resp:
+        return resp.status, await resp.read(), dict(resp.headers)
+
+
+async def upload_base64(
+    emu: Emulator, key: str, data: str, upload_path: str = "images", file_name: str | None = None
+) -> tuple[int, Json]:
+    body: Json = {"base64Data": data, "uploadPath": upload_path}
+    if file_name is not None:
+        body["fileName"] = file_name
+    return await post_json(f"{emu.base_url}/api/file-base64-upload", body, auth(key))
+
+
+def assert_error_envelope(status: int, body: Json, expected: int) -> None:
+    assert status == expected
+    assert body["success"] is False
+    assert body["code"] == expected
+    assert isinstance(body["msg"], str) and body["msg"]
+    assert body["data"] is None
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def start_origin(
+    routes: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]],
+) -> tuple[web.AppRunner, str]:
+    """A small origin server on 127.0.0.1 that URL uploads fetch from."""
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+def bytes_handler(
+    data: bytes, content_type: str = "image/jpeg"
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=data, content_type=content_type)
+
+    return handle
+
+
+# -- the documented curl examples against the CLI emulator ---------------------------------
+
+
+async def run_curl(*args: str) -> tuple[int, Json]:
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        "-sS",
+        "--max-time",
+        "30",
+        "-w",
+        "\n%{http_code}",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    body, _, code = out.decode().rpartition("\n")
+    return int(code), json.loads(body)
+
+
+async def documented_examples_with_curl(
+    base: str, key: str, jpg: Path, png_data_url: str, origin_url: str
+) -> list[tuple[int, Json]]:
+    h = ["-H", f"Authorization: Bearer {key}"]
+    js = ["-H", "Content-Type: application/json"]
+    return [
+        await run_curl(
+            "-X",
+            "POST",
+            f"{base}/api/file-stream-upload",
+            *h,
+            "-F",
+            f"file=@{jpg}",
+            "-F",
+            "uploadPath=images/user-uploads",
+            "-F",
+            "fileName=custom-name.jpg",
+        ),
+        await run_curl(
+            "-X",
+            "POST",
+            f"{base}/api/file-base64-upload",
+            *h,
+            *js,
+            "-d",
+            json.dumps(
+                {"base64Data": png_data_url, "uploadPath": "images", "fileName": "base64-image.png"}
+            ),
+        ),
+        await run_curl(
+            "-X",
+            "POST",
+            f"{base}/api/file-url-upload",
+            *h,
+            *js,
+            "-d",
+            json.dumps({"fileUrl": origin_url, "uploadPath": "images", "fileName": "my-image.jpg"}),
+        ),
+    ]
+
+
+async def documented_examples_with_aiohttp(
+    base: str, key: str, jpg: Path, png_data_url: str, origin_url: str
+) -> list[tuple[int, Json]]:
+    form = aiohttp.FormData()
+    jpg_bytes = await asyncio.to_thread(jpg.read_bytes)
+    form.add_field("file", jpg_bytes, filename=jpg.name, content_type="image/jpeg")
+    form.add_field("uploadPath", "images/user-uploads")
+    form.add_field("fileName", "custom-name.jpg")
+    return [
+        await post_form(f"{base}/api/file-stream-upload", form, auth(key)),
+        await post_json(
+            f"{base}/api/file-base64-upload",
+            {"base64Data": png_data_url, "uploadPath": "images", "fileName": "base64-image.png"},
+            auth(key),
+        ),
+        await post_json(
+            f"{base}/api/file-url-upload",
+            {"fileUrl": origin_url, "uploadPath": "images", "fileName": "my-image.jpg"},
+            auth(key),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("client", ["curl", "aiohttp"])
+async def test_documented_examples_succeed_against_the_cli_emulator_and_links_serve_the_bytes(
+    client: str, emulator_process: EmulatorProcess, api_key: str, tmp_path: Path
+) -> None:
+    jpg = tmp_path / "your-file.jpg"
+    jpg.write_bytes(b"\xff\xd8\xff\xe0 a jpeg " + os.urandom(5000))
+    remote = b"\xff\xd8\xff remote jpeg " + os.urandom(7000)
+    png_data_url = "data:image/png;base64," + base64.b64encode(PNG_1X1).decode()
+    origin, origin_base = await start_origin({"/sample-image.jpg": bytes_handler(remote)})
+    send = (
+        documented_examples_with_curl
+        if client == "curl" and shutil.which("curl")
+        else documented_examples_with_aiohttp
+    )
+    try:
+        results = await send(
+            emulator_process.base_url, api_key, jpg, png_data_url, f"{origin_base}/sample-image.jpg"
+        )
+    finally:
+        await origin.cleanup()
+    expected = [
+        (jpg.read_bytes(), "custom-name.jpg", "images/user-uploads"),
+        (PNG_1X1, "base64-image.png", "images"),
+        (remote, "my-image.jpg", "images"),
+    ]
+    for (status, body), (data, name, upload_path) in zip(results, expected, strict=True):
+        assert (status, body["success"], body["code"]) == (200, True, 200), body
+        assert (body["data"]["fileName"], body["data"]["uploadPath"]) == (name, upload_path)
+        assert body["data"]["fileSize"] == len(data)
+        dl_status, dl_bytes, _ = await get(body["data"]["downloadUrl"])
+        assert (dl_status, dl_bytes) == (200, data)
+
+
+# -- auth and bad requests ------------------------------------------------------------------
+
+
+async def test_a_wrong_key_is_answered_401_in_the_envelope(emulator: Emulator) -> None:
+    status, body = await upload_base64(emulator, "not-the-key", "aGVsbG8=", file_name="a.txt")
+    assert_error_envelope(status, body, 401)
+
+
+async def test_a_missing_key_is_answered_401_in_the_envelope(emulator: Emulator) -> None:
+    status, body = await post_json(
+        f"{emulator.base_url}/api/file-base64-upload",
+        {"base64Data": "aGVsbG8=", "uploadPath": "x"},
+        {},
+    )
+    assert_error_envelope(status, body, 401)
+
+
+async def test_a_stream_upload_without_a_file_part_is_answered_400(
+    emulator: Emulator, api_key: str
+) -> None:
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("uploadPath", "images")
+    form.add_field("fileName", "a.jpg")
+    status, body = await post_form(
+        f"{emulator.base_url}/api/file-stream-upload", form, auth(api_key)
+    )
+    assert_error_envelope(status, body, 400)
+    assert "file" in body["msg"]
+
+
+async def test_a_base64_upload_without_base64data_is_answered_400(
+    emulator: Emulator, api_key: str
+) -> None:
+    status, body = await post_json(
+        f"{emulator.base_url}/api/file-base64-upload",
+        {"uploadPath": "images", "fileName": "a.png"},
+        auth(api_key),
+    )
+    assert_error_envelope(status, body, 400)
+    assert "base64Data" in body["msg"]
+
+
+async def test_invalid_base64_is_answered_400(emulator: Emulator, api_key: str) -> None:
+    status, body = await upload_base64(emulator, api_key, "not base64 at all!!", file_name="a")
+    assert_error_envelope(status, body, 400)
+
+
+async def test_a_body_that_is_not_json_is_answered_400(emulator: Emulator, api_key: str) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{emulator.base_url}/api/file-base64-upload", data=b"{not json", headers=auth(api_key)
+        ) as resp,
+    ):
+        assert_error_envelope(resp.status, await resp.json(), 400)
+
+
+@pytest.mark.parametrize(
+    ("upload_path", "file_name"),
+    [
+        ("images/../secrets", "a.png"),
+        ("/etc", "a.png"),
+        ("images", "../a.png"),
+        ("images\x07", "a.png"),
+        ("images", "a\nb.png"),
+    ],
+)
+async def test_unsafe_upload_paths_and_file_names_are_answered_400(
+    emulator: Emulator, api_key: str, upload_path: str, file_name: str
+) -> None:
+    status, body = await upload_base64(emulator, api_key, "aGVsbG8=", upload_path, file_name)
+    assert_error_envelope(status, body, 400)
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/file-base64-upload", "/api/file-stream-upload", "/api/file-url-upload"]
+)
+async def test_get_on_an_upload_endpoint_is_answered_405_in_the_envelope(
+    emulator: Emulator, path: str
+) -> None:
+    async with aiohttp.ClientSession() as session, session.get(emulator.base_url + path) as resp:
+        assert_error_envelope(resp.status, await resp.json(), 405)
+
+
+async def test_an_unknown_path_is_answered_404_in_the_envelope(emulator: Emulator) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{emulator.base_url}/api/v1/file-upload") as resp,
+    ):
+        assert_error_envelope(resp.status, await resp.json(), 404)
+
+
+async def test_a_file_url_that_does_not_answer_is_answered_400_naming_the_cause(
+    emulator: Emulator, api_key: str
+) -> None:
+    status, body = await post_json(
+        f"{emulator.base_url}/api/file-url-upload",
+        {"fileUrl": f"http://127.0.0.1:{closed_port()}/a.jpg", "uploadPath": "images"},
+        auth(api_key),
+    )
+    assert_error_envelope(status, body, 400)
+    assert body["msg"] == "failed to fetch fileUrl: connection refused"
+
+
+async def test_a_file_url_whose_origin_answers_404_is_answered_400(
+    emulator: Emulator, api_key: str
+) -> None:
+    origin, base = await start_origin({"/other": bytes_handler(b"x")})
+    try:
+        status, body = await post_json(
+            f"{emulator.base_url}/api/file-url-upload",
+            {"fileUrl": f"{base}/missing.jpg", "uploadPath": "i"},
+            auth(api_key),
+        )
+    finally:
+        await origin.cleanup()
+    assert_error_envelope(status, body, 400)
+    assert "404" in body["msg"]
+
+
+async def test_a_file_url_that_is_not_http_is_answered_400(
+    emulator: Emulator, api_key: str
+) -> None:
+    status, body = await post_json(
+        f"{emulator.base_url}/api/file-url-upload",
+        {"fileUrl": "ftp://127.0.0.1/a.jpg", "uploadPath": "images"},
+        auth(api_key),
+    )
+    assert_error_envelope(status, body, 400)
+    assert "http" in body["msg"]
+
+
+async def test_a_file_url_over_url_max_by_content_length_is_refused_before_its_body(
+    tmp_path: Path, api_key: str
+) -> None:
+    release = asyncio.Event()
+
+    async def announces_4096_sends_512(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "4096"})
+        await resp.prepare(request)
+        await resp.write(b"x" * 512)
+        await asyncio.wait_for(release.wait(), 10)  # the rest only once the test is done
+        await resp.write(b"x" * 3584)
+        return resp
+
+    origin, base = await start_origin({"/big.bin": announces_4096_sends_512})
+    try:
+        async with Emulator(tmp_path / "d", api_key, url_max=1024, url_fetch_timeout=5) as emu:
+            status, body = await post_json(
+                f"{emu.base_url}/api/file-url-upload",
+                {"fileUrl": f"{base}/big.bin", "uploadPath": "i"},
+                auth(api_key),
+            )
+    finally:
+        release.set()
+        await origin.cleanup()
+    assert_error_envelope(status, body, 400)
+    assert "1024" in body["msg"]
+
+
+async def test_a_file_url_over_url_max_without_content_length_is_refused_while_streaming(
+    tmp_path: Path, api_key: str
+) -> None:
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for _ in range(8):
+            await resp.write(b"y" * 512)
+        await resp.write_eof()
+        return resp
+
+    origin, base = await start_origin({"/big.bin": chunked})
+    try:
+        async with Emulator(tmp_path / "d", api_key, url_max=1024) as emu:
+            status, body = await post_json(
+                f"{emu.base_url}/api/file-url-upload",
+                {"fileUrl": f"{base}/big.bin", "uploadPath": "i"},
+                auth(api_key),
+            )
+            assert not list((tmp_path / "d" / "blobs").iterdir())
+    finally:
+        await origin.cleanup()
+    assert_error_envelope(status, body, 400)
+
+
+# -- uploads and naming ---------------------------------------------------------------------
+
+
+async def test_a_data_url_is_decoded_and_its_type_kept(emulator: Emulator, api_key: str) -> None:
+    data_url = "data:image/png;base64," + base64.b64encode(PNG_1X1).decode()
+    status, body = await upload_base64(emulator, api_key, data_url, "images")
+    assert status == 200
+    assert body["data"]["mimeType"] == "image/png"
+    assert body["data"]["fileName"].endswith(".png")
+    assert (await get(body["data"]["downloadUrl"]))[1] == PNG_1X1
+
+
+async def test_plain_base64_is_decoded(emulator: Emulator, api_key: str) -> None:
+    status, body = await upload_base64(emulator, api_key, "aGVsbG8gd29ybGQ=", "docs", "hi.txt")
+    assert status == 200
+    assert body["data"]["fileSize"] == 11
+    assert (await get(body["data"]["downloadUrl"]))[1] == b"hello world"
+
+
+async def test_omitting_file_name_gives_a_random_name_and_a_second_copy(
+    emulator: Emulator, api_key: str
+) -> None:
+    first = (await upload_base64(emulator, api_key, "aGVsbG8=", "docs"))[1]["data"]
+    second = (await upload_base64(emulator, api_key, "aGVsbG8=", "docs"))[1]["data"]
+    assert first["fileName"] != second["fileName"]
+    assert first["downloadUrl"] != second["downloadUrl"]
+    assert (await get(first["downloadUrl"]))[0] == 200
+    assert (await get(second["downloadUrl"]))[0] == 200
+
+
+async def test_a_random_name_keeps_the_extension_of_the_uploaded_file(
+    emulator: Emulator, api_key: str
+) -> None:
+    form = aiohttp.FormData()
+    form.add_field("file", b"%PDF-1.4", filename="report.pdf")
+    form.add_field("uploadPath", "docs")
+    status, body = await post_form(
+        f"{emulator.base_url}/api/file-stream-upload", form, auth(api_key)
+    )
+    assert status == 200
+    assert body["data"]["fileName"].endswith(".pdf")
+    assert body["data"]["fileName"] != "report.pdf"
+    assert body["data"]["originalName"] == "report.pdf"
+
+
+async def test_the_same_upload_path_and_file_name_overwrites_and_the_old_link_answers_404(
+    emulator: Emulator, api_key: str
+) -> None:
+    old = (await upload_base64(emulator, api_key, "b2xk", "docs", "same.txt"))[1]["data"]
+    new = (await upload_base64(emulator, api_key, "bmV3", "docs", "same.txt"))[1]["data"]
+    assert new["fileId"] != old["fileId"]
+    assert (await get(new["downloadUrl"]))[:2] == (200, b"new")
+    assert (await get(old["downloadUrl"]))[0] == 404
+
+
+async def test_a_multipart_file_name_in_rfc5987_form_without_part_type_is_kept(
+    emulator: Emulator, api_key: str
+) -> None:
+    boundary = "b0undary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        "filename=\"fallback.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20final.txt\r\n\r\n"
+        f'contents\r\n--{boundary}\r\nContent-Disposition: form-data; name="uploadPath"\r\n\r\n'
+        f"cv\r\n--{boundary}--\r\n"
+    ).encode()
+    headers = {**auth(api_key), "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{emulator.base_url}/api/file-stream-upload", data=body, headers=headers
+        ) as resp,
+    ):
+        data = (await resp.json())["data"]
+    assert data["originalName"] == "résumé final.txt"
+    assert data["mimeType"] == "text/plain"
+    assert data["uploadPath"] == "cv"
+
+
+async def test_a_non_ascii_file_name_percent_encoded_by_aiohttp_is_decoded(
+    emulator: Emulator, api_key: str
+) -> None:
+    form = aiohttp.FormData()
+    form.add_field("file", b"xyz", filename="naïve file ü.png")
+    form.add_field("uploadPath", "p")
+    status, body = await post_form(
+        f"{emulator.base_url}/api/file-stream-upload", form, auth(api_key)
+    )
+    assert status == 200
+    assert body["data"]["originalName"] == "naïve file ü.png"
+
+
+async def test_a_file_name_with_spaces_and_non_ascii_is_served_at_its_quoted_link(
+    emulator: Emulator, api_key: str
+) -> None:
+    status, body = await upload_base64(emulator, api_key, "aGVsbG8=", "a b/ç", "ü x.txt")
+    assert status == 200
+    assert "/a%20b/%C3%A7/%C3%BC%20x.txt" in body["data"]["downloadUrl"]
+    assert (await get(body["data"]["downloadUrl"]))[:2] == (200, b"hello")
+
+
+async def test_a_64_mib_chunked_multipart_upload_is_stored_byte_exact(
+    emulator: Emulator, api_key: str
+) -> None:
+    boundary = "big-boundary"
+    block = os.urandom(1024 * 1024)
+    digest = hashlib.sha256()
+
+    async def body() -> AsyncIterator[bytes]:
+        # The file part comes first: the names arrive after the bytes.
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            'filename="big.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        for i in range(64):
+            piece = bytes([i]) + block[1:]
+            digest.update(piece)
+            yield piece
+        yield (
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="uploadPath"\r\n\r\n'
+            f'big\r\n--{boundary}\r\nContent-Disposition: form-data; name="fileName"\r\n\r\n'
+            f"big.bin\r\n--{boundary}--\r\n"
+        ).encode()
+
+    headers = {**auth(api_key), "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{emulator.base_url}/api/file-stream-upload", data=body(), headers=headers
+        ) as resp:
+            assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
+            data = (await resp.json())["data"]
+        assert (data["fileSize"], data["fileName"]) == (64 * 1024 * 1024, "big.bin")
+        received = hashlib.sha256()
+        async with session.get(data["downloadUrl"]) as download:
+            async for chunk in download.content.iter_chunked(1024 * 1024):
+                received.update(chunk)
+    assert received.hexdigest() == digest.hexdigest()
+
+
+# -- response shapes ------------------------------------------------------------------------
+
+
+async def test_the_quickstart_shape_has_every_documented_field(
+    emulator: Emulator, api_key: str
+) -> None:
+    status, body = await upload_base64(emulator, api_key, "aGVsbG8=", "docs", "a.txt")
+    assert (status, body["success"], body["code"]) == (200, True, 200)
+    assert body["msg"] == "File uploaded successfully"
+    data = body["data"]
+    assert set(data) == {
+        "fileId",
+        "fileName",
+        "originalName",
+        "fileSize",
+        "mimeType",
+        "uploadPath",
+        "fileUrl",
+        "downloadUrl",
+        "uploadTime",
+        "expiresAt",
+    }
+    assert ISO_MS.match(data["uploadTime"]) and ISO_MS.match(data["expiresAt"])
+
+
+async def test_the_endpoint_shape_has_file_path_and_uploaded_at_and_no_expires_at(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, response_shape="endpoint") as emu:
+        status, body = await upload_base64(emu, api_key, "aGVsbG8=", "docs", "a.txt")
+    assert status == 200
+    data = body["data"]
+    assert set(data) == {
+        "fileName",
+        "filePath",
+        "downloadUrl",
+        "fileSize",
+        "mimeType",
+        "uploadedAt",
+    }
+    assert data["filePath"] == "docs/a.txt"
+    assert ISO_MS.match(data["uploadedAt"])
+
+
+# -- downloads and expiry -------------------------------------------------------------------
+
+
+async def test_before_expiry_the_link_serves_the_bytes_with_length_and_type(
+    emulator: Emulator, api_key: str
+) -> None:
+    data_url = "data:image/png;base64," + base64.b64encode(PNG_1X1).decode()
+    url = (await upload_base64(emulator, api_key, data_url, "img", "dot.png"))[1]["data"][
+        "downloadUrl"
+    ]
+    emulator.advance_clock(3 * DAY - 60)
+    status, data, headers = await get(url)
+    assert (status, data) == (200, PNG_1X1)
+    assert headers["Content-Length"] == str(len(PNG_1X1))
+    assert headers["Content-Type"] == "image/png"
+
+
+async def test_head_on_a_link_answers_length_without_a_body(
+    emulator: Emulator, api_key: str
+) -> None:
+    url = (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+        "downloadUrl"
+    ]
+    status, data, headers = await get(url, "HEAD")
+    assert (status, data, headers["Content-Length"]) == (200, b"", "5")
+
+
+async def test_after_the_clock_passes_expires_at_the_link_answers_404(
+    emulator: Emulator, api_key: str
+) -> None:
+    url = (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+        "downloadUrl"
+    ]
+    emulator.advance_clock(3 * DAY + 1)
+    assert (await get(url))[0] == 404
+
+
+async def test_the_admin_clock_endpoint_moves_the_clock_forward(
+    emulator: Emulator, api_key: str
+) -> None:
+    status, body = await post_json(
+        f"{emulator.base_url}/_emulator/clock", {"advance": 7200}, auth(api_key)
+    )
+    assert status == 200
+    assert body["offset"] == 7200
+    assert emulator.clock_offset == 7200
+
+
+async def test_the_admin_endpoints_need_the_key(emulator: Emulator) -> None:
+    status, body = await post_json(f"{emulator.base_url}/_emulator/clock", {"advance": 1}, {})
+    assert_error_envelope(status, body, 401)
+    assert emulator.clock_offset == 0
+
+
+# -- persistence ----------------------------------------------------------------------------
+
+
+async def test_stored_files_survive_a_restart_on_the_same_data_dir(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key) as first:
+        url = (await upload_base64(first, api_key, "aGVsbG8=", "keep", "me.txt"))[1]["data"][
+            "downloadUrl"
+        ]
+    path = url.split("/", 3)[3]
+    async with Emulator(tmp_path / "d", api_key) as second:
+        assert (await get(f"{second.base_url}/{path}"))[:2] == (200, b"hello")
+
+
+async def test_the_clock_offset_survives_a_restart(tmp_path: Path, api_key: str) -> None:
+    async with Emulator(tmp_path / "d", api_key) as first:
+        first.advance_clock(DAY)
+    async with Emulator(tmp_path / "d", api_key) as second:
+        assert second.clock_offset == DAY
+
+
+async def test_the_access_log_has_one_line_per_request_and_never_the_key(
+    tmp_path: Path, api_key: str
+) -> None:
+    log = io.StringIO()
+    async with Emulator(tmp_path / "d", api_key, access_log=log) as emu:
+        await upload_base64(emu, api_key, "aGVsbG8=", "docs", "a.txt")
+        await upload_base64(emu, "wrong-key", "aGVsbG8=", "docs", "a.txt")
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "status=200" in lines[0] and "status=401" in lines[1]
+    assert api_key not in log.getvalue() and "wrong-key" not in log.getvalue()
+
+
+# -- request log and faults -----------------------------------------------------------------
+
+
+async def test_every_upload_request_is_logged_failed_ones_included(
+    emulator: Emulator, api_key: str
+) -> None:
+    await upload_base64(emulator, api_key, "aGVsbG8=", "docs", "a.txt")
+    await upload_base64(emulator, api_key, "!!", "docs", "b.txt")
+    await get(f"{emulator.base_url}/api/file-stream-upload")
+    assert emulator.requests == [
+        EmulatorRequest("base64", "docs", "a.txt", None, 200, 5),
+        EmulatorRequest("base64", "docs", "b.txt", None, 400, None),
+        EmulatorRequest("stream", None, None, None, 405, None),
+    ]
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{emulator.base_url}/_emulator/requests", headers=auth(api_key)) as resp,
+    ):
+        assert [r["status"] for r in await resp.json()] == [200, 400, 405]
+
+
+async def test_an_injected_503_with_retry_after_is_answered_then_service_resumes(
+    emulator: Emulator, api_key: str
+) -> None:
+    emulator.inject_faults(503, 1, endpoint="base64", retry_after=2)
+    async with aiohttp.ClientSession() as session:
+        url = f"{emulator.base_url}/api/file-base64-upload"
+        body = {"base64Data": "aGVsbG8=", "uploadPath": "d", "fileName": "a.txt"}
+        async with session.post(url, json=body, headers=auth(api_key)) as first:
+            assert first.headers["Retry-After"] == "2"
+            assert_error_envelope(first.status, await first.json(), 503)
+        async with session.post(url, json=body, headers=auth(api_key)) as second:
+            assert second.status == 200
+
+
+async def test_an_injected_body_code_answers_http_200_with_the_error_in_the_body(
+    emulator: Emulator, api_key: str
+) -> None:
+    emulator.inject_faults(500, 1, body_code=500)
+    status, body = await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a.txt")
+    assert status == 200
+    assert (body["success"], body["code"], body["data"]) == (False, 500, None)
+
+
+async def test_faults_injected_over_http_apply_only_to_their_endpoint(
+    emulator: Emulator, api_key: str
+) -> None:
+    status, _ = await post_json(
+        f"{emulator.base_url}/_emulator/faults",
+        {"status": 429, "count": 1, "endpoint": "url"},
+        auth(api_key),
+    )
+    assert status == 200
+    assert (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a.txt"))[0] == 200
+    status, body = await post_json(
+        f"{emulator.base_url}/api/file-url-upload",
+        {"fileUrl": "http://127.0.0.1:1/a", "uploadPath": "d"},
+        auth(api_key),
+    )
+    assert_error_envelope(status, body, 429)
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def test_the_cli_refuses_to_start_without_a_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("KIE_API_KEY", raising=False)
+    assert main(["emulator", "--port", "0", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "KIE_API_KEY" in err
+
+
+def test_the_cli_answers_a_bad_duration_with_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["emulator", "--data-dir", str(tmp_path), "--api-key", "k", "--ttl", "soon"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("migrator: --ttl:")
+
+
+async def test_the_cli_takes_the_key_from_kie_api_key(tmp_path: Path, api_key: str) -> None:
+    env = {**migrator_env(), "KIE_API_KEY": api_key}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "migrator",
+        "emulator",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        "--clock-offset",
+        "70h",
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    assert proc.stdout is not None
+    try:
+        base = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().split()[-1]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{base}/_emulator/clock", headers=auth(api_key)) as resp,
+        ):
+            assert (await resp.json())["offset"] == 70 * 3600
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+async def test_a_256_mib_stream_upload_keeps_the_emulator_peak_rss_under_150_mb() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(REPO_ROOT / "benchmarks" / "emulator_rss.py"),
+        "--size",
+        "256MiB",
+        "--limit",
+        "150MB",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=migrator_env(),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    match = re.search(rb"VmHWM\): ([\d.]+) MB", out)
+    assert match, f"no peak RSS reported: {out!r} {err!r}"
+    assert float(match.group(1)) < 150
+    assert proc.returncode == 0
