@@ -1,0 +1,681 @@
+"""Reading a manifest: YAML with line numbers -> a validated, immutable `Manifest`.
+
+Every problem is located (file, line, field path such as `sources[2].exclude`) and
+all of them are collected before one `ManifestError` is raised, so a user fixes a
+manifest in one round. Anything the format does not name is refused, not ignored.
+Loading does no network I/O and writes nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from migrator.errors import ManifestError, ManifestProblem
+from migrator.model import (
+    EMBEDDED,
+    MIB,
+    GlobSource,
+    Manifest,
+    Method,
+    Outputs,
+    PathSource,
+    Settings,
+    Source,
+    SourceOptions,
+    Target,
+    UrlListSource,
+    UrlSource,
+)
+from migrator.naming import (
+    check_name,
+    check_upload_path,
+    check_url,
+    split_glob,
+)
+from migrator.units import format_duration, parse_duration, parse_size
+
+LEDGER_DIR_ENV = "MIGRATOR_LEDGER_DIR"
+BASE64_LIMIT = 10 * MIB
+URL_LIMIT = 100 * MIB
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TOP_KEYS = ("version", "name", "target", "ledger", "outputs", "settings", "sources")
+_TARGET_KEYS = ("base_url", "api_key_env", "api_key_file", "upload_path")
+_OUTPUT_KEYS = ("jsonl", "csv", "json", "metrics")
+_SETTING_KEYS = ("concurrency", "base64_max", "url_max", "retries", "ttl", "refresh_within")
+_SOURCE_KINDS = ("path", "glob", "url", "url_list")
+_OPTION_KEYS = ("file_name", "upload_path", "method")
+_SOURCE_KEYS = (*_SOURCE_KINDS, *_OPTION_KEYS, "exclude")
+_REMOTE_KINDS = ("url", "url_list")
+_MANY_FILE_KINDS = ("glob", "url_list")
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Reader:
+    """Walks the node tree, turning nodes into values and recording every problem."""
+
+    file: str
+    base_dir: Path
+    problems: list[ManifestProblem] = field(default_factory=list)
+    _constructor: SafeConstructor = field(default_factory=SafeConstructor)
+
+    def problem(self, node: Node | None, where: str | None, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else None
+        self.problems.append(ManifestProblem(self.file, line, where, message))
+
+    def mapping(self, node: Node, where: str, allowed: tuple[str, ...]) -> dict[str, Node]:
+        """The mapping's keys and value nodes; type, duplicate and unknown keys reported."""
+        if not isinstance(node, MappingNode):
+            self.problem(node, where or None, f"expected a mapping (key: value), got {_kind(node)}")
+            return {}
+        result: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, ScalarNode) else None
+            path = f"{where}.{key}" if where else str(key)
+            if not isinstance(key, str) or key_node.tag != "tag:yaml.org,2002:str":
+                self.problem(key_node, where or None, "keys must be plain words")
+            elif key in result:
+                first = result[key].start_mark.line + 1
+                self.problem(key_node, path, f"duplicate key (first given on line {first})")
+            elif key not in allowed:
+                self.problem(key_node, path, _unknown_key_message(key, allowed))
+            else:
+                result[key] = value_node
+        return result
+
+    def scalar(self, node: Node, where: str) -> object:
+        if not isinstance(node, ScalarNode):
+            self.problem(node, where, f"expected a single value, got {_kind(node)}")
+            return None
+        return self._constructor.construct_object(node, deep=True)
+
+    def string(self, node: Node, where: str, *, secret: bool = False) -> str | None:
+        """A non-empty string; `secret`: never echo the value in a message."""
+        value = self.scalar(node, where)
+        if isinstance(value, str) and value.strip():
+            return value
+        if isinstance(value, str) or (value is None and isinstance(node, ScalarNode)):
+            self.problem(node, where, "must not be empty")
+        elif value is not None:
+            got = type(value).__name__ if secret else _describe(value)
+            self.problem(node, where, f"expected a string, got {got}")
+        return None
+
+    def integer(self, node: Node, where: str, low: int, high: int) -> int | None:
+        value = self.scalar(node, where)
+        if isinstance(value, bool) or not isinstance(value, int):
+            if value is not None or isinstance(node, ScalarNode):
+                self.problem(node, where, f"expected a whole number, got {_describe(value)}")
+            return None
+        if not low <= value <= high:
+            self.problem(node, where, f"must be between {low} and {high}, got {value}")
+            return None
+        return value
+
+    def parsed(self, node: Node, where: str, parse: Callable[[str | int], T]) -> T | None:
+        value = self.scalar(node, where)
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            if value is not None or isinstance(node, ScalarNode):
+                self.problem(node, where, f"expected a size or duration, got {_describe(value)}")
+            return None
+        try:
+            return parse(value if isinstance(value, str | int) else str(value))
+        except ValueError as err:
+            self.problem(node, where, str(err))
+            return None
+
+    def local_path(self, node: Node, where: str) -> Path | None:
+        text = self.string(node, where)
+        if text is None:
+            return None
+        return _absolute(self.base_dir, Path(text).expanduser())
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def load_manifest(
+    path: Path,
+    *,
+    ledger_override: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Manifest:
+    """Read and validate a manifest; raise ManifestError listing every problem found.
+
+    Relative paths in the manifest are relative to its folder. The ledger is, in
+    order: `ledger_override` (the CLI's --ledger), `$MIGRATOR_LEDGER_DIR/<name>.sqlite`,
+    the manifest's `ledger:`, `<manifest folder>/.migrator/<name>.sqlite`. An
+    override or environment path that is relative is taken from the current directory.
+    """
+    env = os.environ if environ is None else environ
+    manifest_path = _absolute(Path.cwd(), path)
+    reader = _Reader(file=str(path), base_dir=manifest_path.parent)
+    root = _compose(reader, manifest_path)
+    if root is None:
+        raise ManifestError(reader.problems)
+    manifest = _read_top(reader, root, manifest_path, ledger_override, env)
+    if reader.problems or manifest is None:
+        raise ManifestError(reader.problems)
+    return manifest
+
+
+def _compose(reader: _Reader, path: Path) -> Node | None:
+    text = _read_text(reader, path)
+    if text is None:
+        return None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark is not None else None
+        reader.problems.append(ManifestProblem(reader.file, line, None, _yaml_message(err)))
+        return None
+    except yaml.YAMLError as err:
+        reader.problems.append(ManifestProblem(reader.file, None, None, f"not YAML: {err}"))
+        return None
+    if root is None or (isinstance(root, ScalarNode) and root.value == ""):
+        reader.problems.append(ManifestProblem(reader.file, None, None, "the manifest is empty"))
+        return None
+    return root
+
+
+def _read_text(reader: _Reader, path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        message = "is a directory, not a manifest file"
+    except FileNotFoundError:
+        message = "no such manifest file"
+    except OSError as err:
+        message = f"cannot read the manifest: {err.strerror or err}"
+    else:
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            message = f"the manifest is not UTF-8 text (byte {err.start})"
+    reader.problems.append(ManifestProblem(reader.file, None, None, message))
+    return None
+
+
+def _yaml_message(err: yaml.MarkedYAMLError) -> str:
+    problem = err.problem or str(err)
+    if "'\\t'" in problem:
+        return "a tab character: YAML indentation must use spaces, not tabs"
+    context = f" ({err.context})" if err.context else ""
+    return f"YAML syntax error: {problem}{context}"
+
+
+# -- sections -------------------------------------------------------------------------------
+
+
+def _read_top(
+    reader: _Reader,
+    root: Node,
+    manifest_path: Path,
+    ledger_override: Path | None,
+    env: Mapping[str, str],
+) -> Manifest | None:
+    keys = reader.mapping(root, "", _TOP_KEYS)
+    if not isinstance(root, MappingNode):
+        return None
+    _require(reader, root, keys, ("version", "name", "target", "sources"))
+    _read_version(reader, keys.get("version"))
+    name = _read_name(reader, keys.get("name"))
+    target = _read_target(reader, keys.get("target"))
+    settings = _read_settings(reader, keys.get("settings"))
+    outputs = _read_outputs(reader, keys.get("outputs"))
+    embedded = target is not None and target.is_embedded
+    sources = _read_sources(reader, keys.get("sources"), settings, embedded=embedded)
+    ledger = _resolve_ledger(reader, keys.get("ledger"), name, ledger_override, env)
+    if name is None or target is None:
+        return None
+    return Manifest(
+        path=manifest_path,
+        name=name,
+        target=target,
+        ledger=ledger,
+        settings=settings,
+        sources=sources,
+        outputs=outputs,
+    )
+
+
+def _require(
+    reader: _Reader, node: Node, keys: dict[str, Node], names: tuple[str, ...], prefix: str = ""
+) -> None:
+    for name in names:
+        if name not in keys:
+            reader.problem(node, prefix + name, "is required")
+
+
+def _read_version(reader: _Reader, node: Node | None) -> None:
+    if node is None:
+        return
+    version = reader.scalar(node, "version")
+    if isinstance(node, ScalarNode) and (version != 1 or isinstance(version, bool)):
+        reader.problem(node, "version", f"unsupported version {version!r}; this migrator reads 1")
+
+
+def _read_name(reader: _Reader, node: Node | None) -> str | None:
+    if node is None:
+        return None
+    name = reader.string(node, "name")
+    if name is not None and not _NAME_RE.fullmatch(name):
+        reader.problem(
+            node,
+            "name",
+            f"{name!r} is not a job name: use lower-case letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, at most 100 characters)",
+        )
+        return None
+    return name
+
+
+def _read_target(reader: _Reader, node: Node | None) -> Target | None:
+    if node is None:
+        return None
+    keys = reader.mapping(node, "target", _TARGET_KEYS)
+    if isinstance(node, MappingNode):
+        _require(reader, node, keys, ("base_url",), "target.")
+    base_url = _read_base_url(reader, keys.get("base_url"))
+    env_name = _read_api_key_env(reader, keys.get("api_key_env"))
+    key_file = keys.get("api_key_file")
+    api_key_file = reader.local_path(key_file, "target.api_key_file") if key_file else None
+    upload_path = _read_upload_path(reader, keys.get("upload_path"), "target.upload_path")
+    if base_url is None:
+        return None
+    return Target(
+        base_url=base_url,
+        api_key_env=env_name,
+        api_key_file=api_key_file,
+        upload_path=upload_path or "",
+    )
+
+
+def _read_base_url(reader: _Reader, node: Node | None) -> str | None:
+    if node is None:
+        return None
+    value = reader.string(node, "target.base_url")
+    if value is None or value == EMBEDDED:
+        return value
+    reason = check_url(value, embedded=False)
+    if reason:
+        reader.problem(node, "target.base_url", f"{reason}; or write: embedded")
+        return None
+    return value.rstrip("/")
+
+
+def _read_api_key_env(reader: _Reader, node: Node | None) -> str:
+    default = Target(base_url=EMBEDDED).api_key_env
+    if node is None:
+        return default
+    value = reader.string(node, "target.api_key_env", secret=True)
+    if value is not None and not _ENV_NAME_RE.fullmatch(value):
+        # Never echo the value: people paste the key itself here.
+        reader.problem(
+            node,
+            "target.api_key_env",
+            "must name an environment variable (letters, digits, '_'), not hold the key",
+        )
+    return value or default
+
+
+def _read_upload_path(reader: _Reader, node: Node | None, where: str) -> str | None:
+    if node is None:
+        return None
+    value = reader.string(node, where)
+    if value is None:
+        return None
+    reason = check_upload_path(value)
+    if reason:
+        reader.problem(node, where, reason)
+        return None
+    return value.strip("/")
+
+
+def _read_outputs(reader: _Reader, node: Node | None) -> Outputs:
+    if node is None:
+        return Outputs()
+    keys = reader.mapping(node, "outputs", _OUTPUT_KEYS)
+    paths = {k: reader.local_path(v, f"outputs.{k}") for k, v in keys.items()}
+    seen: dict[Path, str] = {}
+    for key, path in paths.items():
+        if path is not None and path in seen:
+            reader.problem(keys[key], f"outputs.{key}", f"same file as outputs.{seen[path]}")
+        elif path is not None:
+            seen[path] = key
+    return Outputs(**paths)
+
+
+def _read_settings(reader: _Reader, node: Node | None) -> Settings:
+    if node is None:
+        return Settings()
+    keys = reader.mapping(node, "settings", _SETTING_KEYS)
+    d = Settings()
+    concurrency = _setting_int(reader, keys, "concurrency", 1, 256)
+    retries = _setting_int(reader, keys, "retries", 0, 50)
+    base64_max = _setting_size(reader, keys, "base64_max", BASE64_LIMIT, "10MiB")
+    url_max = _setting_size(reader, keys, "url_max", URL_LIMIT, "100MiB")
+    ttl = _setting_duration(reader, keys, "ttl")
+    refresh_within = _setting_duration(reader, keys, "refresh_within")
+    settings = Settings(
+        concurrency=d.concurrency if concurrency is None else concurrency,
+        base64_max=d.base64_max if base64_max is None else base64_max,
+        url_max=d.url_max if url_max is None else url_max,
+        retries=d.retries if retries is None else retries,
+        ttl=d.ttl if ttl is None else ttl,
+        refresh_within=d.refresh_within if refresh_within is None else refresh_within,
+    )
+    valid_ttl = (ttl is not None or "ttl" not in keys) and (
+        refresh_within is not None or "refresh_within" not in keys
+    )
+    if valid_ttl:
+        _check_ttl(reader, keys, settings)
+    return settings
+
+
+def _setting_int(
+    reader: _Reader, keys: dict[str, Node], key: str, low: int, high: int
+) -> int | None:
+    node = keys.get(key)
+    return None if node is None else reader.integer(node, f"settings.{key}", low, high)
+
+
+def _setting_size(
+    reader: _Reader, keys: dict[str, Node], key: str, limit: int, limit_text: str
+) -> int | None:
+    node = keys.get(key)
+    if node is None:
+        return None
+    size = reader.parsed(node, f"settings.{key}", parse_size)
+    if size is not None and size > limit:
+        reader.problem(node, f"settings.{key}", f"must be at most {limit_text}, got {size} bytes")
+        return None
+    return size
+
+
+def _setting_duration(reader: _Reader, keys: dict[str, Node], key: str) -> float | None:
+    node = keys.get(key)
+    if node is None:
+        return None
+    seconds = reader.parsed(node, f"settings.{key}", parse_duration)
+    if seconds is not None and seconds <= 0 and key == "ttl":
+        reader.problem(node, f"settings.{key}", "must be longer than zero")
+        return None
+    return seconds
+
+
+def _check_ttl(reader: _Reader, keys: dict[str, Node], settings: Settings) -> None:
+    if settings.refresh_within >= settings.ttl:
+        node = keys.get("refresh_within") or keys.get("ttl")
+        reader.problem(
+            node,
+            "settings.refresh_within",
+            f"must be shorter than settings.ttl ({format_duration(settings.refresh_within)} >= "
+            f"{format_duration(settings.ttl)}): links would be refreshed as soon as made",
+        )
+
+
+# -- the ledger -----------------------------------------------------------------------------
+
+
+def _resolve_ledger(
+    reader: _Reader,
+    node: Node | None,
+    name: str | None,
+    override: Path | None,
+    env: Mapping[str, str],
+) -> Path:
+    file_name = f"{name or 'job'}.sqlite"
+    written = reader.local_path(node, "ledger") if node is not None else None
+    if override is not None:
+        return _absolute(Path.cwd(), override.expanduser())
+    env_dir = env.get(LEDGER_DIR_ENV, "").strip()
+    if env_dir:
+        return _absolute(Path.cwd(), Path(env_dir).expanduser() / file_name)
+    if written is not None:
+        return written
+    return reader.base_dir / ".migrator" / file_name
+
+
+# -- sources --------------------------------------------------------------------------------
+
+
+def _read_sources(
+    reader: _Reader, node: Node | None, settings: Settings, *, embedded: bool
+) -> tuple[Source, ...]:
+    if node is None:
+        return ()
+    if not isinstance(node, SequenceNode):
+        reader.problem(node, "sources", f"expected a list of sources, got {_kind(node)}")
+        return ()
+    if not node.value:
+        reader.problem(node, "sources", "lists no sources; name at least one")
+        return ()
+    sources = (
+        _read_source(reader, item, f"sources[{i}]", settings, embedded=embedded)
+        for i, item in enumerate(node.value)
+    )
+    return tuple(s for s in sources if s is not None)
+
+
+def _read_source(
+    reader: _Reader, node: Node, where: str, settings: Settings, *, embedded: bool
+) -> Source | None:
+    keys = reader.mapping(node, where, _SOURCE_KEYS)
+    if not isinstance(node, MappingNode):
+        return None
+    kind = _source_kind(reader, node, keys, where)
+    if kind is None:
+        return None
+    options = _read_options(reader, keys, where, kind)
+    line = node.start_mark.line + 1
+    if "exclude" in keys and kind != "glob":
+        reader.problem(keys["exclude"], f"{where}.exclude", "only glob sources take exclude")
+    value = keys[kind]
+    if kind == "path":
+        return _read_path_source(reader, value, where, options, line, settings)
+    if kind == "glob":
+        return _read_glob_source(reader, value, keys.get("exclude"), where, options, line)
+    if kind == "url":
+        return _read_url_source(reader, value, where, options, line, embedded=embedded)
+    return _read_url_list_source(reader, value, where, options, line)
+
+
+def _source_kind(reader: _Reader, node: Node, keys: dict[str, Node], where: str) -> str | None:
+    kinds = [k for k in _SOURCE_KINDS if k in keys]
+    if len(kinds) == 1:
+        return kinds[0]
+    if not kinds:
+        reader.problem(node, where, "names no source: give one of path, glob, url, url_list")
+    else:
+        reader.problem(node, where, f"names {' and '.join(kinds)}: give exactly one per source")
+    return None
+
+
+def _read_options(reader: _Reader, keys: dict[str, Node], where: str, kind: str) -> SourceOptions:
+    file_name = _read_file_name(reader, keys.get("file_name"), f"{where}.file_name", kind)
+    upload_path = _read_upload_path(reader, keys.get("upload_path"), f"{where}.upload_path")
+    method = _read_method(reader, keys.get("method"), f"{where}.method", kind)
+    return SourceOptions(file_name=file_name, upload_path=upload_path, method=method)
+
+
+def _read_file_name(reader: _Reader, node: Node | None, where: str, kind: str) -> str | None:
+    if node is None:
+        return None
+    value = reader.string(node, where)
+    if value is None:
+        return None
+    if kind in _MANY_FILE_KINDS:
+        reader.problem(node, where, f"a {kind} source names many files, so it cannot set one")
+        return None
+    reason = check_name("", value)
+    if reason:
+        reader.problem(node, where, reason)
+        return None
+    return value
+
+
+def _read_method(reader: _Reader, node: Node | None, where: str, kind: str) -> Method:
+    if node is None:
+        return Method.AUTO
+    value = reader.scalar(node, where)
+    try:
+        method = Method(value if isinstance(value, str) else repr(value))
+    except ValueError:
+        choices = ", ".join(m.value for m in Method)
+        reader.problem(node, where, f"{value!r} is not a method; use one of {choices}")
+        return Method.AUTO
+    if method is Method.URL and kind not in _REMOTE_KINDS:
+        reader.problem(node, where, "url applies to url and url_list sources only")
+    elif method is Method.BASE64 and kind in _REMOTE_KINDS:
+        reader.problem(
+            node, where, "base64 is refused for remote files; use stream (streamed through)"
+        )
+    return method
+
+
+def _read_path_source(
+    reader: _Reader,
+    node: Node,
+    where: str,
+    options: SourceOptions,
+    line: int,
+    settings: Settings,
+) -> PathSource | None:
+    path = reader.local_path(node, f"{where}.path")
+    if path is None or not _is_regular_file(reader, node, f"{where}.path", path):
+        return None
+    size = path.stat().st_size
+    if options.method is Method.BASE64 and size > BASE64_LIMIT:
+        reader.problem(
+            node, f"{where}.method", f"base64 is refused above 10 MiB ({size} bytes); use stream"
+        )
+    return PathSource(path=path, options=options, line=line)
+
+
+def _read_glob_source(
+    reader: _Reader,
+    node: Node,
+    exclude_node: Node | None,
+    where: str,
+    options: SourceOptions,
+    line: int,
+) -> GlobSource | None:
+    pattern = reader.string(node, f"{where}.glob")
+    exclude = _read_exclude(reader, exclude_node, f"{where}.exclude")
+    if pattern is None:
+        return None
+    root_text, relative = split_glob(pattern)
+    root = _absolute(reader.base_dir, Path(root_text).expanduser())
+    if ".." in relative.split("/"):
+        reader.problem(node, f"{where}.glob", "'..' may appear only before the first wildcard")
+        return None
+    if not root.is_dir():
+        state = "is not a directory" if root.exists() else "does not exist"
+        reader.problem(node, f"{where}.glob", f"the glob's root folder {str(root)!r} {state}")
+        return None
+    return GlobSource(
+        pattern=pattern,
+        root=root,
+        relative_pattern=relative,
+        exclude=exclude,
+        options=options,
+        line=line,
+    )
+
+
+def _read_exclude(reader: _Reader, node: Node | None, where: str) -> tuple[str, ...]:
+    if node is None:
+        return ()
+    items = node.value if isinstance(node, SequenceNode) else [node]
+    patterns = (reader.string(item, where) for item in items)
+    return tuple(_strip_dot_slash(p) for p in patterns if p is not None)
+
+
+def _read_url_source(
+    reader: _Reader, node: Node, where: str, options: SourceOptions, line: int, *, embedded: bool
+) -> UrlSource | None:
+    url = reader.string(node, f"{where}.url")
+    if url is None:
+        return None
+    reason = check_url(url, embedded=embedded)
+    if reason:
+        reader.problem(node, f"{where}.url", reason)
+        return None
+    return UrlSource(url=url, options=options, line=line)
+
+
+def _read_url_list_source(
+    reader: _Reader, node: Node, where: str, options: SourceOptions, line: int
+) -> UrlListSource | None:
+    path = reader.local_path(node, f"{where}.url_list")
+    if path is None or not _is_regular_file(reader, node, f"{where}.url_list", path):
+        return None
+    return UrlListSource(path=path, options=options, line=line)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _is_regular_file(reader: _Reader, node: Node, where: str, path: Path) -> bool:
+    if path.is_file():
+        return True
+    if path.is_dir():
+        message = f"{str(path)!r} is a folder; use glob: '<folder>/**' to migrate a folder"
+    elif path.exists():
+        message = f"{str(path)!r} is not a regular file"
+    else:
+        message = f"{str(path)!r} does not exist"
+    reader.problem(node, where, message)
+    return False
+
+
+def _absolute(base: Path, path: Path) -> Path:
+    """Absolute and normalised, without resolving symlinks."""
+    return Path(os.path.normpath(base / path))
+
+
+def _strip_dot_slash(pattern: str) -> str:
+    while pattern.startswith(("./", "/")):
+        pattern = pattern[1:] if pattern.startswith("/") else pattern[2:]
+    return pattern
+
+
+def _unknown_key_message(key: str, allowed: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(allowed)}"
+    if key in ("api_key", "key", "token"):
+        hint = "; the key itself never goes in a manifest: use api_key_env or api_key_file"
+    return f"unknown key{hint}"
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    return "a single value"
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{value!r}"

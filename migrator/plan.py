@@ -1,0 +1,640 @@
+"""The plan: what a manifest's sources expand to, one `PlanItem` per file.
+
+Two doors onto the same expansion:
+
+- `check_plan` walks everything once, offline, and refuses a plan with bad names,
+  empty globs, bad URLs in lists or two files landing on the same name. Its memory
+  does not grow with the strings it sees: it keeps one 8-byte digest per item.
+- `expand` yields the items lazily in manifest order for the runner, asking origins
+  for the size of remote files (HEAD, then a one-byte ranged GET) in small bounded
+  batches. It never talks to the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import posixpath
+import re
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from migrator.errors import ManifestError, ManifestProblem
+from migrator.model import (
+    MIB,
+    GlobSource,
+    Manifest,
+    Method,
+    PathSource,
+    PlanItem,
+    Settings,
+    Source,
+    SourceKind,
+    UrlListSource,
+    UrlSource,
+)
+from migrator.naming import (
+    check_name,
+    check_url,
+    compile_glob,
+    glob_depth,
+    join_upload_path,
+    name_from_url,
+    substitute_url,
+)
+
+__all__ = [
+    "BASE64_FORCED_LIMIT",
+    "URL_FORCED_LIMIT",
+    "PlanCheck",
+    "RemoteInfo",
+    "check_plan",
+    "choose_method",
+    "compile_glob",
+    "expand",
+    "iter_url_list",
+    "probe_remote",
+    "walk_glob",
+]
+
+BASE64_FORCED_LIMIT = 10 * MIB
+URL_FORCED_LIMIT = 100 * MIB
+PROBLEM_LIMIT = 100
+PROBE_TIMEOUT = 10.0
+
+OnProblem = Callable[[ManifestProblem], None]
+OnWalkError = Callable[[str, OSError], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PlanCheck:
+    """What a valid plan holds."""
+
+    items: int
+    local_files: int
+    remote_files: int
+    local_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteInfo:
+    """What an origin told about a remote file; all None when it told nothing."""
+
+    size: int | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One expanded file, before its method is chosen."""
+
+    index: int  # the source's position in the manifest
+    source_line: int | None
+    kind: SourceKind
+    source: str  # absolute local path, or the URL as written (variables kept)
+    upload_path: str
+    file_name: str
+    requested: Method
+    size: int | None = None  # local files only
+    mtime_ns: int | None = None
+    list_file: str | None = None  # url_list entries: the list and the line
+    list_line: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Where the file lands, as one string (a fileName holds no '/')."""
+        return join_upload_path(self.upload_path, self.file_name)
+
+    @property
+    def identity(self) -> tuple[int, str, int | None]:
+        return (self.index, self.source, self.list_line)
+
+    def describe(self) -> str:
+        where = f"line {self.source_line}" if self.source_line else "no line"
+        origin = f"{self.list_file}:{self.list_line} " if self.list_file else ""
+        return f"sources[{self.index}] ({where}, {origin}{self.source})"
+
+
+# -- method choice --------------------------------------------------------------------------
+
+
+def choose_method(
+    kind: SourceKind, size: int | None, requested: Method, settings: Settings
+) -> Method:
+    """How to send a file: base64 up to base64_max, stream above; remote files by URL up
+    to url_max (or when the size is unknown), streamed through above.
+
+    An explicit `requested` method wins, but raises ValueError (with the reason) for
+    base64 over 10 MiB, url over 100 MiB, base64 for a remote file or url for a local one.
+    """
+    if requested is Method.AUTO:
+        return _automatic_method(kind, size, settings)
+    reason = forced_method_problem(kind, size, requested)
+    if reason:
+        raise ValueError(reason)
+    return requested
+
+
+def forced_method_problem(kind: SourceKind, size: int | None, requested: Method) -> str | None:
+    """Why a method named in the manifest cannot be used for this file, or None."""
+    if requested is Method.URL and kind is SourceKind.FILE:
+        return "url applies to remote sources only"
+    if requested is Method.BASE64 and kind is SourceKind.URL:
+        return "base64 is refused for remote files; use stream (streamed through)"
+    if requested is Method.BASE64 and size is not None and size > BASE64_FORCED_LIMIT:
+        return f"base64 is refused above 10 MiB ({size} bytes); use stream"
+    if requested is Method.URL and size is not None and size > URL_FORCED_LIMIT:
+        return f"url is refused above 100 MiB ({size} bytes); use stream"
+    return None
+
+
+def _automatic_method(kind: SourceKind, size: int | None, settings: Settings) -> Method:
+    if kind is SourceKind.FILE:
+        small = size is not None and size <= settings.base64_max
+        return Method.BASE64 if small else Method.STREAM
+    if size is None or size <= settings.url_max:
+        return Method.URL
+    return Method.STREAM
+
+
+# -- walking globs and reading URL lists ----------------------------------------------------
+
+
+def walk_glob(
+    root: Path,
+    relative_pattern: str,
+    exclude: tuple[str, ...] = (),
+    *,
+    on_error: OnWalkError | None = None,
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Yield (path relative to root, entry) for every regular file the pattern matches.
+
+    Lazy and iterative; entries in name order at every level. A directory matching an
+    exclude pattern is not entered; symlinked directories are never followed (no
+    loops); symlinks to regular files are taken as files.
+    """
+    include = compile_glob(relative_pattern)
+    excludes = [compile_glob(p) for p in exclude]
+    max_depth = glob_depth(relative_pattern)
+    stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", _entries(str(root), on_error))]
+    while stack:
+        prefix, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        relative = prefix + entry.name
+        if _is_real_dir(entry):
+            if _may_descend(relative, max_depth, excludes):
+                stack.append((relative + "/", _entries(entry.path, on_error)))
+        elif _is_file(entry) and include.fullmatch(relative) and not _matches(excludes, relative):
+            yield relative, entry
+
+
+def iter_url_list(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (line number, URL) for each line that is neither blank nor a `#` comment.
+
+    Reads lazily; raises OSError or UnicodeDecodeError for the caller to report.
+    """
+    with path.open(encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, start=1):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                yield number, text
+
+
+def _entries(path: str, on_error: OnWalkError | None) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as scan:
+            return iter(sorted(scan, key=lambda e: e.name))
+    except OSError as err:
+        if on_error is not None:
+            on_error(path, err)
+        return iter(())
+
+
+def _is_real_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _may_descend(relative: str, max_depth: int | None, excludes: list[re.Pattern[str]]) -> bool:
+    if max_depth is not None and relative.count("/") + 1 > max_depth:
+        return False
+    return not (_matches(excludes, relative) or _matches(excludes, relative + "/"))
+
+
+def _matches(patterns: list[re.Pattern[str]], relative: str) -> bool:
+    return any(p.fullmatch(relative) for p in patterns)
+
+
+# -- expansion into entries -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Expansion:
+    """Expands sources into entries, reporting problems to `on_problem` when given."""
+
+    manifest: Manifest
+    on_problem: OnProblem | None = None
+    _file: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._file = str(self.manifest.path)
+
+    def entries(self) -> Iterator[_Entry]:
+        for index, source in enumerate(self.manifest.sources):
+            yield from self._source_entries(index, source)
+
+    def report(self, file: str, line: int | None, where: str, message: str) -> None:
+        if self.on_problem is not None:
+            self.on_problem(ManifestProblem(file, line, where, message))
+
+    def _source_entries(self, index: int, source: Source) -> Iterator[_Entry]:
+        if isinstance(source, PathSource):
+            yield self._path_entry(index, source)
+        elif isinstance(source, GlobSource):
+            yield from self._glob_entries(index, source)
+        elif isinstance(source, UrlSource):
+            yield self._url_entry(index, source, source.url)
+        else:
+            yield from self._url_list_entries(index, source)
+
+    def _upload_path(self, source: Source, relative_dir: str = "") -> str:
+        prefix = self.manifest.target.upload_path
+        return join_upload_path(prefix, source.options.upload_path, relative_dir)
+
+    def _path_entry(self, index: int, source: PathSource) -> _Entry:
+        size, mtime_ns = _stat(source.path)
+        return _Entry(
+            index=index,
+            source_line=source.line,
+            kind=SourceKind.FILE,
+            source=str(source.path),
+            upload_path=self._upload_path(source),
+            file_name=source.options.file_name or source.path.name,
+            requested=source.options.method,
+            size=size,
+            mtime_ns=mtime_ns,
+        )
+
+    def _glob_entries(self, index: int, source: GlobSource) -> Iterator[_Entry]:
+        def walk_error(path: str, err: OSError) -> None:
+            self.report(self._file, source.line, f"sources[{index}].glob", _walk_message(path, err))
+
+        found = False
+        walk = walk_glob(source.root, source.relative_pattern, source.exclude, on_error=walk_error)
+        for relative, entry in walk:
+            found = True
+            size, mtime_ns = _stat_entry(entry)
+            yield _Entry(
+                index=index,
+                source_line=source.line,
+                kind=SourceKind.FILE,
+                source=entry.path,
+                upload_path=self._upload_path(source, posixpath.dirname(relative)),
+                file_name=entry.name,
+                requested=source.options.method,
+                size=size,
+                mtime_ns=mtime_ns,
+            )
+        if not found:
+            message = f"{source.pattern!r} matches no files"
+            self.report(self._file, source.line, f"sources[{index}].glob", message)
+
+    def _url_entry(
+        self, index: int, source: Source, url: str, list_line: int | None = None
+    ) -> _Entry:
+        return _Entry(
+            index=index,
+            source_line=source.line,
+            kind=SourceKind.URL,
+            source=url,
+            upload_path=self._upload_path(source),
+            file_name=source.options.file_name or name_from_url(url),
+            requested=source.options.method,
+            list_file=str(source.path) if isinstance(source, UrlListSource) else None,
+            list_line=list_line,
+        )
+
+    def _url_list_entries(self, index: int, source: UrlListSource) -> Iterator[_Entry]:
+        where = f"sources[{index}].url_list"
+        embedded = self.manifest.target.is_embedded
+        found = False
+        try:
+            for number, url in iter_url_list(source.path):
+                reason = check_url(url, embedded=embedded)
+                if reason:
+                    self.report(str(source.path), number, where, reason)
+                    continue
+                found = True
+                yield self._url_entry(index, source, url, number)
+        except (OSError, UnicodeDecodeError) as err:
+            self.report(self._file, source.line, where, f"cannot read {source.path}: {err}")
+            return
+        if not found:
+            self.report(self._file, source.line, where, f"{source.path} lists no usable URLs")
+
+
+def _stat(path: Path) -> tuple[int | None, int | None]:
+    try:
+        info = path.stat()
+    except OSError:
+        return None, None
+    return info.st_size, info.st_mtime_ns
+
+
+def _stat_entry(entry: os.DirEntry[str]) -> tuple[int | None, int | None]:
+    try:
+        info = entry.stat()
+    except OSError:
+        return None, None
+    return info.st_size, info.st_mtime_ns
+
+
+def _walk_message(path: str, err: OSError) -> str:
+    return f"cannot read the folder {path!r}: {err.strerror or err}"
+
+
+# -- check_plan -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Problems:
+    """Problems, kept up to a limit so a million bad names cannot exhaust memory."""
+
+    file: str
+    limit: int = PROBLEM_LIMIT
+    kept: list[ManifestProblem] = field(default_factory=list)
+    dropped: int = 0
+
+    def add(self, problem: ManifestProblem) -> None:
+        if len(self.kept) < self.limit:
+            self.kept.append(problem)
+        else:
+            self.dropped += 1
+
+    def all(self) -> list[ManifestProblem]:
+        if not self.dropped:
+            return self.kept
+        more = ManifestProblem(self.file, None, None, f"... and {self.dropped} more problems")
+        return [*self.kept, more]
+
+
+@dataclass(slots=True)
+class _Tally:
+    items: int = 0
+    local_files: int = 0
+    local_bytes: int = 0
+
+    def count(self, entry: _Entry) -> None:
+        self.items += 1
+        if entry.kind is SourceKind.FILE:
+            self.local_files += 1
+            self.local_bytes += entry.size or 0
+
+    def result(self) -> PlanCheck:
+        remote = self.items - self.local_files
+        return PlanCheck(self.items, self.local_files, remote, self.local_bytes)
+
+
+def check_plan(manifest: Manifest) -> PlanCheck:
+    """Expand every source offline and refuse the plan if anything is wrong.
+
+    Checks each target name, forced methods against local sizes, empty globs, every
+    URL of every list (located in the list file), and collisions: two files landing
+    on the same uploadPath + fileName, named both. Raises ManifestError.
+    """
+    problems = _Problems(str(manifest.path))
+    expansion = _Expansion(manifest, problems.add)
+    seen: set[int] = set()
+    repeats: list[_Entry] = []
+    tally = _Tally()
+    for entry in expansion.entries():
+        reason = _entry_problem(entry)
+        if reason:
+            _report_entry(expansion, entry, reason)
+            continue
+        digest = _digest(entry.key)
+        if digest in seen:
+            if len(repeats) < PROBLEM_LIMIT:
+                repeats.append(entry)
+        else:
+            seen.add(digest)
+        tally.count(entry)
+    for later, first in _first_holders(manifest, repeats):
+        message = f"{later.source} lands on {later.key!r}, as does {first.describe()}"
+        _report_entry(expansion, later, message)
+    if problems.kept:
+        raise ManifestError(problems.all())
+    return tally.result()
+
+
+def _entry_problem(entry: _Entry) -> str | None:
+    reason = check_name(entry.upload_path, entry.file_name)
+    if reason:
+        return f"{entry.source}: {reason}"
+    forced = forced_method_problem(entry.kind, entry.size, entry.requested)
+    return f"{entry.source}: {forced}" if forced else None
+
+
+def _report_entry(expansion: _Expansion, entry: _Entry, message: str) -> None:
+    if entry.list_file is not None:
+        where = f"sources[{entry.index}].url_list"
+        expansion.report(entry.list_file, entry.list_line, where, message)
+    else:
+        where = f"sources[{entry.index}]"
+        expansion.report(str(expansion.manifest.path), entry.source_line, where, message)
+
+
+def _digest(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def _first_holders(manifest: Manifest, repeats: list[_Entry]) -> Iterator[tuple[_Entry, _Entry]]:
+    """Pair each repeated entry with the first entry holding its name (a second pass)."""
+    if not repeats:
+        return
+    wanted = {r.key for r in repeats}
+    first: dict[str, _Entry] = {}
+    for entry in _Expansion(manifest).entries():
+        if entry.key in wanted and entry.key not in first:
+            first[entry.key] = entry
+    for later in repeats:
+        holder = first.get(later.key)
+        # A digest can repeat for two different names; then the holder is `later` itself.
+        if holder is not None and holder.identity != later.identity:
+            yield later, holder
+
+
+# -- expand ---------------------------------------------------------------------------------
+
+
+async def expand(
+    manifest: Manifest,
+    *,
+    session: aiohttp.ClientSession | None,
+    probe_concurrency: int = 16,
+    url_vars: Mapping[str, str] | None = None,
+    probe_timeout: float = PROBE_TIMEOUT,
+) -> AsyncIterator[PlanItem]:
+    """Yield the plan's items lazily, in manifest order.
+
+    Local files carry size and mtime from stat. Remote files are probed for their size
+    (and ETag / Last-Modified) through `session`, `probe_concurrency` at a time;
+    without a session, or when the origin tells nothing, their size is None.
+    `url_vars` fills `${NAME}` in URLs (e.g. EMBEDDED_ORIGIN) for probing only: an
+    item's source and name keep the URL as written, so a demo origin on a new port
+    each run changes neither (the sender substitutes again). Skips what `check_plan`
+    refuses; raises ManifestError only for a forced method the file's size forbids.
+    """
+    variables = dict(url_vars or {})
+    batch: list[_Entry] = []
+    for entry in _Expansion(manifest).entries():
+        if entry.kind is SourceKind.URL:
+            batch.append(entry)
+            if len(batch) < max(probe_concurrency, 1):
+                continue
+        for item in await _remote_items(manifest, batch, session, variables, probe_timeout):
+            yield item
+        batch = []
+        if entry.kind is SourceKind.FILE:
+            yield _plan_item(manifest, entry, RemoteInfo(entry.size))
+    for item in await _remote_items(manifest, batch, session, variables, probe_timeout):
+        yield item
+
+
+async def _remote_items(
+    manifest: Manifest,
+    batch: list[_Entry],
+    session: aiohttp.ClientSession | None,
+    variables: dict[str, str],
+    probe_timeout: float,
+) -> list[PlanItem]:
+    if not batch:
+        return []
+    urls = [substitute_url(entry.source, variables) for entry in batch]
+    if session is None:
+        infos = [RemoteInfo() for _ in urls]
+    else:
+        infos = await asyncio.gather(
+            *(probe_remote(session, u, probe_timeout=probe_timeout) for u in urls)
+        )
+    return [_plan_item(manifest, e, i) for e, i in zip(batch, infos, strict=True)]
+
+
+def _plan_item(manifest: Manifest, entry: _Entry, info: RemoteInfo) -> PlanItem:
+    try:
+        method = choose_method(entry.kind, info.size, entry.requested, manifest.settings)
+    except ValueError as err:
+        where = f"sources[{entry.index}].method"
+        message = f"{entry.source}: {err}"
+        problem = ManifestProblem(str(manifest.path), entry.source_line, where, message)
+        raise ManifestError([problem]) from None
+    return PlanItem(
+        source=entry.source,
+        kind=entry.kind,
+        upload_path=entry.upload_path,
+        file_name=entry.file_name,
+        size=info.size,
+        method=method,
+        method_forced=entry.requested is not Method.AUTO,
+        mtime_ns=entry.mtime_ns,
+        etag=info.etag,
+        last_modified=info.last_modified,
+    )
+
+
+# -- probing origins ------------------------------------------------------------------------
+
+_CONTENT_RANGE_RE = re.compile(r"bytes\s+(?:\d+-\d+|\*)/(\d+)\s*$", re.IGNORECASE)
+_PROBE_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError, OSError)
+_IDENTITY = {"Accept-Encoding": "identity"}
+
+
+async def probe_remote(
+    session: aiohttp.ClientSession, url: str, *, probe_timeout: float = PROBE_TIMEOUT
+) -> RemoteInfo:
+    """Ask an origin for a file's size without downloading it; never raises.
+
+    HEAD first (redirects followed); when it fails or gives no length, a GET for
+    `Range: bytes=0-0` whose Content-Range tells the total (the body is not read).
+    """
+    limit = aiohttp.ClientTimeout(total=probe_timeout)
+    head = await _probe_head(session, url, limit)
+    if head.size is not None:
+        return head
+    ranged = await _probe_ranged_get(session, url, limit)
+    return RemoteInfo(
+        size=ranged.size,
+        etag=head.etag or ranged.etag,
+        last_modified=head.last_modified or ranged.last_modified,
+    )
+
+
+async def _probe_head(
+    session: aiohttp.ClientSession, url: str, limit: aiohttp.ClientTimeout
+) -> RemoteInfo:
+    try:
+        async with session.head(
+            url, allow_redirects=True, timeout=limit, headers=_IDENTITY
+        ) as response:
+            if not 200 <= response.status < 300:
+                return RemoteInfo()
+            return _info(response, _plain_length(response))
+    except _PROBE_ERRORS:
+        return RemoteInfo()
+
+
+async def _probe_ranged_get(
+    session: aiohttp.ClientSession, url: str, limit: aiohttp.ClientTimeout
+) -> RemoteInfo:
+    headers = {**_IDENTITY, "Range": "bytes=0-0"}
+    try:
+        async with session.get(url, timeout=limit, headers=headers) as response:
+            if response.status == 206:
+                size = _range_total(response.headers.get("Content-Range", ""))
+            elif response.status == 200:
+                size = _plain_length(response)  # the origin ignored Range
+            else:
+                size = None
+            info = _info(response, size)
+            response.close()  # drop the connection rather than read a body we do not want
+            return info
+    except _PROBE_ERRORS:
+        return RemoteInfo()
+
+
+def _info(response: aiohttp.ClientResponse, size: int | None) -> RemoteInfo:
+    return RemoteInfo(
+        size=size,
+        etag=response.headers.get("ETag"),
+        last_modified=response.headers.get("Last-Modified"),
+    )
+
+
+def _plain_length(response: aiohttp.ClientResponse) -> int | None:
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    length = response.headers.get("Content-Length", "").strip()
+    if encoding not in ("", "identity") or not length.isdigit():
+        return None
+    return int(length)
+
+
+def _range_total(content_range: str) -> int | None:
+    match = _CONTENT_RANGE_RE.match(content_range.strip())
+    return int(match.group(1)) if match else None

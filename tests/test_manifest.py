@@ -1,0 +1,303 @@
+"""Loading good manifests: values, defaults, paths, the ledger's place, the samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from migrator.errors import ManifestError
+from migrator.manifest import LEDGER_DIR_ENV, load_manifest
+from migrator.model import (
+    EMBEDDED,
+    GIB,
+    HOUR,
+    KIB,
+    MIB,
+    GlobSource,
+    Method,
+    Outputs,
+    PathSource,
+    Settings,
+    SourceOptions,
+    UrlListSource,
+    UrlSource,
+)
+from migrator.plan import check_plan
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_manifests"
+MINIMAL = """\
+version: 1
+name: nightly-assets
+target:
+  base_url: https://kieai.redpandaai.co/
+sources:
+  - path: ./data/report.pdf
+"""
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Path:
+    """A folder with data files and the minimal manifest at job/job.yaml."""
+    folder = tmp_path / "job"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "report.pdf").write_bytes(b"%PDF-1.4")
+    (folder / "photos" / "2024").mkdir(parents=True)
+    (folder / "photos" / "2024" / "a.jpg").write_bytes(b"jpg")
+    (folder / "urls.txt").write_text("https://example.com/a.png\n")
+    (folder / "job.yaml").write_text(MINIMAL)
+    return folder
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def with_settings(lines: str) -> str:
+    return MINIMAL + "settings:\n" + lines
+
+
+# -- values and defaults ----------------------------------------------------------------------
+
+
+def test_minimal_manifest_takes_every_default(job: Path) -> None:
+    manifest = load_manifest(job / "job.yaml", environ={})
+    assert manifest.name == "nightly-assets"
+    assert manifest.version == 1
+    assert manifest.settings == Settings()
+    assert manifest.outputs == Outputs()
+    assert manifest.target.api_key_env == "KIE_API_KEY"
+    assert manifest.target.api_key_file is None
+    assert manifest.target.upload_path == ""
+
+
+def test_base_url_loses_its_trailing_slash(job: Path) -> None:
+    manifest = load_manifest(job / "job.yaml", environ={})
+    assert manifest.target.base_url == "https://kieai.redpandaai.co"
+
+
+def test_embedded_base_url_is_kept_as_the_word(job: Path) -> None:
+    path = write(job, MINIMAL.replace("https://kieai.redpandaai.co/", "embedded"))
+    manifest = load_manifest(path, environ={})
+    assert manifest.target.base_url == EMBEDDED
+    assert manifest.target.is_embedded
+
+
+def test_path_source_is_absolute_and_located(job: Path) -> None:
+    manifest = load_manifest(job / "job.yaml", environ={})
+    assert manifest.sources == (PathSource(path=job / "data" / "report.pdf", line=6),)
+
+
+def test_paths_are_relative_to_the_manifest_not_the_current_folder(
+    job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    manifest = load_manifest(Path("../job/job.yaml"), environ={})
+    assert manifest.path == job / "job.yaml"
+    assert manifest.sources[0] == PathSource(path=job / "data" / "report.pdf", line=6)
+
+
+def test_target_keys_are_read(job: Path) -> None:
+    text = MINIMAL.replace(
+        "  base_url: https://kieai.redpandaai.co/\n",
+        "  base_url: http://127.0.0.1:9000\n  api_key_env: MY_KEY\n"
+        "  api_key_file: ./secrets/kie.key\n  upload_path: migrations/assets/\n",
+    )
+    target = load_manifest(write(job, text), environ={}).target
+    assert target.base_url == "http://127.0.0.1:9000"
+    assert target.api_key_env == "MY_KEY"
+    assert target.api_key_file == job / "secrets" / "kie.key"
+    assert target.upload_path == "migrations/assets"
+
+
+def test_outputs_become_absolute(job: Path) -> None:
+    text = MINIMAL + "outputs:\n  jsonl: out/m.jsonl\n  metrics: /var/lib/node/migrator.prom\n"
+    outputs = load_manifest(write(job, text), environ={}).outputs
+    assert outputs == Outputs(
+        jsonl=job / "out" / "m.jsonl", metrics=Path("/var/lib/node/migrator.prom")
+    )
+
+
+def test_every_setting_is_read(job: Path) -> None:
+    text = with_settings(
+        "  concurrency: 32\n  base64_max: 64KiB\n  url_max: 10MB\n  retries: 0\n"
+        "  ttl: 3d\n  refresh_within: 15m\n"
+    )
+    settings = load_manifest(write(job, text), environ={}).settings
+    assert settings == Settings(
+        concurrency=32,
+        base64_max=64 * KIB,
+        url_max=10_000_000,
+        retries=0,
+        ttl=72 * HOUR,
+        refresh_within=15 * 60.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("written", "size"),
+    [("512", 512), ("64KiB", 64 * KIB), ("1MiB", MIB), ("10MB", 10_000_000), ("0", 0)],
+)
+def test_size_forms(job: Path, written: str, size: int) -> None:
+    settings = load_manifest(write(job, with_settings(f"  base64_max: {written}\n")), environ={})
+    assert settings.settings.base64_max == size
+
+
+def test_a_gib_size_is_parsed_and_refused_above_the_url_limit(job: Path) -> None:
+    with pytest.raises(ManifestError, match=f"got {2 * GIB} bytes"):
+        load_manifest(write(job, with_settings("  url_max: 2GiB\n")), environ={})
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [("90s", 90.0), ("15m", 900.0), ("12h", 12 * HOUR), ("1h30m", 5400.0), ("600", 600.0)],
+)
+def test_duration_forms(job: Path, written: str, seconds: float) -> None:
+    text = with_settings(f"  ttl: 3d\n  refresh_within: {written}\n")
+    assert load_manifest(write(job, text), environ={}).settings.refresh_within == seconds
+
+
+def test_ttl_in_days(job: Path) -> None:
+    text = with_settings("  ttl: 3d\n")
+    assert load_manifest(write(job, text), environ={}).settings.ttl == 3 * 24 * HOUR
+
+
+def test_source_options_are_read(job: Path) -> None:
+    text = MINIMAL + "    file_name: q1.pdf\n    upload_path: /reports/\n    method: stream\n"
+    with pytest.raises(ManifestError, match="absolute"):
+        load_manifest(write(job, text), environ={})
+    source = load_manifest(write(job, text.replace("/reports/", "reports/")), environ={})
+    assert source.sources[0].options == SourceOptions(
+        file_name="q1.pdf", upload_path="reports", method=Method.STREAM
+    )
+
+
+def test_glob_source_is_split_into_root_and_pattern(job: Path) -> None:
+    text = MINIMAL.replace(
+        "  - path: ./data/report.pdf\n",
+        '  - glob: "./photos/**/*.jpg"\n    exclude: ["./**/thumbs/**", "*.tmp"]\n',
+    )
+    source = load_manifest(write(job, text), environ={}).sources[0]
+    assert source == GlobSource(
+        pattern="./photos/**/*.jpg",
+        root=job / "photos",
+        relative_pattern="**/*.jpg",
+        exclude=("**/thumbs/**", "*.tmp"),
+        line=6,
+    )
+
+
+def test_exclude_may_be_a_single_pattern(job: Path) -> None:
+    text = MINIMAL.replace(
+        "  - path: ./data/report.pdf\n", '  - glob: "./photos/**"\n    exclude: "*.tmp"\n'
+    )
+    source = load_manifest(write(job, text), environ={}).sources[0]
+    assert isinstance(source, GlobSource)
+    assert source.exclude == ("*.tmp",)
+
+
+def test_url_and_url_list_sources(job: Path) -> None:
+    text = MINIMAL.replace(
+        "  - path: ./data/report.pdf\n",
+        "  - url: https://example.com/a.png\n    method: url\n  - url_list: urls.txt\n",
+    )
+    sources = load_manifest(write(job, text), environ={}).sources
+    assert sources == (
+        UrlSource(
+            url="https://example.com/a.png", options=SourceOptions(method=Method.URL), line=6
+        ),
+        UrlListSource(path=job / "urls.txt", line=8),
+    )
+
+
+def test_embedded_origin_is_kept_untouched_for_an_embedded_target(job: Path) -> None:
+    text = MINIMAL.replace("https://kieai.redpandaai.co/", "embedded").replace(
+        "  - path: ./data/report.pdf\n", '  - url: "${EMBEDDED_ORIGIN}/data/report.pdf"\n'
+    )
+    source = load_manifest(write(job, text), environ={}).sources[0]
+    assert source == UrlSource(url="${EMBEDDED_ORIGIN}/data/report.pdf", line=6)
+
+
+def test_loading_writes_nothing(job: Path) -> None:
+    before = sorted(p.relative_to(job) for p in job.rglob("*"))
+    load_manifest(job / "job.yaml", environ={})
+    assert sorted(p.relative_to(job) for p in job.rglob("*")) == before
+
+
+# -- where the ledger lives -------------------------------------------------------------------
+
+
+def test_ledger_defaults_beside_the_manifest(job: Path) -> None:
+    manifest = load_manifest(job / "job.yaml", environ={})
+    assert manifest.ledger == job / ".migrator" / "nightly-assets.sqlite"
+
+
+def test_ledger_key_is_relative_to_the_manifest(job: Path) -> None:
+    path = write(job, MINIMAL + "ledger: state/jobs.sqlite\n")
+    assert load_manifest(path, environ={}).ledger == job / "state" / "jobs.sqlite"
+
+
+def test_ledger_dir_environment_wins_over_the_ledger_key(job: Path, tmp_path: Path) -> None:
+    path = write(job, MINIMAL + "ledger: state/jobs.sqlite\n")
+    manifest = load_manifest(path, environ={LEDGER_DIR_ENV: str(tmp_path / "ledgers")})
+    assert manifest.ledger == tmp_path / "ledgers" / "nightly-assets.sqlite"
+
+
+def test_ledger_override_wins_over_the_environment(job: Path, tmp_path: Path) -> None:
+    path = write(job, MINIMAL + "ledger: state/jobs.sqlite\n")
+    manifest = load_manifest(
+        path,
+        ledger_override=tmp_path / "cli.sqlite",
+        environ={LEDGER_DIR_ENV: str(tmp_path / "ledgers")},
+    )
+    assert manifest.ledger == tmp_path / "cli.sqlite"
+
+
+def test_relative_override_and_environment_are_taken_from_the_current_folder(
+    job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    by_cli = load_manifest(job / "job.yaml", ledger_override=Path("cli.sqlite"), environ={})
+    by_env = load_manifest(job / "job.yaml", environ={LEDGER_DIR_ENV: "ledgers"})
+    assert by_cli.ledger == tmp_path / "cli.sqlite"
+    assert by_env.ledger == tmp_path / "ledgers" / "nightly-assets.sqlite"
+
+
+def test_an_empty_ledger_dir_environment_is_ignored(job: Path) -> None:
+    manifest = load_manifest(job / "job.yaml", environ={LEDGER_DIR_ENV: ""})
+    assert manifest.ledger == job / ".migrator" / "nightly-assets.sqlite"
+
+
+# -- the sample manifests ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sample", sorted(SAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sample_manifest_loads_and_passes_the_plan_check(sample: Path) -> None:
+    manifest = load_manifest(sample, environ={})
+    assert check_plan(manifest).items > 0
+
+
+def test_the_samples_cover_every_source_kind() -> None:
+    names = {p.name for p in SAMPLES.glob("*.yaml")}
+    assert {"quickstart.yaml", "local_file.yaml", "glob.yaml", "url.yaml"} <= names
+    assert {"url_list.yaml", "reference.yaml"} <= names
+
+
+def test_the_reference_manifest_names_every_key() -> None:
+    text = (SAMPLES / "reference.yaml").read_text()
+    keys = [
+        "version:", "name:", "base_url:", "api_key_env:", "api_key_file:", "upload_path:",
+        "ledger:", "jsonl:", "csv:", "json:", "metrics:", "concurrency:", "base64_max:",
+        "url_max:", "retries:", "ttl:", "refresh_within:", "- path:", "- glob:", "exclude:",
+        "- url:", "- url_list:", "file_name:", "method:",
+    ]  # fmt: skip
+    assert [k for k in keys if k not in text] == []
+
+
+def test_the_sample_data_stays_small() -> None:
+    total = sum(p.stat().st_size for p in (SAMPLES / "data").rglob("*") if p.is_file())
+    assert MIB < total < 3 * MIB
