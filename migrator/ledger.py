@@ -1,0 +1,803 @@
+"""The SQLite ledger: what was uploaded where, with what result, run after run.
+
+One process writes (the run lock sees to that); `status`, `export` and `plan`
+open it read-only. Item updates and attempt records are buffered in memory and
+written by a background task in batches, each batch one transaction, so a run
+of a million small files does not pay a transaction per file. The price: a
+process killed with SIGKILL loses at most what was buffered, i.e. less than one
+batch plus `flush_interval` seconds of updates. Those items are simply uploaded
+again on the next run, which is harmless because names are deterministic.
+
+A ledger that cannot be read is reported with its path and never replaced or
+modified; a ledger written by a newer migrator is refused.
+
+`put_item` and `put_attempt` are synchronous and never block: they append to the
+buffer and wake the flusher once a batch is full. The buffer stays small because
+its producers (the workers) await between updates, which lets the flusher run;
+if a flush fails (disk full), the batch is kept, the flusher keeps retrying, and
+every put, flush and close raises LedgerError until a write succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiosqlite
+
+from migrator.errors import LedgerError
+from migrator.model import AttemptRecord, ItemState, ItemUpdate, LedgerItem, Method, SourceKind
+
+MOVE_HINT = "use --ledger PATH or MIGRATOR_LEDGER_DIR to put it elsewhere"
+BUSY_TIMEOUT_MS = 10_000
+LOOKUP_CHUNK = 500
+PAGE_SIZE = 1000
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One step of the schema, applied once, in order, inside one transaction."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        description="runs, items and attempts",
+        statements=(
+            """CREATE TABLE runs (
+                id INTEGER PRIMARY KEY,
+                command TEXT,
+                manifest TEXT,
+                started_at REAL,
+                finished_at REAL,
+                status TEXT,
+                pid INTEGER,
+                summary TEXT
+            )""",
+            """CREATE TABLE items (
+                id INTEGER PRIMARY KEY,
+                target TEXT NOT NULL,
+                upload_path TEXT NOT NULL,
+                file_name TEXT NOT NULL,
+                source TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                size INTEGER,
+                mtime_ns INTEGER,
+                etag TEXT,
+                last_modified TEXT,
+                sha256 TEXT,
+                method TEXT,
+                state TEXT NOT NULL,
+                download_url TEXT,
+                file_id TEXT,
+                uploaded_at REAL,
+                expires_at REAL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                last_error TEXT,
+                downloaded_path TEXT,
+                downloaded_at REAL,
+                updated_at REAL,
+                UNIQUE (target, upload_path, file_name)
+            )""",
+            "CREATE INDEX items_target_state ON items (target, state)",
+            "CREATE INDEX items_target_expires ON items (target, expires_at)",
+            """CREATE TABLE attempts (
+                id INTEGER PRIMARY KEY,
+                run_id INTEGER,
+                item_id INTEGER REFERENCES items (id) ON DELETE CASCADE,
+                method TEXT,
+                attempt INTEGER,
+                started_at REAL,
+                duration REAL,
+                http_status INTEGER,
+                outcome TEXT,
+                bytes_sent INTEGER,
+                error TEXT
+            )""",
+            "CREATE INDEX attempts_item ON attempts (item_id)",
+        ),
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+_CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    description TEXT NOT NULL,
+    applied_at REAL NOT NULL
+)"""
+
+_ITEM_COLUMNS = (
+    "id, target, upload_path, file_name, source, kind, size, mtime_ns, etag, last_modified, "
+    "sha256, method, state, download_url, file_id, uploaded_at, expires_at, attempts, "
+    "last_error, downloaded_path, downloaded_at, updated_at"
+)
+_QUALIFIED_ITEM_COLUMNS = ", ".join(f"items.{c.strip()}" for c in _ITEM_COLUMNS.split(","))
+
+# size/mtime_ns/etag/last_modified/method are written when given, the outcome of an
+# upload (link, id, times, hash, download) is kept when the update has None.
+_UPSERT_ITEM = """
+INSERT INTO items (
+    target, upload_path, file_name, source, kind, size, mtime_ns, etag, last_modified,
+    sha256, method, state, download_url, file_id, uploaded_at, expires_at, attempts,
+    last_error, downloaded_path, downloaded_at, updated_at
+) VALUES (
+    :target, :upload_path, :file_name, :source, :kind, :size, :mtime_ns, :etag,
+    :last_modified, :sha256, :method, :state, :download_url, :file_id, :uploaded_at,
+    :expires_at, :attempts_added, :last_error, :downloaded_path, :downloaded_at, :updated_at
+)
+ON CONFLICT (target, upload_path, file_name) DO UPDATE SET
+    source = excluded.source,
+    kind = excluded.kind,
+    state = excluded.state,
+    last_error = excluded.last_error,
+    size = COALESCE(excluded.size, items.size),
+    mtime_ns = COALESCE(excluded.mtime_ns, items.mtime_ns),
+    etag = COALESCE(excluded.etag, items.etag),
+    last_modified = COALESCE(excluded.last_modified, items.last_modified),
+    method = COALESCE(excluded.method, items.method),
+    sha256 = COALESCE(excluded.sha256, items.sha256),
+    download_url = COALESCE(excluded.download_url, items.download_url),
+    file_id = COALESCE(excluded.file_id, items.file_id),
+    uploaded_at = COALESCE(excluded.uploaded_at, items.uploaded_at),
+    expires_at = COALESCE(excluded.expires_at, items.expires_at),
+    downloaded_path = COALESCE(excluded.downloaded_path, items.downloaded_path),
+    downloaded_at = COALESCE(excluded.downloaded_at, items.downloaded_at),
+    attempts = items.attempts + excluded.attempts,
+    updated_at = excluded.updated_at
+"""
+
+_INSERT_ATTEMPT = """
+INSERT INTO attempts (
+    run_id, item_id, method, attempt, started_at, duration, http_status, outcome,
+    bytes_sent, error
+)
+SELECT :run_id, id, :method, :attempt, :started_at, :duration, :http_status, :outcome,
+    :bytes_sent, :error
+FROM items WHERE target = :target AND upload_path = :upload_path AND file_name = :file_name
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """One row of the runs table."""
+
+    id: int
+    command: str
+    manifest: str
+    started_at: float
+    finished_at: float | None
+    status: str
+    pid: int | None
+    summary: dict[str, object] = field(default_factory=dict)
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+
+def _item_params(update: ItemUpdate, now: float) -> dict[str, object]:
+    return {
+        "target": update.target,
+        "upload_path": update.upload_path,
+        "file_name": update.file_name,
+        "source": update.source,
+        "kind": update.kind.value,
+        "size": update.size,
+        "mtime_ns": update.mtime_ns,
+        "etag": update.etag,
+        "last_modified": update.last_modified,
+        "sha256": update.sha256,
+        "method": None if update.method is None else update.method.value,
+        "state": update.state.value,
+        "download_url": update.download_url,
+        "file_id": update.file_id,
+        "uploaded_at": update.uploaded_at,
+        "expires_at": update.expires_at,
+        "attempts_added": update.attempts_added,
+        "last_error": update.last_error,
+        "downloaded_path": update.downloaded_path,
+        "downloaded_at": update.downloaded_at,
+        "updated_at": now,
+    }
+
+
+def _attempt_params(record: AttemptRecord) -> dict[str, object]:
+    return {
+        "run_id": record.run_id,
+        "target": record.target,
+        "upload_path": record.upload_path,
+        "file_name": record.file_name,
+        "method": record.method.value,
+        "attempt": record.attempt,
+        "started_at": record.started_at,
+        "duration": record.duration,
+        "http_status": record.http_status,
+        "outcome": record.outcome,
+        "bytes_sent": record.bytes_sent,
+        "error": record.error,
+    }
+
+
+def _row_to_item(row: Sequence[Any]) -> LedgerItem:
+    return LedgerItem(
+        id=row[0],
+        target=row[1],
+        upload_path=row[2],
+        file_name=row[3],
+        source=row[4],
+        kind=SourceKind(row[5]),
+        size=row[6],
+        mtime_ns=row[7],
+        etag=row[8],
+        last_modified=row[9],
+        sha256=row[10],
+        method=None if row[11] is None else Method(row[11]),
+        state=ItemState(row[12]),
+        download_url=row[13],
+        file_id=row[14],
+        uploaded_at=row[15],
+        expires_at=row[16],
+        attempts=row[17],
+        last_error=row[18],
+        downloaded_path=row[19],
+        downloaded_at=row[20],
+        updated_at=row[21],
+    )
+
+
+def _row_to_run(row: Sequence[Any]) -> RunRow:
+    summary: dict[str, object] = {}
+    if row[7]:
+        with contextlib.suppress(ValueError):
+            loaded = json.loads(row[7])
+            if isinstance(loaded, dict):
+                summary = loaded
+    return RunRow(
+        id=row[0],
+        command=row[1] or "",
+        manifest=row[2] or "",
+        started_at=row[3],
+        finished_at=row[4],
+        status=row[5] or "",
+        pid=row[6],
+        summary=summary,
+    )
+
+
+def _where(target: str | None, *conditions: str) -> tuple[str, list[object]]:
+    """A WHERE clause restricted to `target` when given, plus fixed conditions."""
+    parts = list(conditions)
+    params: list[object] = []
+    if target is not None:
+        parts.insert(0, "target = ?")
+        params.append(target)
+    return (" WHERE " + " AND ".join(parts)) if parts else "", params
+
+
+def describe_sqlite_error(path: Path, err: BaseException) -> str:
+    """One line for the user about what went wrong with the ledger file at `path`."""
+    text = str(err)
+    lowered = text.lower()
+    if "not a database" in lowered or "malformed" in lowered or "corrupt" in lowered:
+        return (
+            f"ledger {path} is not a readable migrator ledger ({text}); it was left "
+            f"untouched: move it away, or {MOVE_HINT}"
+        )
+    if "disk is full" in lowered or "disk i/o" in lowered:
+        return f"cannot write the ledger {path}: {text}; free some space, or {MOVE_HINT}"
+    if "readonly" in lowered or "read-only" in lowered or "unable to open" in lowered:
+        return f"cannot write the ledger {path}: {text}; {MOVE_HINT}"
+    if "locked" in lowered or "busy" in lowered:
+        return f"ledger {path} is busy ({text}); is another process using it?"
+    return f"ledger {path}: {text}"
+
+
+@contextlib.contextmanager
+def _as_ledger_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as err:
+        raise LedgerError(describe_sqlite_error(path, err)) from err
+    except ValueError as err:  # an enum value this migrator does not know
+        raise LedgerError(f"ledger {path} holds a value this migrator cannot read: {err}") from err
+
+
+async def _wait_through_cancellation(task: asyncio.Future[None]) -> bool:
+    """Wait until `task` is done even if we are cancelled meanwhile; True if we were.
+
+    A flush that was sent must finish (commit or roll back) before anyone else uses
+    the connection, or the next statement would land inside its transaction.
+    """
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = cancelled or not task.done()
+        except Exception:
+            break  # the task's own failure: read it from the task
+    return cancelled
+
+
+# -- opening --------------------------------------------------------------------------------
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the parent (0700) and the file (0600) before SQLite does, with our modes."""
+    try:
+        if not path.parent.is_dir():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        existed = path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if not existed:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise LedgerError(f"cannot create the ledger {path}: {reason}; {MOVE_HINT}") from err
+    if not os.access(path, os.W_OK):
+        raise LedgerError(f"cannot write the ledger {path}: permission denied; {MOVE_HINT}")
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+def _restrict_sidecars(path: Path) -> None:
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            Path(f"{path}{suffix}").chmod(0o600)
+
+
+async def _table_names(conn: aiosqlite.Connection) -> set[str]:
+    cursor = await conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    return {str(row[0]) for row in await cursor.fetchall()}
+
+
+async def _schema_version(conn: aiosqlite.Connection, path: Path) -> int:
+    """0 for a fresh file; refuses a foreign database and one from a newer migrator."""
+    tables = await _table_names(conn)
+    if "schema_migrations" not in tables:
+        if tables:
+            raise LedgerError(
+                f"{path} is a SQLite database but not a migrator ledger; it was left "
+                f"untouched: {MOVE_HINT}"
+            )
+        return 0
+    cursor = await conn.execute("SELECT MAX(version) FROM schema_migrations")
+    row = await cursor.fetchone()
+    version = int(row[0]) if row and row[0] is not None else 0
+    if version > SCHEMA_VERSION:
+        raise LedgerError(
+            f"ledger {path} was written by a newer migrator (schema {version}); "
+            f"this one knows schema {SCHEMA_VERSION}: upgrade migrator"
+        )
+    return version
+
+
+async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        await conn.execute(_CREATE_MIGRATIONS_TABLE)
+        current = await _schema_version(conn, path)
+        for migration in MIGRATIONS:
+            if migration.version <= current:
+                continue
+            for statement in migration.statements:
+                await conn.execute(statement)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.description, time.time()),
+            )
+        await conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            await conn.execute("ROLLBACK")
+        raise
+
+
+async def _apply_schema_in_memory(conn: aiosqlite.Connection) -> None:
+    await conn.execute(_CREATE_MIGRATIONS_TABLE)
+    for migration in MIGRATIONS:
+        for statement in migration.statements:
+            await conn.execute(statement)
+
+
+async def _connect(target: str, path: Path, *, uri: bool = False) -> aiosqlite.Connection:
+    with _as_ledger_error(path):
+        conn = await aiosqlite.connect(target, uri=uri, isolation_level=None)
+    return conn
+
+
+async def _open_writable(path: Path) -> aiosqlite.Connection:
+    _prepare_file(path)
+    conn = await _connect(str(path), path)
+    try:
+        with _as_ledger_error(path):
+            await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Read before any write, so a file that is not a ledger is never touched.
+            await _schema_version(conn, path)
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute("PRAGMA synchronous = NORMAL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+            await _migrate(conn, path)
+    except BaseException:
+        await conn.close()
+        raise
+    _restrict_sidecars(path)
+    return conn
+
+
+async def _open_readonly(path: Path) -> aiosqlite.Connection:
+    if _exists(path):
+        conn = await _connect(f"file:{quote(str(path))}?mode=ro", path, uri=True)
+        try:
+            with _as_ledger_error(path):
+                await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                version = await _schema_version(conn, path)
+        except BaseException:
+            await conn.close()
+            raise
+        if version == SCHEMA_VERSION:
+            return conn
+        await conn.close()
+        if version != 0:
+            raise LedgerError(
+                f"ledger {path} has the older schema {version}: run `migrator run` once "
+                "to upgrade it"
+            )
+    # No ledger yet: an empty view, so that plan and status never create one.
+    conn = await _connect(":memory:", path)
+    await _apply_schema_in_memory(conn)
+    return conn
+
+
+# -- the ledger -----------------------------------------------------------------------------
+
+
+class Ledger:
+    """The items, attempts and runs of one ledger file. One writer per file."""
+
+    def __init__(
+        self,
+        path: Path,
+        conn: aiosqlite.Connection,
+        *,
+        readonly: bool,
+        batch_size: int,
+        flush_interval: float,
+    ) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.flushes = 0  # committed batch transactions, for tests and stats
+        self._conn = conn
+        self._db_lock = asyncio.Lock()
+        self._items: list[dict[str, object]] = []
+        self._attempts: list[dict[str, object]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._closed = False
+        self._failure: LedgerError | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        readonly: bool = False,
+        batch_size: int = 256,
+        flush_interval: float = 0.2,
+    ) -> Ledger:
+        """Open (or create) the ledger at `path`.
+
+        `readonly` opens for status, export and plan: nothing is written, and a
+        missing file yields an empty ledger without creating it.
+        """
+        path = Path(path)
+        conn = await (_open_readonly(path) if readonly else _open_writable(path))
+        ledger = cls(
+            path, conn, readonly=readonly, batch_size=batch_size, flush_interval=flush_interval
+        )
+        if not readonly:
+            ledger._flusher = asyncio.create_task(ledger._flush_loop(), name="ledger-flusher")
+        return ledger
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Write what is buffered, stop the background flusher and close the file."""
+        if self._closed:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            if self._flusher is not None:
+                await self._flusher
+            if not self.readonly:
+                await self.flush()
+        finally:
+            self._closed = True
+            await self._conn.close()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Updates and attempt records buffered and not yet written."""
+        return len(self._items) + len(self._attempts)
+
+    def put_item(self, update: ItemUpdate) -> None:
+        """Buffer a change to one item; written with the next batch, in order."""
+        self._check_writable()
+        self._items.append(_item_params(update, time.time()))
+        self._nudge()
+
+    def put_attempt(self, record: AttemptRecord) -> None:
+        """Buffer one attempt record; written after the item updates of its batch."""
+        self._check_writable()
+        self._attempts.append(_attempt_params(record))
+        self._nudge()
+
+    async def flush(self) -> None:
+        """Write everything buffered in one transaction. Raises LedgerError on failure."""
+        if self.readonly:
+            return
+        async with self._db_lock:
+            if not self._items and not self._attempts:
+                return
+            items, self._items = self._items, []
+            attempts, self._attempts = self._attempts, []
+            write = asyncio.ensure_future(self._write_batch(items, attempts))
+            cancelled = await _wait_through_cancellation(write)
+            failure = write.exception()
+            if isinstance(failure, LedgerError):
+                # Keep the batch (in front, to preserve order) for a later retry.
+                self._items[:0] = items
+                self._attempts[:0] = attempts
+                self._failure = failure
+                raise failure
+            if failure is not None:
+                raise failure
+            self._failure = None
+            self.flushes += 1
+            if cancelled:
+                raise asyncio.CancelledError
+
+    async def start_run(self, command: str, manifest: str) -> int:
+        """Record the start of a run (written at once) and return its id."""
+        self._check_writable()
+        sql = (
+            "INSERT INTO runs (command, manifest, started_at, status, pid) "
+            "VALUES (?, ?, ?, 'running', ?)"
+        )
+        params = (command, manifest, time.time(), os.getpid())
+        async with self._db_lock:
+            with _as_ledger_error(self.path):
+                cursor = await self._conn.execute(sql, params)
+                run_id = cursor.lastrowid
+        if run_id is None:
+            raise LedgerError(f"ledger {self.path}: the run could not be recorded")
+        return run_id
+
+    async def finish_run(self, run_id: int, status: str, summary: Mapping[str, object]) -> None:
+        """Write what is buffered, then record the end of the run."""
+        await self.flush()
+        sql = "UPDATE runs SET finished_at = ?, status = ?, summary = ? WHERE id = ?"
+        params = (time.time(), status, json.dumps(dict(summary), default=str), run_id)
+        async with self._db_lock:
+            with _as_ledger_error(self.path):
+                await self._conn.execute(sql, params)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def lookup(
+        self, target: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], LedgerItem]:
+        """The items among `keys` ((upload_path, file_name) pairs) the ledger knows."""
+        found: dict[tuple[str, str], LedgerItem] = {}
+        for start in range(0, len(keys), LOOKUP_CHUNK):
+            chunk = keys[start : start + LOOKUP_CHUNK]
+            params: list[object] = [part for key in chunk for part in key]
+            params.append(target)
+            # CROSS JOIN keeps the keys as the outer loop: one index search per key,
+            # where `(a, b) IN (VALUES ...)` would scan every item of the target.
+            sql = (
+                f"WITH keys (upload_path, file_name) AS "
+                f"(VALUES {', '.join('(?, ?)' for _ in chunk)}) "
+                f"SELECT {_QUALIFIED_ITEM_COLUMNS} FROM keys CROSS JOIN items "
+                "ON items.target = ? AND items.upload_path = keys.upload_path "
+                "AND items.file_name = keys.file_name"
+            )
+            for item in await self._fetch_items(sql, params):
+                found[item.key] = item
+        return found
+
+    async def get(self, target: str, upload_path: str, file_name: str) -> LedgerItem | None:
+        """One item, or None."""
+        found = await self.lookup(target, [(upload_path, file_name)])
+        return found.get((upload_path, file_name))
+
+    async def iter_items(
+        self,
+        target: str | None = None,
+        *,
+        states: Collection[ItemState] | None = None,
+        expiring_before: float | None = None,
+        page_size: int = PAGE_SIZE,
+    ) -> AsyncIterator[LedgerItem]:
+        """Items ordered by id, read a page at a time."""
+        conditions = ["id > ?"]
+        extra: list[object] = []
+        if states is not None:
+            chosen = sorted(ItemState(s).value for s in states)
+            if not chosen:
+                return
+            conditions.append(f"state IN ({', '.join('?' for _ in chosen)})")
+            extra += chosen
+        if expiring_before is not None:
+            conditions.append("expires_at IS NOT NULL AND expires_at < ?")
+            extra.append(expiring_before)
+        where, head = _where(target, *conditions)
+        sql = f"SELECT {_ITEM_COLUMNS} FROM items{where} ORDER BY id LIMIT ?"
+        last_id = 0
+        while True:
+            page = await self._fetch_items(sql, [*head, last_id, *extra, page_size])
+            for item in page:
+                yield item
+            if len(page) < page_size:
+                return
+            last_id = page[-1].id
+
+    async def state_counts(self, target: str | None = None) -> dict[ItemState, tuple[int, int]]:
+        """state -> (items, bytes of known size), every state present (zeros included)."""
+        where, params = _where(target)
+        rows = await self._fetch(
+            f"SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM items{where} GROUP BY state",
+            params,
+        )
+        counts = {state: (0, 0) for state in ItemState}
+        for state, count, size in rows:
+            with _as_ledger_error(self.path):
+                counts[ItemState(state)] = (int(count), int(size))
+        return counts
+
+    async def next_expiry(self, target: str | None = None) -> float | None:
+        """The earliest expires_at of a DONE item, or None."""
+        where, params = _where(target, "state = ?", "expires_at IS NOT NULL")
+        rows = await self._fetch(
+            f"SELECT MIN(expires_at) FROM items{where}", [*params, ItemState.DONE.value]
+        )
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
+    async def expiry_histogram(
+        self, target: str | None, now: float, horizons: Sequence[float]
+    ) -> list[int]:
+        """For each horizon, how many DONE items expire at or before `now + horizon`."""
+        if not horizons:
+            return []
+        where, params = _where(target, "state = ?", "expires_at IS NOT NULL")
+        sums = ", ".join("COALESCE(SUM(expires_at <= ?), 0)" for _ in horizons)
+        bounds = [now + horizon for horizon in horizons]
+        rows = await self._fetch(
+            f"SELECT {sums} FROM items{where}", [*bounds, *params, ItemState.DONE.value]
+        )
+        return [int(value) for value in rows[0]]
+
+    async def recent_failures(self, target: str | None, limit: int = 20) -> list[LedgerItem]:
+        """The most recently updated FAILED items, newest first."""
+        where, params = _where(target, "state = ?")
+        sql = f"SELECT {_ITEM_COLUMNS} FROM items{where} ORDER BY updated_at DESC, id DESC LIMIT ?"
+        return await self._fetch_items(sql, [*params, ItemState.FAILED.value, limit])
+
+    async def runs(self, limit: int = 10) -> list[RunRow]:
+        """The latest runs, newest first."""
+        rows = await self._fetch(
+            "SELECT id, command, manifest, started_at, finished_at, status, pid, summary "
+            "FROM runs ORDER BY id DESC LIMIT ?",
+            [limit],
+        )
+        return [_row_to_run(row) for row in rows]
+
+    async def last_success_at(self, target: str | None = None) -> float | None:
+        """The latest uploaded_at of a DONE item, or None."""
+        where, params = _where(target, "state = ?")
+        rows = await self._fetch(
+            f"SELECT MAX(uploaded_at) FROM items{where}", [*params, ItemState.DONE.value]
+        )
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise LedgerError(f"ledger {self.path} was opened read-only")
+        if self._closed or self._closing:
+            raise LedgerError(f"ledger {self.path} is closed")
+        if self._failure is not None:
+            raise LedgerError(str(self._failure))
+
+    def _nudge(self) -> None:
+        if self.pending >= self.batch_size:
+            self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval)
+            self._wake.clear()
+            if self._closing:
+                return
+            # A failure is kept in self._failure and raised by the next put or flush.
+            with contextlib.suppress(LedgerError):
+                await self.flush()
+
+    async def _write_batch(
+        self, items: list[dict[str, object]], attempts: list[dict[str, object]]
+    ) -> None:
+        conn = self._conn
+        with _as_ledger_error(self.path):
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                if items:
+                    await conn.executemany(_UPSERT_ITEM, items)
+                if attempts:
+                    await conn.executemany(_INSERT_ATTEMPT, attempts)
+                await conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    await conn.execute("ROLLBACK")
+                raise
+
+    async def _fetch(self, sql: str, params: Sequence[object]) -> list[Sequence[Any]]:
+        """Rows of a query, buffered updates included (they are written first)."""
+        await self.flush()
+        async with self._db_lock:
+            with _as_ledger_error(self.path):
+                cursor = await self._conn.execute(sql, params)
+                rows = await cursor.fetchall()
+                await cursor.close()
+        return [tuple(row) for row in rows]
+
+    async def _fetch_items(self, sql: str, params: Sequence[object]) -> list[LedgerItem]:
+        rows = await self._fetch(sql, params)
+        with _as_ledger_error(self.path):
+            return [_row_to_item(row) for row in rows]
+
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Ledger",
+    "Migration",
+    "RunRow",
+    "describe_sqlite_error",
+]

@@ -1,0 +1,279 @@
+"""What migrator leaves for other programs: exports of the ledger and a metrics file.
+
+Rendering is pure; writing is atomic (temp file in the same folder, fsync,
+rename, fsync of the folder), so a reader never sees half a file and a crash
+never destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import stat
+import tempfile
+from collections.abc import AsyncIterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from migrator.errors import ConfigError, UsageError
+from migrator.model import LedgerItem
+from migrator.units import iso_utc
+
+OUTPUT_MODE = 0o644
+
+EXPORT_FIELDS: tuple[str, ...] = (
+    "source",
+    "upload_path",
+    "file_name",
+    "method",
+    "size",
+    "sha256",
+    "status",
+    "download_url",
+    "file_id",
+    "uploaded_at",
+    "expires_at",
+    "attempts",
+    "last_error",
+    "downloaded_path",
+    "downloaded_at",
+)
+EXPORT_FORMATS: tuple[str, ...] = ("jsonl", "csv", "json")
+
+# -- atomic writes --------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Some filesystems refuse to open or fsync a directory; the rename is done anyway.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return OUTPUT_MODE
+
+
+@contextlib.contextmanager
+def _as_config_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[TextIO]:
+    """Write `path` all at once: the old file stays untouched if the block raises.
+
+    Parent folders are created; a new file gets mode 0644, an existing one keeps its mode.
+    """
+    path = Path(path)
+    with _as_config_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = _mode_for(path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+            with _as_config_error(path):
+                handle.flush()
+                os.fsync(handle.fileno())
+                os.fchmod(handle.fileno(), mode)
+        with _as_config_error(path):
+            tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically (see atomic_writer)."""
+    with atomic_writer(path) as handle:
+        handle.write(text)
+
+
+# -- exports --------------------------------------------------------------------------------
+
+
+def export_record(item: LedgerItem) -> dict[str, object]:
+    """One item as exported: EXPORT_FIELDS in order, times as ISO-8601 UTC or None."""
+    return {
+        "source": item.source,
+        "upload_path": item.upload_path,
+        "file_name": item.file_name,
+        "method": None if item.method is None else item.method.value,
+        "size": item.size,
+        "sha256": item.sha256,
+        "status": item.state.value,
+        "download_url": item.download_url,
+        "file_id": item.file_id,
+        "uploaded_at": iso_utc(item.uploaded_at),
+        "expires_at": iso_utc(item.expires_at),
+        "attempts": item.attempts,
+        "last_error": item.last_error,
+        "downloaded_path": item.downloaded_path,
+        "downloaded_at": iso_utc(item.downloaded_at),
+    }
+
+
+def _json_line(record: Mapping[str, object]) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
+async def _write_jsonl(items: AsyncIterable[LedgerItem], out: TextIO) -> int:
+    count = 0
+    async for item in items:
+        out.write(_json_line(export_record(item)) + "\n")
+        count += 1
+    return count
+
+
+async def _write_json(items: AsyncIterable[LedgerItem], out: TextIO) -> int:
+    count = 0
+    out.write("[")
+    async for item in items:
+        out.write(",\n" if count else "\n")
+        out.write(_json_line(export_record(item)))
+        count += 1
+    out.write("\n]\n" if count else "]\n")
+    return count
+
+
+async def _write_csv(items: AsyncIterable[LedgerItem], out: TextIO) -> int:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(EXPORT_FIELDS)
+    count = 0
+    async for item in items:
+        record = export_record(item)
+        writer.writerow(["" if record[name] is None else record[name] for name in EXPORT_FIELDS])
+        count += 1
+    return count
+
+
+def check_export_format(fmt: str) -> str:
+    """`fmt` if it is one of EXPORT_FORMATS, else UsageError."""
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"unknown export format {fmt!r} (use {', '.join(EXPORT_FORMATS)})")
+    return fmt
+
+
+async def write_export(items: AsyncIterable[LedgerItem], fmt: str, out: TextIO) -> int:
+    """Stream `items` to `out` as jsonl, csv or json; returns how many were written."""
+    check_export_format(fmt)
+    if fmt == "jsonl":
+        return await _write_jsonl(items, out)
+    if fmt == "json":
+        return await _write_json(items, out)
+    return await _write_csv(items, out)
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """What the metrics file says after a run, refresh or download."""
+
+    job: str
+    command: str
+    items_by_state: Mapping[str, int]
+    bytes_by_state: Mapping[str, int]
+    last_success_timestamp: float | None
+    next_expiry_seconds: float | None
+    failures: int
+    duration_seconds: float
+    finished_at: float
+    exit_code: int
+
+
+def escape_label_value(value: str) -> str:
+    """A label value as the Prometheus text format wants it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _format_value(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    inner = ",".join(f'{key}="{escape_label_value(val)}"' for key, val in labels.items())
+    return "{" + inner + "}"
+
+
+def _gauge(name: str, help_text: str, samples: list[tuple[Mapping[str, str], float]]) -> str:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+    lines += [f"{name}{_labels(labels)} {_format_value(value)}" for labels, value in samples]
+    return "\n".join(lines) + "\n"
+
+
+def render_metrics(s: MetricsSnapshot) -> str:
+    """The snapshot in the Prometheus textfile-collector format; None gauges are left out."""
+    job = {"job": s.job}
+    run = {"job": s.job, "command": s.command}
+    parts = [
+        _gauge(
+            "migrator_items",
+            "Items in the ledger, by state.",
+            [({**job, "state": state}, n) for state, n in sorted(s.items_by_state.items())],
+        ),
+        _gauge(
+            "migrator_bytes",
+            "Bytes of the items in the ledger, by state.",
+            [({**job, "state": state}, n) for state, n in sorted(s.bytes_by_state.items())],
+        ),
+    ]
+    if s.last_success_timestamp is not None:
+        parts.append(
+            _gauge(
+                "migrator_last_success_timestamp_seconds",
+                "When the latest successful upload happened (POSIX seconds).",
+                [(job, s.last_success_timestamp)],
+            )
+        )
+    if s.next_expiry_seconds is not None:
+        parts.append(
+            _gauge(
+                "migrator_next_expiry_seconds",
+                "Seconds until the next uploaded file expires on the service.",
+                [(job, s.next_expiry_seconds)],
+            )
+        )
+    parts += [
+        _gauge("migrator_failures", "Items that failed in the last run.", [(job, s.failures)]),
+        _gauge(
+            "migrator_last_run_duration_seconds",
+            "How long the last run took.",
+            [(run, s.duration_seconds)],
+        ),
+        _gauge(
+            "migrator_last_run_timestamp_seconds",
+            "When the last run finished (POSIX seconds).",
+            [(run, s.finished_at)],
+        ),
+        _gauge(
+            "migrator_last_run_exit_code",
+            "Exit status of the last run.",
+            [(run, s.exit_code)],
+        ),
+    ]
+    return "".join(parts)
