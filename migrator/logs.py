@@ -1,0 +1,359 @@
+"""The logging pipeline: structlog events to a JSON-lines file and to the console.
+
+Design (kept deliberately simple): structlog is configured once with a fixed
+processor chain that ends in one process-wide `_Tee` logger. The tee holds the
+sinks of the latest `configure_logging` call and formats each event once per
+sink, so reconfiguring swaps sinks instead of stacking them, and loggers bound
+before the call follow it. The stdlib `logging` module is not involved.
+
+Per sink, an event goes through: exception formatting (never with local
+variables) -> secret redaction -> the sink's renderer. Redaction therefore sees
+the final text of every traceback.
+
+Sinks:
+
+- the log file (`log_file`): every event at `level` and above, one JSON object a
+  line: `timestamp` (ISO-8601 UTC), `level`, `event`, then the fields; a
+  traceback is a structured `exception` list (structlog's dict tracebacks).
+- the console (`stream`, default stderr), by `console`:
+  - "console": human-readable lines (colours only on a TTY), every event >= level;
+  - "json": the same JSON lines as the file;
+  - "none": nothing;
+  - "auto": "console" when the stream is a TTY; otherwise (cron, CI, a pipe) only
+    warnings and errors, as one `key=value` line each with the exception reduced
+    to its last line, so cron mails stay short and the file keeps the details.
+
+Event names are a stable vocabulary (`run.start`, `upload.attempt`,
+`upload.done`, `upload.failed`, `run.summary`, ...); fields are data.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+import structlog
+from structlog.typing import EventDict, ExcInfo, FilteringBoundLogger, Processor, WrappedLogger
+
+from migrator.errors import ConfigError
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}
+CONSOLE_MODES = ("auto", "console", "json", "none")
+REDACTED = "***"
+SENSITIVE_KEYS = frozenset(
+    {"authorization", "api_key", "apikey", "x_api_key", "token", "access_token", "password"}
+)
+MIN_SECRET_LENGTH = 4
+_FIRST_KEYS = ("timestamp", "level", "event")
+_METHOD_LEVELS = {"exception": "error", "warn": "warning", "fatal": "critical", "msg": "info"}
+
+Format = Callable[[EventDict], str]
+
+
+# -- redaction ----------------------------------------------------------------------------------
+
+
+def redact_secrets(secrets: Sequence[str]) -> Processor:
+    """A processor replacing each secret (length >= 4) by "***" in every string value.
+
+    Walks dicts, lists and tuples; other objects are turned into their text first so
+    a repr cannot carry a secret out. Keys named authorization, api_key, token,
+    password (any case, '-' or '_') are dropped. An `exc_info` still present is
+    rendered to a plain `exception` text (no locals) first, then redacted.
+    """
+    hidden = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+
+    def redact_text(text: str) -> str:
+        for secret in hidden:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def redact_value(value: object) -> object:
+        if isinstance(value, str):
+            return redact_text(value)
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, Mapping):
+            return {
+                redact_text(str(k)): redact_value(v)
+                for k, v in value.items()
+                if not _is_sensitive_key(k)
+            }
+        if isinstance(value, list | tuple | set | frozenset):
+            return [redact_value(v) for v in value]
+        return redact_text(str(value))
+
+    def processor(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        exc_info = event_dict.pop("exc_info", None)
+        resolved = _resolve_exc_info(exc_info)
+        if resolved is not None and "exception" not in event_dict:
+            event_dict["exception"] = _plain_traceback(resolved)
+        for key in list(event_dict):
+            if _is_sensitive_key(key):
+                del event_dict[key]
+            else:
+                event_dict[key] = redact_value(event_dict[key])
+        return event_dict
+
+    return processor
+
+
+def _is_sensitive_key(key: object) -> bool:
+    return isinstance(key, str) and key.lower().replace("-", "_") in SENSITIVE_KEYS
+
+
+# -- exceptions ---------------------------------------------------------------------------------
+
+
+def _resolve_exc_info(exc_info: object) -> ExcInfo | None:
+    if exc_info is None or exc_info is False:
+        return None
+    if isinstance(exc_info, BaseException):
+        return (type(exc_info), exc_info, exc_info.__traceback__)
+    if isinstance(exc_info, tuple) and len(exc_info) == 3 and exc_info[0] is not None:
+        return cast(ExcInfo, exc_info)
+    if exc_info is True:
+        current = sys.exc_info()
+        return cast(ExcInfo, current) if current[0] is not None else None
+    return None
+
+
+def _plain_traceback(exc_info: ExcInfo) -> str:
+    return "".join(traceback.format_exception(*exc_info)).rstrip("\n")
+
+
+def _last_line(exc_info: ExcInfo) -> str:
+    return "".join(traceback.format_exception_only(exc_info[0], exc_info[1])).strip()
+
+
+def _resolve_exc_info_processor(
+    logger: WrappedLogger, method_name: str, event_dict: EventDict
+) -> EventDict:
+    """`exc_info=True` means "the exception being handled": pin it while it still is."""
+    if "exc_info" in event_dict:
+        resolved = _resolve_exc_info(event_dict.pop("exc_info"))
+        if resolved is not None:
+            event_dict["exc_info"] = resolved
+    return event_dict
+
+
+_dict_tracebacks = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
+def _plain_exception(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    resolved = _resolve_exc_info(event_dict.pop("exc_info", None))
+    if resolved is not None:
+        event_dict["exception"] = _plain_traceback(resolved)
+    return event_dict
+
+
+def _short_exception(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    resolved = _resolve_exc_info(event_dict.pop("exc_info", None))
+    if resolved is not None:
+        event_dict["exception"] = _last_line(resolved)
+    return event_dict
+
+
+# -- sinks --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Sink:
+    stream: TextIO
+    min_level: int
+    steps: tuple[Processor, ...]  # exception formatting and redaction
+    render: Format
+
+    def emit(self, method_name: str, event: EventDict) -> None:
+        event_dict: EventDict = dict(event)
+        for step in self.steps:
+            event_dict = cast(EventDict, step(None, method_name, event_dict))
+        self.stream.write(self.render(event_dict) + "\n")
+        self.stream.flush()
+
+
+class _Tee:
+    """The one logger every structlog logger writes to; holds the current sinks."""
+
+    def __init__(self) -> None:
+        self._sinks: tuple[_Sink, ...] = ()
+        self._owned: tuple[TextIO, ...] = ()
+        self._lock = threading.Lock()
+
+    def replace(self, sinks: tuple[_Sink, ...], owned: tuple[TextIO, ...]) -> None:
+        with self._lock:
+            old, self._sinks, self._owned = self._owned, sinks, owned
+        for stream in old:
+            stream.close()
+
+    def dispatch(self, method_name: str, event: EventDict) -> None:
+        level = LEVELS.get(str(event.get("level", "info")), LEVELS["info"])
+        with self._lock:
+            for sink in self._sinks:
+                if level >= sink.min_level:
+                    sink.emit(method_name, event)
+
+    # structlog calls logger.<method>(**event_dict), <method> being the one used.
+    def debug(self, **event: Any) -> None:
+        self.dispatch("debug", event)
+
+    def info(self, **event: Any) -> None:
+        self.dispatch("info", event)
+
+    def msg(self, **event: Any) -> None:
+        self.dispatch("msg", event)
+
+    def warning(self, **event: Any) -> None:
+        self.dispatch("warning", event)
+
+    def warn(self, **event: Any) -> None:
+        self.dispatch("warn", event)
+
+    def error(self, **event: Any) -> None:
+        self.dispatch("error", event)
+
+    def exception(self, **event: Any) -> None:
+        self.dispatch("exception", event)
+
+    def critical(self, **event: Any) -> None:
+        self.dispatch("critical", event)
+
+    def fatal(self, **event: Any) -> None:
+        self.dispatch("fatal", event)
+
+
+_TEE = _Tee()
+
+
+def _tee_factory(*args: Any) -> _Tee:
+    return _TEE
+
+
+def _pass_as_kwargs(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    return event_dict
+
+
+def _add_level(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    event_dict.setdefault("level", _METHOD_LEVELS.get(method_name, method_name))
+    return event_dict
+
+
+# Mutated in place on every configure_logging so loggers bound earlier share it.
+_PROCESSORS: list[Processor] = []
+
+
+# -- renderers ----------------------------------------------------------------------------------
+
+
+def _json_line(event_dict: EventDict) -> str:
+    ordered = {k: event_dict[k] for k in _FIRST_KEYS if k in event_dict}
+    ordered.update((k, v) for k, v in event_dict.items() if k not in ordered)
+    return json.dumps(ordered, ensure_ascii=False, default=str)
+
+
+def _console_renderer(stream: TextIO) -> Format:
+    renderer = structlog.dev.ConsoleRenderer(
+        colors=_is_tty(stream),
+        exception_formatter=structlog.dev.plain_traceback,
+    )
+    return lambda event_dict: str(renderer(None, "", event_dict))
+
+
+def _key_value_line(event_dict: EventDict) -> str:
+    renderer = structlog.processors.LogfmtRenderer(key_order=list(_FIRST_KEYS), drop_missing=True)
+    return str(renderer(None, "", event_dict))
+
+
+def _is_tty(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:  # a closed stream
+        return False
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def configure_logging(
+    *,
+    log_file: Path | None,
+    console: str = "auto",
+    secrets: Sequence[str] = (),
+    level: str = "info",
+    stream: TextIO | None = None,
+) -> None:
+    """Send every event to `log_file` (JSON lines) and to `stream` per `console`.
+
+    Safe to call again: the previous sinks are replaced (and the previous log file
+    closed), never added to. Raises ConfigError for an unknown level or console
+    mode, or a log file that cannot be opened.
+    """
+    min_level = _level_number(level)
+    if console not in CONSOLE_MODES:
+        raise ConfigError(f"unknown console log mode {console!r} (use {', '.join(CONSOLE_MODES)})")
+    redact = redact_secrets(secrets)
+    sinks: list[_Sink] = []
+    owned: list[TextIO] = []
+    if log_file is not None:
+        handle = _open_log_file(log_file)
+        owned.append(handle)
+        sinks.append(_Sink(handle, min_level, (_dict_tracebacks, redact), _json_line))
+    console_sink = _console_sink(console, stream or sys.stderr, min_level, redact)
+    if console_sink is not None:
+        sinks.append(console_sink)
+    _PROCESSORS[:] = [
+        structlog.contextvars.merge_contextvars,
+        _add_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _resolve_exc_info_processor,
+        _pass_as_kwargs,
+    ]
+    structlog.configure(
+        processors=_PROCESSORS,
+        logger_factory=_tee_factory,
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS["debug"]),
+        cache_logger_on_first_use=False,
+    )
+    _TEE.replace(tuple(sinks), tuple(owned))
+
+
+def get_logger(name: str = "migrator") -> FilteringBoundLogger:
+    """A structlog logger; events carry `logger=<name>` unless the name is the default."""
+    logger = cast(FilteringBoundLogger, structlog.get_logger(name))
+    return logger if name == "migrator" else logger.bind(logger=name)
+
+
+def _console_sink(console: str, stream: TextIO, min_level: int, redact: Processor) -> _Sink | None:
+    if console == "none":
+        return None
+    if console == "json":
+        return _Sink(stream, min_level, (_dict_tracebacks, redact), _json_line)
+    if console == "console" or _is_tty(stream):
+        return _Sink(stream, min_level, (_plain_exception, redact), _console_renderer(stream))
+    quiet = max(min_level, LEVELS["warning"])
+    return _Sink(stream, quiet, (_short_exception, redact), _key_value_line)
+
+
+def _level_number(level: str) -> int:
+    number = LEVELS.get(level.strip().lower())
+    if number is None:
+        names = ", ".join(k for k in LEVELS if k != "warn")
+        raise ConfigError(f"unknown log level {level!r} (use {names})")
+    return number
+
+
+def _open_log_file(path: Path) -> TextIO:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot write the log file {path}: {err.strerror or err}") from None

@@ -1,0 +1,311 @@
+"""The logging pipeline: JSON lines to a file, a console view, and secrets kept out of both."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from migrator.errors import ConfigError, RetryableError
+from migrator.logs import configure_logging, get_logger, redact_secrets
+
+SECRET = "kie-SECRET-7d3f9a1b"
+
+
+class Terminal(io.StringIO):
+    """A console stream that says it is a TTY."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def reset_logging() -> Iterator[None]:
+    yield
+    configure_logging(log_file=None, console="none")
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Path:
+    return tmp_path / "logs" / "run.jsonl"
+
+
+def lines_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def fail_with_secret() -> None:
+    url = "https://example.test/upload"
+    raise RetryableError(f"cannot reach {url} with Bearer {SECRET}")
+
+
+def log_everything_sensitive() -> None:
+    log = get_logger()
+    log.info("run.start", api_key=SECRET, header=f"Bearer {SECRET}")
+    log.info("upload.attempt", request={"Authorization": f"Bearer {SECRET}", "url": "x"})
+    log.warning("upload.failed", nested={"list": [f"a {SECRET} b", ("t", SECRET)]})
+    log.warning("upload.failed", error=RetryableError(f"key {SECRET} refused"))
+    try:
+        fail_with_secret()
+    except RetryableError:
+        log.exception("upload.failed", item="a.png")
+    try:
+        fail_with_secret()
+    except RetryableError as err:
+        log.error("upload.failed", exc_info=err)
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+
+def test_file_gets_one_json_object_per_line(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    log = get_logger()
+    log.info("run.start", run_id=7, items=3)
+    log.info("upload.done", file_name="a.png", size=10)
+    assert [line["event"] for line in lines_of(log_file)] == ["run.start", "upload.done"]
+
+
+def test_file_lines_carry_timestamp_level_event_and_fields(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    get_logger().warning("upload.failed", file_name="a.png", attempt=2)
+    (line,) = lines_of(log_file)
+    assert list(line)[:3] == ["timestamp", "level", "event"]
+    assert (line["level"], line["event"]) == ("warning", "upload.failed")
+    assert (line["file_name"], line["attempt"]) == ("a.png", 2)
+    moment = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+    assert moment.utcoffset() == UTC.utcoffset(None)
+
+
+def test_file_gets_info_even_when_the_console_shows_only_warnings(log_file: Path) -> None:
+    console = io.StringIO()
+    configure_logging(log_file=log_file, console="auto", stream=console)
+    get_logger().info("upload.done")
+    assert [line["event"] for line in lines_of(log_file)] == ["upload.done"]
+    assert console.getvalue() == ""
+
+
+def test_events_below_the_level_are_dropped(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none", level="warning")
+    get_logger().info("upload.attempt")
+    get_logger().debug("upload.chunk")
+    get_logger().error("run.failed")
+    assert [line["event"] for line in lines_of(log_file)] == ["run.failed"]
+
+
+def test_debug_level_lets_debug_events_through(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none", level="debug")
+    get_logger().debug("upload.chunk", bytes=10)
+    assert lines_of(log_file)[0]["event"] == "upload.chunk"
+
+
+def test_file_traceback_is_structured_and_has_no_locals(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+
+    def fails() -> None:
+        local_value = "a-local-that-must-not-be-logged"
+        raise ValueError("boom " + local_value[:0])
+
+    try:
+        fails()
+    except ValueError:
+        get_logger().exception("upload.failed")
+    (line,) = lines_of(log_file)
+    assert line["level"] == "error"
+    assert line["exception"][0]["exc_type"] == "ValueError"
+    assert "a-local-that-must-not-be-logged" not in log_file.read_text(encoding="utf-8")
+
+
+def test_named_logger_adds_its_name(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    get_logger("migrator.runner").info("run.start")
+    assert lines_of(log_file)[0]["logger"] == "migrator.runner"
+
+
+def test_the_log_file_is_appended_to(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    get_logger().info("run.start")
+    configure_logging(log_file=log_file, console="none")
+    get_logger().info("run.start")
+    assert len(lines_of(log_file)) == 2
+
+
+# -- the console --------------------------------------------------------------------------------
+
+
+def test_auto_console_off_a_tty_shows_warnings_as_key_value_lines() -> None:
+    console = io.StringIO()
+    configure_logging(log_file=None, console="auto", stream=console)
+    get_logger().info("upload.done")
+    get_logger().warning("upload.failed", file_name="a b.png")
+    (line,) = console.getvalue().splitlines()
+    assert "level=warning event=upload.failed" in line
+    assert 'file_name="a b.png"' in line
+
+
+def test_auto_console_off_a_tty_shows_only_the_last_line_of_an_exception() -> None:
+    console = io.StringIO()
+    configure_logging(log_file=None, console="auto", stream=console)
+    try:
+        raise ValueError("disk full")
+    except ValueError:
+        get_logger().exception("run.failed")
+    (line,) = console.getvalue().splitlines()
+    assert 'exception="ValueError: disk full"' in line
+
+
+def test_auto_console_on_a_tty_is_human_readable_from_info_up() -> None:
+    console = Terminal()
+    configure_logging(log_file=None, console="auto", stream=console)
+    get_logger().info("upload.done", file_name="a.png")
+    text = console.getvalue()
+    assert "upload.done" in text
+    assert "a.png" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_console_mode_shows_info_even_off_a_tty() -> None:
+    console = io.StringIO()
+    configure_logging(log_file=None, console="console", stream=console)
+    get_logger().info("run.summary", done=3)
+    assert "run.summary" in console.getvalue()
+
+
+def test_json_console_writes_json_lines() -> None:
+    console = io.StringIO()
+    configure_logging(log_file=None, console="json", stream=console)
+    get_logger().info("run.summary", done=3)
+    (line,) = console.getvalue().splitlines()
+    assert json.loads(line)["done"] == 3
+
+
+def test_none_console_writes_nothing() -> None:
+    console = Terminal()
+    configure_logging(log_file=None, console="none", stream=console)
+    get_logger().error("run.failed")
+    assert console.getvalue() == ""
+
+
+# -- secrets --------------------------------------------------------------------------------------
+
+
+def test_a_secret_never_reaches_the_file(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none", secrets=[SECRET])
+    log_everything_sensitive()
+    text = log_file.read_text(encoding="utf-8")
+    assert SECRET not in text
+    assert "***" in text
+    assert len(lines_of(log_file)) == 6
+
+
+@pytest.mark.parametrize("stream", [io.StringIO, Terminal])
+@pytest.mark.parametrize("mode", ["auto", "console", "json"])
+def test_a_secret_never_reaches_the_console(mode: str, stream: type[io.StringIO]) -> None:
+    console = stream()
+    configure_logging(log_file=None, console=mode, secrets=[SECRET], stream=console)
+    log_everything_sensitive()
+    assert SECRET not in console.getvalue()
+    assert "***" in console.getvalue()
+
+
+def test_the_traceback_in_the_file_is_kept_apart_from_the_secret(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none", secrets=[SECRET])
+    try:
+        fail_with_secret()
+    except RetryableError:
+        get_logger().exception("upload.failed")
+    (line,) = lines_of(log_file)
+    assert line["exception"][0]["exc_value"].endswith("with Bearer ***")
+
+
+def test_sensitive_keys_are_dropped_at_any_depth(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    get_logger().info("upload.attempt", token="t0k3n", headers={"Authorization": "Bearer x"})
+    (line,) = lines_of(log_file)
+    assert "token" not in line
+    assert line["headers"] == {}
+
+
+def test_configuring_twice_does_not_duplicate_lines(log_file: Path) -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging(log_file=log_file, console="json", stream=first)
+    configure_logging(log_file=log_file, console="json", stream=second)
+    get_logger().info("run.start")
+    assert len(lines_of(log_file)) == 1
+    assert first.getvalue() == ""
+    assert len(second.getvalue().splitlines()) == 1
+
+
+def test_a_logger_bound_before_reconfiguring_follows_the_new_setup(log_file: Path) -> None:
+    configure_logging(log_file=None, console="none")
+    bound = get_logger().bind(run_id=1)
+    configure_logging(log_file=log_file, console="none", secrets=[SECRET])
+    bound.info("run.start", note=SECRET)
+    (line,) = lines_of(log_file)
+    assert (line["run_id"], line["note"]) == (1, "***")
+
+
+# -- redact_secrets on its own ---------------------------------------------------------------------
+
+
+def redact(event: dict[str, Any], secrets: list[str]) -> dict[str, Any]:
+    result = redact_secrets(secrets)(None, "info", event)
+    assert isinstance(result, dict)
+    return result
+
+
+def test_redaction_reaches_nested_values() -> None:
+    event = {"event": "x", "a": {"b": [f"1{SECRET}2", {"c": (SECRET,)}]}}
+    assert redact(event, [SECRET]) == {"event": "x", "a": {"b": ["1***2", {"c": ["***"]}]}}
+
+
+def test_redaction_turns_other_objects_into_redacted_text() -> None:
+    assert redact({"p": Path(f"/keys/{SECRET}")}, [SECRET]) == {"p": "/keys/***"}
+
+
+def test_redaction_renders_a_raw_exception_to_redacted_text() -> None:
+    event = {"event": "x", "exc_info": ValueError(f"bad {SECRET}")}
+    result = redact(event, [SECRET])
+    assert "exc_info" not in result
+    assert result["exception"].endswith("ValueError: bad ***")
+
+
+@pytest.mark.parametrize("key", ["authorization", "Authorization", "api_key", "API-KEY", "token"])
+def test_redaction_drops_sensitive_keys(key: str) -> None:
+    assert redact({"event": "x", key: "anything", "password": "p"}, []) == {"event": "x"}
+
+
+def test_secrets_shorter_than_four_characters_are_not_redacted() -> None:
+    assert redact({"event": "abc"}, ["abc"]) == {"event": "abc"}
+
+
+def test_a_longer_secret_containing_a_shorter_one_is_redacted_whole() -> None:
+    assert redact({"v": "xx-abcd-1234-yy"}, ["abcd", "abcd-1234"]) == {"v": "xx-***-yy"}
+
+
+# -- configuration errors ----------------------------------------------------------------------
+
+
+def test_unknown_level_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown log level 'loud'"):
+        configure_logging(log_file=None, level="loud")
+
+
+def test_unknown_console_mode_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown console log mode"):
+        configure_logging(log_file=None, console="fancy")
+
+
+def test_unwritable_log_file_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot write the log file"):
+        configure_logging(log_file=blocker / "run.jsonl", console="none")
