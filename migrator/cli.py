@@ -1,0 +1,487 @@
+"""The command line: parses arguments, calls the library, prints, and maps errors to exit codes.
+
+Nothing here decides anything about migrations; every command is a thin call into
+the library so that it can be used from Python just the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from migrator import __version__
+from migrator.connect import read_api_key
+from migrator.errors import ConfigError, ExitCode, MigratorError, UsageError
+from migrator.ledger import Ledger
+from migrator.lifecycle import LifecycleOptions, LifecycleSummary, download, refresh
+from migrator.logs import configure_logging
+from migrator.manifest import load_manifest
+from migrator.model import Manifest, PlanItem
+from migrator.outputs import EXPORT_FORMATS, write_export
+from migrator.plan import check_plan
+from migrator.progress import BarProgress, LineProgress
+from migrator.report import build_status, export_to
+from migrator.resume import Decision
+from migrator.runner import PlanTotals, RunOptions, RunSummary, preview, run_manifest
+from migrator.units import format_duration, format_size, parse_duration
+from migrator.views import print_status
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="migrator",
+        description="Batch migration job runner for the kie.ai File Upload API.",
+    )
+    parser.add_argument("--version", action="version", version=f"migrator {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_command(commands)
+    _add_plan_command(commands)
+    _add_status_command(commands)
+    _add_export_command(commands)
+    _add_refresh_command(commands)
+    _add_download_command(commands)
+    _add_emulator_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except MigratorError as err:
+        print(f"migrator: {err}", file=sys.stderr)
+        return int(err.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.INTERRUPTED_INT)
+
+
+# -- shared pieces -------------------------------------------------------------------------
+
+
+def _add_manifest_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("manifest", type=Path, help="the job's YAML manifest")
+    sub.add_argument(
+        "--ledger",
+        type=Path,
+        default=None,
+        help="ledger file (default: $MIGRATOR_LEDGER_DIR/NAME.sqlite, else the manifest's "
+        "`ledger:`, else .migrator/NAME.sqlite beside the manifest)",
+    )
+
+
+def _add_logging_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default=None,
+        help="console output: human-readable or JSON lines (default: console on a terminal, "
+        "warnings only otherwise)",
+    )
+    sub.add_argument(
+        "--log-file",
+        type=Path,
+        default=None,
+        help="JSON-lines log of every event (default: NAME.log beside the ledger)",
+    )
+    sub.add_argument(
+        "--metrics-file",
+        type=Path,
+        default=None,
+        help="also write a Prometheus textfile-collector file here (as outputs.metrics does)",
+    )
+
+
+def _load(args: argparse.Namespace) -> Manifest:
+    return load_manifest(args.manifest, ledger_override=args.ledger)
+
+
+def _setup_logging(args: argparse.Namespace, manifest: Manifest, secrets: list[str]) -> None:
+    log_file = args.log_file or manifest.ledger.with_suffix(".log")
+    console = args.log_format or "auto"
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the log folder {log_file.parent}: {err.strerror}"
+        ) from None
+    configure_logging(log_file=log_file, console=console, secrets=secrets)
+
+
+def _key_secrets(manifest: Manifest) -> list[str]:
+    """Values the redaction processor must never let out."""
+    if manifest.target.is_embedded:
+        return []
+    try:
+        return [read_api_key(manifest.target)]
+    except ConfigError:
+        return []
+
+
+def _stdout_console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+# -- run -----------------------------------------------------------------------------------
+
+
+def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser(
+        "run", help="upload every item of the manifest that is not already done"
+    )
+    _add_manifest_args(sub)
+    sub.add_argument("--concurrency", type=int, default=None, help="workers (default: manifest)")
+    sub.add_argument("--dry-run", action="store_true", help="plan and decide; upload nothing")
+    sub.add_argument(
+        "--checksum", action="store_true", help="compare sha256 of local files, not size and mtime"
+    )
+    sub.add_argument(
+        "--grace", type=float, default=30.0, help="seconds in-flight uploads get after a signal"
+    )
+    sub.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    _add_logging_args(sub)
+    sub.set_defaults(handler=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.concurrency is not None and not 1 <= args.concurrency <= 256:
+        raise UsageError("--concurrency: must be between 1 and 256")
+    manifest = _load(args)
+    _setup_logging(args, manifest, _key_secrets(manifest))
+    options = RunOptions(
+        concurrency=args.concurrency,
+        dry_run=args.dry_run,
+        checksum=args.checksum,
+        grace_period=args.grace,
+        handle_signals=True,
+        metrics_file=args.metrics_file,
+    )
+    summary = _run_with_progress(manifest, options, quiet=args.no_progress)
+    _print_run_summary(summary)
+    if summary.message:
+        print(f"migrator: {summary.message}", file=sys.stderr)
+    return int(summary.exit_code)
+
+
+def _run_with_progress(manifest: Manifest, options: RunOptions, *, quiet: bool) -> RunSummary:
+    if quiet:
+        return asyncio.run(run_manifest(manifest, options))
+    if sys.stderr.isatty():
+        with BarProgress(Console(stderr=True)) as bar:
+            return asyncio.run(run_manifest(manifest, options, bar))
+    return asyncio.run(run_manifest(manifest, options, LineProgress(sys.stderr)))
+
+
+def _print_run_summary(summary: RunSummary) -> None:
+    counts = summary.counts
+    rate = counts.bytes_sent / summary.duration if summary.duration > 0 else 0.0
+    if summary.dry_run:
+        would = ", ".join(f"{n} {d}" for d, n in sorted(counts.would_upload.items())) or "nothing"
+        print(f"dry run: {counts.planned} items, would upload: {would}; {counts.skipped} skipped")
+        return
+    print(
+        f"run: {counts.uploaded} uploaded, {counts.skipped} skipped, {counts.failed} failed, "
+        f"{counts.interrupted} interrupted; {format_size(counts.bytes_sent)} in "
+        f"{format_duration(summary.duration)} ({format_size(rate)}/s)"
+    )
+
+
+# -- plan ----------------------------------------------------------------------------------
+
+
+def _add_plan_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser("plan", help="validate the manifest and show what a run would do")
+    _add_manifest_args(sub)
+    sub.add_argument("--format", choices=("table", "json"), default="table")
+    sub.add_argument("--checksum", action="store_true", help="as `run --checksum` would decide")
+    sub.set_defaults(handler=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    asyncio.run(_plan(manifest, args.format, args.checksum))
+    return int(ExitCode.OK)
+
+
+async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
+    await asyncio.to_thread(check_plan, manifest)
+    totals = PlanTotals()
+    printer = _PlanJsonPrinter() if fmt == "json" else _PlanTablePrinter(_stdout_console())
+    async for item, decision, _row in preview(manifest, checksum=checksum):
+        totals.add(item, decision)
+        printer.item(item, decision)
+    printer.totals(totals)
+
+
+class _PlanTablePrinter:
+    """Rows are printed as they come (a million-item plan must not be held in memory)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.console.print(
+            f"[bold]{'method':<7} {'size':>10}  {'ledger':<9} target <- source[/bold]"
+        )
+
+    def item(self, item: PlanItem, decision: Decision) -> None:
+        self.console.print(
+            f"{item.method:<7} {format_size(item.size):>10}  {decision:<9} "
+            f"{item.upload_path}/{item.file_name} <- {item.source}",
+            markup=False,
+        )
+
+    def totals(self, totals: PlanTotals) -> None:
+        table = Table(title="totals", show_edge=False)
+        table.add_column("method")
+        table.add_column("items", justify="right")
+        table.add_column("bytes", justify="right")
+        for method, (count, size) in sorted(totals.by_method.items()):
+            table.add_row(method, str(count), format_size(size))
+        self.console.print(table)
+        ledger = ", ".join(f"{n} {d}" for d, n in sorted(totals.by_decision.items()))
+        self.console.print(f"ledger: {ledger or 'no items'}")
+
+
+class _PlanJsonPrinter:
+    """One JSON document, streamed: {"items": [...], "totals": {...}, "ledger": {...}}."""
+
+    def __init__(self) -> None:
+        self.first = True
+        sys.stdout.write('{"items": [')
+
+    def item(self, item: PlanItem, decision: Decision) -> None:
+        row = {
+            "source": item.source,
+            "kind": item.kind,
+            "upload_path": item.upload_path,
+            "file_name": item.file_name,
+            "size": item.size,
+            "method": item.method,
+            "ledger": decision,
+        }
+        sys.stdout.write(("\n  " if self.first else ",\n  ") + json.dumps(row, ensure_ascii=False))
+        self.first = False
+
+    def totals(self, totals: PlanTotals) -> None:
+        by_method = {m: {"items": n, "bytes": b} for m, (n, b) in totals.by_method.items()}
+        sys.stdout.write(
+            "\n],\n"
+            f'"totals": {json.dumps(by_method)},\n'
+            f'"ledger": {json.dumps(totals.by_decision)}}}\n'
+        )
+
+
+# -- status and export ---------------------------------------------------------------------
+
+
+def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser("status", help="what the ledger holds: states, failures, expiry")
+    _add_manifest_args(sub)
+    sub.add_argument("--format", choices=("table", "json"), default="table")
+    sub.set_defaults(handler=_cmd_status)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    report = asyncio.run(build_status(manifest))
+    if args.format == "json":
+        _print_json(report.as_dict())
+    else:
+        print_status(_stdout_console(), report)
+    return int(ExitCode.OK)
+
+
+def _add_export_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser("export", help="the mapping of every item to its download URL")
+    _add_manifest_args(sub)
+    sub.add_argument("--format", choices=EXPORT_FORMATS, default="jsonl")
+    sub.add_argument("--output", type=Path, default=None, help="file to write (atomically)")
+    sub.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    asyncio.run(_export(manifest, args.format, args.output))
+    return int(ExitCode.OK)
+
+
+async def _export(manifest: Manifest, fmt: str, output: Path | None) -> None:
+    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
+        if output is not None:
+            await export_to(manifest, ledger, fmt, output)
+        else:
+            await write_export(ledger.iter_items(manifest.target.base_url), fmt, sys.stdout)
+
+
+# -- refresh and download ------------------------------------------------------------------
+
+
+def _add_refresh_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser(
+        "refresh", help="re-upload done items that expire soon, to the same names"
+    )
+    _add_manifest_args(sub)
+    sub.add_argument(
+        "--within", default=None, help="refresh what expires within this (default: refresh_within)"
+    )
+    sub.add_argument("--concurrency", type=int, default=None, help="workers (default: manifest)")
+    _add_logging_args(sub)
+    sub.set_defaults(handler=_cmd_refresh)
+
+
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    _setup_logging(args, manifest, _key_secrets(manifest))
+    summary = asyncio.run(refresh(manifest, _lifecycle_options(args)))
+    return _report_lifecycle(summary)
+
+
+def _add_download_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser(
+        "download", help="download every live item to DEST/<uploadPath>/<fileName>"
+    )
+    _add_manifest_args(sub)
+    sub.add_argument("--dest", type=Path, required=True, help="folder to download into")
+    sub.add_argument("--within", default=None, help="only items that expire within this")
+    sub.add_argument("--only-remote", action="store_true", help="only items whose source is a URL")
+    sub.add_argument("--concurrency", type=int, default=None, help="workers (default: manifest)")
+    _add_logging_args(sub)
+    sub.set_defaults(handler=_cmd_download)
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    manifest = _load(args)
+    _setup_logging(args, manifest, _key_secrets(manifest))
+    options = _lifecycle_options(args, only_remote=args.only_remote)
+    summary = asyncio.run(download(manifest, args.dest, options))
+    return _report_lifecycle(summary)
+
+
+def _lifecycle_options(args: argparse.Namespace, *, only_remote: bool = False) -> LifecycleOptions:
+    if args.concurrency is not None and not 1 <= args.concurrency <= 256:
+        raise UsageError("--concurrency: must be between 1 and 256")
+    within = None
+    if args.within is not None:
+        try:
+            within = parse_duration(args.within)
+        except ValueError as err:
+            raise UsageError(f"--within: {err}") from None
+    return LifecycleOptions(
+        within=within,
+        concurrency=args.concurrency,
+        handle_signals=True,
+        metrics_file=args.metrics_file,
+        only_remote=only_remote,
+    )
+
+
+def _report_lifecycle(summary: LifecycleSummary) -> int:
+    done = sorted(summary.counts.items())
+    counts = ", ".join(f"{n} {what}" for what, n in done) or "nothing to do"
+    print(f"{summary.command}: {counts} in {format_duration(summary.duration)}")
+    if summary.message:
+        print(f"migrator: {summary.message}", file=sys.stderr)
+    return int(summary.exit_code)
+
+
+# -- emulator ------------------------------------------------------------------------------
+
+
+def _add_emulator_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser(
+        "emulator",
+        help="serve a local emulator of the File Upload API",
+        description=(
+            "Serve a local emulator of the kie.ai File Upload API. Prints one line, "
+            "'emulator listening on http://HOST:PORT', once it listens (use --port 0 for a "
+            "free port), then runs until SIGINT or SIGTERM."
+        ),
+    )
+    sub.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sub.add_argument("--port", default="8080", help="port to listen on; 0 picks a free one")
+    sub.add_argument(
+        "--data-dir",
+        required=True,
+        help="where uploaded files and their metadata live; reuse it to keep them across restarts",
+    )
+    sub.add_argument(
+        "--api-key",
+        default=None,
+        help="the bearer key clients must send; when omitted, read from $KIE_API_KEY",
+    )
+    sub.add_argument("--ttl", default="72h", help="how long uploads live (default 72h)")
+    sub.add_argument(
+        "--clock-offset",
+        default="0s",
+        help="start the emulator's clock this far ahead of real time (default 0s); "
+        "the clock never moves back, so a larger offset stored in the data dir wins",
+    )
+    sub.add_argument(
+        "--response-shape",
+        default="quickstart",
+        help="'quickstart' (fileId, expiresAt, ...) or 'endpoint' (filePath, uploadedAt, "
+        "no expiresAt); default quickstart",
+    )
+    sub.add_argument(
+        "--url-max", default="100MiB", help="largest file a URL upload may fetch (default 100MiB)"
+    )
+    sub.add_argument(
+        "--url-timeout", default="30s", help="time allowed to fetch a URL upload (default 30s)"
+    )
+    sub.set_defaults(handler=_cmd_emulator)
+
+
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    from pathlib import Path
+
+    from migrator.emulator import RESPONSE_SHAPES, EmulatorConfig, serve
+    from migrator.errors import UsageError
+    from migrator.units import parse_duration, parse_size
+
+    def convert(flag: str, parse: Callable[[str], float], value: str) -> float:
+        try:
+            return parse(value)
+        except ValueError as err:
+            raise UsageError(f"{flag}: {err}") from None
+
+    api_key = args.api_key or os.environ.get("KIE_API_KEY", "")
+    if not api_key.strip():
+        raise UsageError("emulator: no API key; pass --api-key or set KIE_API_KEY")
+    if not args.port.isdigit() or not 0 <= int(args.port) <= 65535:
+        raise UsageError(f"--port: {args.port!r} is not a port number (0-65535)")
+    if args.response_shape not in RESPONSE_SHAPES:
+        raise UsageError(f"--response-shape: must be one of {', '.join(RESPONSE_SHAPES)}")
+    ttl = convert("--ttl", parse_duration, args.ttl)
+    if ttl <= 0:
+        raise UsageError("--ttl: must be more than 0s")
+    url_timeout = convert("--url-timeout", parse_duration, args.url_timeout)
+    if url_timeout <= 0:
+        raise UsageError("--url-timeout: must be more than 0s")
+    config = EmulatorConfig(
+        data_dir=Path(args.data_dir).expanduser().resolve(),
+        api_key=api_key.strip(),
+        host=args.host,
+        port=int(args.port),
+        ttl=ttl,
+        response_shape=args.response_shape,
+        url_fetch_timeout=url_timeout,
+        url_max=int(convert("--url-max", parse_size, args.url_max)),
+        clock_offset=convert("--clock-offset", parse_duration, args.clock_offset),
+    )
+    asyncio.run(serve(config))
+    return int(ExitCode.OK)

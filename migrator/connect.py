@@ -1,0 +1,191 @@
+"""Everything a command needs to talk to the target: the key, the HTTP sessions, the client.
+
+`connect()` is the one place that turns a manifest's `target:` into live objects. For
+`base_url: embedded` it also starts the emulator in-process (data under the ledger's
+folder, on the same loopback port as last time when it is free, so links recorded by
+an earlier run keep working) and a read-only demo origin serving the manifest's folder,
+which `${EMBEDDED_ORIGIN}` in a URL source names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from migrator.client import UploadClient
+from migrator.emulator import Emulator
+from migrator.errors import ConfigError
+from migrator.model import Manifest, Target
+
+EMBEDDED_ORIGIN_VAR = "EMBEDDED_ORIGIN"
+_ORIGIN_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """Live handles for one command; valid inside `connect()`'s context only."""
+
+    target_id: str  # what the ledger keys items by: the manifest's base_url as written
+    base_url: str  # where requests actually go
+    api_key: str
+    client: UploadClient
+    origins: aiohttp.ClientSession  # remote sources, downloads, stream-through
+    url_vars: Mapping[str, str]  # substitutions for URL sources (${EMBEDDED_ORIGIN})
+
+
+def read_api_key(target: Target, environ: Mapping[str, str] | None = None) -> str:
+    """The key from target.api_key_file, or else the environment variable it names."""
+    env = os.environ if environ is None else environ
+    if target.api_key_file is not None:
+        return _read_key_file(target.api_key_file)
+    key = env.get(target.api_key_env, "").strip()
+    if not key:
+        raise ConfigError(
+            f"no API key: set the environment variable {target.api_key_env} "
+            "or target.api_key_file in the manifest"
+        )
+    return key
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        info = path.stat()
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise ConfigError(f"cannot read the API key file {path}: {err.strerror}") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"the API key file {path} is readable by others; run: chmod 600 {path}")
+    if not key:
+        raise ConfigError(f"the API key file {path} is empty")
+    return key
+
+
+def embedded_dir(manifest: Manifest) -> Path:
+    """Where the embedded emulator keeps its files: beside the ledger."""
+    return manifest.ledger.parent / f"{manifest.name}.embedded"
+
+
+@dataclass(frozen=True, slots=True)
+class Origins:
+    """Where remote sources are fetched from; no API key involved."""
+
+    session: aiohttp.ClientSession
+    url_vars: Mapping[str, str]  # substitutions for URL sources (${EMBEDDED_ORIGIN})
+
+
+@contextlib.asynccontextmanager
+async def open_origins(manifest: Manifest, *, concurrency: int) -> AsyncIterator[Origins]:
+    """A session for origins, and for an embedded target the demo origin it names."""
+    async with contextlib.AsyncExitStack() as stack:
+        url_vars: dict[str, str] = {}
+        if manifest.target.is_embedded:
+            url_vars[EMBEDDED_ORIGIN_VAR] = await _start_demo_origin(manifest.base_dir, stack)
+        session = await stack.enter_async_context(_origin_session(concurrency))
+        yield Origins(session, url_vars)
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    manifest: Manifest, *, concurrency: int, environ: Mapping[str, str] | None = None
+) -> AsyncIterator[Connection]:
+    """Open the sessions (and the embedded emulator when asked) for one command."""
+    async with contextlib.AsyncExitStack() as stack:
+        if manifest.target.is_embedded:
+            api_key = secrets.token_urlsafe(24)
+            base_url = await _start_embedded(manifest, api_key, stack)
+        else:
+            api_key = read_api_key(manifest.target, environ)
+            base_url = manifest.target.base_url.rstrip("/")
+        origins = await stack.enter_async_context(open_origins(manifest, concurrency=concurrency))
+        api = await stack.enter_async_context(_api_session(concurrency))
+        yield Connection(
+            target_id=manifest.target.base_url,
+            base_url=base_url,
+            api_key=api_key,
+            client=UploadClient(api, base_url, api_key),
+            origins=origins.session,
+            url_vars=origins.url_vars,
+        )
+
+
+def _api_session(concurrency: int) -> aiohttp.ClientSession:
+    # One connection per worker; API calls get their own per-request timeouts.
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+
+
+def _origin_session(concurrency: int) -> aiohttp.ClientSession:
+    # Separate from the API session: a stream-through holds one origin connection and one
+    # API connection at once, and sharing one pool of N could deadlock N workers.
+    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    return aiohttp.ClientSession(connector=connector, timeout=_ORIGIN_TIMEOUT)
+
+
+async def _start_embedded(
+    manifest: Manifest, api_key: str, stack: contextlib.AsyncExitStack
+) -> str:
+    data_dir = embedded_dir(manifest)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create {data_dir} for the embedded emulator: {err.strerror} "
+            "(move the ledger with --ledger or MIGRATOR_LEDGER_DIR)"
+        ) from None
+    emulator = await _start_emulator(data_dir, api_key)
+    stack.push_async_callback(emulator.stop)
+    return emulator.base_url
+
+
+async def _start_emulator(data_dir: Path, api_key: str) -> Emulator:
+    """Start on the port of the last run when it is free, so its links stay valid."""
+    port_file = data_dir / "port"
+    remembered = _read_port(port_file)
+    emulator = Emulator(data_dir, api_key, port=remembered)
+    try:
+        await emulator.start()
+    except OSError:
+        if remembered == 0:
+            raise
+        emulator = Emulator(data_dir, api_key, port=0)
+        await emulator.start()
+    port = int(emulator.base_url.rsplit(":", 1)[1])
+    if port != remembered:
+        port_file.write_text(f"{port}\n", encoding="utf-8")
+    return emulator
+
+
+def _read_port(port_file: Path) -> int:
+    try:
+        return int(port_file.read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return 0
+
+
+async def _start_demo_origin(folder: Path, stack: contextlib.AsyncExitStack) -> str:
+    """Serve `folder` read-only on loopback: the demo's stand-in for a remote web server."""
+    app = web.Application()
+    app.router.add_static("/", folder, show_index=False, follow_symlinks=False)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return f"http://127.0.0.1:{port}"
+
+
+def resolve_url(template: str, url_vars: Mapping[str, str]) -> str:
+    """Substitute `${NAME}` in a URL source. The ledger keeps the template, so a
+    demo origin on a new port each run does not make every item look changed."""
+    for name, value in url_vars.items():
+        template = template.replace("${" + name + "}", value)
+    return template

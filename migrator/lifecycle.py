@@ -1,0 +1,592 @@
+"""The expiry lifecycle: keep uploads alive (`refresh`) and bring them home (`download`).
+
+Files on the service are deleted after their TTL (3 days). `refresh` re-uploads what
+expires soon to the same uploadPath/fileName, from the best source still there: the
+local file if it is unchanged, else the service's own copy while its link is alive
+(a URL upload: no local bandwidth), else the origin of a URL source. `download`
+pulls every live item to DIR/<uploadPath>/<fileName>, checked and renamed into place.
+Both are driven by the ledger, safe to run unattended, and resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import random
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from migrator.connect import connect, open_origins
+from migrator.errors import (
+    AuthRejectedError,
+    EndpointError,
+    ExitCode,
+    MigratorError,
+    PermanentError,
+    RetryableError,
+    UploadError,
+)
+from migrator.ledger import Ledger
+from migrator.lock import RunLock
+from migrator.logs import get_logger
+from migrator.model import (
+    AttemptRecord,
+    ItemState,
+    ItemUpdate,
+    LedgerItem,
+    Manifest,
+    Method,
+    Settings,
+    SourceKind,
+)
+from migrator.plan import choose_method
+from migrator.pool import WorkPool, stop_on_signals
+from migrator.report import CommandResult, publish_outputs
+from migrator.retry import RetryPolicy, backoff_delay, should_retry
+from migrator.transfer import AttemptReport, Attempts, Interrupted, Send, Sent
+
+log = get_logger("migrator.lifecycle")
+CHUNK = 1024 * 1024
+
+
+class DiskError(MigratorError):
+    """The destination cannot be written (full, read-only, no permission)."""
+
+    exit_code = ExitCode.ITEMS_FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleOptions:
+    within: float | None = None  # refresh: default settings.refresh_within; download: all
+    concurrency: int | None = None
+    grace_period: float = 30.0
+    handle_signals: bool = False
+    seed: int | None = None
+    metrics_file: Path | None = None
+    only_remote: bool = False  # download: only items whose source is a URL
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleSummary:
+    command: str
+    counts: Mapping[str, int]  # e.g. refreshed, lost, failed, skipped, interrupted
+    duration: float
+    message: str | None = None  # why the command stopped early
+    stopped_code: ExitCode | None = None
+
+    @property
+    def exit_code(self) -> ExitCode:
+        if self.stopped_code is not None:
+            return self.stopped_code
+        bad = self.counts.get("failed", 0) + self.counts.get("lost", 0)
+        return ExitCode.ITEMS_FAILED if bad else ExitCode.OK
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.counts,
+            "duration": round(self.duration, 3),
+            "exit_code": int(self.exit_code),
+        }
+
+
+class _Stop(Exception):
+    def __init__(self, code: ExitCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class _Command:
+    """What refresh and download share: the lock, the ledger, the pool, the counts."""
+
+    name: str
+    manifest: Manifest
+    options: LifecycleOptions
+    ledger: Ledger
+    run_id: int
+    pool: WorkPool[LedgerItem] | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    stop: _Stop | None = None
+    summary: LifecycleSummary | None = None
+
+    def count(self, outcome: str) -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    async def sleep(self, delay: float) -> bool:
+        assert self.pool is not None
+        return await self.pool.sleep(delay)
+
+    def signalled(self, signum: signal.Signals) -> None:
+        code = ExitCode.INTERRUPTED_INT if signum == signal.SIGINT else ExitCode.INTERRUPTED_TERM
+        self.stop = self.stop or _Stop(code, f"stopped by {signum.name}")
+        if self.pool is not None:
+            self.pool.request_stop()
+
+
+# -- refresh --------------------------------------------------------------------------------
+
+
+async def refresh(
+    manifest: Manifest,
+    options: LifecycleOptions | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> LifecycleSummary:
+    """Re-upload every done item that expires within `options.within`."""
+    opts = options or LifecycleOptions()
+    within = manifest.settings.refresh_within if opts.within is None else opts.within
+    concurrency = opts.concurrency or manifest.settings.concurrency
+    async with (
+        _session(manifest, "refresh", opts) as command,
+        connect(manifest, concurrency=concurrency, environ=environ) as conn,
+    ):
+        refresher = _Refresher(command, conn, within)
+        await _drive(command, refresher.rows(), refresher.refresh_one)
+    assert command.summary is not None
+    return command.summary
+
+
+def refresh_ways(
+    row: LedgerItem, *, local_unchanged: bool, now: float, settings: Settings
+) -> list[Send]:
+    """Where a refresh can take the bytes from, best first (pure).
+
+    The local file when unchanged; the service's own copy while its link lives (a
+    URL upload, or streamed through this machine above url_max); the origin of a
+    URL source. An expired item with none of these has nothing left: it is lost.
+    """
+    ways: list[Send] = []
+
+    def way(source: str, kind: SourceKind, method: Method) -> Send:
+        return Send(source, kind, method, row.upload_path, row.file_name, row.size)
+
+    if row.kind is SourceKind.FILE and local_unchanged and row.size is not None:
+        ways.append(way(row.source, SourceKind.FILE, _local_method(row.size, settings)))
+    alive = row.expires_at is not None and row.expires_at > now
+    if alive and row.download_url:
+        ways.append(way(row.download_url, SourceKind.URL, _remote_method(row.size, settings)))
+    if row.kind is SourceKind.URL:
+        method = _remote_method(row.size, settings)
+        ways.append(way(row.source, SourceKind.URL, method))
+        if method is Method.URL:
+            ways.append(way(row.source, SourceKind.URL, Method.STREAM))
+    return ways
+
+
+def _local_method(size: int, settings: Settings) -> Method:
+    return choose_method(SourceKind.FILE, size, Method.AUTO, settings)
+
+
+def _remote_method(size: int | None, settings: Settings) -> Method:
+    return choose_method(SourceKind.URL, size, Method.AUTO, settings)
+
+
+def local_unchanged(row: LedgerItem) -> bool:
+    """The local source still has the size and mtime it had when it was uploaded."""
+    try:
+        info = Path(row.source).stat()
+    except OSError:
+        return False
+    return info.st_size == row.size and info.st_mtime_ns == row.mtime_ns
+
+
+class _Refresher:
+    def __init__(self, command: _Command, conn: Any, within: float) -> None:
+        self.command = command
+        self.conn = conn
+        self.deadline = time.time() + within
+        self.rng = random.Random(command.options.seed)
+        self.policy = RetryPolicy(retries=command.manifest.settings.retries)
+
+    async def rows(self) -> AsyncIterator[LedgerItem]:
+        ledger, target = self.command.ledger, self.command.manifest.target.base_url
+        async for row in ledger.iter_items(
+            target, states=[ItemState.DONE], expiring_before=self.deadline
+        ):
+            yield row
+
+    async def refresh_one(self, row: LedgerItem) -> None:
+        now = time.time()
+        unchanged = await asyncio.to_thread(local_unchanged, row)
+        ways = refresh_ways(
+            row, local_unchanged=unchanged, now=now, settings=self.command.manifest.settings
+        )
+        if not ways:
+            self._lost(row, "expired on the service, and no source is left to upload it again")
+            return
+        attempts = Attempts(
+            conn=self.conn,
+            policy=self.policy,
+            rng=self.rng,
+            sleep=self.command.sleep,
+            on_bytes=_ignore_bytes,
+            on_attempt=lambda report: _record_attempt(self.command, row, report),
+        )
+        try:
+            way, sent = await attempts.first_that_works(ways)
+        except (AuthRejectedError, EndpointError) as err:
+            raise _Stop(_stop_code(err), str(err)) from None
+        except Interrupted:
+            self.command.count("interrupted")
+        except UploadError as err:
+            self._failed(row, now, str(err), attempts.made)
+        else:
+            self._refreshed(row, way, sent, attempts.made)
+
+    def _refreshed(self, row: LedgerItem, way: Send, sent: Sent, attempts: int) -> None:
+        receipt = sent.receipt
+        uploaded_at = receipt.uploaded_at or time.time()
+        expires_at = receipt.expires_at or uploaded_at + self.command.manifest.settings.ttl
+        _put(
+            self.command,
+            row,
+            ItemState.DONE,
+            None,
+            attempts_added=attempts,
+            method=way.method,
+            download_url=receipt.download_url,
+            file_id=receipt.file_id,
+            uploaded_at=uploaded_at,
+            expires_at=expires_at,
+            sha256=sent.sha256 if row.sha256 is None else None,
+        )
+        self.command.count("refreshed")
+        log.info("refresh.done", item=row.source, via=way.source, method=way.method)
+
+    def _failed(self, row: LedgerItem, now: float, error: str, attempts: int) -> None:
+        if row.expires_at is not None and row.expires_at <= now:
+            self._lost(row, f"expired, and every source failed: {error}", attempts)
+            return
+        # Still alive: the old link keeps working; the next refresh tries again.
+        _put(self.command, row, ItemState.DONE, error, attempts_added=attempts)
+        self.command.count("failed")
+        log.warning("refresh.failed", item=row.source, error=error)
+
+    def _lost(self, row: LedgerItem, reason: str, attempts: int = 0) -> None:
+        _put(self.command, row, ItemState.LOST, reason, attempts_added=attempts)
+        self.command.count("lost")
+        log.error("refresh.lost", item=row.source, upload_path=row.upload_path, error=reason)
+
+
+def _ignore_bytes(count: int) -> None:
+    """Refresh shows no byte progress; counts come from the ledger."""
+
+
+def _stop_code(err: UploadError) -> ExitCode:
+    return ExitCode.AUTH if isinstance(err, AuthRejectedError) else ExitCode.USAGE
+
+
+def _record_attempt(command: _Command, row: LedgerItem, report: AttemptReport) -> None:
+    error = str(report.error) if report.error is not None else None
+    command.ledger.put_attempt(
+        AttemptRecord(
+            run_id=command.run_id,
+            target=row.target,
+            upload_path=row.upload_path,
+            file_name=row.file_name,
+            method=report.job.method,
+            attempt=report.number,
+            started_at=report.started_at,
+            duration=report.duration,
+            outcome=report.outcome,
+            http_status=report.http_status,
+            bytes_sent=report.bytes_sent,
+            error=error,
+        )
+    )
+    log.info(
+        f"{command.name}.attempt",
+        item=row.source,
+        via=report.job.source,
+        method=report.job.method,
+        attempt=report.number,
+        outcome=report.outcome,
+        http_status=report.http_status,
+        duration=round(report.duration, 3),
+        error=error,
+    )
+
+
+def _put(
+    command: _Command, row: LedgerItem, state: ItemState, error: str | None, **fields: Any
+) -> None:
+    command.ledger.put_item(
+        ItemUpdate(
+            target=row.target,
+            upload_path=row.upload_path,
+            file_name=row.file_name,
+            source=row.source,
+            kind=row.kind,
+            state=state,
+            last_error=error,
+            **fields,
+        )
+    )
+
+
+# -- download -------------------------------------------------------------------------------
+
+
+async def download(
+    manifest: Manifest, dest: Path, options: LifecycleOptions | None = None
+) -> LifecycleSummary:
+    """Download every live item to dest/<uploadPath>/<fileName>; skip what is there."""
+    opts = options or LifecycleOptions()
+    concurrency = opts.concurrency or manifest.settings.concurrency
+    root = dest if dest.is_absolute() else Path.cwd() / dest
+    async with (
+        _session(manifest, "download", opts) as command,
+        _download_session(manifest, concurrency) as session,
+    ):
+        downloader = _Downloader(command, session, root)
+        await _drive(command, downloader.rows(), downloader.download_one)
+    assert command.summary is not None
+    return command.summary
+
+
+def destination_for(root: Path, upload_path: str, file_name: str) -> Path | None:
+    """root/<uploadPath>/<fileName>, or None when the name would leave root (pure)."""
+    parts = [p for p in upload_path.split("/") if p] + [file_name]
+    if any(p in ("", ".", "..") or "\\" in p or "/" in p or "\0" in p for p in parts):
+        return None
+    if upload_path.startswith("/") or Path(file_name).is_absolute():
+        return None
+    path = root.joinpath(*parts)
+    return path if path.is_relative_to(root) else None
+
+
+@contextlib.asynccontextmanager
+async def _download_session(
+    manifest: Manifest, concurrency: int
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """Download links need no key; an embedded target needs its emulator up to serve them."""
+    if manifest.target.is_embedded:
+        async with connect(manifest, concurrency=concurrency) as conn:
+            yield conn.origins
+    else:
+        async with open_origins(manifest, concurrency=concurrency) as origins:
+            yield origins.session
+
+
+class _Downloader:
+    def __init__(self, command: _Command, session: aiohttp.ClientSession, root: Path) -> None:
+        self.command = command
+        self.session = session
+        self.root = root
+        self.rng = random.Random(command.options.seed)
+        self.policy = RetryPolicy(retries=command.manifest.settings.retries)
+        now = time.time()
+        within = command.options.within
+        self.deadline = None if within is None else now + within
+
+    async def rows(self) -> AsyncIterator[LedgerItem]:
+        ledger, target = self.command.ledger, self.command.manifest.target.base_url
+        now = time.time()
+        async for row in ledger.iter_items(
+            target, states=[ItemState.DONE], expiring_before=self.deadline
+        ):
+            if row.expires_at is not None and row.expires_at <= now:
+                continue  # already deleted by the service
+            if self.command.options.only_remote and row.kind is not SourceKind.URL:
+                continue
+            yield row
+
+    async def download_one(self, row: LedgerItem) -> None:
+        path = destination_for(self.root, row.upload_path, row.file_name)
+        if path is None:
+            self._failed(row, f"refused: {row.upload_path}/{row.file_name} would leave {self.root}")
+            return
+        if await asyncio.to_thread(_already_there, path, row):
+            self._record(row, path, None)
+            self.command.count("skipped")
+            return
+        await self._fetch_with_retries(row, path)
+
+    async def _fetch_with_retries(self, row: LedgerItem, path: Path) -> None:
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                digest = await self._fetch(row, path)
+            except UploadError as err:
+                if not should_retry(self.policy, err, tries):
+                    self._failed(row, str(err))
+                    return
+                delay = backoff_delay(self.policy, tries, retry_after=None, rng=self.rng)
+                if not await self.command.sleep(delay):
+                    self.command.count("interrupted")
+                    return
+            else:
+                self._record(row, path, digest if row.sha256 is None else None)
+                self.command.count("downloaded")
+                log.info("download.done", item=row.source, path=str(path))
+                return
+
+    async def _fetch(self, row: LedgerItem, path: Path) -> str:
+        url = row.download_url
+        if not url:
+            raise PermanentError("no download link recorded")
+        try:
+            async with self.session.get(url) as response:
+                _check_download_status(url, response.status)
+                return await _save(response, path, row)
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise RetryableError(f"download of {url} failed: {err or type(err).__name__}") from None
+
+    def _record(self, row: LedgerItem, path: Path, sha256: str | None) -> None:
+        _put(
+            self.command,
+            row,
+            ItemState.DONE,
+            row.last_error,
+            downloaded_path=str(path),
+            downloaded_at=time.time(),
+            sha256=sha256,
+        )
+
+    def _failed(self, row: LedgerItem, error: str) -> None:
+        self.command.count("failed")
+        log.warning("download.failed", item=row.source, error=error)
+
+
+def _check_download_status(url: str, status: int) -> None:
+    if status >= 500 or status in (408, 429):
+        raise RetryableError(f"download of {url} answered HTTP {status}", status=status)
+    if status >= 400:
+        raise PermanentError(f"download of {url} answered HTTP {status}", status=status)
+
+
+def _already_there(path: Path, row: LedgerItem) -> bool:
+    """A file with the recorded hash (or, without one, the recorded size and place)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if row.size is not None and size != row.size:
+        return False
+    if row.sha256:
+        return _sha256_file(path) == row.sha256
+    return row.downloaded_path == str(path)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def _save(response: aiohttp.ClientResponse, path: Path, row: LedgerItem) -> str:
+    """Stream the body to a temporary file beside `path`, check it, rename it into place."""
+    try:
+        fd, temp = await asyncio.to_thread(_temp_beside, path)
+    except OSError as err:
+        raise DiskError(_disk_message(path, err)) from None
+    try:
+        digest, size = await _stream_to(fd, response)
+        _check_body(row, size, digest)
+        temp.replace(path)
+        return digest
+    except OSError as err:
+        raise DiskError(_disk_message(path, err)) from None
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    return fd, Path(temp)
+
+
+async def _stream_to(fd: int, response: aiohttp.ClientResponse) -> tuple[str, int]:
+    """Write the body to `fd`, fsync it; returns its sha256 and size."""
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "wb") as out:
+        async for chunk in response.content.iter_chunked(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            await asyncio.to_thread(out.write, chunk)
+        await asyncio.to_thread(_sync, out)
+    return digest.hexdigest(), size
+
+
+def _sync(out: Any) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _check_body(row: LedgerItem, size: int, sha256: str) -> None:
+    if row.size is not None and size != row.size:
+        raise RetryableError(f"downloaded {size} bytes, expected {row.size}")
+    if row.sha256 and sha256 != row.sha256:
+        raise RetryableError("downloaded bytes do not match the recorded sha256")
+
+
+def _disk_message(path: Path, err: OSError) -> str:
+    if err.errno == errno.ENOSPC:
+        return f"cannot write {path}: the disk is full"
+    return f"cannot write {path}: {err.strerror}"
+
+
+# -- what both commands share ---------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _session(
+    manifest: Manifest, name: str, opts: LifecycleOptions
+) -> AsyncIterator[_Command]:
+    """Lock, ledger, run row; on the way out: finish the run, publish outputs."""
+    started, started_wall = time.monotonic(), time.time()
+    with RunLock(manifest.ledger):
+        async with await Ledger.open(manifest.ledger) as ledger:
+            run_id = await ledger.start_run(name, str(manifest.path))
+            command = _Command(name, manifest, opts, ledger, run_id)
+            log.info(f"{name}.start", job=manifest.name, run_id=run_id)
+            try:
+                yield command
+            finally:
+                summary = command.summary = _summary(command, time.monotonic() - started)
+                status = "stopped" if command.stop else ("failed" if summary.exit_code else "done")
+                await ledger.finish_run(run_id, status, summary.as_dict())
+                log.info(f"{name}.summary", job=manifest.name, run_id=run_id, **summary.as_dict())
+                result = CommandResult(name, started_wall, int(summary.exit_code))
+                await publish_outputs(manifest, ledger, result, metrics_file=opts.metrics_file)
+
+
+async def _drive(
+    command: _Command,
+    rows: AsyncIterator[LedgerItem],
+    handle: Callable[[LedgerItem], Awaitable[None]],
+) -> None:
+    opts = command.options
+    concurrency = opts.concurrency or command.manifest.settings.concurrency
+    command.pool = WorkPool(concurrency, handle, grace_period=opts.grace_period)
+    with stop_on_signals(command.signalled, enabled=opts.handle_signals):
+        try:
+            await command.pool.run(rows)
+        except _Stop as stop:
+            command.stop = stop
+
+
+def _summary(command: _Command, duration: float) -> LifecycleSummary:
+    stop = command.stop
+    return LifecycleSummary(
+        command=command.name,
+        counts=dict(command.counts),
+        duration=duration,
+        message=None if stop is None else str(stop),
+        stopped_code=None if stop is None else stop.code,
+    )

@@ -1,0 +1,153 @@
+"""What the operator sees while a command runs: the CLI's side of the runner's hooks.
+
+On a terminal, a rich progress bar (items, bytes, rate, ETA). Without one (cron,
+systemd, Kubernetes), one plain line every few seconds, in the spirit of rclone's
+`--stats-one-line`: logs are read by people who were not watching.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from migrator.model import PlanItem
+from migrator.runner import Outcome, RunObserver
+from migrator.units import format_duration, format_size
+
+
+@dataclass(slots=True)
+class Tally:
+    """Running totals, from which rate and ETA are derived (pure arithmetic)."""
+
+    started: float
+    items_total: int = 0
+    items_done: int = 0
+    failed: int = 0
+    bytes_sent: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def rate(self, now: float) -> float:
+        elapsed = now - self.started
+        return self.bytes_sent / elapsed if elapsed > 0 else 0.0
+
+    def eta(self, now: float) -> float | None:
+        """Seconds left, from the pace of items so far; None before the first one."""
+        if self.items_done == 0 or self.items_total <= self.items_done:
+            return None
+        per_item = (now - self.started) / self.items_done
+        return per_item * (self.items_total - self.items_done)
+
+    def line(self, now: float) -> str:
+        eta = self.eta(now)
+        return (
+            f"progress: {self.items_done}/{self.items_total} items, {self.failed} failed, "
+            f"{format_size(self.bytes_sent)} sent, {format_size(self.rate(now))}/s"
+            + (f", ETA {format_duration(eta)}" if eta is not None else "")
+        )
+
+
+class _TallyObserver(RunObserver):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.tally = Tally(started=clock())
+
+    def on_totals(self, items: int, local_bytes: int) -> None:
+        self.tally.items_total = items
+
+    def on_bytes(self, count: int) -> None:
+        self.tally.bytes_sent += count
+
+    def on_item_done(self, item: PlanItem, outcome: Outcome, error: str | None) -> None:
+        self.tally.items_done += 1
+        self.tally.failed += outcome is Outcome.FAILED
+        self.tally.outcomes[outcome] = self.tally.outcomes.get(outcome, 0) + 1
+
+
+class LineProgress(_TallyObserver):
+    """One line on `stream` every `interval` seconds, and none when nothing changed."""
+
+    def __init__(self, stream: TextIO, interval: float = 10.0) -> None:
+        super().__init__()
+        self.stream = stream
+        self.interval = interval
+        self._last_print = self.clock()
+        self._last_line = ""
+
+    def on_item_done(self, item: PlanItem, outcome: Outcome, error: str | None) -> None:
+        super().on_item_done(item, outcome, error)
+        self._maybe_print()
+
+    def on_bytes(self, count: int) -> None:
+        super().on_bytes(count)
+        self._maybe_print()
+
+    def _maybe_print(self) -> None:
+        now = self.clock()
+        if now - self._last_print < self.interval:
+            return
+        line = self.tally.line(now)
+        if line != self._last_line:
+            print(line, file=self.stream, flush=True)
+        self._last_print, self._last_line = now, line
+
+
+class BarProgress(_TallyObserver):
+    """A rich progress bar on a terminal; use as a context manager around the run."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[sent]} {task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task: TaskID = self.progress.add_task("items", total=None, sent="", rate="")
+
+    def __enter__(self) -> BarProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._refresh()
+        self.progress.stop()
+
+    def on_totals(self, items: int, local_bytes: int) -> None:
+        super().on_totals(items, local_bytes)
+        self.progress.update(self.task, total=items)
+
+    def on_bytes(self, count: int) -> None:
+        super().on_bytes(count)
+        self._refresh()
+
+    def on_item_done(self, item: PlanItem, outcome: Outcome, error: str | None) -> None:
+        super().on_item_done(item, outcome, error)
+        if outcome is Outcome.FAILED:
+            self.progress.console.print(f"[red]failed[/red] {item.source}: {error}")
+        self._refresh()
+
+    def _refresh(self) -> None:
+        now = self.clock()
+        self.progress.update(
+            self.task,
+            completed=self.tally.items_done,
+            sent=format_size(self.tally.bytes_sent),
+            rate=f"{format_size(self.tally.rate(now))}/s",
+        )

@@ -1,0 +1,67 @@
+"""Whether a planned item needs uploading, given what the ledger holds (pure).
+
+The rule a re-run lives by: an item is skipped when it is done *for this target*,
+its source is unchanged, and its upload does not expire within `refresh_within`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from migrator.model import ItemState, LedgerItem, PlanItem, SourceKind
+
+
+class Decision(StrEnum):
+    NEW = "new"  # the ledger has never seen this target name
+    RETRY = "retry"  # seen, but not done (failed, interrupted, pending)
+    CHANGED = "changed"  # done, but the source is not what was uploaded
+    EXPIRING = "expiring"  # done and unchanged, but expires within refresh_within
+    VERIFY = "verify"  # done by size and mtime; --checksum asks to compare sha256 first
+    UNCHANGED = "unchanged"  # done, unchanged, alive: nothing to do
+
+    @property
+    def needs_upload(self) -> bool:
+        return self not in (Decision.UNCHANGED, Decision.VERIFY)
+
+
+def decide(
+    item: PlanItem,
+    row: LedgerItem | None,
+    *,
+    now: float,
+    refresh_within: float,
+    checksum: bool = False,
+) -> Decision:
+    """Compare one planned item with its ledger row."""
+    if row is None:
+        return Decision.NEW
+    if row.state is not ItemState.DONE:
+        return Decision.RETRY
+    if source_changed(item, row):
+        return Decision.CHANGED
+    if row.expires_at is None or row.expires_at - now <= refresh_within:
+        return Decision.EXPIRING
+    if checksum and item.kind is SourceKind.FILE and row.sha256:
+        return Decision.VERIFY
+    return Decision.UNCHANGED
+
+
+def source_changed(item: PlanItem, row: LedgerItem) -> bool:
+    """True when the bytes at the source may differ from those uploaded."""
+    if item.source != row.source or item.kind is not row.kind:
+        return True
+    if item.kind is SourceKind.FILE:
+        return item.size != row.size or item.mtime_ns != row.mtime_ns
+    return _remote_changed(item, row)
+
+
+def _remote_changed(item: PlanItem, row: LedgerItem) -> bool:
+    # Trust the strongest validator both sides have; an origin that tells nothing
+    # (no ETag, no Last-Modified, no length) is taken as unchanged.
+    if item.etag and row.etag:
+        return item.etag != row.etag
+    if item.last_modified and row.last_modified:
+        return item.last_modified != row.last_modified
+    if item.size is not None and row.size is not None:
+        return item.size != row.size
+    return False
