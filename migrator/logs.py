@@ -233,8 +233,28 @@ class _Tee:
 _TEE = _Tee()
 
 
-def _tee_factory(*args: Any) -> _Tee:
-    return _TEE
+class _NamedTee:
+    """What a logger named `name` writes to: the one tee, with the name attached."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+
+    def __getattr__(self, method_name: str) -> Callable[..., None]:
+        def emit(**event: Any) -> None:
+            _TEE.dispatch(method_name, event)
+
+        return emit
+
+
+def _tee_factory(*args: Any) -> _NamedTee:
+    return _NamedTee(str(args[0]) if args else None)
+
+
+def _add_logger_name(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    name = getattr(logger, "name", None)
+    if name and name != "migrator":
+        event_dict.setdefault("logger", name)
+    return event_dict
 
 
 def _pass_as_kwargs(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
@@ -315,6 +335,7 @@ def configure_logging(
         _add_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _resolve_exc_info_processor,
+        _add_logger_name,
         _pass_as_kwargs,
     ]
     structlog.configure(
@@ -328,8 +349,9 @@ def configure_logging(
 
 def get_logger(name: str = "migrator") -> FilteringBoundLogger:
     """A structlog logger; events carry `logger=<name>` unless the name is the default."""
-    logger = cast(FilteringBoundLogger, structlog.get_logger(name))
-    return logger if name == "migrator" else logger.bind(logger=name)
+    # A lazy proxy: modules create loggers at import time, before configure_logging,
+    # and must follow it (a .bind() here would freeze structlog's default pipeline).
+    return cast(FilteringBoundLogger, structlog.get_logger(name))
 
 
 def _console_sink(console: str, stream: TextIO, min_level: int, redact: Processor) -> _Sink | None:
