@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from migrator.connect import read_api_key
 from migrator.errors import ConfigError, ExitCode, MigratorError, UsageError
 from migrator.ledger import Ledger
 from migrator.lifecycle import LifecycleOptions, LifecycleSummary, download, refresh
-from migrator.logs import configure_logging
+from migrator.logs import configure_logging, get_logger
 from migrator.manifest import load_manifest
 from migrator.model import Manifest, PlanItem
 from migrator.outputs import EXPORT_FORMATS, write_export
@@ -64,6 +65,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(err.exit_code)
     except KeyboardInterrupt:
         return int(ExitCode.INTERRUPTED_INT)
+    except BrokenPipeError:
+        # The reader went away (`migrator export | head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(ExitCode.OK)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"migrator: {err.strerror or err}{where}", file=sys.stderr)
+        return int(ExitCode.IO)
+    except Exception as err:
+        get_logger().exception("internal.error", command=args.command)
+        print(
+            f"migrator: internal error ({type(err).__name__}): {str(err)[:200]}; "
+            "the traceback is in the log file; please report it",
+            file=sys.stderr,
+        )
+        return int(ExitCode.INTERNAL)
 
 
 # -- shared pieces -------------------------------------------------------------------------

@@ -27,9 +27,11 @@ class ExitCode(IntEnum):
     ITEMS_FAILED = 1
     USAGE = 2
     AUTH = 3
+    INTERNAL = 70  # a bug of ours: the traceback is in the log file, not on the screen
+    IO = 74  # the local disk failed us (full, read-only, gone)
+    LOCKED = 75
     INTERRUPTED_INT = 130
     INTERRUPTED_TERM = 143
-    LOCKED = 75
 
 
 class MigratorError(Exception):

@@ -93,7 +93,7 @@ def format_duration(seconds: float | None) -> str:
         return f"{sign}{hours}h {minutes}m"
     if minutes:
         return f"{sign}{minutes}m {secs}s"
-    return f"{sign}{secs}s"
+    return f"{sign}{abs(seconds):.1f}s"
 
 
 def iso_utc(timestamp: float | None) -> str | None:
