@@ -61,6 +61,7 @@ _REMOTE_KINDS = ("url", "url_list")
 _MANY_FILE_KINDS = ("glob", "url_list")
 
 T = TypeVar("T")
+_INVALID = object()  # a scalar already reported as unreadable
 
 
 @dataclass(slots=True)
@@ -100,11 +101,17 @@ class _Reader:
         if not isinstance(node, ScalarNode):
             self.problem(node, where, f"expected a single value, got {_kind(node)}")
             return None
-        return self._constructor.construct_object(node, deep=True)
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError:
+            self.problem(node, where, f"unsupported YAML tag {node.tag!r}")
+            return _INVALID
 
     def string(self, node: Node, where: str, *, secret: bool = False) -> str | None:
         """A non-empty string; `secret`: never echo the value in a message."""
         value = self.scalar(node, where)
+        if value is _INVALID:
+            return None
         if isinstance(value, str) and value.strip():
             return value
         if isinstance(value, str) or (value is None and isinstance(node, ScalarNode)):
@@ -116,6 +123,8 @@ class _Reader:
 
     def integer(self, node: Node, where: str, low: int, high: int) -> int | None:
         value = self.scalar(node, where)
+        if value is _INVALID:
+            return None
         if isinstance(value, bool) or not isinstance(value, int):
             if value is not None or isinstance(node, ScalarNode):
                 self.problem(node, where, f"expected a whole number, got {_describe(value)}")
@@ -127,6 +136,8 @@ class _Reader:
 
     def parsed(self, node: Node, where: str, parse: Callable[[str | int], T]) -> T | None:
         value = self.scalar(node, where)
+        if value is _INVALID:
+            return None
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             if value is not None or isinstance(node, ScalarNode):
                 self.problem(node, where, f"expected a size or duration, got {_describe(value)}")
@@ -265,7 +276,9 @@ def _read_version(reader: _Reader, node: Node | None) -> None:
     if node is None:
         return
     version = reader.scalar(node, "version")
-    if isinstance(node, ScalarNode) and (version != 1 or isinstance(version, bool)):
+    if version is _INVALID or not isinstance(node, ScalarNode):
+        return
+    if version != 1 or isinstance(version, bool):
         reader.problem(node, "version", f"unsupported version {version!r}; this migrator reads 1")
 
 
@@ -533,6 +546,8 @@ def _read_method(reader: _Reader, node: Node | None, where: str, kind: str) -> M
     if node is None:
         return Method.AUTO
     value = reader.scalar(node, where)
+    if value is _INVALID:
+        return Method.AUTO
     try:
         method = Method(value if isinstance(value, str) else repr(value))
     except ValueError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-import unicodedata
 from urllib.parse import unquote, urlsplit
 
 MAX_SEGMENT_BYTES = 255
@@ -20,6 +19,7 @@ _EMBEDDED_ORIGIN_STAND_IN = "http://127.0.0.1:1"
 _VARIABLE_RE = re.compile(r"\$\{([^}]*)\}")
 _WILDCARDS = frozenset("*?[")
 _SAFE_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, exactly
 _EXTENSION_RE = re.compile(r"\.[A-Za-z0-9]{1,16}$")
 
 
@@ -83,7 +83,7 @@ def _check_segment(segment: str, what: str) -> str | None:
         return f"{what} must not contain a {segment!r} segment"
     if "\\" in segment:
         return f"{what} {segment!r} contains a backslash"
-    if any(unicodedata.category(ch) == "Cc" for ch in segment):
+    if _CONTROL_RE.search(segment):
         return f"{what} {segment!r} contains a control character"
     if len(segment.encode()) > MAX_SEGMENT_BYTES:
         return f"{what} segment is longer than {MAX_SEGMENT_BYTES} bytes"

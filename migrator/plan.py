@@ -56,6 +56,7 @@ __all__ = [
     "choose_method",
     "compile_glob",
     "expand",
+    "forced_method_problem",
     "iter_url_list",
     "probe_remote",
     "walk_glob",
