@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import posixpath
 import re
@@ -505,7 +506,7 @@ async def expand(
     """
     variables = dict(url_vars or {})
     batch: list[_Entry] = []
-    for entry in _Expansion(manifest).entries():
+    async for entry in _entries_off_the_loop(manifest):
         if entry.kind is SourceKind.URL:
             batch.append(entry)
             if len(batch) < max(probe_concurrency, 1):
@@ -517,6 +518,15 @@ async def expand(
             yield _plan_item(manifest, entry, RemoteInfo(entry.size))
     for item in await _remote_items(manifest, batch, session, variables, probe_timeout):
         yield item
+
+
+async def _entries_off_the_loop(manifest: Manifest, chunk: int = 512) -> AsyncIterator[_Entry]:
+    """The expansion's entries, walked and stat'ed in a thread a chunk at a time, so a
+    folder of a million files does not stall the uploads sharing the event loop."""
+    entries = _Expansion(manifest).entries()
+    while batch := await asyncio.to_thread(lambda: list(itertools.islice(entries, chunk))):
+        for entry in batch:
+            yield entry
 
 
 async def _remote_items(
