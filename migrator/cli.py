@@ -123,15 +123,20 @@ def _load(args: argparse.Namespace) -> Manifest:
     return load_manifest(args.manifest, ledger_override=args.ledger)
 
 
-def _setup_logging(args: argparse.Namespace, manifest: Manifest, secrets: list[str]) -> None:
-    log_file = args.log_file or manifest.ledger.with_suffix(".log")
+def _setup_logging(
+    args: argparse.Namespace, manifest: Manifest, secrets: list[str], *, default_file: bool = True
+) -> None:
+    """`default_file=False`: no log file unless --log-file names one (a dry run writes nothing)."""
+    default = manifest.ledger.with_suffix(".log") if default_file else None
+    log_file: Path | None = args.log_file or default
     console = args.log_format or "auto"
-    try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(
-            f"cannot create the log folder {log_file.parent}: {err.strerror}"
-        ) from None
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot create the log folder {log_file.parent}: {err.strerror}"
+            ) from None
     configure_logging(log_file=log_file, console=console, secrets=secrets)
 
 
@@ -178,7 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.concurrency is not None and not 1 <= args.concurrency <= 256:
         raise UsageError("--concurrency: must be between 1 and 256")
     manifest = _load(args)
-    _setup_logging(args, manifest, _key_secrets(manifest))
+    _setup_logging(args, manifest, _key_secrets(manifest), default_file=not args.dry_run)
     options = RunOptions(
         concurrency=args.concurrency,
         dry_run=args.dry_run,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -140,7 +141,8 @@ class BarProgress(_TallyObserver):
     def on_item_done(self, item: PlanItem, outcome: Outcome, error: str | None) -> None:
         super().on_item_done(item, outcome, error)
         if outcome is Outcome.FAILED:
-            self.progress.console.print(f"[red]failed[/red] {item.source}: {error}")
+            # Paths and messages are data: "[/draft]" in a file name is not markup.
+            self.progress.console.print(f"[red]failed[/red] {escape(f'{item.source}: {error}')}")
         self._refresh()
 
     def _refresh(self) -> None:

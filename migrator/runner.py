@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from migrator import transfer
-from migrator.connect import Connection, connect, open_origins
+from migrator.connect import Connection, connect, open_origins, read_api_key
 from migrator.errors import (
     AuthRejectedError,
     EndpointError,
     ExitCode,
+    MigratorError,
     UploadError,
 )
 from migrator.ledger import Ledger
@@ -160,6 +161,8 @@ async def run_manifest(
     watcher.on_totals(check.items, check.local_bytes)
     if opts.dry_run:
         return await _dry_run(manifest, opts, watcher)
+    if not manifest.target.is_embedded:
+        read_api_key(manifest.target, environ)  # ConfigError before any write, too
     with RunLock(manifest.ledger):
         async with await Ledger.open(manifest.ledger) as ledger:
             return await _run_with_ledger(manifest, opts, watcher, ledger, environ)
@@ -177,16 +180,22 @@ async def _run_with_ledger(
     log.info("run.start", job=manifest.name, run_id=run_id, concurrency=concurrency)
     started, started_wall = time.monotonic(), time.time()
     job = _Job(manifest, opts, observer, ledger, run_id, concurrency)
+    error: MigratorError | None = None
     try:
         async with connect(manifest, concurrency=concurrency, environ=environ) as conn:
             job.conn = conn
             with stop_on_signals(job.signalled, enabled=opts.handle_signals):
                 await job.run_pool()
+    except MigratorError as err:
+        error = err  # recorded as what it is, not as a clean run
+        raise
     finally:
         summary = job.summary(time.monotonic() - started)
-        await ledger.finish_run(run_id, _run_status(summary), summary.as_dict())
+        status = "error" if error is not None else _run_status(summary)
+        await ledger.finish_run(run_id, status, summary.as_dict())
         log.info("run.summary", job=manifest.name, run_id=run_id, **summary.as_dict())
-        result = CommandResult("run", started_wall, int(summary.exit_code))
+        code = error.exit_code if error is not None else summary.exit_code
+        result = CommandResult("run", started_wall, int(code))
         await publish_outputs(manifest, ledger, result, metrics_file=opts.metrics_file)
     return summary
 
@@ -500,17 +509,36 @@ class _ItemUpload:
             target=self.job.target_id,
             upload_path=item.upload_path,
             file_name=item.file_name,
-            source=item.source,
-            kind=item.kind,
             state=state,
-            mtime_ns=item.mtime_ns,
-            etag=item.etag,
-            last_modified=item.last_modified,
-            method=self.method,
             last_error=error,
             attempts_added=self.attempts.made,
-            **fields,
+            **{**fields, **self._identity(state, uploaded="download_url" in fields)},
         )
+
+    def _identity(self, state: ItemState, *, uploaded: bool) -> dict[str, Any]:
+        """The source the row describes. A done row whose new upload did not happen keeps
+        describing the bytes its link serves: written with the new source's size and
+        mtime, it would make the next run skip a changed file for good."""
+        row = self.row
+        if state is ItemState.DONE and not uploaded and row is not None:
+            return {
+                "source": row.source,
+                "kind": row.kind,
+                "size": row.size,
+                "mtime_ns": row.mtime_ns,
+                "etag": row.etag,
+                "last_modified": row.last_modified,
+                "method": row.method,
+            }
+        item = self.item
+        return {
+            "source": item.source,
+            "kind": item.kind,
+            "mtime_ns": item.mtime_ns,
+            "etag": item.etag,
+            "last_modified": item.last_modified,
+            "method": self.method,
+        }
 
 
 def sha256_of(path: Path) -> str:

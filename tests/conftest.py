@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from migrator.emulator import Emulator
 
@@ -93,3 +95,65 @@ async def emulator_process(tmp_path: Path, api_key: str) -> AsyncIterator[Emulat
         yield emu
     finally:
         await stop_emulator_process(emu)
+
+
+# -- a loopback web origin for URL sources (added for the runner's end-to-end tests) --------
+
+
+@dataclass
+class Origin:
+    """A web server on 127.0.0.1 serving `files` (name -> bytes); others answer 404.
+
+    A name in `slow` sends its headers and first chunk, then stalls until the
+    fixture ends (or `release` is set): a transfer that is reliably in flight.
+    """
+
+    base_url: str
+    files: dict[str, bytes]
+    slow: set[str]
+    release: asyncio.Event
+    gets: list[str]
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+
+async def _origin_handler(origin: Origin, request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    data = origin.files.get(name)
+    if data is None:
+        return web.Response(status=404, text="not here")
+    if request.method == "GET":
+        origin.gets.append(name)
+    if request.method != "GET" or name not in origin.slow:
+        return web.Response(body=data, content_type="application/octet-stream")
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = len(data)
+    await response.prepare(request)
+    await response.write(data[:1024])
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(origin.release.wait(), 60)
+    await response.write(data[1024:])
+    return response
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    """A loopback origin for URL sources; fill `origin.files` before a run."""
+    server = Origin("", {}, set(), asyncio.Event(), [])
+    app = web.Application()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await _origin_handler(server, request)
+
+    app.router.add_get("/{name:.*}", handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield server
+    finally:
+        server.release.set()
+        await runner.cleanup()

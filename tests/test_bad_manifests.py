@@ -118,6 +118,7 @@ CASES: list[tuple[str, str, str, int, str | None]] = [
     ("version-2", HEAD.replace("version: 1", "version: 2") + ONE_SOURCE, "version 2", 1, None),
     ("version-string", HEAD.replace("version: 1", "version: '1'") + ONE_SOURCE, "'1'", 1, None),
     ("missing-version", HEAD.replace("version: 1\n", "") + ONE_SOURCE, "required", 1, "version"),
+    ("custom-tag", HEAD.replace("name: job", "name: !secret job") + ONE_SOURCE, "tag", 2, None),
     ("missing-name", HEAD.replace("name: job\n", "") + ONE_SOURCE, "required", 1, "name"),
     ("bad-name", HEAD.replace("job", "Nightly Job") + ONE_SOURCE, "not a job name", 2, "name"),
     ("name-starts-with-dot", HEAD.replace("job", ".job") + ONE_SOURCE, "not a job name", 2, None),

@@ -1,0 +1,372 @@
+"""`run_manifest` end to end: real files, a loopback origin, the in-process emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from conftest import Origin
+from rich.console import Console
+
+from migrator import cli
+from migrator.emulator import Emulator
+from migrator.errors import ExitCode
+from migrator.ledger import Ledger
+from migrator.manifest import load_manifest
+from migrator.model import ItemState, LedgerItem, Manifest, Method, PlanItem, SourceKind
+from migrator.progress import BarProgress
+from migrator.runner import Outcome, RunOptions, RunSummary, StopReason, run_manifest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def write_manifest(
+    folder: Path, base_url: str, sources: list[dict[str, Any]], **settings: Any
+) -> Path:
+    """A manifest in `folder` uploading to `base_url`, its ledger beside it."""
+    document = {
+        "version": 1,
+        "name": "job",
+        "target": {"base_url": base_url, "upload_path": "mig"},
+        "ledger": "ledger.sqlite",
+        "settings": {"retries": 1, **settings},
+        "sources": sources,
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+def write_file(path: Path, size: int, seed: int = 0) -> bytes:
+    data = bytes((seed + i * 7) % 251 for i in range(size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def load(path: Path) -> Manifest:
+    return load_manifest(path, environ={})
+
+
+async def run(path: Path, api_key: str, **options: Any) -> RunSummary:
+    opts = RunOptions(seed=1, **options)
+    return await run_manifest(load(path), opts, environ={"KIE_API_KEY": api_key})
+
+
+async def ledger_items(path: Path) -> dict[str, LedgerItem]:
+    """The manifest's ledger rows, by file name."""
+    manifest = load(path)
+    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
+        return {item.file_name: item async for item in ledger.iter_items(manifest.target.base_url)}
+
+
+async def export_jsonl(path: Path, out: Path) -> list[dict[str, Any]]:
+    """`migrator export --format jsonl --output OUT`, read back."""
+    args = ["export", str(path), "--format", "jsonl", "--output", str(out)]
+    assert await asyncio.to_thread(cli.main, args) == 0
+    text = await asyncio.to_thread(out.read_text, encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+async def fetch(url: str) -> bytes:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200, url
+        return await response.read()
+
+
+def endpoints_by_name(emulator: Emulator) -> dict[str | None, list[str]]:
+    seen: dict[str | None, list[str]] = {}
+    for request in emulator.requests:
+        seen.setdefault(request.file_name, []).append(request.endpoint)
+    return seen
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Path:
+    folder = tmp_path / "job"
+    folder.mkdir()
+    return folder
+
+
+# -- the whole path -----------------------------------------------------------------------
+
+
+async def test_mixed_manifest_uploads_each_item_by_its_method_and_exports_working_links(
+    job: Path, emulator: Emulator, origin: Origin, api_key: str
+) -> None:
+    sources = {
+        "small.txt": write_file(job / "small.txt", 100),
+        "big.bin": write_file(job / "big.bin", 200 * 1024, seed=1),
+    }
+    origin.files["remote-small.bin"] = sources["remote-small.bin"] = bytes(range(256)) * 40
+    origin.files["remote-large.bin"] = sources["remote-large.bin"] = bytes(300 * 1024)
+    manifest = write_manifest(
+        job,
+        emulator.base_url,
+        [
+            {"path": "./small.txt"},
+            {"path": "./big.bin"},
+            {"url": origin.url("remote-small.bin")},
+            {"url": origin.url("remote-large.bin")},
+        ],
+        base64_max="64KiB",
+        url_max="100KiB",
+    )
+
+    summary = await run(manifest, api_key)
+
+    assert summary.exit_code is ExitCode.OK
+    assert summary.counts.uploaded == 4
+    assert endpoints_by_name(emulator) == {
+        "small.txt": ["base64"],
+        "big.bin": ["stream"],
+        "remote-small.bin": ["url"],
+        "remote-large.bin": ["stream"],
+    }
+    records = await export_jsonl(manifest, job / "export.jsonl")
+    assert sorted(r["file_name"] for r in records) == sorted(sources)
+    for record in records:
+        assert record["status"] == "done"
+        assert await fetch(record["download_url"]) == sources[record["file_name"]]
+
+
+async def test_response_without_expires_at_expires_ttl_after_upload(
+    job: Path, tmp_path: Path, api_key: str
+) -> None:
+    write_file(job / "a.txt", 10)
+    async with Emulator(tmp_path / "emu", api_key, response_shape="endpoint") as emu:
+        manifest = write_manifest(
+            job, emu.base_url, [{"path": "./a.txt"}], ttl="10h", refresh_within="1h"
+        )
+        summary = await run(manifest, api_key)
+
+    assert summary.exit_code is ExitCode.OK
+    item = (await ledger_items(manifest))["a.txt"]
+    assert item.uploaded_at is not None and item.expires_at is not None
+    assert item.expires_at - item.uploaded_at == pytest.approx(10 * 3600, abs=0.01)
+
+
+# -- what a run does not do ---------------------------------------------------------------
+
+
+async def test_dry_run_without_a_ledger_sends_nothing_and_creates_no_ledger(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "a.txt", 10)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}])
+
+    summary = await run(manifest, api_key, dry_run=True)
+
+    assert summary.counts.would_upload == {"new": 1}
+    assert emulator.requests == []
+    assert not (job / "ledger.sqlite").exists()
+
+
+async def test_dry_run_leaves_an_existing_ledger_byte_for_byte_unchanged(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "a.txt", 10)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}])
+    await run(manifest, api_key)
+    write_file(job / "a.txt", 20)  # now the run would upload it again
+    before, requests_before = (job / "ledger.sqlite").read_bytes(), len(emulator.requests)
+
+    summary = await run(manifest, api_key, dry_run=True)
+
+    assert summary.counts.would_upload == {"changed": 1}
+    assert len(emulator.requests) == requests_before
+    assert (job / "ledger.sqlite").read_bytes() == before
+
+
+async def test_rerun_of_a_finished_manifest_sends_no_request(
+    job: Path, emulator: Emulator, origin: Origin, api_key: str
+) -> None:
+    write_file(job / "a.txt", 10)
+    write_file(job / "b.bin", 100 * 1024)
+    origin.files["r.bin"] = b"remote"
+    manifest = write_manifest(
+        job,
+        emulator.base_url,
+        [{"path": "./a.txt"}, {"path": "./b.bin"}, {"url": origin.url("r.bin")}],
+        base64_max="64KiB",
+    )
+    await run(manifest, api_key)
+    sent, fetched = len(emulator.requests), len(origin.gets)
+
+    summary = await run(manifest, api_key)
+
+    assert (summary.exit_code, summary.counts.uploaded, summary.counts.skipped) == (0, 0, 3)
+    assert len(emulator.requests) == sent
+    assert len(origin.gets) == fetched
+
+
+async def test_changed_sources_are_uploaded_again_and_unchanged_ones_are_not(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    for name in ("same.txt", "resized.txt", "touched.txt"):
+        write_file(job / name, 50)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./*.txt"}])
+    await run(manifest, api_key)
+    first = len(emulator.requests)
+    write_file(job / "resized.txt", 60)
+    stat = (job / "touched.txt").stat()
+    os.utime(job / "touched.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+
+    summary = await run(manifest, api_key)
+
+    assert (summary.counts.uploaded, summary.counts.skipped) == (2, 1)
+    assert sorted(r.file_name or "" for r in emulator.requests[first:]) == [
+        "resized.txt",
+        "touched.txt",
+    ]
+    items = await ledger_items(manifest)
+    assert items["resized.txt"].size == 60
+    assert (
+        await fetch(items["resized.txt"].download_url or "") == (job / "resized.txt").read_bytes()
+    )
+
+
+# -- retries and failures -----------------------------------------------------------------
+
+
+async def test_two_503s_with_retry_after_are_retried_and_the_item_is_done_after_3_attempts(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "a.txt", 10)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}], retries=2)
+    emulator.inject_faults(503, 2, retry_after=0)
+
+    summary = await run(manifest, api_key)
+
+    assert summary.exit_code is ExitCode.OK
+    assert [r.status for r in emulator.requests] == [503, 503, 200]
+    item = (await ledger_items(manifest))["a.txt"]
+    assert (item.state, item.attempts) == (ItemState.DONE, 3)
+
+
+async def test_a_400_fails_the_item_at_once_with_the_service_msg_and_exit_1(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "a.txt", 10)
+    write_file(job / "b.txt", 10)
+    manifest = write_manifest(
+        job, emulator.base_url, [{"path": "./a.txt"}, {"path": "./b.txt"}], concurrency=1, retries=2
+    )
+    emulator.inject_faults(400, 1)
+
+    summary = await run(manifest, api_key)
+
+    assert summary.exit_code is ExitCode.ITEMS_FAILED
+    assert (summary.counts.failed, summary.counts.uploaded) == (1, 1)
+    assert len(emulator.requests) == 2
+    failed = [i for i in (await ledger_items(manifest)).values() if i.state is ItemState.FAILED]
+    assert len(failed) == 1
+    assert failed[0].attempts == 1
+    assert failed[0].last_error is not None
+    assert "400" in failed[0].last_error and "bad request" in failed[0].last_error
+
+
+async def test_an_error_code_in_a_200_body_is_retried(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "a.txt", 10)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}], retries=2)
+    emulator.inject_faults(200, 1, body_code=500)
+
+    summary = await run(manifest, api_key)
+
+    assert summary.exit_code is ExitCode.OK
+    item = (await ledger_items(manifest))["a.txt"]
+    assert (item.state, item.attempts) == (ItemState.DONE, 2)
+
+
+async def test_a_url_the_origin_answers_404_fails_naming_the_url_after_the_stream_fallback(
+    job: Path, emulator: Emulator, origin: Origin, api_key: str
+) -> None:
+    url = origin.url("missing.bin")
+    manifest = write_manifest(job, emulator.base_url, [{"url": url}])
+
+    summary = await run(manifest, api_key)
+
+    assert summary.exit_code is ExitCode.ITEMS_FAILED
+    assert [r.endpoint for r in emulator.requests] == ["url"]  # the stream-through never sent
+    item = (await ledger_items(manifest))["missing.bin"]
+    assert item.state is ItemState.FAILED
+    assert item.last_error is not None
+    assert url in item.last_error and "404" in item.last_error
+
+
+async def test_a_dead_origin_fails_the_item_with_a_message_naming_the_url(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    url = f"http://127.0.0.1:{closed_port()}/gone.bin"
+    manifest = write_manifest(job, emulator.base_url, [{"url": url}], retries=0)
+
+    summary = await run(manifest, api_key)
+
+    assert summary.exit_code is ExitCode.ITEMS_FAILED
+    item = (await ledger_items(manifest))["gone.bin"]
+    assert item.state is ItemState.FAILED
+    assert item.last_error is not None and url in item.last_error
+    assert "\n" not in item.last_error
+
+
+async def test_a_rejected_key_stops_the_run_with_exit_3_and_fails_no_item(
+    job: Path, emulator: Emulator
+) -> None:
+    for name in ("a.txt", "b.txt", "c.txt"):
+        write_file(job / name, 10)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./*.txt"}], concurrency=1)
+
+    summary = await run(manifest, "wrong-key-000000")
+
+    assert summary.exit_code is ExitCode.AUTH
+    assert len(emulator.requests) == 1  # the run stops at the first rejection
+    assert all(i.state is not ItemState.FAILED for i in (await ledger_items(manifest)).values())
+
+
+async def test_a_base_url_that_does_not_serve_the_api_stops_the_run_with_exit_2(
+    job: Path, origin: Origin, api_key: str
+) -> None:
+    write_file(job / "a.txt", 10)
+    manifest = write_manifest(job, origin.base_url, [{"path": "./a.txt"}])
+
+    summary = await run(manifest, api_key)
+
+    assert summary.exit_code is ExitCode.USAGE
+    assert summary.stop_reason is StopReason.ENDPOINT
+    assert (await ledger_items(manifest))["a.txt"].state is ItemState.PENDING
+
+
+def test_the_progress_bar_prints_a_failed_items_path_and_error_literally() -> None:
+    screen = io.StringIO()
+    item = PlanItem(
+        source="/data/notes[/draft] [bold].txt",
+        kind=SourceKind.FILE,
+        upload_path="mig",
+        file_name="notes.txt",
+        size=1,
+        method=Method.BASE64,
+    )
+    with BarProgress(Console(file=screen, width=200)) as bar:
+        bar.on_totals(1, 1)
+        bar.on_item_done(item, Outcome.FAILED, "origin answered [404]")
+
+    assert "failed /data/notes[/draft] [bold].txt: origin answered [404]" in screen.getvalue()
