@@ -390,9 +390,10 @@ class _ItemUpload:
         try:
             way, result = await self.attempts.first_that_works(self._ways())
         except (AuthRejectedError, EndpointError) as err:
-            # Not this item's fault: it keeps what it had, and a new one stays pending.
-            fallback = self.row.state if self.row is not None else ItemState.PENDING
-            self.job.ledger.put_item(self._update(self._kept_state(fallback), str(err)))
+            # Not this item's fault: a known item keeps its row as it was (state and last
+            # error); a new one is recorded as pending, so its attempt has a row to join.
+            if self.row is None:
+                self.job.ledger.put_item(self._update(ItemState.PENDING, str(err)))
             reason = StopReason.AUTH if isinstance(err, AuthRejectedError) else StopReason.ENDPOINT
             raise _StopRun(reason, str(err)) from None
         except Interrupted as err:
