@@ -131,6 +131,17 @@ async def wait_for_requests(emulator: Emulator, count: int, limit: float = 20) -
         await asyncio.sleep(0.005)
 
 
+async def requests_settled(emulator: Emulator, quiet: float = 0.3, limit: float = 10) -> int:
+    """The request count once the in-process emulator has served what the killed run
+    had already sent: the loop was blocked meanwhile, so those arrive late."""
+    deadline = time.monotonic() + limit
+    count = -1
+    while count != len(emulator.requests) and time.monotonic() < deadline:
+        count = len(emulator.requests)
+        await asyncio.sleep(quiet)
+    return count
+
+
 def wait_for_done_items_while_the_service_stalls(ledger: Path, count: int) -> int:
     """Block the event loop (and so the in-process emulator) until the ledger shows
     `count` done items: the run cannot finish meanwhile, but its flusher commits."""
@@ -157,7 +168,7 @@ async def test_a_run_killed_with_sigkill_resumes_and_finishes_with_a_complete_ex
     done_before = done_count(ledger)
     assert 3 <= done_before < 60
 
-    sent = len(emulator.requests)
+    sent = await requests_settled(emulator)
     second = await run_cli(manifest, api_key, "--concurrency", "2", out_dir=job / "run2")
     assert second.code == 0, second.stderr
     assert second.counts() == (60 - done_before, done_before, 0)
