@@ -17,7 +17,6 @@ import hashlib
 import os
 import random
 import signal
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -258,7 +257,9 @@ class _Refresher:
             file_id=receipt.file_id,
             uploaded_at=uploaded_at,
             expires_at=expires_at,
-            sha256=sent.sha256 if row.sha256 is None else None,
+            # What the service holds now: an origin may have changed since the upload.
+            size=receipt.file_size,
+            sha256=sent.sha256,
         )
         self.command.count("refreshed")
         log.info("refresh.done", item=row.source, via=way.source, method=way.method)
@@ -406,11 +407,16 @@ class _Downloader:
         if path is None:
             self._failed(row, f"refused: {row.upload_path}/{row.file_name} would leave {self.root}")
             return
+        await asyncio.to_thread(_remove_stale_temp, path, row.id)
         if await asyncio.to_thread(_already_there, path, row):
-            self._record(row, path, None)
+            if row.downloaded_path != str(path):  # found there, e.g. after a SIGKILL
+                self._record(row, path, None)
             self.command.count("skipped")
             return
-        await self._fetch_with_retries(row, path)
+        try:
+            await self._fetch_with_retries(row, path)
+        except DiskError as err:  # the destination, not the item: no other item would fare better
+            raise _Stop(err.exit_code, str(err)) from None
 
     async def _fetch_with_retries(self, row: LedgerItem, path: Path) -> None:
         tries = 0
@@ -490,7 +496,7 @@ def _sha256_file(path: Path) -> str:
 async def _save(response: aiohttp.ClientResponse, path: Path, row: LedgerItem) -> str:
     """Stream the body to a temporary file beside `path`, check it, rename it into place."""
     try:
-        fd, temp = await asyncio.to_thread(_temp_beside, path)
+        fd, temp = await asyncio.to_thread(_temp_beside, path, row.id)
     except OSError as err:
         raise DiskError(_disk_message(path, err)) from None
     try:
@@ -504,10 +510,27 @@ async def _save(response: aiohttp.ClientResponse, path: Path, row: LedgerItem) -
         temp.unlink(missing_ok=True)
 
 
-def _temp_beside(path: Path) -> tuple[int, Path]:
+def temp_path_for(path: Path, item_id: int) -> Path:
+    """The one temporary name the download of ledger item `item_id` to `path` uses (pure).
+
+    Fixed rather than random, so that what a killed download left behind is found and
+    removed by the next one; the item id keeps two items apart, and the name is cut
+    so that it stays within the 255 bytes a file name may have.
+    """
+    stem = path.name.encode()[:200].decode(errors="ignore")
+    return path.with_name(f".{stem}.{item_id}.part")
+
+
+def _remove_stale_temp(path: Path, item_id: int) -> None:
+    with contextlib.suppress(OSError):
+        temp_path_for(path, item_id).unlink(missing_ok=True)
+
+
+def _temp_beside(path: Path, item_id: int) -> tuple[int, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    return fd, Path(temp)
+    temp = temp_path_for(path, item_id)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(temp, flags, 0o600), temp
 
 
 async def _stream_to(fd: int, response: aiohttp.ClientResponse) -> tuple[str, int]:

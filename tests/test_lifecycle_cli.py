@@ -1,0 +1,272 @@
+"""`migrator refresh` and `migrator download` as subprocesses: exit codes, messages, SIGKILL.
+
+The emulator runs in the test's own event loop, so the child is awaited with asyncio
+(a blocking wait would starve the emulator it talks to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from conftest import migrator_env
+
+from migrator.emulator import Emulator
+from migrator.errors import ExitCode
+from migrator.ledger import Ledger
+from migrator.manifest import load_manifest
+from migrator.model import HOUR, LedgerItem, Manifest
+from migrator.runner import RunOptions, run_manifest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def write_manifest(
+    folder: Path, base_url: str, sources: list[dict[str, Any]], **settings: Any
+) -> Path:
+    document = {
+        "version": 1,
+        "name": "clijob",
+        "target": {"base_url": base_url, "upload_path": "mig"},
+        "ledger": "ledger.sqlite",
+        "settings": {"retries": 1, "base64_max": "4KiB", **settings},
+        "sources": sources,
+    }
+    path = folder / "clijob.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+def write_file(path: Path, size: int, seed: int = 0) -> bytes:
+    data = bytes((seed + i * 31) % 253 for i in range(size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def load(path: Path) -> Manifest:
+    return load_manifest(path, environ={})
+
+
+async def run(path: Path, api_key: str) -> None:
+    summary = await run_manifest(load(path), RunOptions(seed=1), environ={"KIE_API_KEY": api_key})
+    assert summary.exit_code is ExitCode.OK, summary.as_dict()
+
+
+async def rows(path: Path) -> dict[str, LedgerItem]:
+    manifest = load(path)
+    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
+        return {row.file_name: row async for row in ledger.iter_items(manifest.target.base_url)}
+
+
+def child_env(api_key: str) -> dict[str, str]:
+    env = migrator_env()
+    env["KIE_API_KEY"] = api_key
+    env.pop("MIGRATOR_LEDGER_DIR", None)
+    return env
+
+
+async def start(api_key: str, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "migrator",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env(api_key),
+    )
+
+
+async def migrator(api_key: str, *args: str) -> Finished:
+    """`python -m migrator ARGS`, awaited (30 s at most)."""
+    process = await start(api_key, *args)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Finished(process.returncode, stdout.decode(), stderr.decode())
+
+
+def files_below(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()
+    }
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Path:
+    folder = tmp_path / "job"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+async def uploaded(job: Path, emulator: Emulator, api_key: str) -> Path:
+    """Two local files uploaded; returns the manifest's path."""
+    write_file(job / "files" / "one.txt", 500)
+    write_file(job / "files" / "two.bin", 9000, seed=1)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
+    await run(manifest, api_key)
+    return manifest
+
+
+# -- refresh ------------------------------------------------------------------------------
+
+
+async def test_refresh_exits_0_when_every_item_was_refreshed(
+    uploaded: Path, emulator: Emulator, api_key: str
+) -> None:
+    emulator.advance_clock(70 * HOUR)
+
+    done = await migrator(api_key, "refresh", str(uploaded), "--within", "73h")
+
+    assert done.code == 0, done.stderr
+    assert done.stdout.startswith("refresh: 2 refreshed in ")
+
+
+async def test_refresh_exits_0_with_nothing_to_do_inside_the_default_window(
+    uploaded: Path, emulator: Emulator, api_key: str
+) -> None:
+    uploads_before = len(emulator.requests)
+
+    done = await migrator(api_key, "refresh", str(uploaded))
+
+    assert done.code == 0, done.stderr
+    assert done.stdout.startswith("refresh: nothing to do in ")
+    assert emulator.requests[uploads_before:] == []
+
+
+async def test_refresh_exits_1_when_an_expired_item_has_no_source_left(
+    job: Path, tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "emu", api_key, response_shape="endpoint") as emulator:
+        write_file(job / "files" / "gone.txt", 300)
+        # A glob, not `path:`: the manifest loader refuses a `path:` that no longer exists.
+        manifest = write_manifest(
+            job, emulator.base_url, [{"glob": "./files/*"}], ttl="1s", refresh_within="0.5s"
+        )
+        await run(manifest, api_key)
+        (job / "files" / "gone.txt").unlink()
+        emulator.advance_clock(73 * HOUR)
+        expires_at = (await rows(manifest))["gone.txt"].expires_at or 0.0
+        await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.05)
+
+        done = await migrator(api_key, "refresh", str(manifest), "--within", "1h")
+
+    assert done.code == 1, done.stderr
+    assert "1 lost" in done.stdout
+
+
+async def test_refresh_with_a_rejected_key_stops_with_exit_3_and_one_line(
+    uploaded: Path, emulator: Emulator, api_key: str
+) -> None:
+    emulator.advance_clock(70 * HOUR)
+
+    done = await migrator("not-the-key", "refresh", str(uploaded), "--within", "73h")
+
+    assert done.code == 3
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("migrator: ")
+    assert "not-the-key" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("command", ["refresh", "download"])
+async def test_a_bad_within_value_exits_2_with_one_line(
+    uploaded: Path, tmp_path: Path, api_key: str, command: str
+) -> None:
+    extra = ["--dest", str(tmp_path / "dest")] if command == "download" else []
+
+    done = await migrator(api_key, command, str(uploaded), *extra, "--within", "soon")
+
+    assert done.code == 2
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("migrator: --within: ")
+    assert "soon" in done.stderr
+    assert done.stdout == ""
+
+
+# -- download -----------------------------------------------------------------------------
+
+
+async def test_download_exits_0_and_writes_every_file(
+    uploaded: Path, job: Path, tmp_path: Path, api_key: str
+) -> None:
+    done = await migrator(api_key, "download", str(uploaded), "--dest", str(tmp_path / "dest"))
+
+    assert done.code == 0, done.stderr
+    assert done.stdout.startswith("download: 2 downloaded in ")
+    assert files_below(tmp_path / "dest") == {
+        "mig/one.txt": (job / "files" / "one.txt").read_bytes(),
+        "mig/two.bin": (job / "files" / "two.bin").read_bytes(),
+    }
+
+
+async def test_download_exits_1_when_a_link_no_longer_works(
+    uploaded: Path, emulator: Emulator, tmp_path: Path, api_key: str
+) -> None:
+    # Someone else uploads to the same name: the service replaces the file, the old link dies.
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            f"{emulator.base_url}/api/file-base64-upload",
+            json={"base64Data": "aGVsbG8=", "uploadPath": "mig", "fileName": "one.txt"},
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
+        assert response.status == 200
+
+    done = await migrator(api_key, "download", str(uploaded), "--dest", str(tmp_path / "dest"))
+
+    assert done.code == 1
+    assert "1 failed" in done.stdout
+    assert set(files_below(tmp_path / "dest")) == {"mig/two.bin"}
+
+
+async def test_download_resumes_after_sigkill_and_leaves_no_temporary_files(
+    job: Path, emulator: Emulator, tmp_path: Path, api_key: str
+) -> None:
+    sources = {
+        f"mig/batch/f{i:02d}.bin": write_file(job / "batch" / f"f{i:02d}.bin", 96 * 1024, seed=i)
+        for i in range(40)
+    }
+    manifest = write_manifest(
+        job, emulator.base_url, [{"glob": "./batch/*.bin", "upload_path": "batch"}]
+    )
+    await run(manifest, api_key)
+    dest = tmp_path / "dest"
+    args = ["download", str(manifest), "--dest", str(dest), "--concurrency", "2"]
+
+    child = await start(api_key, *args)
+    done_files: list[Path] = []
+    deadline = time.monotonic() + 30
+    while not done_files and child.returncode is None and time.monotonic() < deadline:
+        await asyncio.sleep(0)  # lets the emulator, in this loop, serve a little more
+        done_files = [p for p in dest.rglob("f*.bin")]
+    os.kill(child.pid, signal.SIGKILL)
+    assert await child.wait() == -signal.SIGKILL
+    assert 0 < len(list(dest.rglob("f*.bin"))) < 40, "the kill did not land mid-way"
+
+    again = await migrator(api_key, *args)
+
+    assert again.code == 0, again.stderr
+    assert files_below(dest) == sources
+    assert not list(dest.rglob("*.part"))
