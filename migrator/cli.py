@@ -119,8 +119,14 @@ def _add_logging_args(sub: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> Manifest:
-    return load_manifest(args.manifest, ledger_override=args.ledger)
+def _load(args: argparse.Namespace, *, check_sources: bool = True) -> Manifest:
+    return load_manifest(args.manifest, ledger_override=args.ledger, check_sources=check_sources)
+
+
+def _load_for_ledger_work(args: argparse.Namespace) -> Manifest:
+    """status, export, refresh, download: they work from the ledger, and must work
+    when sources are gone (that is what refresh and download are for)."""
+    return _load(args, check_sources=False)
 
 
 def _setup_logging(
@@ -317,7 +323,7 @@ def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    manifest = _load(args)
+    manifest = _load_for_ledger_work(args)
     report = asyncio.run(build_status(manifest))
     if args.format == "json":
         _print_json(report.as_dict())
@@ -335,7 +341,7 @@ def _add_export_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    manifest = _load(args)
+    manifest = _load_for_ledger_work(args)
     asyncio.run(_export(manifest, args.format, args.output))
     return int(ExitCode.OK)
 
@@ -365,7 +371,7 @@ def _add_refresh_command(commands: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    manifest = _load(args)
+    manifest = _load_for_ledger_work(args)
     _setup_logging(args, manifest, _key_secrets(manifest))
     summary = asyncio.run(refresh(manifest, _lifecycle_options(args)))
     return _report_lifecycle(summary)
@@ -385,7 +391,7 @@ def _add_download_command(commands: argparse._SubParsersAction[argparse.Argument
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    manifest = _load(args)
+    manifest = _load_for_ledger_work(args)
     _setup_logging(args, manifest, _key_secrets(manifest))
     options = _lifecycle_options(args, only_remote=args.only_remote)
     summary = asyncio.run(download(manifest, args.dest, options))

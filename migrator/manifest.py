@@ -70,6 +70,7 @@ class _Reader:
 
     file: str
     base_dir: Path
+    check_sources: bool = True  # False: local sources may be missing
     problems: list[ManifestProblem] = field(default_factory=list)
     _constructor: SafeConstructor = field(default_factory=SafeConstructor)
 
@@ -163,8 +164,13 @@ def load_manifest(
     *,
     ledger_override: Path | None = None,
     environ: Mapping[str, str] | None = None,
+    check_sources: bool = True,
 ) -> Manifest:
     """Read and validate a manifest; raise ManifestError listing every problem found.
+
+    `check_sources=False` accepts local sources that are gone: `refresh`, `download`,
+    `status` and `export` work from the ledger, and a deleted source is exactly the
+    case refresh must handle.
 
     Relative paths in the manifest are relative to its folder. The ledger is, in
     order: `ledger_override` (the CLI's --ledger), `$MIGRATOR_LEDGER_DIR/<name>.sqlite`,
@@ -173,7 +179,7 @@ def load_manifest(
     """
     env = os.environ if environ is None else environ
     manifest_path = _absolute(Path.cwd(), path)
-    reader = _Reader(file=str(path), base_dir=manifest_path.parent)
+    reader = _Reader(file=str(path), base_dir=manifest_path.parent, check_sources=check_sources)
     root = _compose(reader, manifest_path)
     if root is None:
         raise ManifestError(reader.problems)
@@ -572,7 +578,11 @@ def _read_path_source(
     settings: Settings,
 ) -> PathSource | None:
     path = reader.local_path(node, f"{where}.path")
-    if path is None or not _is_regular_file(reader, node, f"{where}.path", path):
+    if path is None:
+        return None
+    if not reader.check_sources:
+        return PathSource(path=path, options=options, line=line)
+    if not _is_regular_file(reader, node, f"{where}.path", path):
         return None
     size = path.stat().st_size
     if options.method is Method.BASE64 and size > BASE64_LIMIT:
@@ -599,7 +609,7 @@ def _read_glob_source(
     if ".." in relative.split("/"):
         reader.problem(node, f"{where}.glob", "'..' may appear only before the first wildcard")
         return None
-    if not root.is_dir():
+    if reader.check_sources and not root.is_dir():
         state = "is not a directory" if root.exists() else "does not exist"
         reader.problem(node, f"{where}.glob", f"the glob's root folder {str(root)!r} {state}")
         return None
@@ -638,7 +648,9 @@ def _read_url_list_source(
     reader: _Reader, node: Node, where: str, options: SourceOptions, line: int
 ) -> UrlListSource | None:
     path = reader.local_path(node, f"{where}.url_list")
-    if path is None or not _is_regular_file(reader, node, f"{where}.url_list", path):
+    if path is None:
+        return None
+    if reader.check_sources and not _is_regular_file(reader, node, f"{where}.url_list", path):
         return None
     return UrlListSource(path=path, options=options, line=line)
 

@@ -61,7 +61,7 @@ def write_file(path: Path, size: int, seed: int = 0) -> bytes:
 
 
 def load(path: Path) -> Manifest:
-    return load_manifest(path, environ={})
+    return load_manifest(path, environ={}, check_sources=False)
 
 
 async def run(path: Path, api_key: str) -> None:
@@ -155,6 +155,26 @@ async def test_refresh_exits_0_with_nothing_to_do_inside_the_default_window(
     assert done.code == 0, done.stderr
     assert done.stdout.startswith("refresh: nothing to do in ")
     assert emulator.requests[uploads_before:] == []
+
+
+async def test_refresh_copies_an_item_whose_path_source_was_deleted_from_the_service(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    data = write_file(job / "report.bin", 3000)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "./report.bin"}])
+    await run(manifest, api_key)
+    old_link = (await rows(manifest))["report.bin"].download_url
+    (job / "report.bin").unlink()
+    emulator.advance_clock(70 * HOUR)
+
+    done = await migrator(api_key, "refresh", str(manifest), "--within", "73h")
+
+    assert done.code == 0, done.stderr
+    assert emulator.requests[-1].endpoint == "url"
+    assert emulator.requests[-1].file_url == old_link
+    async with aiohttp.ClientSession() as session:
+        async with session.get((await rows(manifest))["report.bin"].download_url) as response:
+            assert await response.read() == data
 
 
 async def test_refresh_exits_1_when_an_expired_item_has_no_source_left(
