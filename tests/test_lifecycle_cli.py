@@ -172,9 +172,10 @@ async def test_refresh_copies_an_item_whose_path_source_was_deleted_from_the_ser
     assert done.code == 0, done.stderr
     assert emulator.requests[-1].endpoint == "url"
     assert emulator.requests[-1].file_url == old_link
-    async with aiohttp.ClientSession() as session:
-        async with session.get((await rows(manifest))["report.bin"].download_url) as response:
-            assert await response.read() == data
+    new_link = (await rows(manifest))["report.bin"].download_url
+    assert new_link is not None
+    async with aiohttp.ClientSession() as session, session.get(new_link) as response:
+        assert await response.read() == data
 
 
 async def test_refresh_exits_1_when_an_expired_item_has_no_source_left(
