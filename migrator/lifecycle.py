@@ -175,7 +175,9 @@ def refresh_ways(
     if alive and row.download_url:
         ways.append(way(row.download_url, SourceKind.URL, _remote_method(row.size, settings)))
     if row.kind is SourceKind.URL:
-        method = _remote_method(row.size, settings)
+        # A recorded sha256 must stay true: the origin may have changed, so its bytes
+        # pass through here to be hashed, never copied blind by a URL upload.
+        method = Method.STREAM if row.sha256 else _remote_method(row.size, settings)
         ways.append(way(row.source, SourceKind.URL, method))
         if method is Method.URL:
             ways.append(way(row.source, SourceKind.URL, Method.STREAM))
@@ -244,8 +246,7 @@ class _Refresher:
 
     def _refreshed(self, row: LedgerItem, way: Send, sent: Sent, attempts: int) -> None:
         receipt = sent.receipt
-        uploaded_at = receipt.uploaded_at or time.time()
-        expires_at = receipt.expires_at or uploaded_at + self.command.manifest.settings.ttl
+        uploaded_at, expires_at = sent.lifetime(self.command.manifest.settings.ttl)
         _put(
             self.command,
             row,

@@ -474,8 +474,7 @@ class _ItemUpload:
 
     def _record_done(self, result: transfer.Sent) -> None:
         job, item, receipt = self.job, self.item, result.receipt
-        uploaded_at = receipt.uploaded_at or time.time()
-        expires_at = receipt.expires_at or uploaded_at + job.manifest.settings.ttl
+        uploaded_at, expires_at = result.lifetime(job.manifest.settings.ttl)
         size = item.size if item.size is not None else receipt.file_size
         job.ledger.put_item(
             self._update(

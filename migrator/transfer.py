@@ -13,7 +13,7 @@ import mimetypes
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -49,6 +49,23 @@ class Sent:
     receipt: UploadReceipt
     bytes_sent: int  # bytes this machine sent (0 for a URL upload)
     sha256: str | None  # of the bytes sent, when they passed through here
+    received_at: float = field(default_factory=time.time)  # local time of the answer
+
+    def lifetime(self, ttl: float) -> tuple[float, float]:
+        """(uploaded_at, expires_at); see `upload_lifetime`."""
+        return upload_lifetime(self.receipt, self.received_at, ttl)
+
+
+def upload_lifetime(receipt: UploadReceipt, received_at: float, ttl: float) -> tuple[float, float]:
+    """(uploaded_at, expires_at) of an upload (pure).
+
+    The service's `expiresAt` is trusted when the answer has it, as the docs say; the
+    endpoint pages' shape has none, so it is `uploadedAt`/`uploadTime` (or, without
+    that either, the moment the answer arrived here) plus `ttl`.
+    """
+    uploaded_at = receipt.uploaded_at if receipt.uploaded_at is not None else received_at
+    expires_at = receipt.expires_at if receipt.expires_at is not None else uploaded_at + ttl
+    return uploaded_at, expires_at
 
 
 async def send(conn: Connection, job: Send, on_bytes: Callable[[int], None]) -> Sent:

@@ -1,0 +1,92 @@
+"""Where a refresh takes an item's bytes from, and how long an upload lives (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from migrator.lifecycle import refresh_ways
+from migrator.model import HOUR, ItemState, LedgerItem, Method, Settings, SourceKind, UploadReceipt
+from migrator.transfer import upload_lifetime
+
+NOW = 1_800_000_000.0
+SETTINGS = Settings(base64_max=1024, url_max=10_000)
+
+
+def row(**fields: object) -> LedgerItem:
+    base = LedgerItem(
+        id=1,
+        target="https://service.test",
+        upload_path="up",
+        file_name="a.bin",
+        source="/data/a.bin",
+        kind=SourceKind.FILE,
+        size=500,
+        mtime_ns=1,
+        etag=None,
+        last_modified=None,
+        sha256=None,
+        method=Method.BASE64,
+        state=ItemState.DONE,
+        download_url="https://files.test/up/a.bin",
+        file_id="f1",
+        uploaded_at=NOW - 70 * HOUR,
+        expires_at=NOW + 2 * HOUR,
+        attempts=1,
+        last_error=None,
+    )
+    return replace(base, **fields)  # type: ignore[arg-type]
+
+
+def ways(item: LedgerItem, *, local_unchanged: bool = True) -> list[tuple[str, Method]]:
+    found = refresh_ways(item, local_unchanged=local_unchanged, now=NOW, settings=SETTINGS)
+    return [(way.source, way.method) for way in found]
+
+
+def test_an_unchanged_local_file_comes_first_by_its_size_method() -> None:
+    assert ways(row())[0] == ("/data/a.bin", Method.BASE64)
+
+
+def test_a_changed_local_file_is_never_used() -> None:
+    assert ways(row(), local_unchanged=False) == [("https://files.test/up/a.bin", Method.URL)]
+
+
+def test_a_live_link_is_copied_by_the_service_itself() -> None:
+    assert ("https://files.test/up/a.bin", Method.URL) in ways(row())
+
+
+def test_a_live_link_above_url_max_is_streamed_through() -> None:
+    big = row(size=20_000)
+    assert ways(big, local_unchanged=False) == [("https://files.test/up/a.bin", Method.STREAM)]
+
+
+def test_an_expired_link_is_not_offered() -> None:
+    assert ways(row(expires_at=NOW - 1), local_unchanged=False) == []
+
+
+def test_a_url_source_falls_back_to_its_origin_by_url_then_stream() -> None:
+    remote = row(source="https://origin.test/a.bin", kind=SourceKind.URL, expires_at=NOW - 1)
+    assert ways(remote) == [
+        ("https://origin.test/a.bin", Method.URL),
+        ("https://origin.test/a.bin", Method.STREAM),
+    ]
+
+
+def test_an_origin_with_a_recorded_hash_is_streamed_through_to_be_hashed_again() -> None:
+    remote = row(
+        source="https://origin.test/a.bin", kind=SourceKind.URL, expires_at=NOW - 1, sha256="ab"
+    )
+    assert ways(remote) == [("https://origin.test/a.bin", Method.STREAM)]
+
+
+def test_the_service_expiry_is_trusted_when_the_answer_has_it() -> None:
+    receipt = UploadReceipt("https://f", uploaded_at=NOW - 5, expires_at=NOW + 10 * HOUR)
+    assert upload_lifetime(receipt, NOW, ttl=72 * HOUR) == (NOW - 5, NOW + 10 * HOUR)
+
+
+def test_without_expires_at_the_upload_lives_ttl_from_its_upload_time() -> None:
+    receipt = UploadReceipt("https://f", uploaded_at=NOW - 5)
+    assert upload_lifetime(receipt, NOW, ttl=HOUR) == (NOW - 5, NOW - 5 + HOUR)
+
+
+def test_without_any_time_the_upload_lives_ttl_from_when_the_answer_came() -> None:
+    assert upload_lifetime(UploadReceipt("https://f"), NOW, ttl=HOUR) == (NOW, NOW + HOUR)
