@@ -265,10 +265,10 @@ class _PlanTablePrinter:
         )
 
     def item(self, item: PlanItem, decision: Decision) -> None:
-        self.console.print(
+        # Plain print: rich's rendering costs ~0.1 ms a row, too much for 200,000 rows.
+        print(
             f"{item.method:<7} {format_size(item.size):>10}  {decision:<9} "
-            f"{item.upload_path}/{item.file_name} <- {item.source}",
-            markup=False,
+            f"{item.upload_path}/{item.file_name} <- {item.source}"
         )
 
     def totals(self, totals: PlanTotals) -> None:

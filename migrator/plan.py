@@ -157,7 +157,8 @@ def forced_method_problem(kind: SourceKind, size: int | None, requested: Method)
 
 def _automatic_method(kind: SourceKind, size: int | None, settings: Settings) -> Method:
     if kind is SourceKind.FILE:
-        small = size is not None and size <= settings.base64_max
+        # An empty file goes by stream: an empty base64Data reads as a missing one.
+        small = size is not None and 0 < size <= settings.base64_max
         return Method.BASE64 if small else Method.STREAM
     if size is None or size <= settings.url_max:
         return Method.URL

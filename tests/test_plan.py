@@ -42,6 +42,10 @@ def test_local_file_one_byte_over_base64_max_streams() -> None:
     assert choose_method(FILE, SETTINGS.base64_max + 1, Method.AUTO, SETTINGS) is Method.STREAM
 
 
+def test_an_empty_local_file_streams_since_empty_base64_data_reads_as_missing() -> None:
+    assert choose_method(FILE, 0, Method.AUTO, SETTINGS) is Method.STREAM
+
+
 def test_local_file_of_unknown_size_streams() -> None:
     assert choose_method(FILE, None, Method.AUTO, SETTINGS) is Method.STREAM
 
