@@ -735,6 +735,13 @@ class Ledger:
         )
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 
+    async def downloads(self, target: str | None = None) -> tuple[int, float | None]:
+        """How many items were downloaded, and when the latest one was."""
+        where, params = _where(target, "downloaded_at IS NOT NULL")
+        rows = await self._fetch(f"SELECT COUNT(*), MAX(downloaded_at) FROM items{where}", params)
+        count, latest = rows[0] if rows else (0, None)
+        return int(count), None if latest is None else float(latest)
+
     # -- internals --------------------------------------------------------------------------
 
     def _check_writable(self) -> None:

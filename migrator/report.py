@@ -38,6 +38,8 @@ class StatusReport:
     expiring: tuple[tuple[float, int], ...]  # (horizon seconds, items expiring within it)
     failures: tuple[LedgerItem, ...]
     last_run: RunRow | None
+    downloaded: int = 0  # items with a recorded download
+    last_download: float | None = None
 
     @property
     def total(self) -> int:
@@ -55,6 +57,7 @@ class StatusReport:
             },
             "next_expiry": iso_utc(self.next_expiry),
             "expiring_within": {f"{int(h // HOUR)}h": n for h, n in self.expiring},
+            "downloaded": {"items": self.downloaded, "last_at": iso_utc(self.last_download)},
             "failures": [export_record(item) for item in self.failures],
             "last_run": None if self.last_run is None else _run_dict(self.last_run),
         }
@@ -79,6 +82,7 @@ async def build_status(manifest: Manifest, *, now: float | None = None) -> Statu
         counts = await ledger.state_counts(target)
         histogram = await ledger.expiry_histogram(target, moment, EXPIRY_HORIZONS)
         runs = await ledger.runs(limit=1)
+        downloaded, last_download = await ledger.downloads(target)
         return StatusReport(
             job=manifest.name,
             ledger=manifest.ledger,
@@ -89,6 +93,8 @@ async def build_status(manifest: Manifest, *, now: float | None = None) -> Statu
             expiring=tuple(zip(EXPIRY_HORIZONS, histogram, strict=True)),
             failures=tuple(await ledger.recent_failures(target, limit=20)),
             last_run=runs[0] if runs else None,
+            downloaded=downloaded,
+            last_download=last_download,
         )
 
 

@@ -39,6 +39,10 @@ def print_status(console: Console, report: StatusReport) -> None:
     console.print("expiring (done items):")
     for line in expiry_bars(report):
         console.print("  " + line, markup=False)
+    if report.downloaded:
+        console.print(
+            f"downloaded: {report.downloaded} items, the latest at {iso_utc(report.last_download)}"
+        )
     if report.failures:
         console.print("[red]failures:[/red]")
         for item in report.failures:

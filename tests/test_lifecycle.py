@@ -35,6 +35,7 @@ from migrator.lifecycle import (
 from migrator.manifest import load_manifest
 from migrator.model import HOUR, ItemState, ItemUpdate, LedgerItem, Manifest, Method, SourceKind
 from migrator.outputs import write_export
+from migrator.report import build_status
 from migrator.runner import RunOptions, run_manifest
 
 pytestmark = pytest.mark.timeout(60)
@@ -392,6 +393,19 @@ async def test_download_writes_every_item_byte_exact_under_upload_path_and_file_
     assert summary.exit_code is ExitCode.OK
     assert summary.counts == {"downloaded": 4}
     assert tree(tmp_path / "dest") == mixed_job.sources
+
+
+async def test_status_shows_how_many_items_were_downloaded_and_when(
+    mixed_job: Scenario, tmp_path: Path
+) -> None:
+    started = time.time()
+
+    await download(mixed_job.manifest, tmp_path / "dest")
+
+    report = await build_status(mixed_job.manifest)
+    assert report.downloaded == len(mixed_job.sources)
+    assert report.last_download is not None and report.last_download >= started
+    assert report.as_dict()["downloaded"]["items"] == len(mixed_job.sources)
 
 
 async def test_download_records_the_downloaded_path_in_the_ledger_and_its_export(
