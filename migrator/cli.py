@@ -102,8 +102,8 @@ def _add_logging_args(sub: argparse.ArgumentParser) -> None:
         "--log-format",
         choices=("console", "json"),
         default=None,
-        help="console output: human-readable or JSON lines (default: console on a terminal, "
-        "warnings only otherwise)",
+        help="show every event on the console, human-readable or as JSON lines (default: "
+        "warnings and errors only; every event always goes to the log file)",
     )
     sub.add_argument(
         "--log-file",
@@ -135,7 +135,9 @@ def _setup_logging(
     """`default_file=False`: no log file unless --log-file names one (a dry run writes nothing)."""
     default = manifest.ledger.with_suffix(".log") if default_file else None
     log_file: Path | None = args.log_file or default
-    console = args.log_format or "auto"
+    # By default the console shows warnings only, readable on a terminal (beside the
+    # progress bar) and key=value under cron; every event goes to the log file.
+    console = args.log_format or ("warnings" if sys.stderr.isatty() else "auto")
     if log_file is not None:
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ Sinks:
 - the console (`stream`, default stderr), by `console`:
   - "console": human-readable lines (colours only on a TTY), every event >= level;
   - "json": the same JSON lines as the file;
+  - "warnings": human-readable, warnings and errors only (beside a progress bar);
   - "none": nothing;
   - "auto": "console" when the stream is a TTY; otherwise (cron, CI, a pipe) only
     warnings and errors, as one `key=value` line each with the exception reduced
@@ -44,7 +45,7 @@ from structlog.typing import EventDict, ExcInfo, FilteringBoundLogger, Processor
 from migrator.errors import ConfigError
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}
-CONSOLE_MODES = ("auto", "console", "json", "none")
+CONSOLE_MODES = ("auto", "console", "warnings", "json", "none")
 REDACTED = "***"
 SENSITIVE_KEYS = frozenset(
     {"authorization", "api_key", "apikey", "x_api_key", "token", "access_token", "password"}
@@ -178,6 +179,20 @@ class _Sink:
             event_dict = cast(EventDict, step(None, method_name, event_dict))
         self.stream.write(self.render(event_dict) + "\n")
         self.stream.flush()
+
+
+class _CurrentStderr:
+    """Whatever sys.stderr is when an event is written, not when logging was set up:
+    a progress bar that redirects stderr then keeps log lines above itself."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 class _Tee:
@@ -327,7 +342,8 @@ def configure_logging(
         handle = _open_log_file(log_file)
         owned.append(handle)
         sinks.append(_Sink(handle, min_level, (_dict_tracebacks, redact), _json_line))
-    console_sink = _console_sink(console, stream or sys.stderr, min_level, redact)
+    console_stream = stream or cast(TextIO, _CurrentStderr())
+    console_sink = _console_sink(console, console_stream, min_level, redact)
     if console_sink is not None:
         sinks.append(console_sink)
     _PROCESSORS[:] = [
@@ -359,6 +375,9 @@ def _console_sink(console: str, stream: TextIO, min_level: int, redact: Processo
         return None
     if console == "json":
         return _Sink(stream, min_level, (_dict_tracebacks, redact), _json_line)
+    if console == "warnings":
+        quiet = max(min_level, LEVELS["warning"])
+        return _Sink(stream, quiet, (_plain_exception, redact), _console_renderer(stream))
     if console == "console" or _is_tty(stream):
         return _Sink(stream, min_level, (_plain_exception, redact), _console_renderer(stream))
     quiet = max(min_level, LEVELS["warning"])

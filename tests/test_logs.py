@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -177,6 +178,30 @@ def test_console_mode_shows_info_even_off_a_tty() -> None:
     configure_logging(log_file=None, console="console", stream=console)
     get_logger().info("run.summary", done=3)
     assert "run.summary" in console.getvalue()
+
+
+def test_warnings_console_on_a_tty_hides_info_and_shows_warnings_readably() -> None:
+    console = Terminal()
+    configure_logging(log_file=None, console="warnings", stream=console)
+    get_logger().info("upload.done", file_name="a.png")
+    get_logger().warning("upload.failed", file_name="b.png")
+    text = console.getvalue()
+    assert "upload.done" not in text
+    assert "upload.failed" in text and "b.png" in text
+
+
+def test_the_default_console_writes_to_stderr_as_it_is_when_the_event_comes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(log_file=None, console="console")
+    with capsys.disabled():
+        swapped = io.StringIO()
+        real, sys.stderr = sys.stderr, swapped
+        try:
+            get_logger().info("run.summary", done=3)
+        finally:
+            sys.stderr = real
+    assert "run.summary" in swapped.getvalue()
 
 
 def test_json_console_writes_json_lines() -> None:
