@@ -39,7 +39,6 @@ from migrator.ledger import Ledger
 from migrator.lock import RunLock
 from migrator.logs import get_logger
 from migrator.model import (
-    AttemptRecord,
     ItemState,
     ItemUpdate,
     LedgerItem,
@@ -289,33 +288,9 @@ def _stop_code(err: UploadError) -> ExitCode:
 
 
 def _record_attempt(command: _Command, row: LedgerItem, report: AttemptReport) -> None:
-    error = str(report.error) if report.error is not None else None
-    command.ledger.put_attempt(
-        AttemptRecord(
-            run_id=command.run_id,
-            target=row.target,
-            upload_path=row.upload_path,
-            file_name=row.file_name,
-            method=report.job.method,
-            attempt=report.number,
-            started_at=report.started_at,
-            duration=report.duration,
-            outcome=report.outcome,
-            http_status=report.http_status,
-            bytes_sent=report.bytes_sent,
-            error=error,
-        )
-    )
+    command.ledger.put_attempt(report.record(run_id=command.run_id, target=row.target))
     log.info(
-        f"{command.name}.attempt",
-        item=row.source,
-        via=report.job.source,
-        method=report.job.method,
-        attempt=report.number,
-        outcome=report.outcome,
-        http_status=report.http_status,
-        duration=round(report.duration, 3),
-        error=error,
+        f"{command.name}.attempt", item=row.source, via=report.job.source, **report.log_fields()
     )
 
 

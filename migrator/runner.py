@@ -33,7 +33,6 @@ from migrator.ledger import Ledger
 from migrator.lock import RunLock
 from migrator.logs import get_logger
 from migrator.model import (
-    AttemptRecord,
     ItemState,
     ItemUpdate,
     LedgerItem,
@@ -440,37 +439,9 @@ class _ItemUpload:
     # -- recording ------------------------------------------------------------------------
 
     def _record_attempt(self, report: AttemptReport) -> None:
-        job, item = self.job, self.item
-        error = str(report.error) if report.error is not None else None
-        job.ledger.put_attempt(
-            AttemptRecord(
-                run_id=job.run_id,
-                target=job.target_id,
-                upload_path=item.upload_path,
-                file_name=item.file_name,
-                method=report.job.method,
-                attempt=report.number,
-                started_at=report.started_at,
-                duration=report.duration,
-                outcome=report.outcome,
-                http_status=report.http_status,
-                bytes_sent=report.bytes_sent,
-                error=error,
-            )
-        )
-        log.info(
-            "upload.attempt",
-            item=item.source,
-            upload_path=item.upload_path,
-            file_name=item.file_name,
-            method=report.job.method,
-            bytes=report.bytes_sent,
-            attempt=report.number,
-            outcome=report.outcome,
-            http_status=report.http_status,
-            duration=round(report.duration, 3),
-            error=error,
-        )
+        job = self.job
+        job.ledger.put_attempt(report.record(run_id=job.run_id, target=job.target_id))
+        log.info("upload.attempt", item=self.item.source, **report.log_fields())
 
     def _record_done(self, result: transfer.Sent) -> None:
         job, item, receipt = self.job, self.item, result.receipt

@@ -26,7 +26,7 @@ from migrator.errors import (
     RetryableError,
     UploadError,
 )
-from migrator.model import Method, SourceKind, UploadReceipt
+from migrator.model import AttemptRecord, Method, SourceKind, UploadReceipt
 from migrator.retry import RetryPolicy, backoff_delay, should_retry
 
 CHUNK = 256 * 1024
@@ -207,6 +207,41 @@ class AttemptReport:
     @property
     def http_status(self) -> int | None:
         return 200 if self.error is None else self.error.status
+
+    @property
+    def error_text(self) -> str | None:
+        return None if self.error is None else str(self.error)
+
+    def record(self, *, run_id: int, target: str) -> AttemptRecord:
+        """The ledger's row for this attempt."""
+        return AttemptRecord(
+            run_id=run_id,
+            target=target,
+            upload_path=self.job.upload_path,
+            file_name=self.job.file_name,
+            method=self.job.method,
+            attempt=self.number,
+            started_at=self.started_at,
+            duration=self.duration,
+            outcome=self.outcome,
+            http_status=self.http_status,
+            bytes_sent=self.bytes_sent,
+            error=self.error_text,
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        """The fields of this attempt's log event (the item is the caller's to name)."""
+        return {
+            "upload_path": self.job.upload_path,
+            "file_name": self.job.file_name,
+            "method": self.job.method,
+            "bytes": self.bytes_sent,
+            "attempt": self.number,
+            "outcome": self.outcome,
+            "http_status": self.http_status,
+            "duration": round(self.duration, 3),
+            "error": self.error_text,
+        }
 
 
 @dataclass(slots=True)
