@@ -51,7 +51,7 @@ from migrator.plan import choose_method
 from migrator.pool import WorkPool, stop_on_signals
 from migrator.report import CommandResult, publish_outputs
 from migrator.retry import RetryPolicy, backoff_delay, should_retry
-from migrator.transfer import AttemptReport, Attempts, Interrupted, Send, Sent
+from migrator.transfer import AttemptReport, Attempts, Interrupted, Send, Sent, sha256_of
 
 log = get_logger("migrator.lifecycle")
 CHUNK = 1024 * 1024
@@ -457,16 +457,8 @@ def _already_there(path: Path, row: LedgerItem) -> bool:
     if row.size is not None and size != row.size:
         return False
     if row.sha256:
-        return _sha256_file(path) == row.sha256
+        return sha256_of(path) == row.sha256
     return row.downloaded_path == str(path)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 async def _save(response: aiohttp.ClientResponse, path: Path, row: LedgerItem) -> str:

@@ -10,7 +10,6 @@ or a signal.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import signal
 import time
@@ -353,7 +352,7 @@ class _Job:
 
     async def _same_bytes(self, item: PlanItem, row: LedgerItem) -> bool:
         try:
-            return await asyncio.to_thread(sha256_of, Path(item.source)) == row.sha256
+            return await asyncio.to_thread(transfer.sha256_of, Path(item.source)) == row.sha256
         except OSError:
             return False  # the upload attempt will say what is wrong with the file
 
@@ -396,13 +395,11 @@ class _ItemUpload:
             reason = StopReason.AUTH if isinstance(err, AuthRejectedError) else StopReason.ENDPOINT
             raise _StopRun(reason, str(err)) from None
         except Interrupted as err:
-            self._finish(self._kept_state(ItemState.INTERRUPTED), Outcome.INTERRUPTED, str(err))
+            self._interrupted(str(err))
         except UploadError as err:
             self._finish(ItemState.FAILED, Outcome.FAILED, str(err))
         except asyncio.CancelledError:
-            self._finish(
-                self._kept_state(ItemState.INTERRUPTED), Outcome.INTERRUPTED, "interrupted"
-            )
+            self._interrupted("interrupted")
             raise
         else:
             self.method = way.method
@@ -510,11 +507,3 @@ class _ItemUpload:
             "last_modified": item.last_modified,
             "method": self.method,
         }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -179,6 +179,15 @@ def _local_size(path: Path) -> int:
         raise PermanentError(f"cannot read {path}: {err.strerror}") from None
 
 
+def sha256_of(path: Path) -> str:
+    """The sha256 of a local file, read a MiB at a time (blocking: run it in a thread)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _mime(file_name: str) -> str | None:
     return mimetypes.guess_type(file_name)[0]
 
