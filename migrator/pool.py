@@ -89,6 +89,7 @@ class WorkPool(Generic[T]):
                 if stop_wait in done:
                     feeder.cancel()
                     await self._finish_in_flight(pending - {feeder})
+                    _raise_first_error(pending - {feeder})
                     return
         finally:
             stop_wait.cancel()
@@ -130,3 +131,11 @@ def stop_on_signals(stop: Callable[[signal.Signals], None], *, enabled: bool) ->
     finally:
         for signum in wanted:
             loop.remove_signal_handler(signum)
+
+
+def _raise_first_error(tasks: set[asyncio.Task[Any]]) -> None:
+    """A worker that failed during the grace period (a rejected key, a ledger error)
+    still decides how the run ends; the ones still running are cancelled by run()."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
