@@ -215,7 +215,10 @@ class AttemptReport:
 
     @property
     def http_status(self) -> int | None:
-        return 200 if self.error is None else self.error.status
+        """The service's status: 200 for success, None when no answer came."""
+        if self.error is not None:
+            return self.error.status
+        return 200 if self.outcome == "ok" else None
 
     @property
     def error_text(self) -> str | None:
@@ -289,7 +292,7 @@ class Attempts:
             tries += 1
             self.made += 1
             try:
-                return await self._once(way)
+                return await self._once(way, tries, more_ways)
             except UploadError as err:
                 if not should_retry(self.policy, err, tries):
                     raise
@@ -298,7 +301,7 @@ class Attempts:
                 if not await self.sleep(delay):
                     raise Interrupted(str(err)) from err
 
-    async def _once(self, way: Send) -> Sent:
+    async def _once(self, way: Send, tries: int, more_ways: bool) -> Sent:
         sent = 0
 
         def count(n: int) -> None:
@@ -311,7 +314,8 @@ class Attempts:
             result = await send(self.conn, way, count)
         except UploadError as err:
             self.on_bytes(-sent)  # progress rewinds with the failed attempt
-            self._report(way, started, clock, sent, _outcome(err, self.policy, self.made), err)
+            outcome = _outcome(err, self.policy, tries, more_ways)
+            self._report(way, started, clock, sent, outcome, err)
             raise
         except asyncio.CancelledError:
             self.on_bytes(-sent)
@@ -333,9 +337,12 @@ class Attempts:
         self.on_attempt(AttemptReport(way, self.made, started, duration, sent, outcome, error))
 
 
-def _outcome(error: UploadError, policy: RetryPolicy, attempt: int) -> str:
+def _outcome(error: UploadError, policy: RetryPolicy, tries: int, more_ways: bool) -> str:
+    """What a failed attempt leads to: `tries` counts attempts of this way only."""
     if isinstance(error, AuthRejectedError):
         return "auth"
     if isinstance(error, EndpointError):
         return "endpoint"
-    return "retry" if should_retry(policy, error, attempt) else "failed"
+    if should_retry(policy, error, tries):
+        return "retry"
+    return "next" if more_ways else "failed"
