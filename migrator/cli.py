@@ -513,5 +513,5 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         url_max=int(convert("--url-max", parse_size, args.url_max)),
         clock_offset=convert("--clock-offset", parse_duration, args.clock_offset),
     )
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, lambda url: print(f"emulator listening on {url}", flush=True)))
     return int(ExitCode.OK)

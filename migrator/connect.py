@@ -26,6 +26,7 @@ from migrator.errors import ConfigError
 from migrator.model import Manifest, Target
 
 EMBEDDED_ORIGIN_VAR = "EMBEDDED_ORIGIN"
+EMBEDDED_REQUESTS_KEPT = 100  # nobody reads the embedded emulator's request log
 _ORIGIN_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
 
 
@@ -149,13 +150,13 @@ async def _start_emulator(data_dir: Path, api_key: str) -> Emulator:
     """Start on the port of the last run when it is free, so its links stay valid."""
     port_file = data_dir / "port"
     remembered = _read_port(port_file)
-    emulator = Emulator(data_dir, api_key, port=remembered)
+    emulator = Emulator(data_dir, api_key, port=remembered, keep_requests=EMBEDDED_REQUESTS_KEPT)
     try:
         await emulator.start()
     except OSError:
         if remembered == 0:
             raise
-        emulator = Emulator(data_dir, api_key, port=0)
+        emulator = Emulator(data_dir, api_key, port=0, keep_requests=EMBEDDED_REQUESTS_KEPT)
         await emulator.start()
     port = int(emulator.base_url.rsplit(":", 1)[1])
     if port != remembered:

@@ -35,6 +35,7 @@ import sqlite3
 import sys
 import time
 import unicodedata
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -424,11 +425,15 @@ class _Store:
 # -- the server ---------------------------------------------------------------------------
 
 
+SERVED_REQUESTS_KEPT = 10_000  # request log of a long-lived emulator
+
+
 class Emulator:
     """The emulated service. Use as `async with Emulator(dir, key) as emu:`.
 
     `access_log`, when given, receives one structlog line per request (method, path,
-    status; never a header).
+    status; never a header). `keep_requests` bounds the request log (`requests`);
+    None keeps them all, as tests want.
     """
 
     def __init__(
@@ -444,6 +449,7 @@ class Emulator:
         url_max: int = DEFAULT_URL_MAX,
         clock_offset: float = 0.0,
         access_log: TextIO | None = None,
+        keep_requests: int | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("the emulator needs an API key")
@@ -461,7 +467,9 @@ class Emulator:
         self.url_max = int(url_max)
         self._initial_offset = float(clock_offset)
         self._offset = float(clock_offset)
-        self._requests: list[EmulatorRequest] = []
+        # Tests read every request; a long-lived emulator (the CLI's, the embedded one)
+        # keeps only the latest `keep_requests`, or its memory would grow per upload.
+        self._requests: deque[EmulatorRequest] = deque(maxlen=keep_requests)
         self._faults: list[_Fault] = []
         self._store: _Store | None = None
         self._runner: web.AppRunner | None = None
@@ -967,13 +975,10 @@ async def _drain(part: aiohttp.BodyPartReader) -> None:
 # -- blocking entry for the CLI -----------------------------------------------------------
 
 
-async def serve(config: EmulatorConfig) -> None:
-    """Run the emulator until SIGINT or SIGTERM.
-
-    Prints exactly one line to stdout once listening, `emulator listening on URL`, so a
-    parent process can learn the port when it asked for port 0. The access log goes to
-    stderr.
-    """
+async def serve(config: EmulatorConfig, on_listening: Callable[[str], None]) -> None:
+    """Run the emulator until SIGINT or SIGTERM; `on_listening(base_url)` once it
+    listens (the CLI prints it, so a parent learns the port it asked 0 for). The
+    access log goes to stderr."""
     emulator = Emulator(
         config.data_dir,
         config.api_key,
@@ -985,6 +990,7 @@ async def serve(config: EmulatorConfig) -> None:
         url_max=config.url_max,
         clock_offset=config.clock_offset,
         access_log=sys.stderr,
+        keep_requests=SERVED_REQUESTS_KEPT,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -992,7 +998,7 @@ async def serve(config: EmulatorConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with emulator:
-            print(f"emulator listening on {emulator.base_url}", flush=True)
+            on_listening(emulator.base_url)
             await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -813,3 +813,13 @@ async def test_a_256_mib_stream_upload_keeps_the_emulator_peak_rss_under_150_mb(
     assert match, f"no peak RSS reported: {out!r} {err!r}"
     assert float(match.group(1)) < 150
     assert proc.returncode == 0
+
+
+async def test_a_bounded_request_log_keeps_only_the_latest_requests(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "data", api_key, keep_requests=2) as emu:
+        for name in ("a.txt", "b.txt", "c.txt"):
+            status, _ = await upload_base64(emu, api_key, "aGk=", file_name=name)
+            assert status == 200
+        assert [r.file_name for r in emu.requests] == ["b.txt", "c.txt"]
