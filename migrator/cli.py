@@ -8,19 +8,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 from rich.table import Table
 
 from migrator import __version__
 from migrator.connect import read_api_key
-from migrator.errors import ConfigError, ExitCode, MigratorError, UsageError
-from migrator.ledger import Ledger
+from migrator.errors import (
+    ConfigError,
+    DiskError,
+    ExitCode,
+    ManifestError,
+    MigratorError,
+    UsageError,
+)
+from migrator.ledger import DISK_ERRNOS, Ledger
 from migrator.lifecycle import LifecycleOptions, LifecycleSummary, download, refresh
 from migrator.logs import configure_logging, get_logger
 from migrator.manifest import load_manifest
@@ -35,10 +46,18 @@ from migrator.units import format_duration, format_size, parse_duration
 from migrator.views import print_status
 
 Handler = Callable[[argparse.Namespace], int]
+MAX_PROBLEM_LINE = 300  # a 3,000-character URL in a message is noise, not help
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported in one line instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: {message} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="migrator",
         description="Batch migration job runner for the kie.ai File Upload API.",
     )
@@ -55,11 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _ensure_std_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    # Until a command sets up its own logging: warnings only, on stderr, never a
+    # traceback with local variables on stdout (structlog's default).
+    configure_logging(log_file=None, console="warnings" if sys.stderr.isatty() else "auto")
     try:
         return handler(args)
+    except ManifestError as err:
+        print(f"migrator: {_problem_lines(err)}", file=sys.stderr)
+        return int(err.exit_code)
     except MigratorError as err:
         print(f"migrator: {err}", file=sys.stderr)
         return int(err.exit_code)
@@ -70,17 +96,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitCode.OK)
     except OSError as err:
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"migrator: {err.strerror or err}{where}", file=sys.stderr)
+        if err.filename is None and _is_full(getattr(args, "log_path", None)):
+            err.filename = args.log_path  # the log sink's write names no file
+        print(f"migrator: {_os_error_line(err)}", file=sys.stderr)
         return int(ExitCode.IO)
     except Exception as err:
         get_logger().exception("internal.error", command=args.command)
+        where = "the traceback is in the log file; " if getattr(args, "log_path", None) else ""
         print(
-            f"migrator: internal error ({type(err).__name__}): {str(err)[:200]}; "
-            "the traceback is in the log file; please report it",
+            f"migrator: internal error ({type(err).__name__}): {_one_line(str(err))}; "
+            f"{where}please report it",
             file=sys.stderr,
         )
         return int(ExitCode.INTERNAL)
+
+
+def _ensure_std_streams() -> None:
+    """`migrator ... >&-` (a closed stdout) must not turn every print into a crash."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+
+
+def _one_line(text: str, limit: int = MAX_PROBLEM_LINE) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _problem_lines(err: ManifestError) -> str:
+    """One line per problem (as the README promises), each cut to a readable length."""
+    return "\n".join(_one_line(str(problem)) for problem in err.problems) or str(err)
+
+
+def _is_full(path: Path | None) -> bool:
+    try:
+        return path is not None and os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _os_error_line(err: OSError) -> str:
+    """`cannot write /out/x: the disk is full`, or `a write failed: ...` with no file named."""
+    reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    if err.errno in DISK_ERRNOS:
+        return (
+            f"cannot write {err.filename}: {reason}"
+            if err.filename
+            else f"a write failed: {reason}"
+        )
+    return f"{err.filename}: {reason}" if err.filename else reason
 
 
 # -- shared pieces -------------------------------------------------------------------------
@@ -139,13 +204,23 @@ def _setup_logging(
     # progress bar) and key=value under cron; every event goes to the log file.
     console = args.log_format or ("warnings" if sys.stderr.isatty() else "auto")
     if log_file is not None:
-        try:
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(
-                f"cannot create the log folder {log_file.parent}: {err.strerror}"
-            ) from None
+        _check_log_file(log_file)
     configure_logging(log_file=log_file, console=console, secrets=secrets)
+    args.log_path = log_file
+
+
+def _check_log_file(log_file: Path) -> None:
+    """Its folder exists and it can be opened; a failing disk is exit 74, as for the ledger."""
+    in_the_way = next((p for p in log_file.parents if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise ConfigError(f"cannot write the log file {log_file}: {in_the_way} is not a folder")
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        kind = DiskError if err.errno in DISK_ERRNOS else ConfigError
+        raise kind(f"cannot write the log file {log_file}: {err.strerror}") from None
 
 
 def _key_secrets(manifest: Manifest) -> list[str]:
@@ -158,8 +233,15 @@ def _key_secrets(manifest: Manifest) -> list[str]:
         return []
 
 
+class _StdoutConsole(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits with status 1 here; `migrator status | head` is not a failure.
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def _stdout_console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return _StdoutConsole(highlight=False, soft_wrap=True)
 
 
 def _print_json(value: object) -> None:
@@ -190,6 +272,8 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.concurrency is not None and not 1 <= args.concurrency <= 256:
         raise UsageError("--concurrency: must be between 1 and 256")
+    if not (math.isfinite(args.grace) and args.grace >= 0):
+        raise UsageError("--grace: must be a number of seconds, 0 or more")
     manifest = _load(args)
     _setup_logging(args, manifest, _key_secrets(manifest), default_file=not args.dry_run)
     options = RunOptions(
@@ -251,9 +335,12 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     await asyncio.to_thread(check_plan, manifest)
     totals = PlanTotals()
     printer = _PlanJsonPrinter() if fmt == "json" else _PlanTablePrinter(_stdout_console())
-    async for item, decision, _row in preview(manifest, checksum=checksum):
-        totals.add(item, decision)
-        printer.item(item, decision)
+    # aclosing: a reader gone mid-plan (`plan | head`) must close the preview's sessions
+    # inside this loop, not in asyncio.run's shutdown (which prints a traceback).
+    async with contextlib.aclosing(preview(manifest, checksum=checksum)) as entries:
+        async for item, decision, _row in entries:
+            totals.add(item, decision)
+            printer.item(item, decision)
     printer.totals(totals)
 
 
@@ -420,7 +507,8 @@ def _lifecycle_options(args: argparse.Namespace, *, only_remote: bool = False) -
 
 def _report_lifecycle(summary: LifecycleSummary) -> int:
     done = sorted(summary.counts.items())
-    counts = ", ".join(f"{n} {what}" for what, n in done) or "nothing to do"
+    nothing = "nothing finished" if summary.stopped_code is not None else "nothing to do"
+    counts = ", ".join(f"{n} {what}" for what, n in done) or nothing
     print(f"{summary.command}: {counts} in {format_duration(summary.duration)}")
     if summary.message:
         print(f"migrator: {summary.message}", file=sys.stderr)

@@ -57,6 +57,17 @@ _LINK_KEYS = ("downloadUrl", "fileUrl", "url")
 OnChunk = Callable[[bytes], None]
 
 
+class NoServiceError(RetryableError):
+    """Nothing at the base URL answers like the API: the connection is refused, the host
+    is unknown, TLS or the connect fails, or a 2xx answer is not JSON. Retried like any
+    RetryableError; a command in which nothing has succeeded yet stops on it."""
+
+
+def no_service_message(err: UploadError) -> str:
+    """Why a command stops when the base URL never answered like the API (one line)."""
+    return f"{err}; is target.base_url right? Nothing was marked failed: run again"
+
+
 # -- parsing the service's answer -------------------------------------------------------------
 
 
@@ -75,7 +86,7 @@ def parse_response(
     EndpointError (404/405, redirects), RetryableError (408, 429, 5xx, an error
     code in a 2xx body, a non-JSON 2xx body) or PermanentError (other 4xx, a
     success without a download link). `now` (POSIX seconds) resolves an
-    HTTP-date `Retry-After`; `endpoint` only names the path in messages.
+    HTTP-date `Retry-After`; `endpoint` only names the endpoint in messages.
     """
     envelope = _json_object(body)
     message = _service_message(envelope, body)
@@ -105,7 +116,7 @@ def parse_response(
     if not 200 <= status < 300:
         raise _error_for_status(status, message, headers, now=now)
     if envelope is None:
-        raise RetryableError(
+        raise NoServiceError(
             f"the service answered HTTP {status} with a body that is not a JSON object "
             "(a proxy or gateway in the way?)",
             status=status,
@@ -516,9 +527,8 @@ class UploadClient:
                 raise _transport_error(err, self._base_url, read_timeout) from None
             if trouble is not None and trouble.error is not None:
                 raise _source_error(trouble.error)
-            return parse_response(
-                status, answer, answer_headers, now=self._clock(), endpoint=endpoint
-            )
+            where = f"{endpoint} (base URL {self._base_url})"
+            return parse_response(status, answer, answer_headers, now=self._clock(), endpoint=where)
         except UploadError as err:
             raise self._scrubbed(err) from None
 
@@ -628,13 +638,13 @@ def _transport_error(err: BaseException, base_url: str, read_timeout: float) -> 
     if isinstance(err, aiohttp.InvalidURL):
         return EndpointError(_one_line(f"target.base_url {base_url} is not a valid URL"))
     if isinstance(err, aiohttp.ConnectionTimeoutError):
-        return RetryableError(f"timed out connecting to {base_url}")
+        return NoServiceError(f"timed out connecting to {base_url}")
     if isinstance(err, TimeoutError):
         return RetryableError(
             f"timed out waiting for the service at {base_url} (no answer within {read_timeout:g} s)"
         )
     if isinstance(err, aiohttp.ClientConnectorError):
-        return RetryableError(_connector_message(err, base_url))
+        return NoServiceError(_connector_message(err, base_url))
     if isinstance(err, aiohttp.ServerDisconnectedError):
         return RetryableError(f"the service at {base_url} closed the connection before answering")
     if isinstance(err, aiohttp.ClientPayloadError):

@@ -26,6 +26,7 @@ from migrator.errors import ConfigError
 from migrator.model import Manifest, Target
 
 EMBEDDED_ORIGIN_VAR = "EMBEDDED_ORIGIN"
+MAX_KEY_FILE = 64 * 1024  # a key is short; more than this is not a key file
 EMBEDDED_REQUESTS_KEPT = 100  # nobody reads the embedded emulator's request log
 _ORIGIN_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
 
@@ -53,19 +54,37 @@ def read_api_key(target: Target, environ: Mapping[str, str] | None = None) -> st
             f"no API key: set the environment variable {target.api_key_env} "
             "or target.api_key_file in the manifest"
         )
-    return key
+    return _checked_key(key, f"the environment variable {target.api_key_env}")
 
 
 def _read_key_file(path: Path) -> str:
     try:
         info = path.stat()
-        key = path.read_text(encoding="utf-8").strip()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read for ever
+            raise ConfigError(f"the API key file {path} is not a regular file")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_KEY_FILE)
     except OSError as err:
         raise ConfigError(f"cannot read the API key file {path}: {err.strerror}") from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"the API key file {path} is readable by others; run: chmod 600 {path}")
+    try:
+        key = data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"the API key file {path} is not text") from None
     if not key:
         raise ConfigError(f"the API key file {path} is empty")
+    return _checked_key(key, f"the API key file {path}")
+
+
+def _checked_key(key: str, where: str) -> str:
+    """A key must fit in an Authorization header: one word of printable ASCII.
+    The message never shows the key, not even a part of it."""
+    if not all("!" <= ch <= "~" for ch in key):
+        raise ConfigError(
+            f"the API key in {where} has spaces, line breaks or other characters a key "
+            "cannot have (one word of printable ASCII expected)"
+        )
     return key
 
 

@@ -6,6 +6,7 @@
     ├── LedgerError               ledger unreadable, unwritable or from the future (exit 2)
     ├── LockHeldError             another run holds the ledger's lock (exit 75)
     ├── ConfigError               missing API key, unwritable path, ... (exit 2)
+    ├── DiskError                 the local disk failed: full, read-only, gone (exit 74)
     └── UploadError               raised by the client for one request
         ├── RetryableError        connection error, timeout, 408, 429, 5xx, error code in a 200
         ├── PermanentError        400 and other 4xx: this item fails for good
@@ -54,6 +55,12 @@ class LedgerError(MigratorError):
 
 class LockHeldError(MigratorError):
     exit_code = ExitCode.LOCKED
+
+
+class DiskError(MigratorError):
+    """Writing to the local disk failed: full, read-only, gone. Not the user's input."""
+
+    exit_code = ExitCode.IO
 
 
 @dataclass(frozen=True, slots=True)

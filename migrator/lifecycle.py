@@ -25,18 +25,20 @@ from typing import Any
 
 import aiohttp
 
+from migrator.client import NoServiceError, no_service_message
 from migrator.connect import connect, open_origins
 from migrator.errors import (
     AuthRejectedError,
+    DiskError,
     EndpointError,
     ExitCode,
     MigratorError,
     PermanentError,
     RetryableError,
     UploadError,
+    UsageError,
 )
-from migrator.ledger import Ledger
-from migrator.lock import RunLock
+from migrator.ledger import DISK_ERRNOS, Ledger, locked
 from migrator.logs import get_logger
 from migrator.model import (
     ItemState,
@@ -55,12 +57,6 @@ from migrator.transfer import AttemptReport, Attempts, Interrupted, Send, Sent, 
 
 log = get_logger("migrator.lifecycle")
 CHUNK = 1024 * 1024
-
-
-class DiskError(MigratorError):
-    """The destination cannot be written (full, read-only, no permission)."""
-
-    exit_code = ExitCode.ITEMS_FAILED
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +232,12 @@ class _Refresher:
             way, sent = await attempts.first_that_works(ways)
         except (AuthRejectedError, EndpointError) as err:
             raise _Stop(_stop_code(err), str(err)) from None
+        except NoServiceError as err:
+            if not self.command.counts.get("refreshed"):
+                # Before anything worked, an unreachable service is not a reason to mark
+                # expired items lost.
+                raise _Stop(ExitCode.USAGE, no_service_message(err)) from None
+            self._failed(row, now, str(err), attempts.made)
         except Interrupted:
             self.command.count("interrupted")
         except UploadError as err:
@@ -321,6 +323,7 @@ async def download(
     opts = options or LifecycleOptions()
     concurrency = opts.concurrency or manifest.settings.concurrency
     root = dest if dest.is_absolute() else Path.cwd() / dest
+    _check_dest(root)
     async with (
         _session(manifest, "download", opts) as command,
         _download_session(manifest, concurrency) as session,
@@ -329,6 +332,14 @@ async def download(
         await _drive(command, downloader.rows(), downloader.download_one)
     assert command.summary is not None
     return command.summary
+
+
+def _check_dest(root: Path) -> None:
+    """--dest must be a folder, or a path whose nearest existing part is one."""
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is" if existing == root else f"is under {existing}, which is"
+        raise UsageError(f"--dest: {root} {where} not a folder")
 
 
 def destination_for(root: Path, upload_path: str, file_name: str) -> Path | None:
@@ -391,7 +402,7 @@ class _Downloader:
             return
         try:
             await self._fetch_with_retries(row, path)
-        except DiskError as err:  # the destination, not the item: no other item would fare better
+        except _DestinationError as err:  # not the item: no other item would fare better
             raise _Stop(err.exit_code, str(err)) from None
 
     async def _fetch_with_retries(self, row: LedgerItem, path: Path) -> None:
@@ -464,16 +475,18 @@ def _already_there(path: Path, row: LedgerItem) -> bool:
 async def _save(response: aiohttp.ClientResponse, path: Path, row: LedgerItem) -> str:
     """Stream the body to a temporary file beside `path`, check it, rename it into place."""
     try:
-        fd, temp = await asyncio.to_thread(_temp_beside, path, row.id)
+        # Not in a thread: a cancellation while the thread ran would leave the file
+        # behind with nobody to remove it (a mkdir and an open do not block for long).
+        fd, temp = _temp_beside(path, row.id)
     except OSError as err:
-        raise DiskError(_disk_message(path, err)) from None
+        raise _destination_error(path, err) from None
     try:
         digest, size = await _stream_to(fd, response)
         _check_body(row, size, digest)
         temp.replace(path)
         return digest
     except OSError as err:
-        raise DiskError(_disk_message(path, err)) from None
+        raise _destination_error(path, err) from None
     finally:
         temp.unlink(missing_ok=True)
 
@@ -526,6 +539,22 @@ def _check_body(row: LedgerItem, size: int, sha256: str) -> None:
         raise RetryableError("downloaded bytes do not match the recorded sha256")
 
 
+class _DestinationError(MigratorError):
+    """The destination is in the way (a file where a folder must go, no permission):
+    the download stops with exit 1. A failing disk (full, read-only) is a DiskError, 74."""
+
+    exit_code = ExitCode.ITEMS_FAILED
+
+
+class _DiskFailure(_DestinationError, DiskError):
+    exit_code = ExitCode.IO
+
+
+def _destination_error(path: Path, err: OSError) -> _DestinationError:
+    kind = _DiskFailure if err.errno in DISK_ERRNOS else _DestinationError
+    return kind(_disk_message(path, err))
+
+
 def _disk_message(path: Path, err: OSError) -> str:
     if err.errno == errno.ENOSPC:
         return f"cannot write {path}: the disk is full"
@@ -541,7 +570,7 @@ async def _session(
 ) -> AsyncIterator[_Command]:
     """Lock, ledger, run row; on the way out: finish the run, publish outputs."""
     started, started_wall = time.monotonic(), time.time()
-    with RunLock(manifest.ledger):
+    with locked(manifest.ledger):
         async with await Ledger.open(manifest.ledger) as ledger:
             run_id = await ledger.start_run(name, str(manifest.path))
             command = _Command(name, manifest, opts, ledger, run_id)

@@ -45,6 +45,8 @@ from migrator.naming import (
 from migrator.units import format_duration, parse_duration, parse_size
 
 LEDGER_DIR_ENV = "MIGRATOR_LEDGER_DIR"
+MAX_MANIFEST_BYTES = 4 * MIB  # ~150,000 path sources; more is a job for glob or url_list
+PROBLEM_LIMIT = 100  # problems reported at most; the rest are counted
 BASE64_LIMIT = 10 * MIB
 URL_LIMIT = 100 * MIB
 
@@ -185,8 +187,17 @@ def load_manifest(
         raise ManifestError(reader.problems)
     manifest = _read_top(reader, root, manifest_path, ledger_override, env)
     if reader.problems or manifest is None:
-        raise ManifestError(reader.problems)
+        raise ManifestError(_capped(reader.problems, reader.file))
     return manifest
+
+
+def _capped(problems: list[ManifestProblem], file: str) -> list[ManifestProblem]:
+    if len(problems) <= PROBLEM_LIMIT:
+        return problems
+    more = ManifestProblem(
+        file, None, None, f"... and {len(problems) - PROBLEM_LIMIT} more problems"
+    )
+    return [*problems[:PROBLEM_LIMIT], more]
 
 
 def _compose(reader: _Reader, path: Path) -> Node | None:
@@ -195,6 +206,11 @@ def _compose(reader: _Reader, path: Path) -> Node | None:
         return None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        reader.problems.append(
+            ManifestProblem(reader.file, None, None, "nested too deeply to be a manifest")
+        )
+        return None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -211,7 +227,8 @@ def _compose(reader: _Reader, path: Path) -> Node | None:
 
 def _read_text(reader: _Reader, path: Path) -> str | None:
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:  # bounded: /dev/zero is not a manifest either
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
     except IsADirectoryError:
         message = "is a directory, not a manifest file"
     except FileNotFoundError:
@@ -219,10 +236,16 @@ def _read_text(reader: _Reader, path: Path) -> str | None:
     except OSError as err:
         message = f"cannot read the manifest: {err.strerror or err}"
     else:
-        try:
-            return data.decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            message = f"the manifest is not UTF-8 text (byte {err.start})"
+        if len(data) > MAX_MANIFEST_BYTES:
+            message = (
+                f"the manifest is larger than {MAX_MANIFEST_BYTES // MIB} MiB; "
+                "list many files with a glob or a url_list instead"
+            )
+        else:
+            try:
+                return data.decode("utf-8-sig")
+            except UnicodeDecodeError as err:
+                message = f"the manifest is not UTF-8 text (byte {err.start})"
     reader.problems.append(ManifestProblem(reader.file, None, None, message))
     return None
 

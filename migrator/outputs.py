@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import math
 import os
@@ -19,11 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from migrator.errors import ConfigError, UsageError
+from migrator.errors import ConfigError, DiskError, MigratorError, UsageError
 from migrator.model import LedgerItem
 from migrator.units import iso_utc
 
 OUTPUT_MODE = 0o644
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
+def write_error(path: Path, err: OSError) -> MigratorError:
+    """One line naming `path`: a DiskError when the disk failed, else a ConfigError."""
+    if err.errno == errno.ENOSPC:
+        return DiskError(f"cannot write {path}: the disk is full")
+    if err.errno in DISK_ERRNOS:
+        return DiskError(f"cannot write {path}: {err.strerror}")
+    return ConfigError(f"cannot write {path}: {err.strerror or err}")
+
 
 EXPORT_FIELDS: tuple[str, ...] = (
     "source",
@@ -69,7 +81,7 @@ def _as_config_error(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        raise ConfigError(f"cannot write {path}: {err.strerror or err}") from err
+        raise write_error(path, err) from err
 
 
 @contextlib.contextmanager
@@ -85,12 +97,12 @@ def atomic_writer(path: Path) -> Iterator[TextIO]:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+        # Writes inside the block fail too (a full disk): name the file, not just errno.
+        with _as_config_error(path), os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             yield handle
-            with _as_config_error(path):
-                handle.flush()
-                os.fsync(handle.fileno())
-                os.fchmod(handle.fileno(), mode)
+            handle.flush()
+            os.fsync(handle.fileno())
+            os.fchmod(handle.fileno(), mode)
         with _as_config_error(path):
             tmp.replace(path)
     except BaseException:

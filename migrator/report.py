@@ -7,8 +7,9 @@ complete mapping from each source to its current download URL.
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,28 @@ async def build_status(manifest: Manifest, *, now: float | None = None) -> Statu
             next_expiry=await ledger.next_expiry(target),
             expiring=tuple(zip(EXPIRY_HORIZONS, histogram, strict=True)),
             failures=tuple(await ledger.recent_failures(target, limit=20)),
-            last_run=runs[0] if runs else None,
+            last_run=_as_seen_now(runs[0]) if runs else None,
             downloaded=downloaded,
             last_download=last_download,
         )
+
+
+def _as_seen_now(run: RunRow) -> RunRow:
+    """A run still marked running whose process is gone was killed (kill -9, power loss):
+    say so rather than "running". A pid in use again (or on another host) is believed."""
+    if run.status != "running" or run.pid is None or run.pid <= 0 or _alive(run.pid):
+        return run
+    return replace(run, status="did not finish")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, but is not ours to signal
+    return True
 
 
 async def export_to(manifest: Manifest, ledger: Ledger, fmt: str, path: Path) -> int:

@@ -13,13 +13,14 @@ import asyncio
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from migrator import transfer
+from migrator.client import NoServiceError, no_service_message
 from migrator.connect import Connection, connect, open_origins, read_api_key
 from migrator.errors import (
     AuthRejectedError,
@@ -28,8 +29,7 @@ from migrator.errors import (
     MigratorError,
     UploadError,
 )
-from migrator.ledger import Ledger
-from migrator.lock import RunLock
+from migrator.ledger import Ledger, locked
 from migrator.logs import get_logger
 from migrator.model import (
     ItemState,
@@ -161,7 +161,7 @@ async def run_manifest(
         return await _dry_run(manifest, opts, watcher)
     if not manifest.target.is_embedded:
         read_api_key(manifest.target, environ)  # ConfigError before any write, too
-    with RunLock(manifest.ledger):
+    with locked(manifest.ledger):
         async with await Ledger.open(manifest.ledger) as ledger:
             return await _run_with_ledger(manifest, opts, watcher, ledger, environ)
 
@@ -221,7 +221,7 @@ async def _dry_run(manifest: Manifest, opts: RunOptions, observer: RunObserver) 
 
 async def preview(
     manifest: Manifest, *, concurrency: int | None = None, checksum: bool = False
-) -> AsyncIterator[tuple[PlanItem, Decision, LedgerItem | None]]:
+) -> AsyncGenerator[tuple[PlanItem, Decision, LedgerItem | None], None]:
     """The plan joined with the ledger, read-only: what `plan` shows and `--dry-run` counts.
     Origins may be asked for sizes; the service is not contacted."""
     workers = concurrency or manifest.settings.concurrency
@@ -388,14 +388,13 @@ class _ItemUpload:
         try:
             way, result = await self.attempts.first_that_works(self._ways())
         except (AuthRejectedError, EndpointError) as err:
-            # Not this item's fault: a known item keeps its row as it was (state and last
-            # error); a new one is recorded as pending, so its attempt has a row to join.
-            if self.row is None:
-                self.job.ledger.put_item(self._update(ItemState.PENDING, str(err)))
-            reason = StopReason.AUTH if isinstance(err, AuthRejectedError) else StopReason.ENDPOINT
-            raise _StopRun(reason, str(err)) from None
+            self._stop_run(err, str(err))
         except Interrupted as err:
             self._interrupted(str(err))
+        except NoServiceError as err:
+            if not self.job.counts.uploaded:
+                self._stop_run(err, no_service_message(err))
+            self._finish(ItemState.FAILED, Outcome.FAILED, str(err))
         except UploadError as err:
             self._finish(ItemState.FAILED, Outcome.FAILED, str(err))
         except asyncio.CancelledError:
@@ -404,6 +403,14 @@ class _ItemUpload:
         else:
             self.method = way.method
             self._record_done(result)
+
+    def _stop_run(self, err: UploadError, message: str) -> NoReturn:
+        """Not this item's fault: a known item keeps its row as it was (state and last
+        error); a new one is recorded as pending, so its attempt has a row to join."""
+        if self.row is None:
+            self.job.ledger.put_item(self._update(ItemState.PENDING, str(err)))
+        reason = StopReason.AUTH if isinstance(err, AuthRejectedError) else StopReason.ENDPOINT
+        raise _StopRun(reason, message) from None
 
     def _ways(self) -> list[transfer.Send]:
         """The planned method; for a URL the service could not fetch, a stream-through."""
