@@ -357,11 +357,29 @@ def guess_mime_type(file_name: str) -> str | None:
 
 
 class _SourceTrouble:
-    """What went wrong on our side of a streamed body (aiohttp wraps it on the way out)."""
+    """What went wrong on our side of a streamed body (aiohttp wraps it on the way out),
+    and the watchdog on its progress."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
         self.sent = 0
+        self._deadline: asyncio.Timeout | None = None
+        self._stall_limit = 0.0
+
+    def watch_progress(self, deadline: asyncio.Timeout, stall_limit: float) -> None:
+        """aiohttp's read timeout starts only once the body is written: a service that
+        stops reading mid-body would hold the upload for ever. This deadline moves on
+        with every chunk that leaves, and is lifted when the body is complete."""
+        self._deadline, self._stall_limit = deadline, stall_limit
+        self.progressed()
+
+    def progressed(self) -> None:
+        if self._deadline is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time() + self._stall_limit)
+
+    def body_sent(self) -> None:
+        if self._deadline is not None:
+            self._deadline.reschedule(None)
 
 
 class UploadClient:
@@ -511,16 +529,19 @@ class UploadClient:
         }
         try:
             try:
-                async with self._session.post(
-                    url,
-                    data=body,
-                    headers=headers,
-                    timeout=timeout,
-                    allow_redirects=False,
-                    raise_for_status=False,
-                ) as response:
-                    answer = await _read_answer(response)
-                    status, answer_headers = response.status, response.headers
+                async with asyncio.timeout(None) as stalled:
+                    if trouble is not None:
+                        trouble.watch_progress(stalled, read_timeout)
+                    async with self._session.post(
+                        url,
+                        data=body,
+                        headers=headers,
+                        timeout=timeout,
+                        allow_redirects=False,
+                        raise_for_status=False,
+                    ) as response:
+                        answer = await _read_answer(response)
+                        status, answer_headers = response.status, response.headers
             except (TimeoutError, aiohttp.ClientError) as err:
                 if trouble is not None and trouble.error is not None:
                     raise _source_error(trouble.error) from None
@@ -581,6 +602,8 @@ async def _watch(
             if on_chunk is not None:
                 on_chunk(bytes(chunk))
             yield bytes(chunk)
+            trouble.progressed()
+        trouble.body_sent()
         if size is not None and trouble.sent != size:
             raise PermanentError(
                 f"source changed while uploading: {trouble.sent} bytes, expected {size}"
@@ -622,6 +645,10 @@ async def _read_answer(response: aiohttp.ClientResponse) -> bytes:
 def _source_error(error: BaseException) -> UploadError:
     if isinstance(error, UploadError):
         return error
+    if isinstance(error, aiohttp.ClientError | TimeoutError):
+        # An origin that stalls or resets mid-body (stream-through): worth another try.
+        what = str(error) or type(error).__name__
+        return RetryableError(_one_line(f"reading the source failed: {what}"))
     if isinstance(error, OSError):
         return PermanentError(_one_line(f"reading the source failed: {error.strerror or error}"))
     return RetryableError(_one_line(f"reading the source failed: {type(error).__name__}: {error}"))

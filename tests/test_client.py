@@ -1041,3 +1041,50 @@ async def test_emulator_rejects_a_wrong_key(
     client = UploadClient(session, emulator.base_url, "wrong-key-123456")
     with pytest.raises(AuthRejectedError, match="HTTP 401"):
         await client.upload_base64(b"x", upload_path="a", file_name="x.txt")
+
+
+# -- stalls in the middle of a streamed body ------------------------------------------------
+
+
+async def endless(chunk: bytes) -> AsyncIterator[bytes]:
+    while True:
+        yield chunk
+
+
+async def test_a_service_that_stops_reading_the_body_times_out_as_retryable(
+    session: aiohttp.ClientSession,
+) -> None:
+    stalled = asyncio.Event()
+
+    async def never_reads(request: web.Request) -> web.StreamResponse:
+        stalled.set()
+        await asyncio.sleep(30)  # holds the connection, reads nothing
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/api/file-stream-upload", never_reads)
+    async with running(app) as base_url:
+        client = client_for(session, base_url, read_timeout=0.5)
+        with pytest.raises(RetryableError, match="timed out"):
+            await asyncio.wait_for(
+                client.upload_stream(
+                    endless(b"x" * 256 * 1024), upload_path="u", file_name="f.bin", size=None
+                ),
+                timeout=20,
+            )
+    assert stalled.is_set()
+
+
+async def test_an_origin_that_stalls_mid_body_is_retryable_not_permanent(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def origin_times_out() -> AsyncIterator[bytes]:
+        yield b"first part"
+        raise aiohttp.ServerTimeoutError("Timeout on reading data from socket")
+
+    async with serve(reply(quickstart(fileSize=10))) as server:
+        client = client_for(session, server.base_url)
+        with pytest.raises(RetryableError, match="reading the source failed"):
+            await client.upload_stream(
+                origin_times_out(), upload_path="u", file_name="f.bin", size=None
+            )
