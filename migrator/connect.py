@@ -172,7 +172,7 @@ async def _start_emulator(data_dir: Path, api_key: str) -> Emulator:
     emulator = Emulator(data_dir, api_key, port=remembered, keep_requests=EMBEDDED_REQUESTS_KEPT)
     try:
         await emulator.start()
-    except OSError:
+    except ConfigError:  # the remembered port is taken: any free one will do
         if remembered == 0:
             raise
         emulator = Emulator(data_dir, api_key, port=0, keep_requests=EMBEDDED_REQUESTS_KEPT)

@@ -178,13 +178,13 @@ async def _run_with_ledger(
     log.info("run.start", job=manifest.name, run_id=run_id, concurrency=concurrency)
     started, started_wall = time.monotonic(), time.time()
     job = _Job(manifest, opts, observer, ledger, run_id, concurrency)
-    error: MigratorError | None = None
+    error: BaseException | None = None
     try:
         async with connect(manifest, concurrency=concurrency, environ=environ) as conn:
             job.conn = conn
             with stop_on_signals(job.signalled, enabled=opts.handle_signals):
                 await job.run_pool()
-    except MigratorError as err:
+    except BaseException as err:
         error = err  # recorded as what it is, not as a clean run
         raise
     finally:
@@ -192,10 +192,19 @@ async def _run_with_ledger(
         status = "error" if error is not None else _run_status(summary)
         await ledger.finish_run(run_id, status, summary.as_dict())
         log.info("run.summary", job=manifest.name, run_id=run_id, **summary.as_dict())
-        code = error.exit_code if error is not None else summary.exit_code
+        code = summary.exit_code if error is None else exit_code_of(error)
         result = CommandResult("run", started_wall, int(code))
         await publish_outputs(manifest, ledger, result, metrics_file=opts.metrics_file)
     return summary
+
+
+def exit_code_of(error: BaseException) -> ExitCode:
+    """The exit status a command that ended in `error` reports (pure)."""
+    if isinstance(error, MigratorError):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt | asyncio.CancelledError):
+        return ExitCode.INTERRUPTED_INT
+    return ExitCode.INTERNAL
 
 
 def _run_status(summary: RunSummary) -> str:
@@ -385,6 +394,10 @@ class _ItemUpload:
         self.method = item.method
 
     async def run(self) -> None:
+        if self.row is None:
+            # Attempts join their item's row when the ledger writes them: a new item
+            # needs one before its first attempt, or that attempt's record is lost.
+            self.job.ledger.put_item(self._update(ItemState.PENDING, None))
         try:
             way, result = await self.attempts.first_that_works(self._ways())
         except (AuthRejectedError, EndpointError) as err:
@@ -394,9 +407,9 @@ class _ItemUpload:
         except NoServiceError as err:
             if not self.job.counts.uploaded:
                 self._stop_run(err, no_service_message(err))
-            self._finish(ItemState.FAILED, Outcome.FAILED, str(err))
+            self._failed(str(err))
         except UploadError as err:
-            self._finish(ItemState.FAILED, Outcome.FAILED, str(err))
+            self._failed(str(err))
         except asyncio.CancelledError:
             self._interrupted("interrupted")
             raise
@@ -406,7 +419,7 @@ class _ItemUpload:
 
     def _stop_run(self, err: UploadError, message: str) -> NoReturn:
         """Not this item's fault: a known item keeps its row as it was (state and last
-        error); a new one is recorded as pending, so its attempt has a row to join."""
+        error); a new one stays pending, with the reason."""
         if self.row is None:
             self.job.ledger.put_item(self._update(ItemState.PENDING, str(err)))
         reason = StopReason.AUTH if isinstance(err, AuthRejectedError) else StopReason.ENDPOINT
@@ -430,6 +443,12 @@ class _ItemUpload:
             file_name=item.file_name,
             size=item.size,
         )
+
+    def _failed(self, error: str) -> None:
+        """Failed for this run. An item done before stays done with the error noted: its
+        link still serves the bytes it described, refresh keeps it alive, and the next
+        run sees the same change (or expiry) and tries again."""
+        self._finish(self._kept_state(ItemState.FAILED), Outcome.FAILED, error)
 
     def _interrupted(self, error: str) -> None:
         self._finish(self._kept_state(ItemState.INTERRUPTED), Outcome.INTERRUPTED, error)

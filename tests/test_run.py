@@ -7,6 +7,7 @@ import io
 import json
 import os
 import socket
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,14 @@ from migrator.ledger import Ledger
 from migrator.manifest import load_manifest
 from migrator.model import ItemState, LedgerItem, Manifest, Method, PlanItem, SourceKind
 from migrator.progress import BarProgress
-from migrator.runner import Outcome, RunOptions, RunSummary, StopReason, run_manifest
+from migrator.runner import (
+    Outcome,
+    RunObserver,
+    RunOptions,
+    RunSummary,
+    StopReason,
+    run_manifest,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -370,3 +378,109 @@ def test_the_progress_bar_prints_a_failed_items_path_and_error_literally() -> No
         bar.on_item_done(item, Outcome.FAILED, "origin answered [404]")
 
     assert "failed /data/notes[/draft] [bold].txt: origin answered [404]" in screen.getvalue()
+
+
+# -- what the ledger keeps of attempts and failures ------------------------------------------
+
+
+def attempt_rows(manifest_path: Path) -> list[tuple[int, str, str, int | None]]:
+    """(attempt, method, outcome, http_status) of every recorded attempt, in order."""
+    ledger = load(manifest_path).ledger
+    with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as db:
+        query = "SELECT attempt, method, outcome, http_status FROM attempts ORDER BY id"
+        return [tuple(row) for row in db.execute(query)]
+
+
+async def test_every_attempt_of_a_new_item_is_recorded_with_its_outcome_and_status(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "a.txt", 10)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}], retries=2)
+    emulator.inject_faults(503, 2, retry_after=0)
+
+    await run(manifest, api_key)
+
+    assert attempt_rows(manifest) == [
+        (1, "base64", "retry", 503),
+        (2, "base64", "retry", 503),
+        (3, "base64", "ok", 200),
+    ]
+
+
+async def test_a_url_the_service_refuses_is_recorded_as_next_then_streamed_through(
+    job: Path, emulator: Emulator, api_key: str, origin: Origin
+) -> None:
+    origin.files["pic.png"] = b"png bytes"
+    manifest = write_manifest(job, emulator.base_url, [{"url": origin.url("pic.png")}])
+    emulator.inject_faults(400, 1, endpoint="url")
+
+    summary = await run(manifest, api_key)
+
+    assert summary.exit_code is ExitCode.OK
+    assert attempt_rows(manifest) == [(1, "url", "next", 400), (2, "stream", "ok", 200)]
+
+
+async def test_a_done_item_whose_new_upload_fails_stays_done_and_is_tried_again_next_run(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    old = write_file(job / "a.txt", 10)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}])
+    await run(manifest, api_key)
+    first = (await ledger_items(manifest))["a.txt"]
+    write_file(job / "a.txt", 20, seed=3)
+    emulator.inject_faults(400, 1)
+
+    failed_run = await run(manifest, api_key)
+
+    assert failed_run.exit_code is ExitCode.ITEMS_FAILED
+    kept = (await ledger_items(manifest))["a.txt"]
+    assert (kept.state, kept.download_url, kept.size) == (ItemState.DONE, first.download_url, 10)
+    assert kept.last_error is not None and "400" in kept.last_error
+    assert await fetch(first.download_url) == old
+    next_run = await run(manifest, api_key)
+    assert (next_run.exit_code, next_run.counts.uploaded) == (ExitCode.OK, 1)
+
+
+class Explodes(RunObserver):
+    def on_item_done(self, item: PlanItem, outcome: Outcome, error: str | None) -> None:
+        raise RuntimeError("observer bug")
+
+
+async def test_a_run_that_ends_in_an_unexpected_error_is_recorded_as_an_error(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "a.txt", 10)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}])
+    metrics = job / "metrics.prom"
+
+    with pytest.raises(RuntimeError, match="observer bug"):
+        await run_manifest(
+            load(manifest),
+            RunOptions(seed=1, metrics_file=metrics),
+            Explodes(),
+            environ={"KIE_API_KEY": api_key},
+        )
+
+    async with await Ledger.open(load(manifest).ledger, readonly=True) as ledger:
+        last = (await ledger.runs(limit=1))[0]
+    assert last.status == "error"
+    assert 'migrator_last_run_exit_code{job="job",command="run"} 70' in metrics.read_text()
+
+
+async def test_the_embedded_target_moves_to_a_free_port_when_its_old_one_is_taken(
+    job: Path,
+) -> None:
+    write_file(job / "a.txt", 10)
+    manifest = write_manifest(job, "embedded", [{"path": "./a.txt"}])
+    assert (await run(manifest, "unused")).exit_code is ExitCode.OK
+    port_file = load(manifest).ledger.parent / "job.embedded" / "port"
+    old_port = int(port_file.read_text())
+    write_file(job / "a.txt", 11)  # changed: the next run must reach the emulator
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", old_port))
+        squatter.listen()
+        summary = await run(manifest, "unused")
+
+    assert (summary.exit_code, summary.counts.uploaded) == (ExitCode.OK, 1)
+    assert int(port_file.read_text()) != old_port
