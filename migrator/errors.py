@@ -19,6 +19,7 @@ and the service's `msg`, never from request headers.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -112,3 +113,12 @@ class AuthRejectedError(UploadError):
 
 class EndpointError(UploadError):
     exit_code = ExitCode.USAGE
+
+
+def exit_code_of(error: BaseException) -> ExitCode:
+    """The exit status a command that ended in `error` reports (pure)."""
+    if isinstance(error, MigratorError):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt | asyncio.CancelledError):
+        return ExitCode.INTERRUPTED_INT
+    return ExitCode.INTERNAL

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from migrator.client import NoServiceError, no_service_message
-from migrator.connect import connect, open_origins
+from migrator.connect import connect, open_origins, read_api_key
 from migrator.errors import (
     AuthRejectedError,
     DiskError,
@@ -37,6 +37,7 @@ from migrator.errors import (
     RetryableError,
     UploadError,
     UsageError,
+    exit_code_of,
 )
 from migrator.ledger import DISK_ERRNOS, Ledger, locked
 from migrator.logs import get_logger
@@ -140,6 +141,8 @@ async def refresh(
     opts = options or LifecycleOptions()
     within = manifest.settings.refresh_within if opts.within is None else opts.within
     concurrency = opts.concurrency or manifest.settings.concurrency
+    if not manifest.target.is_embedded:
+        read_api_key(manifest.target, environ)  # ConfigError before any write
     async with (
         _session(manifest, "refresh", opts) as command,
         connect(manifest, concurrency=concurrency, environ=environ) as conn,
@@ -432,7 +435,7 @@ class _Downloader:
         try:
             async with self.session.get(url) as response:
                 _check_download_status(url, response.status)
-                return await _save(response, path, row)
+                return await save_download(response, path, row)
         except (aiohttp.ClientError, TimeoutError) as err:
             raise RetryableError(f"download of {url} failed: {err or type(err).__name__}") from None
 
@@ -472,7 +475,7 @@ def _already_there(path: Path, row: LedgerItem) -> bool:
     return row.downloaded_path == str(path)
 
 
-async def _save(response: aiohttp.ClientResponse, path: Path, row: LedgerItem) -> str:
+async def save_download(response: aiohttp.ClientResponse, path: Path, row: LedgerItem) -> str:
     """Stream the body to a temporary file beside `path`, check it, rename it into place."""
     try:
         # Not in a thread: a cancellation while the thread ran would leave the file
@@ -485,6 +488,10 @@ async def _save(response: aiohttp.ClientResponse, path: Path, row: LedgerItem) -
         _check_body(row, size, digest)
         temp.replace(path)
         return digest
+    except (aiohttp.ClientError, TimeoutError) as err:
+        # Before OSError: aiohttp's socket errors and timeouts are OSErrors too, but
+        # a stalled or reset link is the network's failure, not the disk's.
+        raise RetryableError(f"download of {response.url} failed: {_describe(err)}") from None
     except OSError as err:
         raise _destination_error(path, err) from None
     finally:
@@ -525,6 +532,10 @@ async def _stream_to(fd: int, response: aiohttp.ClientResponse) -> tuple[str, in
             await asyncio.to_thread(out.write, chunk)
         await asyncio.to_thread(_sync, out)
     return digest.hexdigest(), size
+
+
+def _describe(err: BaseException) -> str:
+    return (str(err) or type(err).__name__).splitlines()[0][:200]
 
 
 def _sync(out: Any) -> None:
@@ -575,15 +586,28 @@ async def _session(
             run_id = await ledger.start_run(name, str(manifest.path))
             command = _Command(name, manifest, opts, ledger, run_id)
             log.info(f"{name}.start", job=manifest.name, run_id=run_id)
+            error: BaseException | None = None
             try:
                 yield command
+            except BaseException as err:
+                error = err  # recorded as what it is, not as a clean run
+                raise
             finally:
                 summary = command.summary = _summary(command, time.monotonic() - started)
-                status = "stopped" if command.stop else ("failed" if summary.exit_code else "done")
+                status = _status(command, summary, error)
                 await ledger.finish_run(run_id, status, summary.as_dict())
                 log.info(f"{name}.summary", job=manifest.name, run_id=run_id, **summary.as_dict())
-                result = CommandResult(name, started_wall, int(summary.exit_code))
+                code = summary.exit_code if error is None else exit_code_of(error)
+                result = CommandResult(name, started_wall, int(code))
                 await publish_outputs(manifest, ledger, result, metrics_file=opts.metrics_file)
+
+
+def _status(command: _Command, summary: LifecycleSummary, error: BaseException | None) -> str:
+    if error is not None:
+        return "error"
+    if command.stop is not None:
+        return "stopped"
+    return "failed" if summary.exit_code else "done"
 
 
 async def _drive(

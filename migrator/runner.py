@@ -26,8 +26,8 @@ from migrator.errors import (
     AuthRejectedError,
     EndpointError,
     ExitCode,
-    MigratorError,
     UploadError,
+    exit_code_of,
 )
 from migrator.ledger import Ledger, locked
 from migrator.logs import get_logger
@@ -196,15 +196,6 @@ async def _run_with_ledger(
         result = CommandResult("run", started_wall, int(code))
         await publish_outputs(manifest, ledger, result, metrics_file=opts.metrics_file)
     return summary
-
-
-def exit_code_of(error: BaseException) -> ExitCode:
-    """The exit status a command that ended in `error` reports (pure)."""
-    if isinstance(error, MigratorError):
-        return error.exit_code
-    if isinstance(error, KeyboardInterrupt | asyncio.CancelledError):
-        return ExitCode.INTERRUPTED_INT
-    return ExitCode.INTERNAL
 
 
 def _run_status(summary: RunSummary) -> str:

@@ -22,8 +22,8 @@ import yaml
 from conftest import Origin
 
 from migrator.emulator import Emulator
-from migrator.errors import ExitCode
-from migrator.ledger import Ledger
+from migrator.errors import ConfigError, ExitCode
+from migrator.ledger import Ledger, RunRow
 from migrator.lifecycle import (
     LifecycleOptions,
     LifecycleSummary,
@@ -621,3 +621,21 @@ async def test_download_refuses_a_ledger_row_whose_upload_path_climbs_out(
     assert tree(tmp_path / "deep") == {
         f"er/dest/{name}": data for name, data in mixed_job.sources.items()
     }
+
+
+async def test_refresh_without_a_key_stops_before_it_writes_anything(
+    seventy_hours_later: Scenario,
+) -> None:
+    manifest = seventy_hours_later.manifest
+    runs_before = await run_rows(manifest)
+
+    with pytest.raises(ConfigError, match="KIE_API_KEY"):
+        await refresh(manifest, WIDE, environ={})
+
+    assert await run_rows(manifest) == runs_before
+    assert await rows(manifest) == seventy_hours_later.before
+
+
+async def run_rows(manifest: Manifest) -> list[RunRow]:
+    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
+        return await ledger.runs(limit=100)
