@@ -158,9 +158,11 @@ def refresh_ways(
 ) -> list[Send]:
     """Where a refresh can take the bytes from, best first (pure).
 
-    The local file when unchanged; the service's own copy while its link lives (a
-    URL upload, or streamed through this machine above url_max); the origin of a
-    URL source. An expired item with none of these has nothing left: it is lost.
+    Only the bytes that were uploaded, never different ones: the local file when it
+    is unchanged; the service's own copy while its link lives (a URL upload, or
+    streamed through this machine above url_max). Only once that link is dead, the
+    origin of a URL source, streamed through here so that its size is checked before
+    a byte is sent, and its sha256 after. An expired item with none of these is lost.
     """
     ways: list[Send] = []
 
@@ -169,16 +171,11 @@ def refresh_ways(
 
     if row.kind is SourceKind.FILE and local_unchanged and row.size is not None:
         ways.append(way(row.source, SourceKind.FILE, _local_method(row.size, settings)))
-    alive = row.expires_at is not None and row.expires_at > now
+    alive = row.expires_at is not None and row.expires_at > now and bool(row.download_url)
     if alive and row.download_url:
         ways.append(way(row.download_url, SourceKind.URL, _remote_method(row.size, settings)))
-    if row.kind is SourceKind.URL:
-        # A recorded sha256 must stay true: the origin may have changed, so its bytes
-        # pass through here to be hashed, never copied blind by a URL upload.
-        method = Method.STREAM if row.sha256 else _remote_method(row.size, settings)
-        ways.append(way(row.source, SourceKind.URL, method))
-        if method is Method.URL:
-            ways.append(way(row.source, SourceKind.URL, Method.STREAM))
+    elif row.kind is SourceKind.URL:
+        ways.append(way(row.source, SourceKind.URL, Method.STREAM))
     return ways
 
 
@@ -246,6 +243,10 @@ class _Refresher:
         except UploadError as err:
             self._failed(row, now, str(err), attempts.made)
         else:
+            if row.sha256 and sent.sha256 and sent.sha256 != row.sha256:
+                reason = "the origin now serves other bytes (sha256 differs); `migrator run`"
+                self._lost(row, f"{reason} uploads the new version", attempts.made)
+                return
             self._refreshed(row, way, sent, attempts.made)
 
     def _refreshed(self, row: LedgerItem, way: Send, sent: Sent, attempts: int) -> None:
@@ -262,9 +263,7 @@ class _Refresher:
             file_id=receipt.file_id,
             uploaded_at=uploaded_at,
             expires_at=expires_at,
-            # What the service holds now: an origin may have changed since the upload.
-            size=receipt.file_size,
-            sha256=sent.sha256,
+            sha256=sent.sha256,  # kept as it was when already known (it matched)
         )
         self.command.count("refreshed")
         log.info("refresh.done", item=row.source, via=way.source, method=way.method)

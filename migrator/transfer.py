@@ -105,7 +105,8 @@ async def _send_by_url(conn: Connection, job: Send) -> Sent:
         url, upload_path=job.upload_path, file_name=job.file_name
     )
     if job.size is not None and receipt.file_size is not None and receipt.file_size != job.size:
-        raise RetryableError(
+        # Permanent: a retry would fetch the same changed file; the next run re-plans it.
+        raise PermanentError(
             f"the service stored {receipt.file_size} bytes of {url}, "
             f"the origin announced {job.size}"
         )
@@ -120,6 +121,11 @@ async def _stream_through(conn: Connection, job: Send, on_bytes: Callable[[int],
         async with conn.origins.get(url) as response:
             _check_origin_status(url, response.status)
             size = response.content_length
+            if job.size is not None and size is not None and size != job.size:
+                # Checked before a byte is sent: these are not the bytes we mean to send.
+                raise PermanentError(
+                    f"origin {url} now has {size} bytes, not the {job.size} planned: it changed"
+                )
             receipt = await conn.client.upload_stream(
                 _chunks(response),
                 upload_path=job.upload_path,

@@ -313,21 +313,20 @@ async def test_a_lost_item_does_not_keep_the_others_from_being_refreshed(
         assert await fetch(after[name].download_url or "") == (200, expired_job.sources[name])
 
 
-async def test_refresh_takes_an_expired_url_item_again_from_its_origin(
+async def test_refresh_takes_an_expired_url_item_again_from_its_origin_through_here(
     expired_job: Scenario, endpoint_emulator: Emulator, origin: Origin, api_key: str
 ) -> None:
-    uploads_before = len(endpoint_emulator.requests)
+    uploads_before, gets_before = len(endpoint_emulator.requests), len(origin.gets)
 
     await do_refresh(expired_job.manifest, api_key)
 
     [request] = [
         r for r in endpoint_emulator.requests[uploads_before:] if r.file_name == "remote.bin"
     ]
-    assert (request.endpoint, request.file_url, request.status) == (
-        "url",
-        origin.url("remote.bin"),
-        200,
-    )
+    assert (request.endpoint, request.status) == ("stream", 200)
+    assert origin.gets[gets_before:] == ["remote.bin"]
+    row = (await rows(expired_job.manifest))["remote.bin"]
+    assert await fetch(row.download_url or "") == (200, expired_job.sources["remote.bin"])
 
 
 async def test_refresh_marks_an_expired_url_item_lost_when_its_origin_is_gone(
@@ -341,20 +340,20 @@ async def test_refresh_marks_an_expired_url_item_lost_when_its_origin_is_gone(
     assert (await rows(expired_job.manifest))["remote.bin"].state is ItemState.LOST
 
 
-async def test_refresh_from_an_origin_that_changed_records_what_it_uploaded(
-    expired_job: Scenario, origin: Origin, api_key: str, tmp_path: Path
+async def test_refresh_never_uploads_an_origin_that_changed_and_reports_the_item_lost(
+    expired_job: Scenario, endpoint_emulator: Emulator, origin: Origin, api_key: str
 ) -> None:
-    origin.files["remote.bin"] = changed = b"a newer version, and longer " * 100
+    origin.files["remote.bin"] = b"a newer version, and longer " * 100
+    uploads_before = len(endpoint_emulator.requests)
 
     summary = await do_refresh(expired_job.manifest, api_key)
 
-    assert summary.counts.get("refreshed") == 2
+    assert summary.exit_code is ExitCode.ITEMS_FAILED
     row = (await rows(expired_job.manifest))["remote.bin"]
-    assert await fetch(row.download_url or "") == (200, changed)
-    assert row.size == len(changed)
-    fetched = await download(expired_job.manifest, tmp_path / "dest")
-    assert fetched.exit_code is ExitCode.OK
-    assert (tmp_path / "dest" / "mig" / "remote.bin").read_bytes() == changed
+    assert row.state is ItemState.LOST
+    assert row.last_error is not None and "changed" in row.last_error
+    sent = [r for r in endpoint_emulator.requests[uploads_before:] if r.file_name == "remote.bin"]
+    assert sent == []  # refused before a byte was sent
 
 
 # -- download -----------------------------------------------------------------------------

@@ -63,18 +63,8 @@ def test_an_expired_link_is_not_offered() -> None:
     assert ways(row(expires_at=NOW - 1), local_unchanged=False) == []
 
 
-def test_a_url_source_falls_back_to_its_origin_by_url_then_stream() -> None:
+def test_once_its_link_is_dead_a_url_source_is_streamed_through_from_its_origin() -> None:
     remote = row(source="https://origin.test/a.bin", kind=SourceKind.URL, expires_at=NOW - 1)
-    assert ways(remote) == [
-        ("https://origin.test/a.bin", Method.URL),
-        ("https://origin.test/a.bin", Method.STREAM),
-    ]
-
-
-def test_an_origin_with_a_recorded_hash_is_streamed_through_to_be_hashed_again() -> None:
-    remote = row(
-        source="https://origin.test/a.bin", kind=SourceKind.URL, expires_at=NOW - 1, sha256="ab"
-    )
     assert ways(remote) == [("https://origin.test/a.bin", Method.STREAM)]
 
 
@@ -90,3 +80,8 @@ def test_without_expires_at_the_upload_lives_ttl_from_its_upload_time() -> None:
 
 def test_without_any_time_the_upload_lives_ttl_from_when_the_answer_came() -> None:
     assert upload_lifetime(UploadReceipt("https://f"), NOW, ttl=HOUR) == (NOW, NOW + HOUR)
+
+
+def test_while_its_link_lives_a_url_source_is_never_taken_from_its_origin() -> None:
+    remote = row(source="https://origin.test/a.bin", kind=SourceKind.URL)
+    assert ways(remote) == [("https://files.test/up/a.bin", Method.URL)]
