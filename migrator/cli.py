@@ -24,6 +24,7 @@ from rich.table import Table
 from migrator import __version__
 from migrator.connect import read_api_key
 from migrator.errors import (
+    DISK_ERRNOS,
     ConfigError,
     DiskError,
     ExitCode,
@@ -31,7 +32,7 @@ from migrator.errors import (
     MigratorError,
     UsageError,
 )
-from migrator.ledger import DISK_ERRNOS, Ledger
+from migrator.ledger import Ledger
 from migrator.lifecycle import LifecycleOptions, LifecycleSummary, download, refresh
 from migrator.logs import configure_logging, get_logger
 from migrator.manifest import load_manifest

@@ -37,8 +37,7 @@ class Connection:
 
     target_id: str  # what the ledger keys items by: the manifest's base_url as written
     base_url: str  # where requests actually go
-    api_key: str
-    client: UploadClient
+    client: UploadClient  # holds the key; nothing else here does
     origins: aiohttp.ClientSession  # remote sources, downloads, stream-through
     url_vars: Mapping[str, str]  # substitutions for URL sources (${EMBEDDED_ORIGIN})
 
@@ -129,7 +128,6 @@ async def connect(
         yield Connection(
             target_id=manifest.target.base_url,
             base_url=base_url,
-            api_key=api_key,
             client=UploadClient(api, base_url, api_key),
             origins=origins.session,
             url_vars=origins.url_vars,

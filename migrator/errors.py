@@ -20,6 +20,7 @@ and the service's `msg`, never from request headers.
 from __future__ import annotations
 
 import asyncio
+import errno
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -56,6 +57,10 @@ class LedgerError(MigratorError):
 
 class LockHeldError(MigratorError):
     exit_code = ExitCode.LOCKED
+
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+"""The errnos that mean the disk failed us, not that a path was wrong."""
 
 
 class DiskError(MigratorError):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import sqlite3
@@ -36,12 +35,11 @@ from urllib.parse import quote
 
 import aiosqlite
 
-from migrator.errors import DiskError, ExitCode, LedgerError
+from migrator.errors import DISK_ERRNOS, DiskError, ExitCode, LedgerError
 from migrator.lock import RunLock, lock_path_for
 from migrator.model import AttemptRecord, ItemState, ItemUpdate, LedgerItem, Method, SourceKind
 
 MOVE_HINT = "use --ledger PATH or MIGRATOR_LEDGER_DIR to put it elsewhere"
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 class LedgerDiskError(LedgerError, DiskError):

@@ -28,6 +28,7 @@ import aiohttp
 from migrator.client import NoServiceError, no_service_message
 from migrator.connect import connect, open_origins, read_api_key
 from migrator.errors import (
+    DISK_ERRNOS,
     AuthRejectedError,
     DiskError,
     EndpointError,
@@ -39,7 +40,7 @@ from migrator.errors import (
     UsageError,
     exit_code_of,
 )
-from migrator.ledger import DISK_ERRNOS, Ledger, locked
+from migrator.ledger import Ledger, locked
 from migrator.logs import get_logger
 from migrator.model import (
     ItemState,

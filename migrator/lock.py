@@ -61,9 +61,10 @@ class RunLock:
         except OSError as err:
             os.close(fd)
             raise LedgerError(f"cannot lock the ledger {self.ledger}: {err.strerror}") from err
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self._fd = fd
+        with contextlib.suppress(OSError):  # the pid only helps the message; a full disk
+            os.ftruncate(fd, 0)  # must not leave a held lock behind
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
 
     def release(self) -> None:
         """Let go of the lock (closing the descriptor releases the flock)."""

@@ -30,6 +30,7 @@ Event names are a stable vocabulary (`run.start`, `upload.attempt`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -166,19 +167,33 @@ def _short_exception(logger: WrappedLogger, method_name: str, event_dict: EventD
 # -- sinks --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Sink:
     stream: TextIO
     min_level: int
     steps: tuple[Processor, ...]  # exception formatting and redaction
     render: Format
+    name: str | None = None  # the log file's path; None for the console
+    broken: bool = False
 
     def emit(self, method_name: str, event: EventDict) -> None:
+        if self.broken:
+            return
         event_dict: EventDict = dict(event)
         for step in self.steps:
             event_dict = cast(EventDict, step(None, method_name, event_dict))
-        self.stream.write(self.render(event_dict) + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(self.render(event_dict) + "\n")
+            self.stream.flush()
+        except OSError as err:
+            # A full disk under the log must not stop the uploads: say so once, go on.
+            self.broken = True
+            if self.name is not None:
+                print(
+                    f"migrator: cannot write the log file {self.name}: {err.strerror or err};"
+                    " logging to it stopped",
+                    file=sys.stderr,
+                )
 
 
 class _CurrentStderr:
@@ -207,7 +222,8 @@ class _Tee:
         with self._lock:
             old, self._sinks, self._owned = self._owned, sinks, owned
         for stream in old:
-            stream.close()
+            with contextlib.suppress(OSError):  # what a full disk left in the buffer
+                stream.close()
 
     def dispatch(self, method_name: str, event: EventDict) -> None:
         level = LEVELS.get(str(event.get("level", "info")), LEVELS["info"])
@@ -341,7 +357,9 @@ def configure_logging(
     if log_file is not None:
         handle = _open_log_file(log_file)
         owned.append(handle)
-        sinks.append(_Sink(handle, min_level, (_dict_tracebacks, redact), _json_line))
+        sinks.append(
+            _Sink(handle, min_level, (_dict_tracebacks, redact), _json_line, name=str(log_file))
+        )
     console_stream = stream or cast(TextIO, _CurrentStderr())
     console_sink = _console_sink(console, console_stream, min_level, redact)
     if console_sink is not None:

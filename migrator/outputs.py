@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from migrator.errors import ConfigError, DiskError, MigratorError, UsageError
+from migrator.errors import DISK_ERRNOS, ConfigError, DiskError, MigratorError, UsageError
 from migrator.model import LedgerItem
 from migrator.units import iso_utc
 
 OUTPUT_MODE = 0o644
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 def write_error(path: Path, err: OSError) -> MigratorError:
@@ -271,7 +270,9 @@ def render_metrics(s: MetricsSnapshot) -> str:
             )
         )
     parts += [
-        _gauge("migrator_failures", "Items that failed in the last run.", [(job, s.failures)]),
+        _gauge(
+            "migrator_failures", "Items failed or lost, in the whole ledger.", [(job, s.failures)]
+        ),
         _gauge(
             "migrator_last_run_duration_seconds",
             "How long the last run took.",

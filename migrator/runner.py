@@ -209,14 +209,30 @@ async def _dry_run(manifest: Manifest, opts: RunOptions, observer: RunObserver) 
     started = time.monotonic()
     counts = RunCounts()
     entries = preview(manifest, concurrency=opts.concurrency, checksum=opts.checksum)
-    async for item, decision, _row in entries:
+    async for item, planned, row in entries:
         counts.planned += 1
+        decision = await _verified(item, planned, row)
         if decision.needs_upload:
             counts.would_upload[decision] = counts.would_upload.get(decision, 0) + 1
         else:
             counts.skipped += 1
             observer.on_item_done(item, Outcome.SKIPPED, None)
     return RunSummary(None, counts, time.monotonic() - started, None, None, dry_run=True)
+
+
+async def _verified(item: PlanItem, decision: Decision, row: LedgerItem | None) -> Decision:
+    """--checksum: a VERIFY becomes CHANGED or UNCHANGED once the file is hashed."""
+    if decision is not Decision.VERIFY or row is None:
+        return decision
+    same = await _same_bytes(item, row)
+    return Decision.UNCHANGED if same else Decision.CHANGED
+
+
+async def _same_bytes(item: PlanItem, row: LedgerItem) -> bool:
+    try:
+        return await asyncio.to_thread(transfer.sha256_of, Path(item.source)) == row.sha256
+    except OSError:
+        return False  # the upload attempt will say what is wrong with the file
 
 
 async def preview(
@@ -343,18 +359,12 @@ class _Job:
     # -- one item -------------------------------------------------------------------------
 
     async def _process_entry(self, entry: _Entry) -> None:
-        item, decision, row = entry
-        if decision is Decision.VERIFY and row is not None and await self._same_bytes(item, row):
+        item, planned, row = entry
+        if await _verified(item, planned, row) is Decision.UNCHANGED:
             self._skip(item)
             return
         self.observer.on_item_start(item)
         await _ItemUpload(self, item, row).run()
-
-    async def _same_bytes(self, item: PlanItem, row: LedgerItem) -> bool:
-        try:
-            return await asyncio.to_thread(transfer.sha256_of, Path(item.source)) == row.sha256
-        except OSError:
-            return False  # the upload attempt will say what is wrong with the file
 
     def _skip(self, item: PlanItem) -> None:
         self.counts.skipped += 1

@@ -334,3 +334,14 @@ def test_unwritable_log_file_is_a_config_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot write the log file"):
         configure_logging(log_file=blocker / "run.jsonl", console="none")
+
+
+def test_a_log_file_that_cannot_be_written_is_reported_once_and_never_stops_the_caller(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(log_file=Path("/dev/full"), console="none")
+    for _ in range(3):
+        get_logger().info("upload.done", file_name="a.png")
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1
+    assert "cannot write the log file /dev/full" in errors[0]

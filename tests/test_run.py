@@ -484,3 +484,57 @@ async def test_the_embedded_target_moves_to_a_free_port_when_its_old_one_is_take
 
     assert (summary.exit_code, summary.counts.uploaded) == (ExitCode.OK, 1)
     assert int(port_file.read_text()) != old_port
+
+
+# -- --checksum ------------------------------------------------------------------------------
+
+
+def rewrite_keeping_size_and_mtime(path: Path) -> None:
+    """New bytes that size + mtime cannot see: same length, same modification time."""
+    info = path.stat()
+    path.write_bytes(bytes(255 - b for b in path.read_bytes()))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+async def test_without_checksum_a_same_size_same_mtime_edit_goes_unseen(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "a.txt", 100)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}])
+    await run(manifest, api_key)
+    rewrite_keeping_size_and_mtime(job / "a.txt")
+
+    summary = await run(manifest, api_key)
+
+    assert (summary.counts.uploaded, summary.counts.skipped) == (0, 1)
+
+
+async def test_checksum_uploads_a_same_size_same_mtime_edit_again(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "a.txt", 100)
+    write_file(job / "b.txt", 100, seed=9)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./*.txt"}])
+    await run(manifest, api_key)
+    rewrite_keeping_size_and_mtime(job / "a.txt")
+
+    summary = await run(manifest, api_key, checksum=True)
+
+    assert (summary.counts.uploaded, summary.counts.skipped) == (1, 1)
+    item = (await ledger_items(manifest))["a.txt"]
+    assert await fetch(item.download_url or "") == (job / "a.txt").read_bytes()
+
+
+async def test_a_checksum_dry_run_counts_the_edit_as_changed(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "a.txt", 100)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}])
+    await run(manifest, api_key)
+    rewrite_keeping_size_and_mtime(job / "a.txt")
+    sent = len(emulator.requests)
+
+    summary = await run(manifest, api_key, dry_run=True, checksum=True)
+
+    assert summary.counts.would_upload == {"changed": 1}
+    assert len(emulator.requests) == sent
