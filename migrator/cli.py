@@ -298,7 +298,17 @@ def _run_with_progress(manifest: Manifest, options: RunOptions, *, quiet: bool) 
     if sys.stderr.isatty():
         with BarProgress(Console(stderr=True)) as bar:
             return asyncio.run(run_manifest(manifest, options, bar))
-    return asyncio.run(run_manifest(manifest, options, LineProgress(sys.stderr)))
+    return asyncio.run(_run_with_lines(manifest, options, LineProgress(sys.stderr)))
+
+
+async def _run_with_lines(
+    manifest: Manifest, options: RunOptions, progress: LineProgress
+) -> RunSummary:
+    ticker = asyncio.create_task(progress.ticking())
+    try:
+        return await run_manifest(manifest, options, progress)
+    finally:
+        ticker.cancel()
 
 
 def _print_run_summary(summary: RunSummary) -> None:

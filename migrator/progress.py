@@ -7,6 +7,7 @@ systemd, Kubernetes), one plain line every few seconds, in the spirit of rclone'
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,31 +79,19 @@ class _TallyObserver(RunObserver):
 
 
 class LineProgress(_TallyObserver):
-    """One line on `stream` every `interval` seconds, and none when nothing changed."""
+    """One line on `stream` every `interval` seconds while `ticking()` runs, also when
+    nothing moved (a stalled transfer shows as a line that stays the same)."""
 
     def __init__(self, stream: TextIO, interval: float = 10.0) -> None:
         super().__init__()
         self.stream = stream
         self.interval = interval
-        self._last_print = self.clock()
-        self._last_line = ""
 
-    def on_item_done(self, item: PlanItem, outcome: Outcome, error: str | None) -> None:
-        super().on_item_done(item, outcome, error)
-        self._maybe_print()
-
-    def on_bytes(self, count: int) -> None:
-        super().on_bytes(count)
-        self._maybe_print()
-
-    def _maybe_print(self) -> None:
-        now = self.clock()
-        if now - self._last_print < self.interval:
-            return
-        line = self.tally.line(now)
-        if line != self._last_line:
-            print(line, file=self.stream, flush=True)
-        self._last_print, self._last_line = now, line
+    async def ticking(self) -> None:
+        """Print every interval until cancelled; run it beside the command."""
+        while True:
+            await asyncio.sleep(self.interval)
+            print(self.tally.line(self.clock()), file=self.stream, flush=True)
 
 
 class BarProgress(_TallyObserver):
