@@ -157,3 +157,22 @@ async def origin() -> AsyncIterator[Origin]:
     finally:
         server.release.set()
         await runner.cleanup()
+
+
+# -- a job folder and its files (shared by the run, lifecycle and CLI tests) ---------------
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Path:
+    """An empty folder for a manifest and its sources."""
+    folder = tmp_path / "job"
+    folder.mkdir()
+    return folder
+
+
+def write_file(path: Path, size: int, seed: int = 0) -> bytes:
+    """`size` deterministic bytes at `path` (folders made); returns them."""
+    data = bytes((seed + i * 31) % 253 for i in range(size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data

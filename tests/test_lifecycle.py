@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import Origin
+from conftest import Origin, write_file
 
 from migrator.emulator import Emulator
 from migrator.errors import ConfigError, ExitCode
@@ -62,13 +62,6 @@ def write_manifest(
     return load_manifest(path, environ={})
 
 
-def write_file(path: Path, size: int, seed: int = 0) -> bytes:
-    data = bytes((seed + i * 13) % 251 for i in range(size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return data
-
-
 async def run(manifest: Manifest, api_key: str) -> None:
     summary = await run_manifest(manifest, RunOptions(seed=1), environ={"KIE_API_KEY": api_key})
     assert summary.exit_code is ExitCode.OK, summary.as_dict()
@@ -105,13 +98,6 @@ def tree(root: Path) -> dict[str, bytes]:
     return {
         str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()
     }
-
-
-@pytest.fixture
-def job(tmp_path: Path) -> Path:
-    folder = tmp_path / "job"
-    folder.mkdir()
-    return folder
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import migrator_env
+from conftest import migrator_env, write_file
 
 from migrator.emulator import Emulator
 from migrator.errors import ExitCode
@@ -51,13 +51,6 @@ def write_manifest(
     path = folder / "clijob.yaml"
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
     return path
-
-
-def write_file(path: Path, size: int, seed: int = 0) -> bytes:
-    data = bytes((seed + i * 31) % 253 for i in range(size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return data
 
 
 def load(path: Path) -> Manifest:
@@ -112,13 +105,6 @@ def files_below(root: Path) -> dict[str, bytes]:
     return {
         str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()
     }
-
-
-@pytest.fixture
-def job(tmp_path: Path) -> Path:
-    folder = tmp_path / "job"
-    folder.mkdir()
-    return folder
 
 
 @pytest.fixture

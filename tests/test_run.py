@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import Origin
+from conftest import Origin, write_file
 from rich.console import Console
 
 from migrator import cli
@@ -54,13 +54,6 @@ def write_manifest(
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
     return path
-
-
-def write_file(path: Path, size: int, seed: int = 0) -> bytes:
-    data = bytes((seed + i * 7) % 251 for i in range(size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return data
 
 
 def load(path: Path) -> Manifest:
@@ -104,13 +97,6 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def job(tmp_path: Path) -> Path:
-    folder = tmp_path / "job"
-    folder.mkdir()
-    return folder
 
 
 # -- the whole path -----------------------------------------------------------------------

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, Origin, migrator_env
-from test_run import export_jsonl, fetch, write_file, write_manifest
+from conftest import REPO_ROOT, Origin, migrator_env, write_file
+from test_run import export_jsonl, fetch, write_manifest
 
 from migrator.emulator import Emulator
 from migrator.lock import RunLock
@@ -112,13 +112,6 @@ def states(ledger: Path) -> dict[str, str]:
 def assert_one_clean_line(text: str) -> None:
     assert len(text.strip().splitlines()) == 1, text
     assert "Traceback" not in text
-
-
-@pytest.fixture
-def job(tmp_path: Path) -> Path:
-    folder = tmp_path / "job"
-    folder.mkdir()
-    return folder
 
 
 # -- kill -9 and resume -------------------------------------------------------------------
