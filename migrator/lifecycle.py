@@ -55,7 +55,15 @@ from migrator.plan import choose_method
 from migrator.pool import WorkPool, stop_on_signals
 from migrator.report import CommandResult, publish_outputs
 from migrator.retry import RetryPolicy, backoff_delay, should_retry
-from migrator.transfer import AttemptReport, Attempts, Interrupted, Send, Sent, sha256_of
+from migrator.transfer import (
+    AttemptReport,
+    Attempts,
+    Interrupted,
+    Send,
+    Sent,
+    check_fetch_status,
+    sha256_of,
+)
 
 log = get_logger("migrator.lifecycle")
 CHUNK = 1024 * 1024
@@ -434,7 +442,7 @@ class _Downloader:
             raise PermanentError("no download link recorded")
         try:
             async with self.session.get(url) as response:
-                _check_download_status(url, response.status)
+                check_fetch_status(f"download of {url}", response.status)
                 return await save_download(response, path, row)
         except (aiohttp.ClientError, TimeoutError) as err:
             raise RetryableError(f"download of {url} failed: {err or type(err).__name__}") from None
@@ -453,13 +461,6 @@ class _Downloader:
     def _failed(self, row: LedgerItem, error: str) -> None:
         self.command.count("failed")
         log.warning("download.failed", item=row.source, error=error)
-
-
-def _check_download_status(url: str, status: int) -> None:
-    if status >= 500 or status in (408, 429):
-        raise RetryableError(f"download of {url} answered HTTP {status}", status=status)
-    if status >= 400:
-        raise PermanentError(f"download of {url} answered HTTP {status}", status=status)
 
 
 def _already_there(path: Path, row: LedgerItem) -> bool:

@@ -22,8 +22,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from migrator.errors import ManifestError, ManifestProblem
 from migrator.model import (
+    BASE64_LIMIT,
     EMBEDDED,
     MIB,
+    URL_LIMIT,
     GlobSource,
     Manifest,
     Method,
@@ -47,8 +49,6 @@ from migrator.units import format_duration, parse_duration, parse_size
 LEDGER_DIR_ENV = "MIGRATOR_LEDGER_DIR"
 MAX_MANIFEST_BYTES = 4 * MIB  # ~150,000 path sources; more is a job for glob or url_list
 PROBLEM_LIMIT = 100  # problems reported at most; the rest are counted
-BASE64_LIMIT = 10 * MIB
-URL_LIMIT = 100 * MIB
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

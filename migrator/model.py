@@ -16,6 +16,11 @@ MIB = 1024 * KIB
 GIB = 1024 * MIB
 HOUR = 3600.0
 
+BASE64_LIMIT = 10 * MIB
+"""The docs: base64 is not for files above 10 MB (it adds a third in size)."""
+URL_LIMIT = 100 * MIB
+"""The docs: URL uploads are recommended up to 100 MB (the service fetches in 30 s)."""
+
 EMBEDDED = "embedded"
 """The `target.base_url` that means: start the emulator in-process."""
 

@@ -26,7 +26,8 @@ import aiohttp
 
 from migrator.errors import ManifestError, ManifestProblem
 from migrator.model import (
-    MIB,
+    BASE64_LIMIT,
+    URL_LIMIT,
     GlobSource,
     Manifest,
     Method,
@@ -49,8 +50,6 @@ from migrator.naming import (
 )
 
 __all__ = [
-    "BASE64_FORCED_LIMIT",
-    "URL_FORCED_LIMIT",
     "PlanCheck",
     "RemoteInfo",
     "check_plan",
@@ -63,8 +62,6 @@ __all__ = [
     "walk_glob",
 ]
 
-BASE64_FORCED_LIMIT = 10 * MIB
-URL_FORCED_LIMIT = 100 * MIB
 PROBLEM_LIMIT = 100
 PROBE_TIMEOUT = 10.0
 
@@ -148,9 +145,9 @@ def forced_method_problem(kind: SourceKind, size: int | None, requested: Method)
         return "url applies to remote sources only"
     if requested is Method.BASE64 and kind is SourceKind.URL:
         return "base64 is refused for remote files; use stream (streamed through)"
-    if requested is Method.BASE64 and size is not None and size > BASE64_FORCED_LIMIT:
+    if requested is Method.BASE64 and size is not None and size > BASE64_LIMIT:
         return f"base64 is refused above 10 MiB ({size} bytes); use stream"
-    if requested is Method.URL and size is not None and size > URL_FORCED_LIMIT:
+    if requested is Method.URL and size is not None and size > URL_LIMIT:
         return f"url is refused above 100 MiB ({size} bytes); use stream"
     return None
 

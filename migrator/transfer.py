@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import mimetypes
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -82,7 +81,7 @@ async def send(conn: Connection, job: Send, on_bytes: Callable[[int], None]) -> 
 async def _send_base64(conn: Connection, job: Send, on_bytes: Callable[[int], None]) -> Sent:
     data = await asyncio.to_thread(_read_local, Path(job.source))
     receipt = await conn.client.upload_base64(
-        data, upload_path=job.upload_path, file_name=job.file_name, mime_type=_mime(job.file_name)
+        data, upload_path=job.upload_path, file_name=job.file_name
     )
     on_bytes(len(data))
     return Sent(receipt, len(data), hashlib.sha256(data).hexdigest())
@@ -119,7 +118,7 @@ async def _stream_through(conn: Connection, job: Send, on_bytes: Callable[[int],
     counted = _Counter(digest, on_bytes)
     try:
         async with conn.origins.get(url) as response:
-            _check_origin_status(url, response.status)
+            check_fetch_status(f"origin {url}", response.status)
             size = response.content_length
             if job.size is not None and size is not None and size != job.size:
                 # Checked before a byte is sent: these are not the bytes we mean to send.
@@ -131,7 +130,6 @@ async def _stream_through(conn: Connection, job: Send, on_bytes: Callable[[int],
                 upload_path=job.upload_path,
                 file_name=job.file_name,
                 size=size,
-                mime_type=_mime(job.file_name),
                 on_chunk=counted,
             )
     except (aiohttp.ClientError, TimeoutError) as err:
@@ -146,11 +144,13 @@ async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _check_origin_status(url: str, status: int) -> None:
+def check_fetch_status(what: str, status: int) -> None:
+    """A GET of an origin or a download link: 408, 429 and 5xx are worth retrying,
+    other 4xx are not. `what` names the request in the message."""
     if status >= 500 or status in (408, 429):
-        raise RetryableError(f"origin {url} answered HTTP {status}", status=status)
+        raise RetryableError(f"{what} answered HTTP {status}", status=status)
     if status >= 400:
-        raise PermanentError(f"origin {url} answered HTTP {status}", status=status)
+        raise PermanentError(f"{what} answered HTTP {status}", status=status)
 
 
 class _Counter:
@@ -192,10 +192,6 @@ def sha256_of(path: Path) -> str:
         while chunk := handle.read(1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _mime(file_name: str) -> str | None:
-    return mimetypes.guess_type(file_name)[0]
 
 
 def _describe(err: BaseException) -> str:
