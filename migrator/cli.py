@@ -14,15 +14,16 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
-from rich.table import Table
 
 from migrator import __version__
+from migrator.command import CommandSummary, Observer
 from migrator.connect import read_api_key
+from migrator.download import DownloadOptions, download
 from migrator.errors import (
     DISK_ERRNOS,
     ConfigError,
@@ -33,20 +34,20 @@ from migrator.errors import (
     UsageError,
 )
 from migrator.ledger import Ledger
-from migrator.lifecycle import LifecycleOptions, LifecycleSummary, download, refresh
 from migrator.logs import configure_logging, get_logger
 from migrator.manifest import load_manifest
-from migrator.model import Manifest, PlanItem
+from migrator.model import Manifest
 from migrator.outputs import EXPORT_FORMATS, write_export
 from migrator.plan import check_plan
-from migrator.progress import BarProgress, LineProgress
+from migrator.progress import BarProgress, LineProgress, StopNotice
+from migrator.refresh import RefreshOptions, refresh
 from migrator.report import build_status, export_to
-from migrator.resume import Decision
-from migrator.runner import PlanTotals, RunOptions, RunSummary, preview, run_manifest
-from migrator.units import format_duration, format_size, parse_duration
-from migrator.views import print_status
+from migrator.runner import RunOptions, preview, run_manifest
+from migrator.units import parse_bandwidth, parse_duration, parse_rate
+from migrator.views import PlanJsonPrinter, PlanTablePrinter, PlanTotals, print_status
 
 Handler = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
 MAX_PROBLEM_LINE = 300  # a 3,000-character URL in a message is noise, not help
 
 
@@ -249,7 +250,85 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-# -- run -----------------------------------------------------------------------------------
+# -- run, refresh, download: commands on the command core ------------------------------------
+
+
+def _add_command_args(sub: argparse.ArgumentParser) -> None:
+    """What every command on the command core takes."""
+    sub.add_argument("--concurrency", type=int, default=None, help="workers (default: manifest)")
+    sub.add_argument(
+        "--dry-run", action="store_true", help="decide and count; write and send nothing"
+    )
+    sub.add_argument(
+        "--grace", type=float, default=30.0, help="seconds in-flight items get after a signal"
+    )
+    sub.add_argument(
+        "--tps-limit",
+        default=None,
+        help="at most this many requests per second to the service (default: settings.tps_limit)",
+    )
+    sub.add_argument(
+        "--bwlimit",
+        default=None,
+        help="at most this many bytes per second, e.g. 8MiB (default: settings.bwlimit)",
+    )
+    sub.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    _add_logging_args(sub)
+
+
+def _command_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The CommandOptions fields every command's options share, checked."""
+    if args.concurrency is not None and not 1 <= args.concurrency <= 256:
+        raise UsageError("--concurrency: must be between 1 and 256")
+    if not (math.isfinite(args.grace) and args.grace >= 0):
+        raise UsageError("--grace: must be a number of seconds, 0 or more")
+    return {
+        "concurrency": args.concurrency,
+        "dry_run": args.dry_run,
+        "grace_period": args.grace,
+        "handle_signals": True,
+        "metrics_file": args.metrics_file,
+        "tps_limit": _converted("--tps-limit", parse_rate, args.tps_limit),
+        "bwlimit": _converted("--bwlimit", parse_bandwidth, args.bwlimit),
+    }
+
+
+def _converted(flag: str, parse: Callable[[str], T], value: str | None) -> T | None:
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as err:
+        raise UsageError(f"{flag}: {err}") from None
+
+
+def _execute(
+    args: argparse.Namespace,
+    noun: str,
+    command: Callable[[Observer], Coroutine[Any, Any, CommandSummary]],
+) -> int:
+    """Run one command with the display that suits where it runs, print its summary."""
+    summary = asyncio.run(_with_display(command, noun, quiet=args.no_progress))
+    print(summary.line())
+    if summary.message:
+        print(f"migrator: {summary.message}", file=sys.stderr)
+    return int(summary.exit_code)
+
+
+async def _with_display(
+    command: Callable[[Observer], Coroutine[Any, Any, CommandSummary]], noun: str, *, quiet: bool
+) -> CommandSummary:
+    if quiet:
+        return await command(StopNotice(sys.stderr, noun))
+    if sys.stderr.isatty():
+        with BarProgress(Console(stderr=True), noun) as bar:
+            return await command(bar)
+    lines = LineProgress(sys.stderr, noun=noun)
+    ticker = asyncio.create_task(lines.ticking())
+    try:
+        return await command(lines)
+    finally:
+        ticker.cancel()
 
 
 def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -257,72 +336,18 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "run", help="upload every item of the manifest that is not already done"
     )
     _add_manifest_args(sub)
-    sub.add_argument("--concurrency", type=int, default=None, help="workers (default: manifest)")
-    sub.add_argument("--dry-run", action="store_true", help="plan and decide; upload nothing")
     sub.add_argument(
         "--checksum", action="store_true", help="compare sha256 of local files, not size and mtime"
     )
-    sub.add_argument(
-        "--grace", type=float, default=30.0, help="seconds in-flight uploads get after a signal"
-    )
-    sub.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
-    _add_logging_args(sub)
+    _add_command_args(sub)
     sub.set_defaults(handler=_cmd_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    if args.concurrency is not None and not 1 <= args.concurrency <= 256:
-        raise UsageError("--concurrency: must be between 1 and 256")
-    if not (math.isfinite(args.grace) and args.grace >= 0):
-        raise UsageError("--grace: must be a number of seconds, 0 or more")
+    options = RunOptions(checksum=args.checksum, **_command_options(args))
     manifest = _load(args)
     _setup_logging(args, manifest, _key_secrets(manifest), default_file=not args.dry_run)
-    options = RunOptions(
-        concurrency=args.concurrency,
-        dry_run=args.dry_run,
-        checksum=args.checksum,
-        grace_period=args.grace,
-        handle_signals=True,
-        metrics_file=args.metrics_file,
-    )
-    summary = _run_with_progress(manifest, options, quiet=args.no_progress)
-    _print_run_summary(summary)
-    if summary.message:
-        print(f"migrator: {summary.message}", file=sys.stderr)
-    return int(summary.exit_code)
-
-
-def _run_with_progress(manifest: Manifest, options: RunOptions, *, quiet: bool) -> RunSummary:
-    if quiet:
-        return asyncio.run(run_manifest(manifest, options))
-    if sys.stderr.isatty():
-        with BarProgress(Console(stderr=True)) as bar:
-            return asyncio.run(run_manifest(manifest, options, bar))
-    return asyncio.run(_run_with_lines(manifest, options, LineProgress(sys.stderr)))
-
-
-async def _run_with_lines(
-    manifest: Manifest, options: RunOptions, progress: LineProgress
-) -> RunSummary:
-    ticker = asyncio.create_task(progress.ticking())
-    try:
-        return await run_manifest(manifest, options, progress)
-    finally:
-        ticker.cancel()
-
-
-def _print_run_summary(summary: RunSummary) -> None:
-    counts = summary.counts
-    rate = counts.bytes_sent / summary.duration if summary.duration > 0 else 0.0
-    if summary.dry_run:
-        would = ", ".join(f"{n} {d}" for d, n in sorted(counts.would_upload.items())) or "nothing"
-        print(f"dry run: {counts.planned} items, would upload: {would}; {counts.skipped} skipped")
-        return
-    print(
-        f"run: {counts.uploaded} uploaded, {counts.skipped} skipped, {counts.failed} failed, "
-        f"{counts.interrupted} interrupted; {format_size(counts.bytes_sent)} in "
-        f"{format_duration(summary.duration)} ({format_size(rate)}/s)"
-    )
+    return _execute(args, "uploads", lambda shown: run_manifest(manifest, options, shown))
 
 
 # -- plan ----------------------------------------------------------------------------------
@@ -345,7 +370,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     await asyncio.to_thread(check_plan, manifest)
     totals = PlanTotals()
-    printer = _PlanJsonPrinter() if fmt == "json" else _PlanTablePrinter(_stdout_console())
+    printer = PlanJsonPrinter() if fmt == "json" else PlanTablePrinter(_stdout_console())
     # aclosing: a reader gone mid-plan (`plan | head`) must close the preview's sessions
     # inside this loop, not in asyncio.run's shutdown (which prints a traceback).
     async with contextlib.aclosing(preview(manifest, checksum=checksum)) as entries:
@@ -353,63 +378,6 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
             totals.add(item, decision)
             printer.item(item, decision)
     printer.totals(totals)
-
-
-class _PlanTablePrinter:
-    """Rows are printed as they come (a million-item plan must not be held in memory)."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.console.print(
-            f"[bold]{'method':<7} {'size':>10}  {'ledger':<9} target <- source[/bold]"
-        )
-
-    def item(self, item: PlanItem, decision: Decision) -> None:
-        # Plain print: rich's rendering costs ~0.1 ms a row, too much for 200,000 rows.
-        print(
-            f"{item.method:<7} {format_size(item.size):>10}  {decision:<9} "
-            f"{item.upload_path}/{item.file_name} <- {item.source}"
-        )
-
-    def totals(self, totals: PlanTotals) -> None:
-        table = Table(title="totals", show_edge=False)
-        table.add_column("method")
-        table.add_column("items", justify="right")
-        table.add_column("bytes", justify="right")
-        for method, (count, size) in sorted(totals.by_method.items()):
-            table.add_row(method, str(count), format_size(size))
-        self.console.print(table)
-        ledger = ", ".join(f"{n} {d}" for d, n in sorted(totals.by_decision.items()))
-        self.console.print(f"ledger: {ledger or 'no items'}")
-
-
-class _PlanJsonPrinter:
-    """One JSON document, streamed: {"items": [...], "totals": {...}, "ledger": {...}}."""
-
-    def __init__(self) -> None:
-        self.first = True
-        sys.stdout.write('{"items": [')
-
-    def item(self, item: PlanItem, decision: Decision) -> None:
-        row = {
-            "source": item.source,
-            "kind": item.kind,
-            "upload_path": item.upload_path,
-            "file_name": item.file_name,
-            "size": item.size,
-            "method": item.method,
-            "ledger": decision,
-        }
-        sys.stdout.write(("\n  " if self.first else ",\n  ") + json.dumps(row, ensure_ascii=False))
-        self.first = False
-
-    def totals(self, totals: PlanTotals) -> None:
-        by_method = {m: {"items": n, "bytes": b} for m, (n, b) in totals.by_method.items()}
-        sys.stdout.write(
-            "\n],\n"
-            f'"totals": {json.dumps(by_method)},\n'
-            f'"ledger": {json.dumps(totals.by_decision)}}}\n'
-        )
 
 
 # -- status and export ---------------------------------------------------------------------
@@ -465,16 +433,15 @@ def _add_refresh_command(commands: argparse._SubParsersAction[argparse.ArgumentP
     sub.add_argument(
         "--within", default=None, help="refresh what expires within this (default: refresh_within)"
     )
-    sub.add_argument("--concurrency", type=int, default=None, help="workers (default: manifest)")
-    _add_logging_args(sub)
+    _add_command_args(sub)
     sub.set_defaults(handler=_cmd_refresh)
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
+    options = RefreshOptions(within=_within(args), **_command_options(args))
     manifest = _load_for_ledger_work(args)
-    _setup_logging(args, manifest, _key_secrets(manifest))
-    summary = asyncio.run(refresh(manifest, _lifecycle_options(args)))
-    return _report_lifecycle(summary)
+    _setup_logging(args, manifest, _key_secrets(manifest), default_file=not args.dry_run)
+    return _execute(args, "uploads", lambda shown: refresh(manifest, options, shown))
 
 
 def _add_download_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -485,45 +452,21 @@ def _add_download_command(commands: argparse._SubParsersAction[argparse.Argument
     sub.add_argument("--dest", type=Path, required=True, help="folder to download into")
     sub.add_argument("--within", default=None, help="only items that expire within this")
     sub.add_argument("--only-remote", action="store_true", help="only items whose source is a URL")
-    sub.add_argument("--concurrency", type=int, default=None, help="workers (default: manifest)")
-    _add_logging_args(sub)
+    _add_command_args(sub)
     sub.set_defaults(handler=_cmd_download)
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    manifest = _load_for_ledger_work(args)
-    _setup_logging(args, manifest, _key_secrets(manifest))
-    options = _lifecycle_options(args, only_remote=args.only_remote)
-    summary = asyncio.run(download(manifest, args.dest, options))
-    return _report_lifecycle(summary)
-
-
-def _lifecycle_options(args: argparse.Namespace, *, only_remote: bool = False) -> LifecycleOptions:
-    if args.concurrency is not None and not 1 <= args.concurrency <= 256:
-        raise UsageError("--concurrency: must be between 1 and 256")
-    within = None
-    if args.within is not None:
-        try:
-            within = parse_duration(args.within)
-        except ValueError as err:
-            raise UsageError(f"--within: {err}") from None
-    return LifecycleOptions(
-        within=within,
-        concurrency=args.concurrency,
-        handle_signals=True,
-        metrics_file=args.metrics_file,
-        only_remote=only_remote,
+    options = DownloadOptions(
+        within=_within(args), only_remote=args.only_remote, **_command_options(args)
     )
+    manifest = _load_for_ledger_work(args)
+    _setup_logging(args, manifest, _key_secrets(manifest), default_file=not args.dry_run)
+    return _execute(args, "downloads", lambda shown: download(manifest, args.dest, options, shown))
 
 
-def _report_lifecycle(summary: LifecycleSummary) -> int:
-    done = sorted(summary.counts.items())
-    nothing = "nothing finished" if summary.stopped_code is not None else "nothing to do"
-    counts = ", ".join(f"{n} {what}" for what, n in done) or nothing
-    print(f"{summary.command}: {counts} in {format_duration(summary.duration)}")
-    if summary.message:
-        print(f"migrator: {summary.message}", file=sys.stderr)
-    return int(summary.exit_code)
+def _within(args: argparse.Namespace) -> float | None:
+    return _converted("--within", parse_duration, args.within)
 
 
 # -- emulator ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,6 +37,7 @@ import aiohttp
 from migrator.errors import (
     AuthRejectedError,
     EndpointError,
+    NoServiceError,
     PermanentError,
     RetryableError,
     UploadError,
@@ -54,18 +55,7 @@ MAX_ANSWER_BYTES = 1024 * 1024  # the service answers a small JSON envelope
 _MILLIS_THRESHOLD = 1e11  # epoch numbers above this are milliseconds (year 5138 in seconds)
 _LINK_KEYS = ("downloadUrl", "fileUrl", "url")
 
-OnChunk = Callable[[bytes], None]
-
-
-class NoServiceError(RetryableError):
-    """Nothing at the base URL answers like the API: the connection is refused, the host
-    is unknown, TLS or the connect fails, or a 2xx answer is not JSON. Retried like any
-    RetryableError; a command in which nothing has succeeded yet stops on it."""
-
-
-def no_service_message(err: UploadError) -> str:
-    """Why a command stops when the base URL never answered like the API (one line)."""
-    return f"{err}; is target.base_url right? Nothing was marked failed: run again"
+OnChunk = Callable[[bytes], Awaitable[None]]  # told of (and may pace) every chunk
 
 
 # -- parsing the service's answer -------------------------------------------------------------
@@ -120,7 +110,7 @@ def parse_response(
             f"the service answered HTTP {status} with a body that is not a JSON object "
             "(a proxy or gateway in the way?)",
             status=status,
-            retry_after=_retry_after(headers, now=now),
+            retry_after=retry_after_seconds(headers, now=now),
         )
     if envelope.get("success") is False or (body_code is not None and body_code != 200):
         raise _error_for_body_code(status, body_code, message, headers, now=now)
@@ -139,7 +129,7 @@ def _error_for_status(
         return RetryableError(
             _one_line(f"the service answered HTTP {status}: {message}"),
             status=status,
-            retry_after=_retry_after(headers, now=now),
+            retry_after=retry_after_seconds(headers, now=now),
         )
     return PermanentError(
         _one_line(f"the service refused the upload (HTTP {status}): {message}"), status=status
@@ -158,7 +148,7 @@ def _error_for_body_code(
     return RetryableError(
         _one_line(f"the service answered HTTP {status} with an error ({shown}): {message}"),
         status=status,
-        retry_after=_retry_after(headers, now=now),
+        retry_after=retry_after_seconds(headers, now=now),
     )
 
 
@@ -217,7 +207,7 @@ def _body_code(envelope: Mapping[str, Any] | None) -> int | None:
     return None
 
 
-def _retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
+def retry_after_seconds(headers: Mapping[str, str], *, now: float) -> float | None:
     """`Retry-After` as seconds from `now`: delta-seconds or an HTTP-date; None if absent/bad."""
     value = _header(headers, "retry-after")
     if value is None:
@@ -600,7 +590,7 @@ async def _watch(
                 )
             trouble.sent += len(chunk)
             if on_chunk is not None:
-                on_chunk(bytes(chunk))
+                await on_chunk(bytes(chunk))
             yield bytes(chunk)
             trouble.progressed()
         trouble.body_sent()

@@ -1,10 +1,11 @@
 """Everything a command needs to talk to the target: the key, the HTTP sessions, the client.
 
-`connect()` is the one place that turns a manifest's `target:` into live objects. For
-`base_url: embedded` it also starts the emulator in-process (data under the ledger's
-folder, on the same loopback port as last time when it is free, so links recorded by
-an earlier run keep working) and a read-only demo origin serving the manifest's folder,
-which `${EMBEDDED_ORIGIN}` in a URL source names.
+`connect()` is the one place that turns a manifest's `target:` into a live
+`transfer.Connection`. For `base_url: embedded` it also starts the emulator in-process
+(data under the ledger's folder, on the same loopback port as last time when it is
+free, so links recorded by an earlier run keep working) and a read-only demo origin
+serving the manifest's folder, which `${EMBEDDED_ORIGIN}` in a URL source names. The
+emulator and aiohttp's server are imported only then: the client side never loads them.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ import stat
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
-from aiohttp import web
 
 from migrator.client import UploadClient
-from migrator.emulator import Emulator
 from migrator.errors import ConfigError
+from migrator.logs import register_secret
 from migrator.model import Manifest, Target
+from migrator.pacer import Pacer
+from migrator.transfer import Connection
+
+if TYPE_CHECKING:
+    from migrator.emulator import Emulator
 
 EMBEDDED_ORIGIN_VAR = "EMBEDDED_ORIGIN"
 MAX_KEY_FILE = 64 * 1024  # a key is short; more than this is not a key file
@@ -31,29 +37,19 @@ EMBEDDED_REQUESTS_KEPT = 100  # nobody reads the embedded emulator's request log
 _ORIGIN_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
 
 
-@dataclass(frozen=True, slots=True)
-class Connection:
-    """Live handles for one command; valid inside `connect()`'s context only."""
-
-    target_id: str  # what the ledger keys items by: the manifest's base_url as written
-    base_url: str  # where requests actually go
-    client: UploadClient  # holds the key; nothing else here does
-    origins: aiohttp.ClientSession  # remote sources, downloads, stream-through
-    url_vars: Mapping[str, str]  # substitutions for URL sources (${EMBEDDED_ORIGIN})
-
-
 def read_api_key(target: Target, environ: Mapping[str, str] | None = None) -> str:
-    """The key from target.api_key_file, or else the environment variable it names."""
+    """The key from target.api_key_file, or else the environment variable it names.
+    Every key read is registered for redaction: no log line ever carries it."""
     env = os.environ if environ is None else environ
     if target.api_key_file is not None:
-        return _read_key_file(target.api_key_file)
+        return register_secret(_read_key_file(target.api_key_file))
     key = env.get(target.api_key_env, "").strip()
     if not key:
         raise ConfigError(
             f"no API key: set the environment variable {target.api_key_env} "
             "or target.api_key_file in the manifest"
         )
-    return _checked_key(key, f"the environment variable {target.api_key_env}")
+    return register_secret(_checked_key(key, f"the environment variable {target.api_key_env}"))
 
 
 def _read_key_file(path: Path) -> str:
@@ -113,24 +109,34 @@ async def open_origins(manifest: Manifest, *, concurrency: int) -> AsyncIterator
 
 @contextlib.asynccontextmanager
 async def connect(
-    manifest: Manifest, *, concurrency: int, environ: Mapping[str, str] | None = None
+    manifest: Manifest,
+    *,
+    concurrency: int,
+    api_key: str | None,
+    pacer: Pacer | None = None,
 ) -> AsyncIterator[Connection]:
-    """Open the sessions (and the embedded emulator when asked) for one command."""
+    """Open the sessions (and the embedded emulator when asked) for one command.
+
+    `api_key` None: a command that only reads links (download, verify); its
+    connection has no API client. An embedded target makes its own key.
+    """
     async with contextlib.AsyncExitStack() as stack:
+        client: UploadClient | None = None
         if manifest.target.is_embedded:
-            api_key = secrets.token_urlsafe(24)
+            api_key = register_secret(secrets.token_urlsafe(24))
             base_url = await _start_embedded(manifest, api_key, stack)
         else:
-            api_key = read_api_key(manifest.target, environ)
             base_url = manifest.target.base_url.rstrip("/")
         origins = await stack.enter_async_context(open_origins(manifest, concurrency=concurrency))
-        api = await stack.enter_async_context(_api_session(concurrency))
+        if api_key is not None:
+            api = await stack.enter_async_context(_api_session(concurrency))
+            client = UploadClient(api, base_url, api_key)
         yield Connection(
             target_id=manifest.target.base_url,
-            base_url=base_url,
-            client=UploadClient(api, base_url, api_key),
+            client=client,
             origins=origins.session,
             url_vars=origins.url_vars,
+            pacer=pacer or Pacer(),
         )
 
 
@@ -165,6 +171,8 @@ async def _start_embedded(
 
 async def _start_emulator(data_dir: Path, api_key: str) -> Emulator:
     """Start on the port of the last run when it is free, so its links stay valid."""
+    from migrator.emulator import Emulator
+
     port_file = data_dir / "port"
     remembered = _read_port(port_file)
     emulator = Emulator(data_dir, api_key, port=remembered, keep_requests=EMBEDDED_REQUESTS_KEPT)
@@ -190,6 +198,8 @@ def _read_port(port_file: Path) -> int:
 
 async def _start_demo_origin(folder: Path, stack: contextlib.AsyncExitStack) -> str:
     """Serve `folder` read-only on loopback: the demo's stand-in for a remote web server."""
+    from aiohttp import web
+
     app = web.Application()
     app.router.add_static("/", folder, show_index=False, follow_symlinks=False)
     runner = web.AppRunner(app, access_log=None)
@@ -199,11 +209,3 @@ async def _start_demo_origin(folder: Path, stack: contextlib.AsyncExitStack) -> 
     await site.start()
     port = runner.addresses[0][1]
     return f"http://127.0.0.1:{port}"
-
-
-def resolve_url(template: str, url_vars: Mapping[str, str]) -> str:
-    """Substitute `${NAME}` in a URL source. The ledger keeps the template, so a
-    demo origin on a new port each run does not make every item look changed."""
-    for name, value in url_vars.items():
-        template = template.replace("${" + name + "}", value)
-    return template

@@ -3,15 +3,26 @@
     MigratorError                 base; carries a one-line message for the user
     ├── UsageError                bad command line (exit 2)
     ├── ManifestError             bad manifest: one or more ManifestProblem (exit 2)
-    ├── LedgerError               ledger unreadable, unwritable or from the future (exit 2)
-    ├── LockHeldError             another run holds the ledger's lock (exit 75)
     ├── ConfigError               missing API key, unwritable path, ... (exit 2)
+    ├── LedgerError               ledger unreadable, unwritable or from the future (exit 2)
+    │   └── LedgerDiskError       the ledger's disk failed: full, read-only (exit 74)
+    ├── LockHeldError             another run holds the ledger's lock (exit 75)
     ├── DiskError                 the local disk failed: full, read-only, gone (exit 74)
-    └── UploadError               raised by the client for one request
+    ├── DestinationError          one download's destination is in the way (that item fails)
+    │   └── DestinationDiskError  the destination's disk failed: the download stops (exit 74)
+    └── UploadError               one request (to the service or an origin) did not succeed
         ├── RetryableError        connection error, timeout, 408, 429, 5xx, error code in a 200
+        │   └── NoServiceError    nothing at the base URL answers like the API
         ├── PermanentError        400 and other 4xx: this item fails for good
-        ├── AuthRejectedError     401/403: the key is wrong; the whole run stops (exit 3)
-        └── EndpointError         404/405 on an API endpoint: the base URL is wrong (exit 2)
+        └── RunStoppingError      no item can succeed: the whole run stops
+            ├── AuthRejectedError 401/403: the key is wrong (exit 3)
+            └── EndpointError     404/405 on an API endpoint: the base URL is wrong (exit 2)
+
+    Interrupted                   not an error of the user's: a stop was requested while
+                                  an item waited to retry
+
+`StopReason` names why a command stopped before its work was done, and
+`stop_reason_for` is the one place that decides which errors stop a command.
 
 Messages never contain the API key: the client builds them from the status
 and the service's `msg`, never from request headers.
@@ -22,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 
 class ExitCode(IntEnum):
@@ -35,6 +46,10 @@ class ExitCode(IntEnum):
     LOCKED = 75
     INTERRUPTED_INT = 130
     INTERRUPTED_TERM = 143
+
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+"""The errnos that mean the disk failed us, not that a path was wrong."""
 
 
 class MigratorError(Exception):
@@ -55,16 +70,41 @@ class LedgerError(MigratorError):
     exit_code = ExitCode.USAGE
 
 
+class LedgerDiskError(LedgerError):
+    """The ledger's disk failed (full, read-only, I/O error): exit 74, not a usage error."""
+
+    exit_code = ExitCode.IO
+
+
+MOVE_HINT = "use --ledger PATH or MIGRATOR_LEDGER_DIR to put it elsewhere"
+"""What every message about a ledger (or its lock) that cannot be written ends with."""
+
+
+def ledger_os_error(message: str, err: OSError) -> LedgerError:
+    """`message` as the LedgerError an OSError calls for: a failing disk is exit 74."""
+    kind = LedgerDiskError if err.errno in DISK_ERRNOS else LedgerError
+    return kind(f"{message}: {err.strerror or err}; {MOVE_HINT}")
+
+
 class LockHeldError(MigratorError):
     exit_code = ExitCode.LOCKED
 
 
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
-"""The errnos that mean the disk failed us, not that a path was wrong."""
-
-
 class DiskError(MigratorError):
     """Writing to the local disk failed: full, read-only, gone. Not the user's input."""
+
+    exit_code = ExitCode.IO
+
+
+class DestinationError(MigratorError):
+    """A download's destination is in the way (a file where a folder must go, no
+    permission, a name too long): that item fails, the others go on."""
+
+    exit_code = ExitCode.ITEMS_FAILED
+
+
+class DestinationDiskError(DestinationError):
+    """The destination's disk failed (full, read-only): no other item would fare better."""
 
     exit_code = ExitCode.IO
 
@@ -108,16 +148,84 @@ class RetryableError(UploadError):
         self.retry_after = retry_after
 
 
+class NoServiceError(RetryableError):
+    """Nothing at the base URL answers like the API: the connection is refused, the host
+    is unknown, TLS or the connect fails, or a 2xx answer is not JSON. Retried like any
+    RetryableError; a command in which nothing has succeeded yet stops on it."""
+
+
 class PermanentError(UploadError):
     exit_code = ExitCode.ITEMS_FAILED
 
 
-class AuthRejectedError(UploadError):
+class RunStoppingError(UploadError):
+    """No other item would fare better: the command stops (rclone's "fatal" errors)."""
+
+    outcome = "stopped"  # what the attempt record says
+
+
+class AuthRejectedError(RunStoppingError):
     exit_code = ExitCode.AUTH
+    outcome = "auth"
 
 
-class EndpointError(UploadError):
+class EndpointError(RunStoppingError):
     exit_code = ExitCode.USAGE
+    outcome = "endpoint"
+
+
+class Interrupted(Exception):
+    """A stop was requested while an item waited to retry."""
+
+
+class StopReason(StrEnum):
+    """Why a command stopped before its work was done."""
+
+    AUTH = "auth"  # the service rejected the key
+    ENDPOINT = "endpoint"  # the base URL does not serve the API
+    NO_SERVICE = "no_service"  # nothing answered before anything worked
+    DISK = "disk"  # a local disk failed (a download's destination)
+    SIGINT = "sigint"
+    SIGTERM = "sigterm"
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return _STOP_EXIT_CODES[self]
+
+
+_STOP_EXIT_CODES = {
+    StopReason.AUTH: ExitCode.AUTH,
+    StopReason.ENDPOINT: ExitCode.USAGE,
+    StopReason.NO_SERVICE: ExitCode.USAGE,
+    StopReason.DISK: ExitCode.IO,
+    StopReason.SIGINT: ExitCode.INTERRUPTED_INT,
+    StopReason.SIGTERM: ExitCode.INTERRUPTED_TERM,
+}
+
+
+def stop_reason_for(error: BaseException, *, anything_worked: bool) -> StopReason | None:
+    """Whether `error`, met by one item, stops the whole command, and why (pure).
+
+    A rejected key or a wrong endpoint always does; a service that cannot be reached
+    does only before anything worked (later it is an outage that items wait out or
+    fail on); a failing destination disk does. Anything else is the item's own failure.
+    """
+    if isinstance(error, AuthRejectedError):
+        return StopReason.AUTH
+    if isinstance(error, EndpointError):
+        return StopReason.ENDPOINT
+    if isinstance(error, NoServiceError) and not anything_worked:
+        return StopReason.NO_SERVICE
+    if isinstance(error, DestinationDiskError):
+        return StopReason.DISK
+    return None
+
+
+def stop_message(reason: StopReason, error: BaseException) -> str:
+    """The one line a command prints when `error` stopped it."""
+    if reason is StopReason.NO_SERVICE:
+        return f"{error}; is target.base_url right? Nothing was marked failed: run again"
+    return str(error)
 
 
 def exit_code_of(error: BaseException) -> ExitCode:

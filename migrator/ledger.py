@@ -28,6 +28,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,18 +36,18 @@ from urllib.parse import quote
 
 import aiosqlite
 
-from migrator.errors import DISK_ERRNOS, DiskError, ExitCode, LedgerError
+from migrator.errors import MOVE_HINT, LedgerDiskError, LedgerError, ledger_os_error
 from migrator.lock import RunLock, lock_path_for
-from migrator.model import AttemptRecord, ItemState, ItemUpdate, LedgerItem, Method, SourceKind
-
-MOVE_HINT = "use --ledger PATH or MIGRATOR_LEDGER_DIR to put it elsewhere"
-
-
-class LedgerDiskError(LedgerError, DiskError):
-    """The ledger's disk failed (full, read-only, I/O error): exit 74, not a usage error."""
-
-    exit_code = ExitCode.IO
-
+from migrator.model import (
+    ITEM_UPDATE_FIELDS,
+    KEEP,
+    AttemptRecord,
+    ItemState,
+    ItemUpdate,
+    LedgerItem,
+    Method,
+    SourceKind,
+)
 
 BUSY_TIMEOUT_MS = 10_000
 LOOKUP_CHUNK = 500
@@ -138,37 +139,39 @@ _ITEM_COLUMNS = (
 )
 _QUALIFIED_ITEM_COLUMNS = ", ".join(f"items.{c.strip()}" for c in _ITEM_COLUMNS.split(","))
 
-# size/mtime_ns/etag/last_modified/method are written when given, the outcome of an
-# upload (link, id, times, hash, download) is kept when the update has None.
-_UPSERT_ITEM = """
+# Each field of an ItemUpdate may be KEEP (:keep_<field> is 1: the row keeps its value),
+# None (cleared) or a value; state and the attempt count are always written.
+_REQUIRED = ("source", "kind")  # NOT NULL: checked before ON CONFLICT, so an update that
+# keeps them passes the row's own values (an item the ledger does not know then fails)
+
+
+def _insert_value(name: str) -> str:
+    if name not in _REQUIRED:
+        return f":{name}"
+    own = (
+        f"SELECT {name} FROM items WHERE target = :target "
+        "AND upload_path = :upload_path AND file_name = :file_name"
+    )
+    return f"COALESCE(:{name}, ({own}))"
+
+
+_UPSERT_ITEM = f"""
 INSERT INTO items (
-    target, upload_path, file_name, source, kind, size, mtime_ns, etag, last_modified,
-    sha256, method, state, download_url, file_id, uploaded_at, expires_at, attempts,
-    last_error, downloaded_path, downloaded_at, updated_at
+    target, upload_path, file_name, state, attempts, updated_at, {", ".join(ITEM_UPDATE_FIELDS)}
 ) VALUES (
-    :target, :upload_path, :file_name, :source, :kind, :size, :mtime_ns, :etag,
-    :last_modified, :sha256, :method, :state, :download_url, :file_id, :uploaded_at,
-    :expires_at, :attempts_added, :last_error, :downloaded_path, :downloaded_at, :updated_at
+    :target, :upload_path, :file_name, :state, :attempts_added, :updated_at,
+    {", ".join(_insert_value(name) for name in ITEM_UPDATE_FIELDS)}
 )
 ON CONFLICT (target, upload_path, file_name) DO UPDATE SET
-    source = excluded.source,
-    kind = excluded.kind,
     state = excluded.state,
-    last_error = excluded.last_error,
-    size = COALESCE(excluded.size, items.size),
-    mtime_ns = COALESCE(excluded.mtime_ns, items.mtime_ns),
-    etag = COALESCE(excluded.etag, items.etag),
-    last_modified = COALESCE(excluded.last_modified, items.last_modified),
-    method = COALESCE(excluded.method, items.method),
-    sha256 = COALESCE(excluded.sha256, items.sha256),
-    download_url = COALESCE(excluded.download_url, items.download_url),
-    file_id = COALESCE(excluded.file_id, items.file_id),
-    uploaded_at = COALESCE(excluded.uploaded_at, items.uploaded_at),
-    expires_at = COALESCE(excluded.expires_at, items.expires_at),
-    downloaded_path = COALESCE(excluded.downloaded_path, items.downloaded_path),
-    downloaded_at = COALESCE(excluded.downloaded_at, items.downloaded_at),
     attempts = items.attempts + excluded.attempts,
-    updated_at = excluded.updated_at
+    updated_at = excluded.updated_at,
+    {
+    ", ".join(
+        f"{name} = CASE WHEN :keep_{name} THEN items.{name} ELSE excluded.{name} END"
+        for name in ITEM_UPDATE_FIELDS
+    )
+}
 """
 
 _INSERT_ATTEMPT = """
@@ -200,29 +203,24 @@ class RunRow:
 
 
 def _item_params(update: ItemUpdate, now: float) -> dict[str, object]:
-    return {
+    params: dict[str, object] = {
         "target": update.target,
         "upload_path": update.upload_path,
         "file_name": update.file_name,
-        "source": update.source,
-        "kind": update.kind.value,
-        "size": update.size,
-        "mtime_ns": update.mtime_ns,
-        "etag": update.etag,
-        "last_modified": update.last_modified,
-        "sha256": update.sha256,
-        "method": None if update.method is None else update.method.value,
         "state": update.state.value,
-        "download_url": update.download_url,
-        "file_id": update.file_id,
-        "uploaded_at": update.uploaded_at,
-        "expires_at": update.expires_at,
         "attempts_added": update.attempts_added,
-        "last_error": update.last_error,
-        "downloaded_path": update.downloaded_path,
-        "downloaded_at": update.downloaded_at,
         "updated_at": now,
     }
+    for name in ITEM_UPDATE_FIELDS:
+        value = getattr(update, name)
+        kept = value is KEEP
+        params[name] = None if kept else _sql_value(value)
+        params[f"keep_{name}"] = int(kept)
+    return params
+
+
+def _sql_value(value: object) -> object:
+    return value.value if isinstance(value, Enum) else value
 
 
 def _attempt_params(record: AttemptRecord) -> dict[str, object]:
@@ -231,7 +229,7 @@ def _attempt_params(record: AttemptRecord) -> dict[str, object]:
         "target": record.target,
         "upload_path": record.upload_path,
         "file_name": record.file_name,
-        "method": record.method.value,
+        "method": record.method,
         "attempt": record.attempt,
         "started_at": record.started_at,
         "duration": record.duration,
@@ -296,6 +294,31 @@ def _where(target: str | None, *conditions: str) -> tuple[str, list[object]]:
         parts.insert(0, "target = ?")
         params.append(target)
     return (" WHERE " + " AND ".join(parts)) if parts else "", params
+
+
+def _item_filter(
+    states: Collection[ItemState] | None,
+    expiring_before: float | None,
+    alive_at: float | None = None,
+    kind: SourceKind | None = None,
+) -> tuple[list[str], list[object]]:
+    """Conditions (and their parameters) selecting items by state, expiry and kind."""
+    conditions: list[str] = []
+    params: list[object] = []
+    if alive_at is not None:
+        conditions.append("expires_at IS NOT NULL AND expires_at > ?")
+        params.append(alive_at)
+    if kind is not None:
+        conditions.append("kind = ?")
+        params.append(kind.value)
+    if states is not None:
+        chosen = sorted(ItemState(s).value for s in states)
+        conditions.append(f"state IN ({', '.join('?' for _ in chosen)})")
+        params += chosen
+    if expiring_before is not None:
+        conditions.append("expires_at IS NOT NULL AND expires_at < ?")
+        params.append(expiring_before)
+    return conditions, params
 
 
 def describe_sqlite_error(path: Path, err: BaseException) -> str:
@@ -380,9 +403,7 @@ def _prepare_file(path: Path) -> None:
         finally:
             os.close(fd)
     except OSError as err:
-        reason = err.strerror or str(err)
-        kind = LedgerDiskError if err.errno in DISK_ERRNOS else LedgerError
-        raise kind(f"cannot create the ledger {path}: {reason}; {MOVE_HINT}") from err
+        raise ledger_os_error(f"cannot create the ledger {path}", err) from err
     if not os.access(path, os.W_OK):
         raise LedgerError(f"cannot write the ledger {path}: permission denied; {MOVE_HINT}")
 
@@ -524,14 +545,8 @@ def locked(path: Path) -> Iterator[RunLock]:
     try:
         lock.acquire()
     except OSError as err:
-        kind = LedgerDiskError if err.errno in DISK_ERRNOS else LedgerError
         where = lock_path_for(path)
-        raise kind(f"cannot write the lock file {where}: {err.strerror}; {MOVE_HINT}") from None
-    except LedgerError as err:
-        cause = err.__cause__
-        if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
-            raise LedgerDiskError(str(err)) from cause
-        raise
+        raise ledger_os_error(f"cannot write the lock file {where}", err) from None
     try:
         yield lock
     finally:
@@ -721,21 +736,16 @@ class Ledger:
         *,
         states: Collection[ItemState] | None = None,
         expiring_before: float | None = None,
+        alive_at: float | None = None,
+        kind: SourceKind | None = None,
         page_size: int = PAGE_SIZE,
     ) -> AsyncIterator[LedgerItem]:
-        """Items ordered by id, read a page at a time."""
-        conditions = ["id > ?"]
-        extra: list[object] = []
-        if states is not None:
-            chosen = sorted(ItemState(s).value for s in states)
-            if not chosen:
-                return
-            conditions.append(f"state IN ({', '.join('?' for _ in chosen)})")
-            extra += chosen
-        if expiring_before is not None:
-            conditions.append("expires_at IS NOT NULL AND expires_at < ?")
-            extra.append(expiring_before)
-        where, head = _where(target, *conditions)
+        """Items ordered by id, read a page at a time: of these `states`, expiring before
+        `expiring_before`, still alive at `alive_at`, of this `kind` (each when given)."""
+        if states is not None and not states:
+            return
+        conditions, extra = _item_filter(states, expiring_before, alive_at, kind)
+        where, head = _where(target, "id > ?", *conditions)
         sql = f"SELECT {_ITEM_COLUMNS} FROM items{where} ORDER BY id LIMIT ?"
         last_id = 0
         while True:
@@ -745,6 +755,24 @@ class Ledger:
             if len(page) < page_size:
                 return
             last_id = page[-1].id
+
+    async def count_items(
+        self,
+        target: str | None = None,
+        *,
+        states: Collection[ItemState] | None = None,
+        expiring_before: float | None = None,
+        alive_at: float | None = None,
+        kind: SourceKind | None = None,
+    ) -> tuple[int, int]:
+        """How many items `iter_items` with the same filter yields, and their known bytes."""
+        if states is not None and not states:
+            return 0, 0
+        conditions, extra = _item_filter(states, expiring_before, alive_at, kind)
+        where, head = _where(target, *conditions)
+        sql = f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM items{where}"
+        rows = await self._fetch(sql, [*head, *extra])
+        return int(rows[0][0]), int(rows[0][1])
 
     async def state_counts(self, target: str | None = None) -> dict[ItemState, tuple[int, int]]:
         """state -> (items, bytes of known size), every state present (zeros included)."""

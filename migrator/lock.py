@@ -14,9 +14,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from migrator.errors import LedgerError, LockHeldError
-
-_MOVE_HINT = "use --ledger PATH or MIGRATOR_LEDGER_DIR to put it elsewhere"
+from migrator.errors import LockHeldError, ledger_os_error
 
 
 def lock_path_for(ledger: Path) -> Path:
@@ -60,7 +58,7 @@ class RunLock:
             ) from None
         except OSError as err:
             os.close(fd)
-            raise LedgerError(f"cannot lock the ledger {self.ledger}: {err.strerror}") from err
+            raise ledger_os_error(f"cannot lock the ledger {self.ledger}", err) from None
         self._fd = fd
         with contextlib.suppress(OSError):  # the pid only helps the message; a full disk
             os.ftruncate(fd, 0)  # must not leave a held lock behind
@@ -81,10 +79,7 @@ class RunLock:
                 self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as err:
-            reason = err.strerror or str(err)
-            raise LedgerError(
-                f"cannot create the lock file {self.path}: {reason}; {_MOVE_HINT}"
-            ) from err
+            raise ledger_os_error(f"cannot create the lock file {self.path}", err) from None
 
     def __enter__(self) -> RunLock:
         self.acquire()

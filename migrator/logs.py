@@ -1,10 +1,13 @@
 """The logging pipeline: structlog events to a JSON-lines file and to the console.
 
-Design (kept deliberately simple): structlog is configured once with a fixed
-processor chain that ends in one process-wide `_Tee` logger. The tee holds the
-sinks of the latest `configure_logging` call and formats each event once per
-sink, so reconfiguring swaps sinks instead of stacking them, and loggers bound
-before the call follow it. The stdlib `logging` module is not involved.
+Silent until told otherwise: migrator used as a library writes nothing anywhere
+until `configure_logging` is called (the CLI calls it at its edge). Our loggers are
+wrapped around our own pipeline, not structlog's global configuration, so a program
+that configures structlog for itself is neither changed by us nor sees our events.
+
+Every event is redacted before any sink sees it, whatever the configuration: each
+API key migrator reads is registered (`register_secret`) and replaced by "***"
+wherever it appears, tracebacks included; keys named like credentials are dropped.
 
 Per sink, an event goes through: exception formatting (never with local
 variables) -> secret redaction -> the sink's renderer. Redaction therefore sees
@@ -61,18 +64,29 @@ Format = Callable[[EventDict], str]
 # -- redaction ----------------------------------------------------------------------------------
 
 
-def redact_secrets(secrets: Sequence[str]) -> Processor:
-    """A processor replacing each secret (length >= 4) by "***" in every string value.
+_REGISTERED: set[str] = set()
+
+
+def register_secret(secret: str) -> str:
+    """Never let `secret` out in any log event from now on; returns it unchanged."""
+    if len(secret) >= MIN_SECRET_LENGTH:
+        _REGISTERED.add(secret)
+    return secret
+
+
+def redact_secrets(secrets: Sequence[str] = ()) -> Processor:
+    """A processor replacing each secret (length >= 4) by "***" in every string value:
+    `secrets`, and every secret registered with `register_secret`, then or later.
 
     Walks dicts, lists and tuples; other objects are turned into their text first so
     a repr cannot carry a secret out. Keys named authorization, api_key, token,
     password (any case, '-' or '_') are dropped. An `exc_info` still present is
     rendered to a plain `exception` text (no locals) first, then redacted.
     """
-    hidden = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+    given = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
 
     def redact_text(text: str) -> str:
-        for secret in hidden:
+        for secret in sorted(given | _REGISTERED, key=len, reverse=True):
             text = text.replace(secret, REDACTED)
         return text
 
@@ -211,12 +225,16 @@ class _CurrentStderr:
 
 
 class _Tee:
-    """The one logger every structlog logger writes to; holds the current sinks."""
+    """What every migrator logger writes to: the sinks of the latest configure_logging."""
 
     def __init__(self) -> None:
         self._sinks: tuple[_Sink, ...] = ()
         self._owned: tuple[TextIO, ...] = ()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    @property
+    def silent(self) -> bool:
+        return not self._sinks
 
     def replace(self, sinks: tuple[_Sink, ...], owned: tuple[TextIO, ...]) -> None:
         with self._lock:
@@ -232,40 +250,13 @@ class _Tee:
                 if level >= sink.min_level:
                     sink.emit(method_name, event)
 
-    # structlog calls logger.<method>(**event_dict), <method> being the one used.
-    def debug(self, **event: Any) -> None:
-        self.dispatch("debug", event)
-
-    def info(self, **event: Any) -> None:
-        self.dispatch("info", event)
-
-    def msg(self, **event: Any) -> None:
-        self.dispatch("msg", event)
-
-    def warning(self, **event: Any) -> None:
-        self.dispatch("warning", event)
-
-    def warn(self, **event: Any) -> None:
-        self.dispatch("warn", event)
-
-    def error(self, **event: Any) -> None:
-        self.dispatch("error", event)
-
-    def exception(self, **event: Any) -> None:
-        self.dispatch("exception", event)
-
-    def critical(self, **event: Any) -> None:
-        self.dispatch("critical", event)
-
-    def fatal(self, **event: Any) -> None:
-        self.dispatch("fatal", event)
-
 
 _TEE = _Tee()
 
 
 class _NamedTee:
-    """What a logger named `name` writes to: the one tee, with the name attached."""
+    """What a logger named `name` writes to: the one tee, with the name attached.
+    structlog calls `logger.<method>(**event_dict)`, <method> being the one used."""
 
     def __init__(self, name: str | None) -> None:
         self.name = name
@@ -277,8 +268,11 @@ class _NamedTee:
         return emit
 
 
-def _tee_factory(*args: Any) -> _NamedTee:
-    return _NamedTee(str(args[0]) if args else None)
+def _drop_when_silent(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Before configure_logging (a library caller's program): nothing, at no cost."""
+    if _TEE.silent:
+        raise structlog.DropEvent
+    return event_dict
 
 
 def _add_logger_name(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
@@ -297,8 +291,16 @@ def _add_level(logger: WrappedLogger, method_name: str, event_dict: EventDict) -
     return event_dict
 
 
-# Mutated in place on every configure_logging so loggers bound earlier share it.
-_PROCESSORS: list[Processor] = []
+# Fixed: the sinks change, the chain does not. Loggers made at import time use it.
+_PROCESSORS: list[Processor] = [
+    _drop_when_silent,
+    structlog.contextvars.merge_contextvars,
+    _add_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    _resolve_exc_info_processor,
+    _add_logger_name,
+    _pass_as_kwargs,
+]
 
 
 # -- renderers ----------------------------------------------------------------------------------
@@ -364,28 +366,21 @@ def configure_logging(
     console_sink = _console_sink(console, console_stream, min_level, redact)
     if console_sink is not None:
         sinks.append(console_sink)
-    _PROCESSORS[:] = [
-        structlog.contextvars.merge_contextvars,
-        _add_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _resolve_exc_info_processor,
-        _add_logger_name,
-        _pass_as_kwargs,
-    ]
-    structlog.configure(
-        processors=_PROCESSORS,
-        logger_factory=_tee_factory,
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS["debug"]),
-        cache_logger_on_first_use=False,
-    )
     _TEE.replace(tuple(sinks), tuple(owned))
 
 
 def get_logger(name: str = "migrator") -> FilteringBoundLogger:
-    """A structlog logger; events carry `logger=<name>` unless the name is the default."""
-    # A lazy proxy: modules create loggers at import time, before configure_logging,
-    # and must follow it (a .bind() here would freeze structlog's default pipeline).
-    return cast(FilteringBoundLogger, structlog.get_logger(name))
+    """A logger whose events go where `configure_logging` said (nowhere before it);
+    they carry `logger=<name>` unless the name is the default."""
+    return cast(
+        FilteringBoundLogger,
+        structlog.wrap_logger(
+            _NamedTee(name),
+            processors=_PROCESSORS,
+            wrapper_class=structlog.make_filtering_bound_logger(LEVELS["debug"]),
+            cache_logger_on_first_use=True,
+        ),
+    )
 
 
 def _console_sink(console: str, stream: TextIO, min_level: int, redact: Processor) -> _Sink | None:

@@ -21,6 +21,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from migrator.errors import ManifestError, ManifestProblem
+from migrator.methods import forced_method_problem
 from migrator.model import (
     BASE64_LIMIT,
     EMBEDDED,
@@ -33,6 +34,7 @@ from migrator.model import (
     PathSource,
     Settings,
     Source,
+    SourceKind,
     SourceOptions,
     Target,
     UrlListSource,
@@ -44,7 +46,7 @@ from migrator.naming import (
     check_url,
     split_glob,
 )
-from migrator.units import format_duration, parse_duration, parse_size
+from migrator.units import format_duration, parse_bandwidth, parse_duration, parse_rate, parse_size
 
 LEDGER_DIR_ENV = "MIGRATOR_LEDGER_DIR"
 MAX_MANIFEST_BYTES = 4 * MIB  # ~150,000 path sources; more is a job for glob or url_list
@@ -55,7 +57,16 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOP_KEYS = ("version", "name", "target", "ledger", "outputs", "settings", "sources")
 _TARGET_KEYS = ("base_url", "api_key_env", "api_key_file", "upload_path")
 _OUTPUT_KEYS = ("jsonl", "csv", "json", "metrics")
-_SETTING_KEYS = ("concurrency", "base64_max", "url_max", "retries", "ttl", "refresh_within")
+_SETTING_KEYS = (
+    "concurrency",
+    "base64_max",
+    "url_max",
+    "retries",
+    "ttl",
+    "refresh_within",
+    "tps_limit",
+    "bwlimit",
+)
 _SOURCE_KINDS = ("path", "glob", "url", "url_list")
 _OPTION_KEYS = ("file_name", "upload_path", "method")
 _SOURCE_KEYS = (*_SOURCE_KINDS, *_OPTION_KEYS, "exclude")
@@ -413,6 +424,8 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
     url_max = _setting_size(reader, keys, "url_max", URL_LIMIT, "100MiB")
     ttl = _setting_duration(reader, keys, "ttl")
     refresh_within = _setting_duration(reader, keys, "refresh_within")
+    tps_limit = _setting_parsed(reader, keys, "tps_limit", parse_rate)
+    bwlimit = _setting_parsed(reader, keys, "bwlimit", parse_bandwidth)
     settings = Settings(
         concurrency=d.concurrency if concurrency is None else concurrency,
         base64_max=d.base64_max if base64_max is None else base64_max,
@@ -420,6 +433,8 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
         retries=d.retries if retries is None else retries,
         ttl=d.ttl if ttl is None else ttl,
         refresh_within=d.refresh_within if refresh_within is None else refresh_within,
+        tps_limit=tps_limit,
+        bwlimit=bwlimit,
     )
     valid_ttl = (ttl is not None or "ttl" not in keys) and (
         refresh_within is not None or "refresh_within" not in keys
@@ -434,6 +449,13 @@ def _setting_int(
 ) -> int | None:
     node = keys.get(key)
     return None if node is None else reader.integer(node, f"settings.{key}", low, high)
+
+
+def _setting_parsed(
+    reader: _Reader, keys: dict[str, Node], key: str, parse: Callable[[str | int], T]
+) -> T | None:
+    node = keys.get(key)
+    return None if node is None else reader.parsed(node, f"settings.{key}", parse)
 
 
 def _setting_size(
@@ -583,12 +605,10 @@ def _read_method(reader: _Reader, node: Node | None, where: str, kind: str) -> M
         choices = ", ".join(m.value for m in Method)
         reader.problem(node, where, f"{value!r} is not a method; use one of {choices}")
         return Method.AUTO
-    if method is Method.URL and kind not in _REMOTE_KINDS:
-        reader.problem(node, where, "url applies to url and url_list sources only")
-    elif method is Method.BASE64 and kind in _REMOTE_KINDS:
-        reader.problem(
-            node, where, "base64 is refused for remote files; use stream (streamed through)"
-        )
+    source_kind = SourceKind.URL if kind in _REMOTE_KINDS else SourceKind.FILE
+    reason = forced_method_problem(source_kind, None, method)
+    if reason:
+        reader.problem(node, where, reason)
     return method
 
 
@@ -607,11 +627,9 @@ def _read_path_source(
         return PathSource(path=path, options=options, line=line)
     if not _is_regular_file(reader, node, f"{where}.path", path):
         return None
-    size = path.stat().st_size
-    if options.method is Method.BASE64 and size > BASE64_LIMIT:
-        reader.problem(
-            node, f"{where}.method", f"base64 is refused above 10 MiB ({size} bytes); use stream"
-        )
+    reason = forced_method_problem(SourceKind.FILE, path.stat().st_size, options.method)
+    if reason:
+        reader.problem(node, f"{where}.method", reason)
     return PathSource(path=path, options=options, line=line)
 
 

@@ -8,8 +8,9 @@ program; they become ISO-8601 only at the edges (exports, logs, the CLI).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
+from typing import Any
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -56,6 +57,8 @@ class Settings:
     retries: int = 5
     ttl: float = 72 * HOUR
     refresh_within: float = 12 * HOUR
+    tps_limit: float | None = None  # requests per second to the service
+    bwlimit: int | None = None  # bytes per second through this machine
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,43 +225,204 @@ class AttemptRecord:
     target: str
     upload_path: str
     file_name: str
-    method: Method
+    method: str  # the Method of an upload, or "download", "probe"
     attempt: int  # 1-based number of this attempt for the item within the run
     started_at: float
     duration: float
-    outcome: str  # "ok", "retry", "failed", "auth", "interrupted"
+    outcome: str  # ok, retry, next, failed, auth, endpoint, interrupted
     http_status: int | None = None
     bytes_sent: int = 0
     error: str | None = None
 
 
+class Keep(Enum):
+    """The ledger keeps what it holds for this field (an ItemUpdate's default)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded:
+    """What one successful upload put on the service, as far as it is proven."""
+
+    method: Method
+    download_url: str
+    file_id: str | None
+    uploaded_at: float
+    expires_at: float
+    size: int | None  # bytes the service holds (sent, or its own fileSize)
+    sha256: str | None  # of the bytes sent; None when they did not pass through here
+
+
 @dataclass(frozen=True, slots=True)
 class ItemUpdate:
-    """A change to one item, written by the runner or the lifecycle commands.
+    """A change to one item, written by the operations (run, refresh, download).
 
-    Fields left None keep what the ledger holds (download_url, file_id, uploaded_at,
-    expires_at, sha256, downloaded_*), so a failed refresh never forgets a link
-    that is still alive. `state`, `last_error` and the source identity are always
-    written as given.
+    Every field after `state` is KEEP (the ledger keeps what it holds), None (the
+    field is cleared) or a value. Build one with the named constructors, which say
+    which facts each event proves: a failed refresh never forgets a link that is
+    still alive, and new bytes never keep the download of the old ones.
     """
 
     target: str
     upload_path: str
     file_name: str
-    source: str
-    kind: SourceKind
     state: ItemState
-    size: int | None = None
-    mtime_ns: int | None = None
-    etag: str | None = None
-    last_modified: str | None = None
-    sha256: str | None = None
-    method: Method | None = None
-    download_url: str | None = None
-    file_id: str | None = None
-    uploaded_at: float | None = None
-    expires_at: float | None = None
-    last_error: str | None = None
+    source: str | Keep = KEEP
+    kind: SourceKind | Keep = KEEP
+    size: int | Keep | None = KEEP
+    mtime_ns: int | Keep | None = KEEP
+    etag: str | Keep | None = KEEP
+    last_modified: str | Keep | None = KEEP
+    sha256: str | Keep | None = KEEP
+    method: Method | Keep | None = KEEP
+    download_url: str | Keep | None = KEEP
+    file_id: str | Keep | None = KEEP
+    uploaded_at: float | Keep | None = KEEP
+    expires_at: float | Keep | None = KEEP
+    last_error: str | Keep | None = KEEP
+    downloaded_path: str | Keep | None = KEEP
+    downloaded_at: float | Keep | None = KEEP
     attempts_added: int = 0
-    downloaded_path: str | None = None
-    downloaded_at: float | None = None
+
+    @classmethod
+    def pending(cls, target: str, item: PlanItem, error: str | None = None) -> ItemUpdate:
+        """A planned item the ledger learns of, before its first attempt (or a new item
+        that a stopped run never reached): the source it describes, nothing sent."""
+        return cls.tried(target, item, ItemState.PENDING, error, attempts=0)
+
+    @classmethod
+    def done(
+        cls,
+        target: str,
+        item: PlanItem,
+        upload: Uploaded,
+        *,
+        mtime_ns: int | None,
+        same_bytes: bool,
+        attempts: int,
+    ) -> ItemUpdate:
+        """`item` was uploaded: the row describes the bytes that were sent (their size,
+        hash and mtime when read), not the ones planned. `same_bytes`: the row's old
+        bytes were sent again, so a download of them is still a copy."""
+        stale_download: dict[str, Any] = (
+            {} if same_bytes else {"downloaded_path": None, "downloaded_at": None}
+        )
+        return cls(
+            target,
+            item.upload_path,
+            item.file_name,
+            ItemState.DONE,
+            **{
+                **_described_source(item),
+                "size": upload.size,
+                "mtime_ns": mtime_ns if mtime_ns is not None else item.mtime_ns,
+                "method": upload.method,
+            },
+            sha256=upload.sha256,
+            download_url=upload.download_url,
+            file_id=upload.file_id,
+            uploaded_at=upload.uploaded_at,
+            expires_at=upload.expires_at,
+            last_error=None,
+            attempts_added=attempts,
+            **stale_download,
+        )
+
+    @classmethod
+    def refreshed(cls, row: LedgerItem, upload: Uploaded, *, attempts: int) -> ItemUpdate:
+        """The same bytes were uploaded again to the same name: a new link and expiry;
+        the source, its hash (when this copy did not prove one) and the download stay."""
+        return cls(
+            row.target,
+            row.upload_path,
+            row.file_name,
+            ItemState.DONE,
+            sha256=upload.sha256 if upload.sha256 is not None else KEEP,
+            method=upload.method,
+            download_url=upload.download_url,
+            file_id=upload.file_id,
+            uploaded_at=upload.uploaded_at,
+            expires_at=upload.expires_at,
+            last_error=None,
+            attempts_added=attempts,
+        )
+
+    @classmethod
+    def noted(
+        cls, row: LedgerItem, state: ItemState, error: str | None, *, attempts: int = 0
+    ) -> ItemUpdate:
+        """A known item's state and last error change; everything it records stays."""
+        return cls(
+            row.target,
+            row.upload_path,
+            row.file_name,
+            state,
+            last_error=error,
+            attempts_added=attempts,
+        )
+
+    @classmethod
+    def tried(
+        cls, target: str, item: PlanItem, state: ItemState, error: str | None, *, attempts: int
+    ) -> ItemUpdate:
+        """An item that is not done was tried and is not done yet (failed, interrupted):
+        the row describes the source that was tried."""
+        return cls(
+            target,
+            item.upload_path,
+            item.file_name,
+            state,
+            last_error=error,
+            attempts_added=attempts,
+            **_described_source(item),
+        )
+
+    @classmethod
+    def downloaded(cls, row: LedgerItem, path: str, at: float, sha256: str | None) -> ItemUpdate:
+        """The item's bytes are at `path` since `at`; a hash the row lacked is learnt."""
+        return cls(
+            row.target,
+            row.upload_path,
+            row.file_name,
+            row.state,
+            sha256=sha256 if row.sha256 is None and sha256 is not None else KEEP,
+            downloaded_path=path,
+            downloaded_at=at,
+        )
+
+
+def _described_source(item: PlanItem) -> dict[str, Any]:
+    """The fields of a row that say which source (and which version of it) it describes."""
+    return {
+        "source": item.source,
+        "kind": item.kind,
+        "size": item.size,
+        "mtime_ns": item.mtime_ns,
+        "etag": item.etag,
+        "last_modified": item.last_modified,
+        "method": item.method,
+    }
+
+
+ITEM_UPDATE_FIELDS: tuple[str, ...] = (
+    "source",
+    "kind",
+    "size",
+    "mtime_ns",
+    "etag",
+    "last_modified",
+    "sha256",
+    "method",
+    "download_url",
+    "file_id",
+    "uploaded_at",
+    "expires_at",
+    "last_error",
+    "downloaded_path",
+    "downloaded_at",
+)
+"""The fields of an ItemUpdate that may be kept, cleared or set."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+from collections.abc import Mapping
 from urllib.parse import unquote, urlsplit
 
 MAX_SEGMENT_BYTES = 255
@@ -122,7 +123,7 @@ def check_url(url: str, *, embedded: bool) -> str | None:
     return _check_http_url(url)
 
 
-def substitute_url(url: str, variables: dict[str, str] | None) -> str:
+def substitute_url(url: str, variables: Mapping[str, str] | None) -> str:
     """Replace `${NAME}` by its value; unknown names are left as written."""
     if not variables:
         return url

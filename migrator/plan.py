@@ -25,15 +25,13 @@ from pathlib import Path
 import aiohttp
 
 from migrator.errors import ManifestError, ManifestProblem
+from migrator.methods import choose_method, forced_method_problem
 from migrator.model import (
-    BASE64_LIMIT,
-    URL_LIMIT,
     GlobSource,
     Manifest,
     Method,
     PathSource,
     PlanItem,
-    Settings,
     Source,
     SourceKind,
     UrlListSource,
@@ -53,10 +51,8 @@ __all__ = [
     "PlanCheck",
     "RemoteInfo",
     "check_plan",
-    "choose_method",
     "compile_glob",
     "expand",
-    "forced_method_problem",
     "iter_url_list",
     "probe_remote",
     "walk_glob",
@@ -117,49 +113,6 @@ class _Entry:
         where = f"line {self.source_line}" if self.source_line else "no line"
         origin = f"{self.list_file}:{self.list_line} " if self.list_file else ""
         return f"sources[{self.index}] ({where}, {origin}{self.source})"
-
-
-# -- method choice --------------------------------------------------------------------------
-
-
-def choose_method(
-    kind: SourceKind, size: int | None, requested: Method, settings: Settings
-) -> Method:
-    """How to send a file: base64 up to base64_max, stream above; remote files by URL up
-    to url_max (or when the size is unknown), streamed through above.
-
-    An explicit `requested` method wins, but raises ValueError (with the reason) for
-    base64 over 10 MiB, url over 100 MiB, base64 for a remote file or url for a local one.
-    """
-    if requested is Method.AUTO:
-        return _automatic_method(kind, size, settings)
-    reason = forced_method_problem(kind, size, requested)
-    if reason:
-        raise ValueError(reason)
-    return requested
-
-
-def forced_method_problem(kind: SourceKind, size: int | None, requested: Method) -> str | None:
-    """Why a method named in the manifest cannot be used for this file, or None."""
-    if requested is Method.URL and kind is SourceKind.FILE:
-        return "url applies to remote sources only"
-    if requested is Method.BASE64 and kind is SourceKind.URL:
-        return "base64 is refused for remote files; use stream (streamed through)"
-    if requested is Method.BASE64 and size is not None and size > BASE64_LIMIT:
-        return f"base64 is refused above 10 MiB ({size} bytes); use stream"
-    if requested is Method.URL and size is not None and size > URL_LIMIT:
-        return f"url is refused above 100 MiB ({size} bytes); use stream"
-    return None
-
-
-def _automatic_method(kind: SourceKind, size: int | None, settings: Settings) -> Method:
-    if kind is SourceKind.FILE:
-        # An empty file goes by stream: an empty base64Data reads as a missing one.
-        small = size is not None and 0 < size <= settings.base64_max
-        return Method.BASE64 if small else Method.STREAM
-    if size is None or size <= settings.url_max:
-        return Method.URL
-    return Method.STREAM
 
 
 # -- walking globs and reading URL lists ----------------------------------------------------

@@ -33,6 +33,7 @@ class WorkPool(Generic[T]):
         self.grace_period = grace_period
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()
+        self.in_flight = 0  # items a worker is handling right now
         self._queue: asyncio.Queue[tuple[T] | None] = asyncio.Queue(maxsize=concurrency * 2)
 
     def request_stop(self) -> None:
@@ -70,7 +71,11 @@ class WorkPool(Generic[T]):
             entry = await self._queue.get()
             if entry is None or self.stopping.is_set():
                 return
-            await self.handle(entry[0])
+            self.in_flight += 1
+            try:
+                await self.handle(entry[0])
+            finally:
+                self.in_flight -= 1
 
     async def _supervise(
         self, feeder: asyncio.Task[None], workers: list[asyncio.Task[None]]

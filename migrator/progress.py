@@ -1,8 +1,9 @@
-"""What the operator sees while a command runs: the CLI's side of the runner's hooks.
+"""What the operator sees while a command runs: the CLI's side of the command core's hooks.
 
 On a terminal, a rich progress bar (items, bytes, rate, ETA). Without one (cron,
 systemd, Kubernetes), one plain line every few seconds, in the spirit of rclone's
-`--stats-one-line`: logs are read by people who were not watching.
+`--stats-one-line`: logs are read by people who were not watching. Either way, the
+first Ctrl-C says at once what the command is waiting for.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TextIO, cast
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,8 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from migrator.model import PlanItem
-from migrator.runner import Outcome, RunObserver
+from migrator.command import Observer, Outcome
 from migrator.units import format_duration, format_size
 
 
@@ -61,8 +61,35 @@ class Tally:
         )
 
 
-class _TallyObserver(RunObserver):
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+def stopping_notice(in_flight: int, grace_period: float, noun: str, *, now: bool) -> str:
+    """What the first (or second) Ctrl-C is answered with at once (pure)."""
+    if now:
+        return f"stopping now: {in_flight} {noun} in flight are cut short"
+    if in_flight == 0:
+        return "stopping: nothing in flight"
+    return (
+        f"finishing {in_flight} {noun} in flight, up to {format_duration(grace_period)}; "
+        "Ctrl-C again to stop now"
+    )
+
+
+class StopNotice(Observer):
+    """Shows no progress, but says at once what a stop waits for (on `stream`)."""
+
+    def __init__(self, stream: TextIO, noun: str = "items") -> None:
+        self.stream = stream
+        self.noun = noun
+
+    def on_stopping(self, in_flight: int, grace_period: float, *, now: bool) -> None:
+        notice = stopping_notice(in_flight, grace_period, self.noun, now=now)
+        print(f"migrator: {notice}", file=self.stream, flush=True)
+
+
+class _TallyObserver(StopNotice):
+    def __init__(
+        self, stream: TextIO, noun: str = "items", clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(stream, noun)
         self.clock = clock
         self.tally = Tally(started=clock())
 
@@ -72,9 +99,9 @@ class _TallyObserver(RunObserver):
     def on_bytes(self, count: int) -> None:
         self.tally.bytes_sent += count
 
-    def on_item_done(self, item: PlanItem, outcome: Outcome, error: str | None) -> None:
+    def on_item_done(self, label: str, outcome: Outcome, error: str | None) -> None:
         self.tally.items_done += 1
-        self.tally.failed += outcome is Outcome.FAILED
+        self.tally.failed += outcome.is_bad
         self.tally.outcomes[outcome] = self.tally.outcomes.get(outcome, 0) + 1
 
 
@@ -82,9 +109,8 @@ class LineProgress(_TallyObserver):
     """One line on `stream` every `interval` seconds while `ticking()` runs, also when
     nothing moved (a stalled transfer shows as a line that stays the same)."""
 
-    def __init__(self, stream: TextIO, interval: float = 10.0) -> None:
-        super().__init__()
-        self.stream = stream
+    def __init__(self, stream: TextIO, interval: float = 10.0, noun: str = "items") -> None:
+        super().__init__(stream, noun)
         self.interval = interval
 
     async def ticking(self) -> None:
@@ -95,10 +121,10 @@ class LineProgress(_TallyObserver):
 
 
 class BarProgress(_TallyObserver):
-    """A rich progress bar on a terminal; use as a context manager around the run."""
+    """A rich progress bar on a terminal; use as a context manager around the command."""
 
-    def __init__(self, console: Console) -> None:
-        super().__init__()
+    def __init__(self, console: Console, noun: str = "items") -> None:
+        super().__init__(cast(TextIO, console.file), noun)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -127,12 +153,16 @@ class BarProgress(_TallyObserver):
         super().on_bytes(count)
         self._refresh()
 
-    def on_item_done(self, item: PlanItem, outcome: Outcome, error: str | None) -> None:
-        super().on_item_done(item, outcome, error)
-        if outcome is Outcome.FAILED:
+    def on_item_done(self, label: str, outcome: Outcome, error: str | None) -> None:
+        super().on_item_done(label, outcome, error)
+        if outcome.is_bad:
             # Paths and messages are data: "[/draft]" in a file name is not markup.
-            self.progress.console.print(f"[red]failed[/red] {escape(f'{item.source}: {error}')}")
+            self.progress.console.print(f"[red]{outcome}[/red] {escape(f'{label}: {error}')}")
         self._refresh()
+
+    def on_stopping(self, in_flight: int, grace_period: float, *, now: bool) -> None:
+        notice = stopping_notice(in_flight, grace_period, self.noun, now=now)
+        self.progress.console.print(f"[yellow]{escape(notice)}[/yellow]")
 
     def _refresh(self) -> None:
         now = self.clock()

@@ -1,34 +1,70 @@
-"""Send one item's bytes to the service by one method: the single attempt.
+"""Requests with their retries: the one path every request of every command takes.
 
-The runner and `refresh` both come here; retries, recording and progress totals
-are theirs. Errors are the client's family: an unreachable or failing origin is
-retryable, an origin that answers 4xx or a vanished local file is permanent.
+`send` makes one upload attempt of one item by one method (base64, stream, URL, or a
+stream-through of a remote file). `Attempts` is the retry path: it tries each way of
+doing an item's work in turn (`Step`s: uploads, server-side copies, downloads, link
+probes), each with full-jitter backoff and `Retry-After` honoured, waits on the
+shared `Pacer` before every request to the service and tells it how the service
+answered, and reports every attempt (for the ledger's attempts table and the log).
+
+Errors are the client's family: an unreachable or failing origin is retryable, an
+origin that answers 4xx or a vanished local file is permanent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import aiohttp
 
-from migrator.connect import Connection, resolve_url
+from migrator.client import DEFAULT_CHUNK_SIZE, UploadClient, retry_after_seconds
 from migrator.errors import (
-    AuthRejectedError,
-    EndpointError,
+    Interrupted,
+    MigratorError,
     PermanentError,
     RetryableError,
+    RunStoppingError,
     UploadError,
 )
 from migrator.model import AttemptRecord, Method, SourceKind, UploadReceipt
+from migrator.naming import substitute_url
+from migrator.pacer import Pacer, Sleep, is_throttle
 from migrator.retry import RetryPolicy, backoff_delay, should_retry
 
-CHUNK = 256 * 1024
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """Live handles for one command; valid inside `connect()`'s context only."""
+
+    target_id: str  # what the ledger keys items by: the manifest's base_url as written
+    client: UploadClient | None  # holds the key; None for commands that only read links
+    origins: aiohttp.ClientSession  # remote sources, download links, stream-through
+    url_vars: Mapping[str, str]  # substitutions for URL sources (${EMBEDDED_ORIGIN})
+    pacer: Pacer = field(default_factory=Pacer)
+
+    @property
+    def api(self) -> UploadClient:
+        """The API client; only commands that upload open a connection with one."""
+        if self.client is None:
+            raise RuntimeError("this connection was opened without the API key")
+        return self.client
+
+    def resolve(self, url: str) -> str:
+        """A URL source with `${NAME}` filled in (the ledger keeps the template)."""
+        return substitute_url(url, self.url_vars)
+
+
+# -- one upload attempt ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +78,21 @@ class Send:
     file_name: str
     size: int | None
 
+    @property
+    def action(self) -> str:
+        """How the attempt record names it."""
+        return self.method.value
+
 
 @dataclass(frozen=True, slots=True)
 class Sent:
+    """A successful upload: the receipt, and what was sent as far as we know it."""
+
     receipt: UploadReceipt
     bytes_sent: int  # bytes this machine sent (0 for a URL upload)
     sha256: str | None  # of the bytes sent, when they passed through here
+    size: int | None  # bytes the service holds: those sent, or what it said it stored
+    mtime_ns: int | None = None  # of a local source, as it was when it was read
     received_at: float = field(default_factory=time.time)  # local time of the answer
 
     def lifetime(self, ttl: float) -> tuple[float, float]:
@@ -67,122 +112,141 @@ def upload_lifetime(receipt: UploadReceipt, received_at: float, ttl: float) -> t
     return uploaded_at, expires_at
 
 
-async def send(conn: Connection, job: Send, on_bytes: Callable[[int], None]) -> Sent:
-    """One attempt. `on_bytes(n)` is told of every chunk as it leaves."""
+class Meter:
+    """The bytes of one attempt: counted, hashed, shown as progress and paced."""
+
+    def __init__(self, pacer: Pacer, sleep: Sleep, on_bytes: Callable[[int], None]) -> None:
+        self.pacer = pacer
+        self.sleep = sleep
+        self.on_bytes = on_bytes
+        self.total = 0
+        self._digest = hashlib.sha256()
+
+    async def __call__(self, chunk: bytes) -> None:
+        self._digest.update(chunk)
+        self.total += len(chunk)
+        self.on_bytes(len(chunk))
+        await self.pacer.transfer(len(chunk), self.sleep)
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def rewind(self) -> None:
+        """A failed attempt takes its bytes back from the progress shown."""
+        self.on_bytes(-self.total)
+
+    def chunk_size(self, default: int = DEFAULT_CHUNK_SIZE) -> int:
+        return self.pacer.chunk_size(default)
+
+
+async def send(conn: Connection, job: Send, meter: Meter) -> Sent:
+    """One upload attempt; the meter sees every chunk as it leaves."""
     if job.method is Method.URL:
         return await _send_by_url(conn, job)
     if job.kind is SourceKind.URL:
-        return await _stream_through(conn, job, on_bytes)
+        return await _stream_through(conn, job, meter)
     if job.method is Method.BASE64:
-        return await _send_base64(conn, job, on_bytes)
-    return await _send_file(conn, job, on_bytes)
+        return await _send_base64(conn, job, meter)
+    return await _send_file(conn, job, meter)
 
 
-async def _send_base64(conn: Connection, job: Send, on_bytes: Callable[[int], None]) -> Sent:
-    data = await asyncio.to_thread(_read_local, Path(job.source))
-    receipt = await conn.client.upload_base64(
+async def _send_base64(conn: Connection, job: Send, meter: Meter) -> Sent:
+    data, mtime_ns = await asyncio.to_thread(_read_local, Path(job.source))
+    await meter(data)
+    receipt = await conn.api.upload_base64(
         data, upload_path=job.upload_path, file_name=job.file_name
     )
-    on_bytes(len(data))
-    return Sent(receipt, len(data), hashlib.sha256(data).hexdigest())
+    return Sent(receipt, len(data), meter.sha256, len(data), mtime_ns)
 
 
-async def _send_file(conn: Connection, job: Send, on_bytes: Callable[[int], None]) -> Sent:
+async def _send_file(conn: Connection, job: Send, meter: Meter) -> Sent:
     path = Path(job.source)
-    size = await asyncio.to_thread(_local_size, path)
-    digest = hashlib.sha256()
-    counted = _Counter(digest, on_bytes)
-    receipt = await conn.client.upload_file(
-        path, upload_path=job.upload_path, file_name=job.file_name, size=size, on_chunk=counted
+    size, mtime_ns = await asyncio.to_thread(_local_stat, path)
+    receipt = await conn.api.upload_file(
+        path,
+        upload_path=job.upload_path,
+        file_name=job.file_name,
+        size=size,
+        on_chunk=meter,
+        chunk_size=meter.chunk_size(),
     )
-    return Sent(receipt, counted.total, digest.hexdigest())
+    return Sent(receipt, meter.total, meter.sha256, meter.total, mtime_ns)
 
 
 async def _send_by_url(conn: Connection, job: Send) -> Sent:
-    url = resolve_url(job.source, conn.url_vars)
-    receipt = await conn.client.upload_url(
-        url, upload_path=job.upload_path, file_name=job.file_name
-    )
+    url = conn.resolve(job.source)
+    receipt = await conn.api.upload_url(url, upload_path=job.upload_path, file_name=job.file_name)
     if job.size is not None and receipt.file_size is not None and receipt.file_size != job.size:
         # Permanent: a retry would fetch the same changed file; the next run re-plans it.
         raise PermanentError(
             f"the service stored {receipt.file_size} bytes of {url}, "
             f"the origin announced {job.size}"
         )
-    return Sent(receipt, 0, None)
+    size = receipt.file_size if receipt.file_size is not None else job.size
+    return Sent(receipt, 0, None, size)
 
 
-async def _stream_through(conn: Connection, job: Send, on_bytes: Callable[[int], None]) -> Sent:
-    url = resolve_url(job.source, conn.url_vars)
-    digest = hashlib.sha256()
-    counted = _Counter(digest, on_bytes)
+async def _stream_through(conn: Connection, job: Send, meter: Meter) -> Sent:
+    url = conn.resolve(job.source)
     try:
         async with conn.origins.get(url) as response:
-            check_fetch_status(f"origin {url}", response.status)
+            check_fetch_status(f"origin {url}", response.status, response.headers)
             size = response.content_length
             if job.size is not None and size is not None and size != job.size:
                 # Checked before a byte is sent: these are not the bytes we mean to send.
                 raise PermanentError(
                     f"origin {url} now has {size} bytes, not the {job.size} planned: it changed"
                 )
-            receipt = await conn.client.upload_stream(
-                _chunks(response),
+            receipt = await conn.api.upload_stream(
+                body_chunks(response, meter.chunk_size()),
                 upload_path=job.upload_path,
                 file_name=job.file_name,
                 size=size,
-                on_chunk=counted,
+                on_chunk=meter,
             )
     except (aiohttp.ClientError, TimeoutError) as err:
-        raise RetryableError(f"origin {url} failed: {_describe(err)}") from None
-    if receipt.file_size is not None and receipt.file_size != counted.total:
-        raise RetryableError(f"the service stored {receipt.file_size} bytes, sent {counted.total}")
-    return Sent(receipt, counted.total, digest.hexdigest())
+        raise RetryableError(f"origin {url} failed: {describe(err)}") from None
+    if receipt.file_size is not None and receipt.file_size != meter.total:
+        raise RetryableError(f"the service stored {receipt.file_size} bytes, sent {meter.total}")
+    return Sent(receipt, meter.total, meter.sha256, meter.total)
 
 
-async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    async for chunk in response.content.iter_chunked(CHUNK):
+async def body_chunks(response: aiohttp.ClientResponse, size: int) -> AsyncIterator[bytes]:
+    """The body of an answer, `size` bytes at a time."""
+    async for chunk in response.content.iter_chunked(size):
         yield chunk
 
 
-def check_fetch_status(what: str, status: int) -> None:
-    """A GET of an origin or a download link: 408, 429 and 5xx are worth retrying,
-    other 4xx are not. `what` names the request in the message."""
+def check_fetch_status(what: str, status: int, headers: Mapping[str, str] | None = None) -> None:
+    """A GET of an origin or a download link: 408, 429 and 5xx are worth retrying (after
+    the answer's Retry-After, if any), other 4xx are not. `what` names the request."""
     if status >= 500 or status in (408, 429):
-        raise RetryableError(f"{what} answered HTTP {status}", status=status)
+        wait = None if headers is None else retry_after_seconds(headers, now=time.time())
+        raise RetryableError(f"{what} answered HTTP {status}", status=status, retry_after=wait)
     if status >= 400:
         raise PermanentError(f"{what} answered HTTP {status}", status=status)
 
 
-class _Counter:
-    """Feeds every chunk to the hash and the progress callback, and counts them."""
-
-    def __init__(self, digest: hashlib._Hash, on_bytes: Callable[[int], None]) -> None:
-        self.digest = digest
-        self.on_bytes = on_bytes
-        self.total = 0
-
-    def __call__(self, chunk: bytes) -> None:
-        self.digest.update(chunk)
-        self.total += len(chunk)
-        self.on_bytes(len(chunk))
-
-
-def _read_local(path: Path) -> bytes:
+def _read_local(path: Path) -> tuple[bytes, int]:
     try:
-        return path.read_bytes()
+        with path.open("rb") as handle:
+            mtime_ns = os.fstat(handle.fileno()).st_mtime_ns
+            return handle.read(), mtime_ns
     except FileNotFoundError:
         raise PermanentError(f"source file is gone: {path}") from None
     except OSError as err:
         raise PermanentError(f"cannot read {path}: {err.strerror}") from None
 
 
-def _local_size(path: Path) -> int:
+def _local_stat(path: Path) -> tuple[int, int]:
     try:
-        return path.stat().st_size
+        info = path.stat()
     except FileNotFoundError:
         raise PermanentError(f"source file is gone: {path}") from None
     except OSError as err:
         raise PermanentError(f"cannot read {path}: {err.strerror}") from None
+    return info.st_size, info.st_mtime_ns
 
 
 def sha256_of(path: Path) -> str:
@@ -194,31 +258,52 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _describe(err: BaseException) -> str:
+def describe(err: BaseException) -> str:
+    """An exception as a short line of text (its message, or its type's name)."""
     text = str(err) or type(err).__name__
     return text.splitlines()[0][:200]
 
 
-class Interrupted(Exception):
-    """A stop was requested while waiting to retry."""
+# -- the retry path -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Step(Generic[T]):
+    """One way to do an item's work: what the record calls it, and the call that does it."""
+
+    action: str  # base64, stream, url, download, probe
+    via: str  # the source or link it reads, for the log
+    call: Callable[[Meter], Awaitable[T]]
+
+
+def upload_step(conn: Connection, job: Send) -> Step[Sent]:
+    """The step that sends `job` over `conn`."""
+
+    async def call(meter: Meter) -> Sent:
+        return await send(conn, job, meter)
+
+    return Step(job.action, job.source, call)
 
 
 @dataclass(frozen=True, slots=True)
 class AttemptReport:
     """One attempt's facts, for the ledger and the log."""
 
-    job: Send
+    upload_path: str
+    file_name: str
+    action: str
+    via: str
     number: int  # 1-based, across all the ways tried for this item
     started_at: float
     duration: float
     bytes_sent: int
     outcome: str  # ok, retry, next (another way follows), failed, auth, endpoint, interrupted
-    error: UploadError | None = None
+    error: MigratorError | None = None
 
     @property
     def http_status(self) -> int | None:
-        """The service's status: 200 for success, None when no answer came."""
-        if self.error is not None:
+        """The answer's status: 200 for success, None when no answer came."""
+        if isinstance(self.error, UploadError):
             return self.error.status
         return 200 if self.outcome == "ok" else None
 
@@ -231,9 +316,9 @@ class AttemptReport:
         return AttemptRecord(
             run_id=run_id,
             target=target,
-            upload_path=self.job.upload_path,
-            file_name=self.job.file_name,
-            method=self.job.method,
+            upload_path=self.upload_path,
+            file_name=self.file_name,
+            method=self.action,
             attempt=self.number,
             started_at=self.started_at,
             duration=self.duration,
@@ -244,11 +329,12 @@ class AttemptReport:
         )
 
     def log_fields(self) -> dict[str, object]:
-        """The fields of this attempt's log event (the item is the caller's to name)."""
+        """The fields of this attempt's log event."""
         return {
-            "upload_path": self.job.upload_path,
-            "file_name": self.job.file_name,
-            "method": self.job.method,
+            "upload_path": self.upload_path,
+            "file_name": self.file_name,
+            "method": self.action,
+            "via": self.via,
             "bytes": self.bytes_sent,
             "attempt": self.number,
             "outcome": self.outcome,
@@ -260,41 +346,49 @@ class AttemptReport:
 
 @dataclass(slots=True)
 class Attempts:
-    """Tries each way of sending an item in turn, each with its own retry budget.
+    """Tries each step of one item in turn, each with its own retry budget.
 
-    The first way that succeeds wins. A rejected key or a wrong endpoint ends it at
-    once (no other way can help); a permanent error or an exhausted budget moves on
-    to the next way, and the last way's error is raised when none is left.
+    The first step that succeeds wins. A run-stopping error ends it at once (no other
+    step can help); a permanent error or an exhausted budget moves on to the next
+    step, and the last step's error is raised when none is left. Before every
+    attempt the shared pacer gives the request its turn; after it, the pacer hears
+    whether the service asked to slow down.
     """
 
-    conn: Connection
+    upload_path: str
+    file_name: str
     policy: RetryPolicy
     rng: random.Random
-    sleep: Callable[[float], Awaitable[bool]]  # False when a stop cut the sleep short
+    pacer: Pacer
+    sleep: Sleep  # False when a stop cut the sleep short
     on_bytes: Callable[[int], None]
     on_attempt: Callable[[AttemptReport], None]
     made: int = 0
 
-    async def first_that_works(self, ways: Sequence[Send]) -> tuple[Send, Sent]:
-        last_error: UploadError | None = None
-        for index, way in enumerate(ways):
-            more_ways = index + 1 < len(ways)
+    async def first_that_works(self, steps: Sequence[Step[T]]) -> tuple[Step[T], T]:
+        last_error: MigratorError | None = None
+        for index, step in enumerate(steps):
+            more_steps = index + 1 < len(steps)
             try:
-                return way, await self._with_retries(way, more_ways)
-            except (AuthRejectedError, EndpointError):
+                return step, await self._with_retries(step, more_steps)
+            except RunStoppingError:
                 raise
             except UploadError as err:
                 last_error = err
-        assert last_error is not None, "no way to send was given"
+        assert last_error is not None, "no step was given"
         raise last_error
 
-    async def _with_retries(self, way: Send, more_ways: bool) -> Sent:
+    async def one(self, step: Step[T]) -> T:
+        """The single step of an item that has only one (a download, a probe)."""
+        return (await self.first_that_works([step]))[1]
+
+    async def _with_retries(self, step: Step[T], more_steps: bool) -> T:
         tries = 0
         while True:
             tries += 1
             self.made += 1
             try:
-                return await self._once(way, tries, more_ways)
+                return await self._once(step, tries, more_steps)
             except UploadError as err:
                 if not should_retry(self.policy, err, tries):
                     raise
@@ -303,48 +397,52 @@ class Attempts:
                 if not await self.sleep(delay):
                     raise Interrupted(str(err)) from err
 
-    async def _once(self, way: Send, tries: int, more_ways: bool) -> Sent:
-        sent = 0
-
-        def count(n: int) -> None:
-            nonlocal sent
-            sent += n
-            self.on_bytes(n)
-
+    async def _once(self, step: Step[T], tries: int, more_steps: bool) -> T:
+        meter = Meter(self.pacer, self.sleep, self.on_bytes)
+        sent_at = await self.pacer.request(self.sleep)
         started, clock = time.time(), time.monotonic()
+
+        def report(outcome: str, error: MigratorError | None) -> None:
+            duration = time.monotonic() - clock
+            self.on_attempt(
+                AttemptReport(
+                    self.upload_path,
+                    self.file_name,
+                    step.action,
+                    step.via,
+                    self.made,
+                    started,
+                    duration,
+                    meter.total,
+                    outcome,
+                    error,
+                )
+            )
+
         try:
-            result = await send(self.conn, way, count)
-        except UploadError as err:
-            self.on_bytes(-sent)  # progress rewinds with the failed attempt
-            outcome = _outcome(err, self.policy, tries, more_ways)
-            self._report(way, started, clock, sent, outcome, err)
+            result = await step.call(meter)
+        except MigratorError as err:
+            meter.rewind()
+            self._tell_pacer(err, sent_at)
+            report(_outcome(err, self.policy, tries, more_steps), err)
             raise
-        except asyncio.CancelledError:
-            self.on_bytes(-sent)
-            self._report(way, started, clock, sent, "interrupted", None)
+        except (asyncio.CancelledError, Interrupted):
+            meter.rewind()
+            report("interrupted", None)
             raise
-        self._report(way, started, clock, result.bytes_sent, "ok", None)
+        self.pacer.succeeded()
+        report("ok", None)
         return result
 
-    def _report(
-        self,
-        way: Send,
-        started: float,
-        clock: float,
-        sent: int,
-        outcome: str,
-        error: UploadError | None,
-    ) -> None:
-        duration = time.monotonic() - clock
-        self.on_attempt(AttemptReport(way, self.made, started, duration, sent, outcome, error))
+    def _tell_pacer(self, err: MigratorError, sent_at: float) -> None:
+        if isinstance(err, RetryableError) and is_throttle(err.status, err.retry_after):
+            self.pacer.throttled(sent_at, err.retry_after)
 
 
-def _outcome(error: UploadError, policy: RetryPolicy, tries: int, more_ways: bool) -> str:
-    """What a failed attempt leads to: `tries` counts attempts of this way only."""
-    if isinstance(error, AuthRejectedError):
-        return "auth"
-    if isinstance(error, EndpointError):
-        return "endpoint"
+def _outcome(error: MigratorError, policy: RetryPolicy, tries: int, more_steps: bool) -> str:
+    """What a failed attempt leads to: `tries` counts attempts of this step only."""
+    if isinstance(error, RunStoppingError):
+        return error.outcome
     if should_retry(policy, error, tries):
         return "retry"
-    return "next" if more_ways else "failed"
+    return "next" if more_steps else "failed"

@@ -66,6 +66,32 @@ def parse_duration(value: str | int | float) -> float:
     return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_RE.findall(text))
 
 
+MAX_TPS = 100_000.0
+
+
+def parse_rate(value: str | int | float) -> float:
+    """Requests per second: `10`, `2.5`, `10/s` -> a finite number above 0."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number of requests per second, such as 10 or 2.5")
+    text = str(value).strip().lower().removesuffix("/s")
+    try:
+        rate = float(text)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of requests per second") from None
+    if not 0 < rate <= MAX_TPS:
+        raise ValueError(f"must be more than 0 and at most {MAX_TPS:g} requests per second")
+    return rate
+
+
+def parse_bandwidth(value: str | int) -> int:
+    """Bytes per second: `8MiB`, `500KB/s`, `1048576` -> a whole number above 0."""
+    text = value if isinstance(value, int) else str(value).strip().removesuffix("/s")
+    rate = parse_size(text)
+    if rate <= 0:
+        raise ValueError("must be more than 0 bytes per second")
+    return rate
+
+
 def format_size(size: int | float | None) -> str:
     """Bytes -> `1.5 MiB`; None -> `?`."""
     if size is None:

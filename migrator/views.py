@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from dataclasses import dataclass, field
+
 from rich.console import Console
 from rich.table import Table
 
-from migrator.model import HOUR
+from migrator.model import HOUR, PlanItem
 from migrator.report import StatusReport
+from migrator.resume import Decision
 from migrator.units import format_duration, format_size, iso_utc
 
 BAR_WIDTH = 30
@@ -55,4 +60,77 @@ def print_status(console: Console, report: StatusReport) -> None:
         run = report.last_run
         console.print(
             f"last run: #{run.id} {run.command} {run.status} at {iso_utc(run.started_at)}"
+        )
+
+
+# -- plan ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PlanTotals:
+    """Counts and bytes by method, and counts by ledger decision."""
+
+    by_method: dict[str, tuple[int, int]] = field(default_factory=dict)
+    by_decision: dict[str, int] = field(default_factory=dict)
+
+    def add(self, item: PlanItem, decision: Decision) -> None:
+        count, size = self.by_method.get(item.method, (0, 0))
+        self.by_method[item.method] = (count + 1, size + (item.size or 0))
+        self.by_decision[decision] = self.by_decision.get(decision, 0) + 1
+
+
+class PlanTablePrinter:
+    """Rows are printed as they come (a million-item plan must not be held in memory)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.console.print(
+            f"[bold]{'method':<7} {'size':>10}  {'ledger':<9} target <- source[/bold]"
+        )
+
+    def item(self, item: PlanItem, decision: Decision) -> None:
+        # Plain print: rich's rendering costs ~0.1 ms a row, too much for 200,000 rows.
+        print(
+            f"{item.method:<7} {format_size(item.size):>10}  {decision:<9} "
+            f"{item.upload_path}/{item.file_name} <- {item.source}"
+        )
+
+    def totals(self, totals: PlanTotals) -> None:
+        table = Table(title="totals", show_edge=False)
+        table.add_column("method")
+        table.add_column("items", justify="right")
+        table.add_column("bytes", justify="right")
+        for method, (count, size) in sorted(totals.by_method.items()):
+            table.add_row(method, str(count), format_size(size))
+        self.console.print(table)
+        ledger = ", ".join(f"{n} {d}" for d, n in sorted(totals.by_decision.items()))
+        self.console.print(f"ledger: {ledger or 'no items'}")
+
+
+class PlanJsonPrinter:
+    """One JSON document, streamed: {"items": [...], "totals": {...}, "ledger": {...}}."""
+
+    def __init__(self) -> None:
+        self.first = True
+        sys.stdout.write('{"items": [')
+
+    def item(self, item: PlanItem, decision: Decision) -> None:
+        row = {
+            "source": item.source,
+            "kind": item.kind,
+            "upload_path": item.upload_path,
+            "file_name": item.file_name,
+            "size": item.size,
+            "method": item.method,
+            "ledger": decision,
+        }
+        sys.stdout.write(("\n  " if self.first else ",\n  ") + json.dumps(row, ensure_ascii=False))
+        self.first = False
+
+    def totals(self, totals: PlanTotals) -> None:
+        by_method = {m: {"items": n, "bytes": b} for m, (n, b) in totals.by_method.items()}
+        sys.stdout.write(
+            "\n],\n"
+            f'"totals": {json.dumps(by_method)},\n'
+            f'"ledger": {json.dumps(totals.by_decision)}}}\n'
         )

@@ -269,7 +269,7 @@ CASES: list[tuple[str, str, str, int, str | None]] = [
     (
         "url-method-for-a-path",
         with_sources("  - path: ./data/a.txt\n    method: url\n"),
-        "url applies to url and url_list sources only",
+        "url applies to remote sources only (url and url_list)",
         7,
         None,
     ),

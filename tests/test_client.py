@@ -38,6 +38,15 @@ LINK = "https://tempfile.example.test/abc/images/cat.png"
 # -- answers the service may give -------------------------------------------------------------
 
 
+def collect(chunks: list[bytes]) -> Callable[[bytes], Awaitable[None]]:
+    """An on_chunk that keeps every chunk it is told of."""
+
+    async def on_chunk(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    return on_chunk
+
+
 def quickstart(**data: Any) -> dict[str, Any]:
     """The success envelope of the quickstart page."""
     fields = {
@@ -632,7 +641,7 @@ async def test_every_chunk_is_reported_in_order_as_it_is_sent(
             upload_path="a",
             file_name="cat.png",
             size=len(data),
-            on_chunk=reported.append,
+            on_chunk=collect(reported),
             chunk_size=1000,
         )
     assert len(reported) == 11
@@ -734,7 +743,7 @@ async def test_stream_upload_of_known_size_has_an_exact_content_length(
             upload_path="remote",
             file_name="notes.txt",
             size=len(data),
-            on_chunk=reported.append,
+            on_chunk=collect(reported),
         )
     (seen,) = server.seen
     assert int(seen.headers["Content-Length"]) == len(seen.body)

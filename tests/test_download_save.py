@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from migrator.download import save_download, temp_path_for
 from migrator.errors import RetryableError
-from migrator.lifecycle import save_download, temp_path_for
 from migrator.model import ItemState, LedgerItem, Method, SourceKind
 
 pytestmark = pytest.mark.timeout(20)

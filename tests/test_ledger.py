@@ -41,6 +41,7 @@ def done(name: str, *, uploaded_at: float, expires_at: float, size: int = 10) ->
         download_url=f"https://files.example/{name}",
         uploaded_at=uploaded_at,
         expires_at=expires_at,
+        last_error=None,
     )
 
 
@@ -134,7 +135,7 @@ async def test_update_without_link_keeps_the_known_link(ledger: Ledger) -> None:
     assert item.last_error == "refresh failed: 503"
 
 
-async def test_state_and_last_error_are_always_written(ledger: Ledger) -> None:
+async def test_state_is_always_written_and_a_field_given_none_is_cleared(ledger: Ledger) -> None:
     ledger.put_item(update("a.txt", ItemState.FAILED, last_error="HTTP 400"))
     await ledger.flush()
     ledger.put_item(done("a.txt", uploaded_at=1.0, expires_at=2.0))
@@ -142,6 +143,28 @@ async def test_state_and_last_error_are_always_written(ledger: Ledger) -> None:
     assert item is not None
     assert item.state is ItemState.DONE
     assert item.last_error is None
+
+
+async def test_a_field_left_out_keeps_its_value(ledger: Ledger) -> None:
+    ledger.put_item(update("a.txt", ItemState.FAILED, last_error="HTTP 400", sha256="ab" * 32))
+    await ledger.flush()
+    ledger.put_item(update("a.txt", ItemState.INTERRUPTED))
+    item = await ledger.get(TARGET, "batch", "a.txt")
+    assert item is not None
+    assert (item.state, item.last_error, item.sha256) == (
+        ItemState.INTERRUPTED,
+        "HTTP 400",
+        "ab" * 32,
+    )
+
+
+async def test_a_download_is_cleared_by_an_upload_of_other_bytes(ledger: Ledger) -> None:
+    ledger.put_item(update("a.txt", ItemState.DONE, downloaded_path="/dl/a.txt", downloaded_at=5.0))
+    await ledger.flush()
+    ledger.put_item(update("a.txt", ItemState.DONE, downloaded_path=None, downloaded_at=None))
+    item = await ledger.get(TARGET, "batch", "a.txt")
+    assert item is not None
+    assert (item.downloaded_path, item.downloaded_at) == (None, None)
 
 
 async def test_given_size_and_method_replace_the_old_ones(ledger: Ledger) -> None:

@@ -21,26 +21,21 @@ import pytest
 import yaml
 from conftest import Origin, write_file
 
+from migrator.command import CommandSummary
+from migrator.download import DownloadOptions, destination_for, download, temp_path_for
 from migrator.emulator import Emulator
 from migrator.errors import ConfigError, ExitCode
 from migrator.ledger import Ledger, RunRow
-from migrator.lifecycle import (
-    LifecycleOptions,
-    LifecycleSummary,
-    destination_for,
-    download,
-    refresh,
-    temp_path_for,
-)
 from migrator.manifest import load_manifest
 from migrator.model import HOUR, ItemState, ItemUpdate, LedgerItem, Manifest, Method, SourceKind
 from migrator.outputs import write_export
+from migrator.refresh import RefreshOptions, refresh
 from migrator.report import build_status
 from migrator.runner import RunOptions, run_manifest
 
 pytestmark = pytest.mark.timeout(60)
 
-WIDE = LifecycleOptions(within=73 * HOUR, seed=1)
+WIDE = RefreshOptions(within=73 * HOUR, seed=1)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -68,8 +63,8 @@ async def run(manifest: Manifest, api_key: str) -> None:
 
 
 async def do_refresh(
-    manifest: Manifest, api_key: str, options: LifecycleOptions = WIDE
-) -> LifecycleSummary:
+    manifest: Manifest, api_key: str, options: RefreshOptions = WIDE
+) -> CommandSummary:
     return await refresh(manifest, options, environ={"KIE_API_KEY": api_key})
 
 
@@ -213,7 +208,7 @@ async def test_refresh_leaves_items_expiring_after_the_window_alone(
     uploads_before = len(emulator.requests)
 
     summary = await do_refresh(
-        seventy_hours_later.manifest, api_key, LifecycleOptions(within=12 * HOUR)
+        seventy_hours_later.manifest, api_key, RefreshOptions(within=12 * HOUR)
     )
 
     assert summary.exit_code is ExitCode.OK
@@ -465,27 +460,28 @@ async def test_download_removes_a_stale_part_file_left_by_a_killed_download(
     assert tree(dest) == mixed_job.sources
 
 
-async def test_download_stops_with_exit_1_and_says_why_when_the_destination_is_unwritable(
+async def test_an_item_whose_destination_cannot_be_made_fails_alone_and_the_rest_arrive(
     mixed_job: Scenario, tmp_path: Path
 ) -> None:
     dest = tmp_path / "dest"
-    dest.mkdir()
-    (dest / "mig").write_text("a file where a folder must go")
+    (dest / "mig").mkdir(parents=True)
+    (dest / "mig" / "remote").write_text("a file where a folder must go")
 
-    summary = await download(mixed_job.manifest, dest, LifecycleOptions(concurrency=1))
+    summary = await download(mixed_job.manifest, dest, DownloadOptions(concurrency=1))
 
     assert summary.exit_code is ExitCode.ITEMS_FAILED
-    assert summary.message and summary.message.startswith(f"cannot write {dest / 'mig'}/")
+    assert summary.counts == {"downloaded": 2, "failed": 2}
+    assert set(tree(dest / "mig")) - {"remote"} == {"a.txt", "docs/deep/b.bin"}
     async with await Ledger.open(mixed_job.manifest.ledger, readonly=True) as ledger:
         [last_run] = await ledger.runs(limit=1)
-    assert (last_run.command, last_run.status) == ("download", "stopped")
+    assert (last_run.command, last_run.status) == ("download", "failed")
 
 
 async def test_download_only_remote_takes_only_url_sources(
     mixed_job: Scenario, tmp_path: Path
 ) -> None:
     summary = await download(
-        mixed_job.manifest, tmp_path / "dest", LifecycleOptions(only_remote=True)
+        mixed_job.manifest, tmp_path / "dest", DownloadOptions(only_remote=True)
     )
 
     assert summary.counts == {"downloaded": 2}
@@ -502,7 +498,7 @@ async def test_download_within_takes_only_items_expiring_within_the_window(
     emulator.advance_clock(48 * HOUR)
     await run(manifest, api_key)  # late.txt expires in 120 h (of real time)
 
-    summary = await download(manifest, tmp_path / "dest", LifecycleOptions(within=100 * HOUR))
+    summary = await download(manifest, tmp_path / "dest", DownloadOptions(within=100 * HOUR))
 
     assert summary.counts == {"downloaded": 1}
     assert set(tree(tmp_path / "dest")) == {"mig/early.txt"}

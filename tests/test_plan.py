@@ -15,12 +15,12 @@ from aiohttp import web
 
 from migrator.errors import ManifestError
 from migrator.manifest import load_manifest
+from migrator.methods import choose_method
 from migrator.model import MIB, Manifest, Method, PlanItem, Settings, SourceKind
 from migrator.plan import (
     PlanCheck,
     RemoteInfo,
     check_plan,
-    choose_method,
     expand,
     probe_remote,
     walk_glob,

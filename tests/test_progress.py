@@ -7,9 +7,9 @@ import io
 
 import pytest
 
+from migrator.command import Outcome
 from migrator.model import Method, PlanItem, SourceKind
 from migrator.progress import LineProgress, Tally
-from migrator.runner import Outcome
 
 ITEM = PlanItem("/data/a", SourceKind.FILE, "up", "a", 10, Method.BASE64)
 
@@ -37,7 +37,7 @@ async def test_lines_keep_coming_while_nothing_moves() -> None:
     out = io.StringIO()
     progress = LineProgress(out, interval=0.02)
     progress.on_totals(2, 20)
-    progress.on_item_done(ITEM, Outcome.UPLOADED, None)
+    progress.on_item_done(ITEM.source, Outcome.UPLOADED, None)
     ticker = asyncio.create_task(progress.ticking())
     await asyncio.sleep(0.15)
     ticker.cancel()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from migrator.lifecycle import refresh_ways
 from migrator.model import HOUR, ItemState, LedgerItem, Method, Settings, SourceKind, UploadReceipt
+from migrator.refresh import refresh_ways
 from migrator.transfer import upload_lifetime
 
 NOW = 1_800_000_000.0

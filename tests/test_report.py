@@ -17,12 +17,13 @@ import yaml
 from conftest import migrator_env
 from prometheus_client.parser import text_string_to_metric_families
 
+from migrator.download import DownloadOptions, download
 from migrator.emulator import Emulator
 from migrator.errors import ExitCode
 from migrator.ledger import Ledger
-from migrator.lifecycle import LifecycleOptions, download, refresh
 from migrator.manifest import load_manifest
 from migrator.model import HOUR, LedgerItem, Manifest
+from migrator.refresh import RefreshOptions, refresh
 from migrator.runner import RunOptions, run_manifest
 from migrator.units import iso_utc
 
@@ -138,7 +139,7 @@ async def test_a_refresh_rewrites_the_outputs_with_the_new_links(
     emulator.advance_clock(70 * HOUR)
 
     summary = await refresh(
-        with_outputs, LifecycleOptions(within=73 * HOUR), environ={"KIE_API_KEY": api_key}
+        with_outputs, RefreshOptions(within=73 * HOUR), environ={"KIE_API_KEY": api_key}
     )
 
     assert summary.counts == {"refreshed": ITEMS}
@@ -174,7 +175,7 @@ async def test_the_metrics_file_option_writes_a_second_metrics_file(
     await run(with_outputs, api_key)
     extra = tmp_path / "textfile" / "extra.prom"
 
-    await download(with_outputs, tmp_path / "dest", LifecycleOptions(metrics_file=extra))
+    await download(with_outputs, tmp_path / "dest", DownloadOptions(metrics_file=extra))
 
     families = {f.name: f for f in text_string_to_metric_families(extra.read_text())}
     done = [s for s in families["migrator_items"].samples if s.labels["state"] == "done"]

@@ -18,20 +18,14 @@ from conftest import Origin, write_file
 from rich.console import Console
 
 from migrator import cli
+from migrator.command import CommandSummary, Observer, Outcome
 from migrator.emulator import Emulator
-from migrator.errors import ExitCode
+from migrator.errors import ExitCode, StopReason
 from migrator.ledger import Ledger
 from migrator.manifest import load_manifest
 from migrator.model import ItemState, LedgerItem, Manifest, Method, PlanItem, SourceKind
 from migrator.progress import BarProgress
-from migrator.runner import (
-    Outcome,
-    RunObserver,
-    RunOptions,
-    RunSummary,
-    StopReason,
-    run_manifest,
-)
+from migrator.runner import RunOptions, run_manifest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,7 +54,7 @@ def load(path: Path) -> Manifest:
     return load_manifest(path, environ={})
 
 
-async def run(path: Path, api_key: str, **options: Any) -> RunSummary:
+async def run(path: Path, api_key: str, **options: Any) -> CommandSummary:
     opts = RunOptions(seed=1, **options)
     return await run_manifest(load(path), opts, environ={"KIE_API_KEY": api_key})
 
@@ -127,7 +121,7 @@ async def test_mixed_manifest_uploads_each_item_by_its_method_and_exports_workin
     summary = await run(manifest, api_key)
 
     assert summary.exit_code is ExitCode.OK
-    assert summary.counts.uploaded == 4
+    assert summary.count(Outcome.UPLOADED) == 4
     assert endpoints_by_name(emulator) == {
         "small.txt": ["base64"],
         "big.bin": ["stream"],
@@ -168,7 +162,7 @@ async def test_dry_run_without_a_ledger_sends_nothing_and_creates_no_ledger(
 
     summary = await run(manifest, api_key, dry_run=True)
 
-    assert summary.counts.would_upload == {"new": 1}
+    assert summary.would == {"new": 1}
     assert emulator.requests == []
     assert not (job / "ledger.sqlite").exists()
 
@@ -184,7 +178,7 @@ async def test_dry_run_leaves_an_existing_ledger_byte_for_byte_unchanged(
 
     summary = await run(manifest, api_key, dry_run=True)
 
-    assert summary.counts.would_upload == {"changed": 1}
+    assert summary.would == {"changed": 1}
     assert len(emulator.requests) == requests_before
     assert (job / "ledger.sqlite").read_bytes() == before
 
@@ -206,7 +200,11 @@ async def test_rerun_of_a_finished_manifest_sends_no_request(
 
     summary = await run(manifest, api_key)
 
-    assert (summary.exit_code, summary.counts.uploaded, summary.counts.skipped) == (0, 0, 3)
+    assert (summary.exit_code, summary.count(Outcome.UPLOADED), summary.count(Outcome.SKIPPED)) == (
+        0,
+        0,
+        3,
+    )
     assert len(emulator.requests) == sent
     assert len(origin.gets) == fetched
 
@@ -225,7 +223,7 @@ async def test_changed_sources_are_uploaded_again_and_unchanged_ones_are_not(
 
     summary = await run(manifest, api_key)
 
-    assert (summary.counts.uploaded, summary.counts.skipped) == (2, 1)
+    assert (summary.count(Outcome.UPLOADED), summary.count(Outcome.SKIPPED)) == (2, 1)
     assert sorted(r.file_name or "" for r in emulator.requests[first:]) == [
         "resized.txt",
         "touched.txt",
@@ -268,7 +266,7 @@ async def test_a_400_fails_the_item_at_once_with_the_service_msg_and_exit_1(
     summary = await run(manifest, api_key)
 
     assert summary.exit_code is ExitCode.ITEMS_FAILED
-    assert (summary.counts.failed, summary.counts.uploaded) == (1, 1)
+    assert (summary.count(Outcome.FAILED), summary.count(Outcome.UPLOADED)) == (1, 1)
     assert len(emulator.requests) == 2
     failed = [i for i in (await ledger_items(manifest)).values() if i.state is ItemState.FAILED]
     assert len(failed) == 1
@@ -361,7 +359,7 @@ def test_the_progress_bar_prints_a_failed_items_path_and_error_literally() -> No
     )
     with BarProgress(Console(file=screen, width=200)) as bar:
         bar.on_totals(1, 1)
-        bar.on_item_done(item, Outcome.FAILED, "origin answered [404]")
+        bar.on_item_done(item.source, Outcome.FAILED, "origin answered [404]")
 
     assert "failed /data/notes[/draft] [bold].txt: origin answered [404]" in screen.getvalue()
 
@@ -424,11 +422,11 @@ async def test_a_done_item_whose_new_upload_fails_stays_done_and_is_tried_again_
     assert kept.last_error is not None and "400" in kept.last_error
     assert await fetch(first.download_url) == old
     next_run = await run(manifest, api_key)
-    assert (next_run.exit_code, next_run.counts.uploaded) == (ExitCode.OK, 1)
+    assert (next_run.exit_code, next_run.count(Outcome.UPLOADED)) == (ExitCode.OK, 1)
 
 
-class Explodes(RunObserver):
-    def on_item_done(self, item: PlanItem, outcome: Outcome, error: str | None) -> None:
+class Explodes(Observer):
+    def on_item_done(self, label: str, outcome: Outcome, error: str | None) -> None:
         raise RuntimeError("observer bug")
 
 
@@ -468,7 +466,7 @@ async def test_the_embedded_target_moves_to_a_free_port_when_its_old_one_is_take
         squatter.listen()
         summary = await run(manifest, "unused")
 
-    assert (summary.exit_code, summary.counts.uploaded) == (ExitCode.OK, 1)
+    assert (summary.exit_code, summary.count(Outcome.UPLOADED)) == (ExitCode.OK, 1)
     assert int(port_file.read_text()) != old_port
 
 
@@ -492,7 +490,7 @@ async def test_without_checksum_a_same_size_same_mtime_edit_goes_unseen(
 
     summary = await run(manifest, api_key)
 
-    assert (summary.counts.uploaded, summary.counts.skipped) == (0, 1)
+    assert (summary.count(Outcome.UPLOADED), summary.count(Outcome.SKIPPED)) == (0, 1)
 
 
 async def test_checksum_uploads_a_same_size_same_mtime_edit_again(
@@ -506,7 +504,7 @@ async def test_checksum_uploads_a_same_size_same_mtime_edit_again(
 
     summary = await run(manifest, api_key, checksum=True)
 
-    assert (summary.counts.uploaded, summary.counts.skipped) == (1, 1)
+    assert (summary.count(Outcome.UPLOADED), summary.count(Outcome.SKIPPED)) == (1, 1)
     item = (await ledger_items(manifest))["a.txt"]
     assert await fetch(item.download_url or "") == (job / "a.txt").read_bytes()
 
@@ -522,5 +520,5 @@ async def test_a_checksum_dry_run_counts_the_edit_as_changed(
 
     summary = await run(manifest, api_key, dry_run=True, checksum=True)
 
-    assert summary.counts.would_upload == {"changed": 1}
+    assert summary.would == {"changed": 1}
     assert len(emulator.requests) == sent

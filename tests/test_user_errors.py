@@ -53,11 +53,16 @@ class Finished:
 
     def one_error_line(self) -> str:
         """The single stderr line; fails on a traceback or multi-line noise."""
+        lines = self.error_lines()
+        assert len(lines) == 1, self.stderr
+        return lines[0]
+
+    def error_lines(self) -> list[str]:
+        """The stderr lines, each migrator's own; fails on a traceback."""
         assert "Traceback" not in self.stderr + self.stdout, self.stderr
         lines = self.stderr.strip().splitlines()
-        assert len(lines) == 1, self.stderr
-        assert lines[0].startswith("migrator"), lines[0]
-        return lines[0]
+        assert all(line.startswith("migrator") for line in lines), self.stderr
+        return lines
 
 
 async def migrator(
@@ -705,7 +710,11 @@ async def test_a_second_signal_stops_a_stalled_command_with_128_plus_it(
 
     result = Finished(process.returncode or 0, out.decode(), err.decode())
     assert result.code == code
-    assert f"stopped by {signum.name}" in result.one_error_line()
+    first, second, last = result.error_lines()
+    noun = "downloads" if command == "download" else "uploads"
+    assert first == f"migrator: finishing 1 {noun} in flight, up to 30.0s; Ctrl-C again to stop now"
+    assert second == f"migrator: stopping now: 1 {noun} in flight are cut short"
+    assert last == f"migrator: stopped by {signum.name}"
     assert "nothing finished" in result.stdout
     assert ledger_states(manifest.parent / "ledger.sqlite") == {"stall.bin": "done"}
 
