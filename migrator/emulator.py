@@ -5,6 +5,7 @@ real service (bearer auth, the `{success, code, msg, data}` envelope, 400/401/40
 stores what it receives under a data directory so that it survives a restart, serves
 every file at its `downloadUrl` until `expiresAt`, and keeps its own clock (real time plus
 an offset that only moves forward) so that expiry can be tested without waiting 3 days.
+Every answer's HTTP `Date` header tells that clock, as a real service's tells its own.
 
 Nothing here is shared with `migrator.client`: the emulator writes its envelopes by hand,
 so a drift between what the client expects and what the service says shows up in tests.
@@ -39,13 +40,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from email.utils import formatdate
 from pathlib import Path, PurePosixPath
 from typing import Any, Final, Literal, TextIO, TypeGuard
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from migrator.errors import ConfigError
 
@@ -175,6 +177,11 @@ def iso_ms(timestamp: float) -> str:
     """POSIX seconds -> `2025-01-18T10:30:00.000Z` (always with milliseconds)."""
     moment = datetime.fromtimestamp(timestamp, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{moment.microsecond // 1000:03d}Z"
+
+
+def http_date(timestamp: float) -> str:
+    """POSIX seconds -> an RFC 7231 IMF-fixdate, `Sun, 19 Jan 2025 10:30:00 GMT`."""
+    return formatdate(timestamp, usegmt=True)
 
 
 def error_envelope(status: int, msg: str) -> dict[str, Any]:
@@ -613,12 +620,18 @@ class Emulator:
         app.router.add_post("/_emulator/clock", self._admin_advance_clock)
         app.router.add_get("/_emulator/requests", self._admin_requests)
         app.router.add_post("/_emulator/faults", self._admin_faults)
+        app.on_response_prepare.append(self._date_on_own_clock)
         return app
 
     def _require_store(self) -> _Store:
         if self._store is None:
             raise RuntimeError("the emulator is not started")
         return self._store
+
+    async def _date_on_own_clock(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every answer's `Date` tells the emulator's clock, so a client can measure the
+        offset to its own; it replaces the one aiohttp takes from the real clock."""
+        response.headers[hdrs.DATE] = http_date(self.now())
 
     @web.middleware
     async def _envelope(

@@ -12,7 +12,9 @@ import re
 import shutil
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,10 @@ PNG_1X1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+IMF_FIXDATE = re.compile(
+    r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d "
+    r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d GMT$"
+)
 DAY = 86400.0
 
 Json = dict[str, Any]
@@ -56,8 +62,13 @@ async def post_form(url: str, form: aiohttp.FormData, headers: dict[str, str]) -
         return r.status, await r.json(content_type=None)
 
 
-async def get(url: str, method: str = "GET") -> tuple[int, bytes, dict[str, str]]:
-    async with aiohttp.ClientSession() as session, session.request(method, url) as resp:
+async def get(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, headers=headers) as resp,
+    ):
         return resp.status, await resp.read(), dict(resp.headers)
 
 
@@ -643,6 +654,50 @@ async def test_the_admin_endpoints_need_the_key(emulator: Emulator) -> None:
     status, body = await post_json(f"{emulator.base_url}/_emulator/clock", {"advance": 1}, {})
     assert_error_envelope(status, body, 401)
     assert emulator.clock_offset == 0
+
+
+async def answer_of_kind(emu: Emulator, key: str, kind: str) -> tuple[int, dict[str, str]]:
+    """Status and headers of one answer of the given kind."""
+    if kind in ("upload", "error"):
+        body = {"base64Data": "aGVsbG8=", "uploadPath": "d", "fileName": "a.txt"}
+        headers = auth(key if kind == "upload" else "wrong-key")
+        url = f"{emu.base_url}/api/file-base64-upload"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=body, headers=headers) as r,
+        ):
+            return r.status, dict(r.headers)
+    if kind == "link":
+        link = (await upload_base64(emu, key, "aGVsbG8=", "d", "a.txt"))[1]["data"]["downloadUrl"]
+        status, _, headers = await get(link)
+        return status, headers
+    path = {"missing link": "/files/nope/d/a.txt", "admin": "/_emulator/clock"}.get(
+        kind, "/nowhere"
+    )
+    status, _, headers = await get(emu.base_url + path, headers=auth(key))
+    return status, headers
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected_status"),
+    [
+        ("upload", 200),
+        ("error", 401),
+        ("link", 200),
+        ("missing link", 404),
+        ("admin", 200),
+        ("unknown path", 404),
+    ],
+)
+async def test_every_answer_carries_a_date_header_on_the_emulator_clock(
+    emulator: Emulator, api_key: str, kind: str, expected_status: int
+) -> None:
+    emulator.advance_clock(DAY)
+    status, headers = await answer_of_kind(emulator, api_key, kind)
+    assert status == expected_status
+    assert IMF_FIXDATE.match(headers["Date"]), headers["Date"]
+    stated = parsedate_to_datetime(headers["Date"]).timestamp()
+    assert abs(stated - (time.time() + DAY)) < 60
 
 
 # -- persistence ----------------------------------------------------------------------------
