@@ -89,6 +89,14 @@ def assert_error_envelope(status: int, body: Json, expected: int) -> None:
     assert body["data"] is None
 
 
+def assert_link_gone(status: int, data: bytes, method: str) -> None:
+    """A 404 for a link: the error envelope to GET, no body at all to HEAD."""
+    if method == "HEAD":
+        assert (status, data) == (404, b"")
+    else:
+        assert_error_envelope(status, json.loads(data), 404)
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -637,6 +645,39 @@ async def test_after_the_clock_passes_expires_at_the_link_answers_404(
     ]
     emulator.advance_clock(3 * DAY + 1)
     assert (await get(url))[0] == 404
+
+
+async def test_a_range_of_the_first_byte_is_answered_206_with_content_range(
+    emulator: Emulator, api_key: str
+) -> None:
+    url = (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+        "downloadUrl"
+    ]
+    status, data, headers = await get(url, headers={"Range": "bytes=0-0"})
+    assert (status, data) == (206, b"h")
+    assert headers["Content-Range"] == "bytes 0-0/5"
+    assert headers["Content-Length"] == "1"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_an_expired_link_answers_404_to_get_and_head(
+    emulator: Emulator, api_key: str, method: str
+) -> None:
+    url = (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+        "downloadUrl"
+    ]
+    emulator.advance_clock(3 * DAY + 1)
+    status, data, _ = await get(url, method)
+    assert_link_gone(status, data, method)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("path", ["/files/0123456789abcdef01234567/d/a.txt", "/files/x"])
+async def test_a_missing_link_answers_404_to_get_and_head(
+    emulator: Emulator, method: str, path: str
+) -> None:
+    status, data, _ = await get(emulator.base_url + path, method)
+    assert_link_gone(status, data, method)
 
 
 async def test_the_admin_clock_endpoint_moves_the_clock_forward(
