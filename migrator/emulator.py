@@ -13,6 +13,10 @@ so a drift between what the client expects and what the service says shows up in
 Overwrite rule: uploading the same `uploadPath` + `fileName` again stores the new bytes
 under a new `fileId`; the old `downloadUrl` then answers 404.
 
+Two request logs, for tests: `requests` (upload endpoints, failures included, as
+`EmulatorRequest`) and `link_requests` (GET and HEAD of download links, as `LinkRequest`).
+Each entry carries the real time its request arrived.
+
 Admin endpoints (same bearer key as the API):
     POST /_emulator/clock     {"advance": seconds}        -> {"offset": s, "now": iso}
     GET  /_emulator/clock                                 -> {"offset": s, "now": iso}
@@ -38,7 +42,8 @@ import time
 import unicodedata
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from email.utils import formatdate
 from pathlib import Path, PurePosixPath
@@ -69,6 +74,10 @@ _PATHS: Final[dict[str, str]] = {
     "url": "/api/file-url-upload",
 }
 _ENDPOINT_BY_PATH: Final[dict[str, str]] = {path: name for name, path in _PATHS.items()}
+# aiohttp runs a request's middlewares and its response's prepare hooks in one task, so
+# a ContextVar carries the arrival time to both (request storage would need RequestKey,
+# which aiohttp before 3.13 lacks and aiohttp 3.13+ warns about going without).
+_RECEIVED_AT: ContextVar[float] = ContextVar("emulator_received_at")
 _DATA_URL_RE = re.compile(r"^data:([^,]*?),(.*)$", re.DOTALL)
 _STATUS_MSGS: Final[dict[int, str]] = {
     400: "bad request",
@@ -89,7 +98,11 @@ _STATUS_MSGS: Final[dict[int, str]] = {
 
 @dataclass(frozen=True, slots=True)
 class EmulatorRequest:
-    """One request to an upload endpoint, as the emulator saw it (failed ones included)."""
+    """One request to an upload endpoint, as the emulator saw it (failed ones included).
+
+    The times are real time (time.time()), not the emulator's clock. They take no part
+    in equality, so a test can compare the log with the requests it expects.
+    """
 
     endpoint: str  # "base64" | "stream" | "url"
     upload_path: str | None
@@ -97,6 +110,20 @@ class EmulatorRequest:
     file_url: str | None
     status: int  # the HTTP status answered
     size: int | None  # bytes stored, for a success
+    received_at: float = field(default=0.0, compare=False)  # the request arrived
+    answered_at: float = field(default=0.0, compare=False)  # the answer was ready
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRequest:
+    """One GET or HEAD of a download link (`/files/...`), as the emulator answered it."""
+
+    method: str
+    path: str  # as sent, percent-encoded, without the query
+    status: int
+    received_at: float  # real time, time.time()
+    bytes_sent: int  # file bytes the answer carries (its Content-Length); 0 for HEAD, errors
+    range: str | None  # the Range header, when sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,8 +466,8 @@ class Emulator:
     """The emulated service. Use as `async with Emulator(dir, key) as emu:`.
 
     `access_log`, when given, receives one structlog line per request (method, path,
-    status; never a header). `keep_requests` bounds the request log (`requests`);
-    None keeps them all, as tests want.
+    status; never a header). `keep_requests` bounds each request log (`requests` for
+    uploads, `link_requests` for downloads); None keeps them all, as tests want.
     """
 
     def __init__(
@@ -477,6 +504,7 @@ class Emulator:
         # Tests read every request; a long-lived emulator (the CLI's, the embedded one)
         # keeps only the latest `keep_requests`, or its memory would grow per upload.
         self._requests: deque[EmulatorRequest] = deque(maxlen=keep_requests)
+        self._link_requests: deque[LinkRequest] = deque(maxlen=keep_requests)
         self._faults: list[_Fault] = []
         self._store: _Store | None = None
         self._runner: web.AppRunner | None = None
@@ -579,7 +607,13 @@ class Emulator:
 
     @property
     def requests(self) -> list[EmulatorRequest]:
+        """Requests to the upload endpoints, oldest first."""
         return list(self._requests)
+
+    @property
+    def link_requests(self) -> list[LinkRequest]:
+        """GET and HEAD requests of download links, oldest first."""
+        return list(self._link_requests)
 
     def inject_faults(
         self,
@@ -610,7 +644,8 @@ class Emulator:
 
     def _build_app(self) -> web.Application:
         app = web.Application(
-            client_max_size=JSON_BODY_MAX, middlewares=[self._log_middleware, self._envelope]
+            client_max_size=JSON_BODY_MAX,
+            middlewares=[_stamp_arrival, self._log_middleware, self._envelope],
         )
         app.router.add_post(_PATHS["base64"], self._endpoint_handler("base64"))
         app.router.add_post(_PATHS["stream"], self._endpoint_handler("stream"))
@@ -621,6 +656,7 @@ class Emulator:
         app.router.add_get("/_emulator/requests", self._admin_requests)
         app.router.add_post("/_emulator/faults", self._admin_faults)
         app.on_response_prepare.append(self._date_on_own_clock)
+        app.on_response_prepare.append(self._log_link_request)
         return app
 
     def _require_store(self) -> _Store:
@@ -632,6 +668,22 @@ class Emulator:
         """Every answer's `Date` tells the emulator's clock, so a client can measure the
         offset to its own; it replaces the one aiohttp takes from the real clock."""
         response.headers[hdrs.DATE] = http_date(self.now())
+
+    async def _log_link_request(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Logged as the headers leave: only then does a ranged answer know its length."""
+        if not _is_link_request(request):
+            return
+        carries_file = request.method == "GET" and response.status in (200, 206)
+        self._link_requests.append(
+            LinkRequest(
+                method=request.method,
+                path=request.rel_url.raw_path,
+                status=response.status,
+                received_at=_received_at(),
+                bytes_sent=(response.content_length or 0) if carries_file else 0,
+                range=request.headers.get(hdrs.RANGE),
+            )
+        )
 
     @web.middleware
     async def _envelope(
@@ -649,7 +701,7 @@ class Emulator:
             msg = _STATUS_MSGS.get(exc.status, exc.reason.lower())
             endpoint = _ENDPOINT_BY_PATH.get(request.path)
             if endpoint is not None:  # e.g. a GET on an upload endpoint
-                self._requests.append(EmulatorRequest(endpoint, None, None, None, exc.status, None))
+                self._log_upload(endpoint, exc.status)
             return _error_response(exc.status, msg, headers)
         except Exception as exc:
             return _error_response(500, f"internal error, please retry ({type(exc).__name__})")
@@ -669,6 +721,23 @@ class Emulator:
                 ms=round((time.monotonic() - started) * 1000, 1),
             )
         return response
+
+    def _log_upload(
+        self, endpoint: str, status: int, seen: _Seen | None = None, size: int | None = None
+    ) -> None:
+        said = seen or _Seen()
+        self._requests.append(
+            EmulatorRequest(
+                endpoint,
+                said.upload_path,
+                said.file_name,
+                said.file_url,
+                status,
+                size,
+                received_at=_received_at(),
+                answered_at=time.time(),
+            )
+        )
 
     def _check_auth(self, request: web.Request) -> None:
         if not bearer_ok(request.headers.get("Authorization"), self._api_key):
@@ -709,11 +778,7 @@ class Emulator:
             response = _error_response(exc.status, _STATUS_MSGS.get(exc.status, exc.reason))
         except Exception as exc:  # the service's 500: the caller may retry
             response = _error_response(500, f"internal error, please retry ({type(exc).__name__})")
-        self._requests.append(
-            EmulatorRequest(
-                endpoint, seen.upload_path, seen.file_name, seen.file_url, response.status, size
-            )
-        )
+        self._log_upload(endpoint, response.status, seen, size)
         return response
 
     def _take_fault(self, endpoint: str) -> _Fault | None:
@@ -868,6 +933,23 @@ class Emulator:
 
 
 # -- request reading (module level: no emulator state) -----------------------------------
+
+
+@web.middleware
+async def _stamp_arrival(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    _RECEIVED_AT.set(time.time())
+    return await handler(request)
+
+
+def _received_at() -> float:
+    """When the request being answered arrived (now, outside of a request)."""
+    return _RECEIVED_AT.get(time.time())
+
+
+def _is_link_request(request: web.BaseRequest) -> bool:
+    return request.method in (hdrs.METH_GET, hdrs.METH_HEAD) and request.path.startswith("/files/")
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
@@ -1025,6 +1107,7 @@ __all__ = [
     "Emulator",
     "EmulatorConfig",
     "EmulatorRequest",
+    "LinkRequest",
     "StoredFile",
     "serve",
 ]

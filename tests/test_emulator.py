@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -797,6 +798,67 @@ async def test_every_upload_request_is_logged_failed_ones_included(
         assert [r["status"] for r in await resp.json()] == [200, 400, 405]
 
 
+async def test_a_logged_upload_carries_when_it_arrived_and_when_it_was_answered(
+    emulator: Emulator, api_key: str
+) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        return web.Response(body=b"late", content_type="text/plain")
+
+    origin, origin_base = await start_origin({"/slow.txt": slow})
+    before = time.time()
+    try:
+        status, _ = await post_json(
+            f"{emulator.base_url}/api/file-url-upload",
+            {"fileUrl": f"{origin_base}/slow.txt", "uploadPath": "d"},
+            auth(api_key),
+        )
+    finally:
+        await origin.cleanup()
+    after = time.time()
+    (logged,) = emulator.requests
+    assert status == 200
+    assert before <= logged.received_at < logged.answered_at <= after
+    assert logged.answered_at - logged.received_at >= 0.25  # the origin took 0.3 s
+
+
+async def test_download_requests_go_to_the_link_log_not_the_upload_log(
+    emulator: Emulator, api_key: str
+) -> None:
+    url = (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+        "downloadUrl"
+    ]
+    await get(url)
+    await get(url, "HEAD")
+    assert [r.endpoint for r in emulator.requests] == ["base64"]
+    assert [r.method for r in emulator.link_requests] == ["GET", "HEAD"]
+
+
+async def test_the_link_log_records_status_bytes_sent_and_range(
+    emulator: Emulator, api_key: str
+) -> None:
+    url = (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a b.txt"))[1]["data"][
+        "downloadUrl"
+    ]
+    path = urlsplit(url).path
+    before = time.time()
+    await get(url)
+    await get(url, "HEAD")
+    await get(url, headers={"Range": "bytes=0-0"})
+    await get(f"{emulator.base_url}/files/nope/d/a.txt")
+    after = time.time()
+    assert [
+        (r.method, r.path, r.status, r.bytes_sent, r.range) for r in emulator.link_requests
+    ] == [
+        ("GET", path, 200, 5, None),
+        ("HEAD", path, 200, 0, None),
+        ("GET", path, 206, 1, "bytes=0-0"),
+        ("GET", "/files/nope/d/a.txt", 404, 0, None),
+    ]
+    times = [r.received_at for r in emulator.link_requests]
+    assert before <= times[0] <= times[1] <= times[2] <= times[3] <= after
+
+
 async def test_an_injected_503_with_retry_after_is_answered_then_service_resumes(
     emulator: Emulator, api_key: str
 ) -> None:
@@ -919,3 +981,15 @@ async def test_a_bounded_request_log_keeps_only_the_latest_requests(
             status, _ = await upload_base64(emu, api_key, "aGk=", file_name=name)
             assert status == 200
         assert [r.file_name for r in emu.requests] == ["b.txt", "c.txt"]
+
+
+async def test_a_bounded_link_log_keeps_only_the_latest_link_requests(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "data", api_key, keep_requests=2) as emu:
+        url = (await upload_base64(emu, api_key, "aGk=", file_name="a.txt"))[1]["data"][
+            "downloadUrl"
+        ]
+        for method in ("GET", "HEAD", "GET"):
+            await get(url, method)
+        assert [(r.method, r.bytes_sent) for r in emu.link_requests] == [("HEAD", 0), ("GET", 2)]
