@@ -553,6 +553,13 @@ def _add_emulator_command(commands: argparse._SubParsersAction[argparse.Argument
     )
     sub.add_argument("--ttl", default="72h", help="how long uploads live (default 72h)")
     sub.add_argument(
+        "--lifetime",
+        default=None,
+        metavar="DURATION",
+        help="delete each file this long after its upload, even before the expiresAt the "
+        "answers state (upload time + --ttl); default: files live until expiresAt",
+    )
+    sub.add_argument(
         "--clock-offset",
         default="0s",
         help="start the emulator's clock this far ahead of real time (default 0s); "
@@ -601,6 +608,11 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     url_timeout = convert("--url-timeout", parse_duration, args.url_timeout)
     if url_timeout <= 0:
         raise UsageError("--url-timeout: must be more than 0s")
+    lifetime = (
+        None if args.lifetime is None else convert("--lifetime", parse_duration, args.lifetime)
+    )
+    if lifetime is not None and lifetime <= 0:
+        raise UsageError("--lifetime: must be more than 0s")
     config = EmulatorConfig(
         data_dir=Path(args.data_dir).expanduser().resolve(),
         api_key=api_key.strip(),
@@ -611,6 +623,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         url_fetch_timeout=url_timeout,
         url_max=int(convert("--url-max", parse_size, args.url_max)),
         clock_offset=convert("--clock-offset", parse_duration, args.clock_offset),
+        lifetime=lifetime,
     )
     asyncio.run(serve(config, lambda url: print(f"emulator listening on {url}", flush=True)))
     return int(ExitCode.OK)

@@ -3,7 +3,8 @@
 It answers the three documented upload endpoints the way the public docs describe the
 real service (bearer auth, the `{success, code, msg, data}` envelope, 400/401/405/404),
 stores what it receives under a data directory so that it survives a restart, serves
-every file at its `downloadUrl` until `expiresAt`, and keeps its own clock (real time plus
+every file at its `downloadUrl` until `expiresAt` (or, with `lifetime`, until that long
+after its upload, whichever comes first), and keeps its own clock (real time plus
 an offset that only moves forward) so that expiry can be tested without waiting 3 days.
 Every answer's HTTP `Date` header tells that clock, as a real service's tells its own.
 
@@ -139,6 +140,7 @@ class EmulatorConfig:
     url_fetch_timeout: float = 30.0
     url_max: int = DEFAULT_URL_MAX
     clock_offset: float = 0.0
+    lifetime: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +298,15 @@ def pick_mime_type(file_name: str, declared_type: str | None) -> str:
     return "application/octet-stream"
 
 
+def gone_reason(stored: StoredFile, now: float, lifetime: float | None) -> str | None:
+    """Why a stored file is no longer served at `now`, or None while it is."""
+    if stored.expires_at <= now:
+        return "it expired"
+    if lifetime is not None and stored.uploaded_at + lifetime <= now:
+        return "it was deleted before its expiresAt"
+    return None
+
+
 def download_path(stored: StoredFile) -> str:
     """`/files/<fileId>/<uploadPath>/<fileName>`, each segment URL-quoted."""
     segments = [stored.file_id, *stored.remote_path.split("/")]
@@ -431,15 +442,16 @@ class _Store:
             self._db.execute("DELETE FROM files WHERE file_id = ?", (file_id,))
         self.blob_path(file_id).unlink(missing_ok=True)
 
-    def sweep(self, now: float) -> None:
-        """Drop temp files, expired files, orphan blobs and rows whose blob is gone."""
+    def sweep(self, now: float, lifetime: float | None) -> None:
+        """Drop temp files, files gone by `now`, orphan blobs and rows whose blob is gone."""
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
-        rows = self._db.execute("SELECT file_id, expires_at FROM files").fetchall()
-        known = {file_id for file_id, _ in rows}
-        for file_id, expires_at in rows:
-            if expires_at <= now or not self.blob_path(file_id).exists():
-                self.delete(file_id)
+        stored = [StoredFile(*row) for row in self._db.execute("SELECT * FROM files")]
+        for one in stored:
+            gone = gone_reason(one, now, lifetime) is not None
+            if gone or not self.blob_path(one.file_id).exists():
+                self.delete(one.file_id)
+        known = {one.file_id for one in stored}
         for blob in self.blobs.iterdir():
             if blob.name not in known:
                 blob.unlink(missing_ok=True)
@@ -465,6 +477,10 @@ SERVED_REQUESTS_KEPT = 10_000  # request log of a long-lived emulator
 class Emulator:
     """The emulated service. Use as `async with Emulator(dir, key) as emu:`.
 
+    `lifetime`, when given, deletes each file that long after its upload on the
+    emulator's clock, even before its `expiresAt` (which answers still state as upload
+    time + `ttl`): a service that keeps files for less time than it says.
+
     `access_log`, when given, receives one structlog line per request (method, path,
     status; never a header). `keep_requests` bounds each request log (`requests` for
     uploads, `link_requests` for downloads); None keeps them all, as tests want.
@@ -482,6 +498,7 @@ class Emulator:
         url_fetch_timeout: float = 30.0,
         url_max: int = DEFAULT_URL_MAX,
         clock_offset: float = 0.0,
+        lifetime: float | None = None,
         access_log: TextIO | None = None,
         keep_requests: int | None = None,
     ) -> None:
@@ -491,6 +508,8 @@ class Emulator:
             raise ValueError(f"response_shape must be one of {', '.join(RESPONSE_SHAPES)}")
         if ttl <= 0 or url_fetch_timeout <= 0 or url_max < 0 or clock_offset < 0:
             raise ValueError("ttl and url_fetch_timeout must be > 0; url_max, clock_offset >= 0")
+        if lifetime is not None and not lifetime > 0:
+            raise ValueError("lifetime must be > 0 seconds (or None: files live until expiresAt)")
         self.data_dir = Path(data_dir)
         self._api_key = api_key
         self._host = host
@@ -499,6 +518,7 @@ class Emulator:
         self.response_shape = response_shape
         self.url_fetch_timeout = float(url_fetch_timeout)
         self.url_max = int(url_max)
+        self.lifetime = None if lifetime is None else float(lifetime)
         self._initial_offset = float(clock_offset)
         self._offset = float(clock_offset)
         # Tests read every request; a long-lived emulator (the CLI's, the embedded one)
@@ -545,7 +565,7 @@ class Emulator:
         # The clock never moves back: a restart keeps the larger of the two offsets.
         self._offset = max(self._store.load_offset(), self._initial_offset)
         self._store.save_offset(self._offset)
-        self._store.sweep(self.now())
+        self._store.sweep(self.now(), self.lifetime)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.url_fetch_timeout), trust_env=False
         )
@@ -877,9 +897,10 @@ class Emulator:
         stored = store.get(request.match_info["file_id"])
         if stored is None or request.match_info["tail"] != stored.remote_path:
             raise _ApiError(404, "file not found")
-        if stored.expires_at <= self.now():
+        reason = gone_reason(stored, self.now(), self.lifetime)
+        if reason is not None:
             store.delete(stored.file_id)
-            raise _ApiError(404, "file not found: it expired")
+            raise _ApiError(404, f"file not found: {reason}")
         return web.FileResponse(
             store.blob_path(stored.file_id),
             chunk_size=CHUNK,
@@ -1084,6 +1105,7 @@ async def serve(config: EmulatorConfig, on_listening: Callable[[str], None]) -> 
         url_fetch_timeout=config.url_fetch_timeout,
         url_max=config.url_max,
         clock_offset=config.clock_offset,
+        lifetime=config.lifetime,
         access_log=sys.stderr,
         keep_requests=SERVED_REQUESTS_KEPT,
     )

@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import REPO_ROOT, EmulatorProcess, migrator_env
+from conftest import (
+    REPO_ROOT,
+    EmulatorProcess,
+    migrator_env,
+    start_emulator_process,
+    stop_emulator_process,
+)
 
 from migrator.cli import main
 from migrator.emulator import Emulator, EmulatorRequest
@@ -35,6 +42,7 @@ IMF_FIXDATE = re.compile(
     r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d "
     r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d GMT$"
 )
+HOUR = 3600.0
 DAY = 86400.0
 
 Json = dict[str, Any]
@@ -681,6 +689,52 @@ async def test_a_missing_link_answers_404_to_get_and_head(
     assert_link_gone(status, data, method)
 
 
+# -- a lifetime shorter than expiresAt -------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_past_its_lifetime_a_file_vanishes_though_expires_at_is_later(
+    tmp_path: Path, api_key: str, method: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, lifetime=HOUR) as emu:
+        url = (await upload_base64(emu, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+            "downloadUrl"
+        ]
+        emu.advance_clock(HOUR + 1)
+        status, data, _ = await get(url, method)
+        assert_link_gone(status, data, method)
+
+
+async def test_within_its_lifetime_a_file_is_served(tmp_path: Path, api_key: str) -> None:
+    async with Emulator(tmp_path / "d", api_key, lifetime=HOUR) as emu:
+        url = (await upload_base64(emu, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+            "downloadUrl"
+        ]
+        emu.advance_clock(HOUR - 60)
+        assert (await get(url))[:2] == (200, b"hello")
+
+
+async def test_a_lifetime_leaves_expires_at_at_upload_time_plus_ttl(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, lifetime=HOUR) as emu:
+        data = (await upload_base64(emu, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"]
+    stated = datetime.fromisoformat(data["expiresAt"]) - datetime.fromisoformat(data["uploadTime"])
+    assert stated.total_seconds() == 3 * DAY
+
+
+async def test_a_restart_sweeps_away_files_past_their_lifetime(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, lifetime=HOUR) as first:
+        file_id = (await upload_base64(first, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+            "fileId"
+        ]
+        first.advance_clock(HOUR + 1)
+    async with Emulator(tmp_path / "d", api_key, lifetime=HOUR) as second:
+        assert second.stored_file(file_id) is None
+
+
 async def test_the_admin_clock_endpoint_moves_the_clock_forward(
     emulator: Emulator, api_key: str
 ) -> None:
@@ -919,6 +973,33 @@ def test_the_cli_answers_a_bad_duration_with_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("migrator: --ttl:")
+
+
+@pytest.mark.parametrize("value", ["soon", "0s"])
+def test_the_cli_answers_a_bad_lifetime_with_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    code = main(["emulator", "--data-dir", str(tmp_path), "--api-key", "k", "--lifetime", value])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("migrator: --lifetime:")
+
+
+async def test_the_cli_lifetime_deletes_files_before_their_expires_at(
+    tmp_path: Path, api_key: str
+) -> None:
+    emu = await start_emulator_process(tmp_path / "data", api_key, "--lifetime", "1h")
+    try:
+        status, body = await post_json(
+            f"{emu.base_url}/api/file-base64-upload",
+            {"base64Data": "aGVsbG8=", "uploadPath": "d", "fileName": "a.txt"},
+            auth(api_key),
+        )
+        assert status == 200
+        await post_json(f"{emu.base_url}/_emulator/clock", {"advance": HOUR + 1}, auth(api_key))
+        assert (await get(body["data"]["downloadUrl"]))[0] == 404
+    finally:
+        await stop_emulator_process(emu)
 
 
 async def test_the_cli_takes_the_key_from_kie_api_key(tmp_path: Path, api_key: str) -> None:
