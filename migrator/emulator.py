@@ -3,16 +3,26 @@
 It answers the three documented upload endpoints the way the public docs describe the
 real service (bearer auth, the `{success, code, msg, data}` envelope, 400/401/405/404),
 stores what it receives under a data directory so that it survives a restart, serves
-every file at its `downloadUrl` until `expiresAt` (or, with `lifetime`, until that long
-after its upload, whichever comes first), and keeps its own clock (real time plus
-an offset that only moves forward) so that expiry can be tested without waiting 3 days.
-Every answer's HTTP `Date` header tells that clock, as a real service's tells its own.
+every file at its `downloadUrl` until `expiresAt` (or, with `lifetime` / `--lifetime`,
+until that long after its upload, whichever comes first), and keeps its own clock (real
+time plus an offset that only moves forward) so that expiry can be tested without
+waiting 3 days. Every answer's HTTP `Date` header tells that clock, as a real service's
+tells its own.
 
 Nothing here is shared with `migrator.client`: the emulator writes its envelopes by hand,
 so a drift between what the client expects and what the service says shows up in tests.
 
 Overwrite rule: uploading the same `uploadPath` + `fileName` again stores the new bytes
 under a new `fileId`; the old `downloadUrl` then answers 404.
+
+Rate limit (`rate_limit=N`, `--rate-limit N`; off by default): at most N requests (the
+integer part of N) are accepted in any sliding second of real time, counting the three
+upload endpoints (any method) and GET/HEAD of download links; the admin routes are never
+limited. One more is answered 429 in the error envelope with `Retry-After` (whole
+seconds until the window has room, at least 1). The limit is checked at the door, before
+the key and before the body: a request with a wrong key counts, and a refused one never
+learns whether its key was good. Refused requests do not count; refused uploads appear
+in `requests` as 429.
 
 Two request logs, for tests: `requests` (upload endpoints, failures included, as
 `EmulatorRequest`) and `link_requests` (GET and HEAD of download links, as `LinkRequest`).
@@ -33,6 +43,7 @@ import binascii
 import contextlib
 import hmac
 import json
+import math
 import mimetypes
 import re
 import secrets
@@ -141,6 +152,7 @@ class EmulatorConfig:
     url_max: int = DEFAULT_URL_MAX
     clock_offset: float = 0.0
     lifetime: float | None = None
+    rate_limit: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +200,25 @@ class _Fault:
     endpoint: str | None
     retry_after: float | None
     body_code: int | None
+
+
+class _SlidingWindow:
+    """At most `limit` admissions in any `span` seconds (of the caller's clock)."""
+
+    def __init__(self, limit: int, span: float = 1.0) -> None:
+        self.limit = limit
+        self._span = span
+        self._admitted: deque[float] = deque()
+
+    def try_admit(self, now: float) -> float | None:
+        """Admit at `now` and return None, or admit nothing and return the seconds until
+        the window has room."""
+        while self._admitted and self._admitted[0] <= now - self._span:
+            self._admitted.popleft()
+        if len(self._admitted) < self.limit:
+            self._admitted.append(now)
+            return None
+        return self._admitted[0] + self._span - now
 
 
 class _ApiError(Exception):
@@ -481,6 +512,9 @@ class Emulator:
     emulator's clock, even before its `expiresAt` (which answers still state as upload
     time + `ttl`): a service that keeps files for less time than it says.
 
+    `rate_limit`, when given, accepts at most that many requests (its integer part) in
+    any second of real time; see the module's docstring for what counts.
+
     `access_log`, when given, receives one structlog line per request (method, path,
     status; never a header). `keep_requests` bounds each request log (`requests` for
     uploads, `link_requests` for downloads); None keeps them all, as tests want.
@@ -499,6 +533,7 @@ class Emulator:
         url_max: int = DEFAULT_URL_MAX,
         clock_offset: float = 0.0,
         lifetime: float | None = None,
+        rate_limit: float | None = None,
         access_log: TextIO | None = None,
         keep_requests: int | None = None,
     ) -> None:
@@ -510,6 +545,8 @@ class Emulator:
             raise ValueError("ttl and url_fetch_timeout must be > 0; url_max, clock_offset >= 0")
         if lifetime is not None and not lifetime > 0:
             raise ValueError("lifetime must be > 0 seconds (or None: files live until expiresAt)")
+        if rate_limit is not None and not 1 <= rate_limit < math.inf:
+            raise ValueError("rate_limit must be at least 1 request per second (or None)")
         self.data_dir = Path(data_dir)
         self._api_key = api_key
         self._host = host
@@ -519,6 +556,9 @@ class Emulator:
         self.url_fetch_timeout = float(url_fetch_timeout)
         self.url_max = int(url_max)
         self.lifetime = None if lifetime is None else float(lifetime)
+        self.rate_limit = None if rate_limit is None else float(rate_limit)
+        # Real time, not the emulator's clock: advancing that clock must not empty the window.
+        self._window = None if rate_limit is None else _SlidingWindow(int(rate_limit))
         self._initial_offset = float(clock_offset)
         self._offset = float(clock_offset)
         # Tests read every request; a long-lived emulator (the CLI's, the embedded one)
@@ -665,7 +705,7 @@ class Emulator:
     def _build_app(self) -> web.Application:
         app = web.Application(
             client_max_size=JSON_BODY_MAX,
-            middlewares=[_stamp_arrival, self._log_middleware, self._envelope],
+            middlewares=[_stamp_arrival, self._log_middleware, self._envelope, self._rate_limit],
         )
         app.router.add_post(_PATHS["base64"], self._endpoint_handler("base64"))
         app.router.add_post(_PATHS["stream"], self._endpoint_handler("stream"))
@@ -741,6 +781,22 @@ class Emulator:
                 ms=round((time.monotonic() - started) * 1000, 1),
             )
         return response
+
+    @web.middleware
+    async def _rate_limit(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Over the limit, answer 429 at the door: before the key or the body is read."""
+        if self._window is None or not _counts_toward_rate(request):
+            return await handler(request)
+        wait = self._window.try_admit(time.monotonic())
+        if wait is None:
+            return await handler(request)
+        endpoint = _ENDPOINT_BY_PATH.get(request.path)
+        if endpoint is not None:
+            self._log_upload(endpoint, 429)
+        msg = f"too many requests: at most {self._window.limit} a second"
+        return _error_response(429, msg, {"Retry-After": str(max(1, math.ceil(wait)))})
 
     def _log_upload(
         self, endpoint: str, status: int, seen: _Seen | None = None, size: int | None = None
@@ -973,6 +1029,10 @@ def _is_link_request(request: web.BaseRequest) -> bool:
     return request.method in (hdrs.METH_GET, hdrs.METH_HEAD) and request.path.startswith("/files/")
 
 
+def _counts_toward_rate(request: web.BaseRequest) -> bool:
+    return request.path in _ENDPOINT_BY_PATH or _is_link_request(request)
+
+
 def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -1106,6 +1166,7 @@ async def serve(config: EmulatorConfig, on_listening: Callable[[str], None]) -> 
         url_max=config.url_max,
         clock_offset=config.clock_offset,
         lifetime=config.lifetime,
+        rate_limit=config.rate_limit,
         access_log=sys.stderr,
         keep_requests=SERVED_REQUESTS_KEPT,
     )

@@ -954,6 +954,93 @@ async def test_faults_injected_over_http_apply_only_to_their_endpoint(
     assert_error_envelope(status, body, 429)
 
 
+# -- rate limit ----------------------------------------------------------------------------
+
+
+async def upload_hello(emu: Emulator, key: str) -> tuple[int, Json, dict[str, str]]:
+    """A small base64 upload; its status, body and headers."""
+    body = {"base64Data": "aGVsbG8=", "uploadPath": "d", "fileName": "a.txt"}
+    url = f"{emu.base_url}/api/file-base64-upload"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=auth(key)) as resp,
+    ):
+        return resp.status, await resp.json(), dict(resp.headers)
+
+
+async def test_requests_beyond_the_rate_limit_are_answered_429_with_retry_after(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=2) as emu:
+        answers = [await upload_hello(emu, api_key) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 429]
+    status, body, headers = answers[2]
+    assert_error_envelope(status, body, 429)
+    assert headers["Retry-After"] == "1"
+
+
+async def test_rate_limited_uploads_appear_in_the_request_log_as_429(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=1) as emu:
+        await upload_hello(emu, api_key)
+        await upload_hello(emu, api_key)
+    assert [r.status for r in emu.requests] == [200, 429]
+    assert emu.requests[1].received_at <= emu.requests[1].answered_at
+
+
+async def test_download_link_requests_count_toward_the_rate_limit(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=2) as emu:
+        url = (await upload_hello(emu, api_key))[1]["data"]["downloadUrl"]
+        assert (await get(url))[0] == 200
+        status, data, headers = await get(url, "HEAD")
+    assert (status, data, headers["Retry-After"]) == (429, b"", "1")
+    assert [r.status for r in emu.link_requests] == [200, 429]
+
+
+async def test_admin_routes_are_never_rate_limited(tmp_path: Path, api_key: str) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=1) as emu:
+        assert (await upload_hello(emu, api_key))[0] == 200
+        clock = f"{emu.base_url}/_emulator/clock"
+        assert (await post_json(clock, {"advance": 1}, auth(api_key)))[0] == 200
+        assert (await get(clock, headers=auth(api_key)))[0] == 200
+        assert (await get(f"{emu.base_url}/_emulator/requests", headers=auth(api_key)))[0] == 200
+
+
+async def test_the_rate_limit_answers_before_the_key_is_checked(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=1) as emu:
+        assert (await upload_hello(emu, api_key))[0] == 200
+        assert (await upload_hello(emu, "wrong-key"))[0] == 429
+
+
+async def test_after_retry_after_seconds_the_rate_limit_accepts_again(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=1) as emu:
+        assert (await upload_hello(emu, api_key))[0] == 200
+        status, _, headers = await upload_hello(emu, api_key)
+        assert status == 429
+        await asyncio.sleep(float(headers["Retry-After"]))
+        assert (await upload_hello(emu, api_key))[0] == 200
+
+
+async def test_refused_requests_do_not_count_toward_the_rate_limit(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=1) as emu:
+        assert (await upload_hello(emu, api_key))[0] == 200
+        accepted_by = time.monotonic()
+        await asyncio.sleep(0.5)
+        assert (await upload_hello(emu, api_key))[0] == 429
+        # The first one has left the window; the refused one, 0.5 s younger, would not have.
+        await asyncio.sleep(max(0.0, accepted_by + 1.2 - time.monotonic()))
+        assert (await upload_hello(emu, api_key))[0] == 200
+
+
 # -- the command line -----------------------------------------------------------------------
 
 
@@ -998,6 +1085,27 @@ async def test_the_cli_lifetime_deletes_files_before_their_expires_at(
         assert status == 200
         await post_json(f"{emu.base_url}/_emulator/clock", {"advance": HOUR + 1}, auth(api_key))
         assert (await get(body["data"]["downloadUrl"]))[0] == 404
+    finally:
+        await stop_emulator_process(emu)
+
+
+@pytest.mark.parametrize("value", ["fast", "0.5", "inf"])
+def test_the_cli_answers_a_bad_rate_limit_with_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    code = main(["emulator", "--data-dir", str(tmp_path), "--api-key", "k", "--rate-limit", value])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("migrator: --rate-limit:")
+
+
+async def test_the_cli_rate_limit_answers_429_beyond_n_requests_a_second(
+    tmp_path: Path, api_key: str
+) -> None:
+    emu = await start_emulator_process(tmp_path / "data", api_key, "--rate-limit", "1")
+    try:
+        link = f"{emu.base_url}/files/0123456789abcdef01234567/d/a.txt"
+        assert [(await get(link))[0] for _ in range(2)] == [404, 429]
     finally:
         await stop_emulator_process(emu)
 
