@@ -496,6 +496,20 @@ def _add_emulator_command(commands: argparse._SubParsersAction[argparse.Argument
     )
     sub.add_argument("--ttl", default="72h", help="how long uploads live (default 72h)")
     sub.add_argument(
+        "--lifetime",
+        default=None,
+        metavar="DURATION",
+        help="delete each file this long after its upload, even before the expiresAt the "
+        "answers state (upload time + --ttl); default: files live until expiresAt",
+    )
+    sub.add_argument(
+        "--rate-limit",
+        default=None,
+        metavar="N",
+        help="accept at most N requests a second (sliding window) on the upload endpoints and "
+        "download links, answering the rest 429 with Retry-After; default: no limit",
+    )
+    sub.add_argument(
         "--clock-offset",
         default="0s",
         help="start the emulator's clock this far ahead of real time (default 0s); "
@@ -518,6 +532,7 @@ def _add_emulator_command(commands: argparse._SubParsersAction[argparse.Argument
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
     import asyncio
+    import math
     import os
     from pathlib import Path
 
@@ -530,6 +545,15 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
             return parse(value)
         except ValueError as err:
             raise UsageError(f"{flag}: {err}") from None
+
+    def per_second(value: str) -> float:
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = 0.0  # refused just below, in the same words
+        if not 1 <= rate < math.inf:
+            raise ValueError(f"{value!r} is not a number of requests a second (at least 1)")
+        return rate
 
     api_key = args.api_key or os.environ.get("KIE_API_KEY", "")
     if not api_key.strip():
@@ -544,6 +568,14 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     url_timeout = convert("--url-timeout", parse_duration, args.url_timeout)
     if url_timeout <= 0:
         raise UsageError("--url-timeout: must be more than 0s")
+    lifetime = (
+        None if args.lifetime is None else convert("--lifetime", parse_duration, args.lifetime)
+    )
+    if lifetime is not None and lifetime <= 0:
+        raise UsageError("--lifetime: must be more than 0s")
+    rate_limit = (
+        None if args.rate_limit is None else convert("--rate-limit", per_second, args.rate_limit)
+    )
     config = EmulatorConfig(
         data_dir=Path(args.data_dir).expanduser().resolve(),
         api_key=api_key.strip(),
@@ -554,6 +586,8 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         url_fetch_timeout=url_timeout,
         url_max=int(convert("--url-max", parse_size, args.url_max)),
         clock_offset=convert("--clock-offset", parse_duration, args.clock_offset),
+        lifetime=lifetime,
+        rate_limit=rate_limit,
     )
     asyncio.run(serve(config, lambda url: print(f"emulator listening on {url}", flush=True)))
     return int(ExitCode.OK)

@@ -3,14 +3,30 @@
 It answers the three documented upload endpoints the way the public docs describe the
 real service (bearer auth, the `{success, code, msg, data}` envelope, 400/401/405/404),
 stores what it receives under a data directory so that it survives a restart, serves
-every file at its `downloadUrl` until `expiresAt`, and keeps its own clock (real time plus
-an offset that only moves forward) so that expiry can be tested without waiting 3 days.
+every file at its `downloadUrl` until `expiresAt` (or, with `lifetime` / `--lifetime`,
+until that long after its upload, whichever comes first), and keeps its own clock (real
+time plus an offset that only moves forward) so that expiry can be tested without
+waiting 3 days. Every answer's HTTP `Date` header tells that clock, as a real service's
+tells its own.
 
 Nothing here is shared with `migrator.client`: the emulator writes its envelopes by hand,
 so a drift between what the client expects and what the service says shows up in tests.
 
 Overwrite rule: uploading the same `uploadPath` + `fileName` again stores the new bytes
 under a new `fileId`; the old `downloadUrl` then answers 404.
+
+Rate limit (`rate_limit=N`, `--rate-limit N`; off by default): at most N requests (the
+integer part of N) are accepted in any sliding second of real time, counting the three
+upload endpoints (any method) and GET/HEAD of download links; the admin routes are never
+limited. One more is answered 429 in the error envelope with `Retry-After` (whole
+seconds until the window has room, at least 1). The limit is checked at the door, before
+the key and before the body: a request with a wrong key counts, and a refused one never
+learns whether its key was good. Refused requests do not count; refused uploads appear
+in `requests` as 429.
+
+Two request logs, for tests: `requests` (upload endpoints, failures included, as
+`EmulatorRequest`) and `link_requests` (GET and HEAD of download links, as `LinkRequest`).
+Each entry carries the real time its request arrived.
 
 Admin endpoints (same bearer key as the API):
     POST /_emulator/clock     {"advance": seconds}        -> {"offset": s, "now": iso}
@@ -27,6 +43,7 @@ import binascii
 import contextlib
 import hmac
 import json
+import math
 import mimetypes
 import re
 import secrets
@@ -37,15 +54,17 @@ import time
 import unicodedata
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from email.utils import formatdate
 from pathlib import Path, PurePosixPath
 from typing import Any, Final, Literal, TextIO, TypeGuard
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from migrator.errors import ConfigError
 
@@ -67,6 +86,10 @@ _PATHS: Final[dict[str, str]] = {
     "url": "/api/file-url-upload",
 }
 _ENDPOINT_BY_PATH: Final[dict[str, str]] = {path: name for name, path in _PATHS.items()}
+# aiohttp runs a request's middlewares and its response's prepare hooks in one task, so
+# a ContextVar carries the arrival time to both (request storage would need RequestKey,
+# which aiohttp before 3.13 lacks and aiohttp 3.13+ warns about going without).
+_RECEIVED_AT: ContextVar[float] = ContextVar("emulator_received_at")
 _DATA_URL_RE = re.compile(r"^data:([^,]*?),(.*)$", re.DOTALL)
 _STATUS_MSGS: Final[dict[int, str]] = {
     400: "bad request",
@@ -87,7 +110,11 @@ _STATUS_MSGS: Final[dict[int, str]] = {
 
 @dataclass(frozen=True, slots=True)
 class EmulatorRequest:
-    """One request to an upload endpoint, as the emulator saw it (failed ones included)."""
+    """One request to an upload endpoint, as the emulator saw it (failed ones included).
+
+    The times are real time (time.time()), not the emulator's clock. They take no part
+    in equality, so a test can compare the log with the requests it expects.
+    """
 
     endpoint: str  # "base64" | "stream" | "url"
     upload_path: str | None
@@ -95,6 +122,20 @@ class EmulatorRequest:
     file_url: str | None
     status: int  # the HTTP status answered
     size: int | None  # bytes stored, for a success
+    received_at: float = field(default=0.0, compare=False)  # the request arrived
+    answered_at: float = field(default=0.0, compare=False)  # the answer was ready
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRequest:
+    """One GET or HEAD of a download link (`/files/...`), as the emulator answered it."""
+
+    method: str
+    path: str  # as sent, percent-encoded, without the query
+    status: int
+    received_at: float  # real time, time.time()
+    bytes_sent: int  # file bytes the answer carries (its Content-Length); 0 for HEAD, errors
+    range: str | None  # the Range header, when sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +151,8 @@ class EmulatorConfig:
     url_fetch_timeout: float = 30.0
     url_max: int = DEFAULT_URL_MAX
     clock_offset: float = 0.0
+    lifetime: float | None = None
+    rate_limit: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +202,25 @@ class _Fault:
     body_code: int | None
 
 
+class _SlidingWindow:
+    """At most `limit` admissions in any `span` seconds (of the caller's clock)."""
+
+    def __init__(self, limit: int, span: float = 1.0) -> None:
+        self.limit = limit
+        self._span = span
+        self._admitted: deque[float] = deque()
+
+    def try_admit(self, now: float) -> float | None:
+        """Admit at `now` and return None, or admit nothing and return the seconds until
+        the window has room."""
+        while self._admitted and self._admitted[0] <= now - self._span:
+            self._admitted.popleft()
+        if len(self._admitted) < self.limit:
+            self._admitted.append(now)
+            return None
+        return self._admitted[0] + self._span - now
+
+
 class _ApiError(Exception):
     """Answered to the caller as the error envelope with this status."""
 
@@ -175,6 +237,11 @@ def iso_ms(timestamp: float) -> str:
     """POSIX seconds -> `2025-01-18T10:30:00.000Z` (always with milliseconds)."""
     moment = datetime.fromtimestamp(timestamp, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{moment.microsecond // 1000:03d}Z"
+
+
+def http_date(timestamp: float) -> str:
+    """POSIX seconds -> an RFC 7231 IMF-fixdate, `Sun, 19 Jan 2025 10:30:00 GMT`."""
+    return formatdate(timestamp, usegmt=True)
 
 
 def error_envelope(status: int, msg: str) -> dict[str, Any]:
@@ -260,6 +327,15 @@ def pick_mime_type(file_name: str, declared_type: str | None) -> str:
     if declared_type and "/" in declared_type:
         return declared_type.split(";")[0].strip() or "application/octet-stream"
     return "application/octet-stream"
+
+
+def gone_reason(stored: StoredFile, now: float, lifetime: float | None) -> str | None:
+    """Why a stored file is no longer served at `now`, or None while it is."""
+    if stored.expires_at <= now:
+        return "it expired"
+    if lifetime is not None and stored.uploaded_at + lifetime <= now:
+        return "it was deleted before its expiresAt"
+    return None
 
 
 def download_path(stored: StoredFile) -> str:
@@ -397,15 +473,16 @@ class _Store:
             self._db.execute("DELETE FROM files WHERE file_id = ?", (file_id,))
         self.blob_path(file_id).unlink(missing_ok=True)
 
-    def sweep(self, now: float) -> None:
-        """Drop temp files, expired files, orphan blobs and rows whose blob is gone."""
+    def sweep(self, now: float, lifetime: float | None) -> None:
+        """Drop temp files, files gone by `now`, orphan blobs and rows whose blob is gone."""
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
-        rows = self._db.execute("SELECT file_id, expires_at FROM files").fetchall()
-        known = {file_id for file_id, _ in rows}
-        for file_id, expires_at in rows:
-            if expires_at <= now or not self.blob_path(file_id).exists():
-                self.delete(file_id)
+        stored = [StoredFile(*row) for row in self._db.execute("SELECT * FROM files")]
+        for one in stored:
+            gone = gone_reason(one, now, lifetime) is not None
+            if gone or not self.blob_path(one.file_id).exists():
+                self.delete(one.file_id)
+        known = {one.file_id for one in stored}
         for blob in self.blobs.iterdir():
             if blob.name not in known:
                 blob.unlink(missing_ok=True)
@@ -431,9 +508,16 @@ SERVED_REQUESTS_KEPT = 10_000  # request log of a long-lived emulator
 class Emulator:
     """The emulated service. Use as `async with Emulator(dir, key) as emu:`.
 
+    `lifetime`, when given, deletes each file that long after its upload on the
+    emulator's clock, even before its `expiresAt` (which answers still state as upload
+    time + `ttl`): a service that keeps files for less time than it says.
+
+    `rate_limit`, when given, accepts at most that many requests (its integer part) in
+    any second of real time; see the module's docstring for what counts.
+
     `access_log`, when given, receives one structlog line per request (method, path,
-    status; never a header). `keep_requests` bounds the request log (`requests`);
-    None keeps them all, as tests want.
+    status; never a header). `keep_requests` bounds each request log (`requests` for
+    uploads, `link_requests` for downloads); None keeps them all, as tests want.
     """
 
     def __init__(
@@ -448,6 +532,8 @@ class Emulator:
         url_fetch_timeout: float = 30.0,
         url_max: int = DEFAULT_URL_MAX,
         clock_offset: float = 0.0,
+        lifetime: float | None = None,
+        rate_limit: float | None = None,
         access_log: TextIO | None = None,
         keep_requests: int | None = None,
     ) -> None:
@@ -457,6 +543,10 @@ class Emulator:
             raise ValueError(f"response_shape must be one of {', '.join(RESPONSE_SHAPES)}")
         if ttl <= 0 or url_fetch_timeout <= 0 or url_max < 0 or clock_offset < 0:
             raise ValueError("ttl and url_fetch_timeout must be > 0; url_max, clock_offset >= 0")
+        if lifetime is not None and not lifetime > 0:
+            raise ValueError("lifetime must be > 0 seconds (or None: files live until expiresAt)")
+        if rate_limit is not None and not 1 <= rate_limit < math.inf:
+            raise ValueError("rate_limit must be at least 1 request per second (or None)")
         self.data_dir = Path(data_dir)
         self._api_key = api_key
         self._host = host
@@ -465,11 +555,16 @@ class Emulator:
         self.response_shape = response_shape
         self.url_fetch_timeout = float(url_fetch_timeout)
         self.url_max = int(url_max)
+        self.lifetime = None if lifetime is None else float(lifetime)
+        self.rate_limit = None if rate_limit is None else float(rate_limit)
+        # Real time, not the emulator's clock: advancing that clock must not empty the window.
+        self._window = None if rate_limit is None else _SlidingWindow(int(rate_limit))
         self._initial_offset = float(clock_offset)
         self._offset = float(clock_offset)
         # Tests read every request; a long-lived emulator (the CLI's, the embedded one)
         # keeps only the latest `keep_requests`, or its memory would grow per upload.
         self._requests: deque[EmulatorRequest] = deque(maxlen=keep_requests)
+        self._link_requests: deque[LinkRequest] = deque(maxlen=keep_requests)
         self._faults: list[_Fault] = []
         self._store: _Store | None = None
         self._runner: web.AppRunner | None = None
@@ -510,7 +605,7 @@ class Emulator:
         # The clock never moves back: a restart keeps the larger of the two offsets.
         self._offset = max(self._store.load_offset(), self._initial_offset)
         self._store.save_offset(self._offset)
-        self._store.sweep(self.now())
+        self._store.sweep(self.now(), self.lifetime)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.url_fetch_timeout), trust_env=False
         )
@@ -572,7 +667,13 @@ class Emulator:
 
     @property
     def requests(self) -> list[EmulatorRequest]:
+        """Requests to the upload endpoints, oldest first."""
         return list(self._requests)
+
+    @property
+    def link_requests(self) -> list[LinkRequest]:
+        """GET and HEAD requests of download links, oldest first."""
+        return list(self._link_requests)
 
     def inject_faults(
         self,
@@ -603,7 +704,8 @@ class Emulator:
 
     def _build_app(self) -> web.Application:
         app = web.Application(
-            client_max_size=JSON_BODY_MAX, middlewares=[self._log_middleware, self._envelope]
+            client_max_size=JSON_BODY_MAX,
+            middlewares=[_stamp_arrival, self._log_middleware, self._envelope, self._rate_limit],
         )
         app.router.add_post(_PATHS["base64"], self._endpoint_handler("base64"))
         app.router.add_post(_PATHS["stream"], self._endpoint_handler("stream"))
@@ -613,12 +715,35 @@ class Emulator:
         app.router.add_post("/_emulator/clock", self._admin_advance_clock)
         app.router.add_get("/_emulator/requests", self._admin_requests)
         app.router.add_post("/_emulator/faults", self._admin_faults)
+        app.on_response_prepare.append(self._date_on_own_clock)
+        app.on_response_prepare.append(self._log_link_request)
         return app
 
     def _require_store(self) -> _Store:
         if self._store is None:
             raise RuntimeError("the emulator is not started")
         return self._store
+
+    async def _date_on_own_clock(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every answer's `Date` tells the emulator's clock, so a client can measure the
+        offset to its own; it replaces the one aiohttp takes from the real clock."""
+        response.headers[hdrs.DATE] = http_date(self.now())
+
+    async def _log_link_request(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Logged as the headers leave: only then does a ranged answer know its length."""
+        if not _is_link_request(request):
+            return
+        carries_file = request.method == "GET" and response.status in (200, 206)
+        self._link_requests.append(
+            LinkRequest(
+                method=request.method,
+                path=request.rel_url.raw_path,
+                status=response.status,
+                received_at=_received_at(),
+                bytes_sent=(response.content_length or 0) if carries_file else 0,
+                range=request.headers.get(hdrs.RANGE),
+            )
+        )
 
     @web.middleware
     async def _envelope(
@@ -636,7 +761,7 @@ class Emulator:
             msg = _STATUS_MSGS.get(exc.status, exc.reason.lower())
             endpoint = _ENDPOINT_BY_PATH.get(request.path)
             if endpoint is not None:  # e.g. a GET on an upload endpoint
-                self._requests.append(EmulatorRequest(endpoint, None, None, None, exc.status, None))
+                self._log_upload(endpoint, exc.status)
             return _error_response(exc.status, msg, headers)
         except Exception as exc:
             return _error_response(500, f"internal error, please retry ({type(exc).__name__})")
@@ -656,6 +781,39 @@ class Emulator:
                 ms=round((time.monotonic() - started) * 1000, 1),
             )
         return response
+
+    @web.middleware
+    async def _rate_limit(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Over the limit, answer 429 at the door: before the key or the body is read."""
+        if self._window is None or not _counts_toward_rate(request):
+            return await handler(request)
+        wait = self._window.try_admit(time.monotonic())
+        if wait is None:
+            return await handler(request)
+        endpoint = _ENDPOINT_BY_PATH.get(request.path)
+        if endpoint is not None:
+            self._log_upload(endpoint, 429)
+        msg = f"too many requests: at most {self._window.limit} a second"
+        return _error_response(429, msg, {"Retry-After": str(max(1, math.ceil(wait)))})
+
+    def _log_upload(
+        self, endpoint: str, status: int, seen: _Seen | None = None, size: int | None = None
+    ) -> None:
+        said = seen or _Seen()
+        self._requests.append(
+            EmulatorRequest(
+                endpoint,
+                said.upload_path,
+                said.file_name,
+                said.file_url,
+                status,
+                size,
+                received_at=_received_at(),
+                answered_at=time.time(),
+            )
+        )
 
     def _check_auth(self, request: web.Request) -> None:
         if not bearer_ok(request.headers.get("Authorization"), self._api_key):
@@ -696,11 +854,7 @@ class Emulator:
             response = _error_response(exc.status, _STATUS_MSGS.get(exc.status, exc.reason))
         except Exception as exc:  # the service's 500: the caller may retry
             response = _error_response(500, f"internal error, please retry ({type(exc).__name__})")
-        self._requests.append(
-            EmulatorRequest(
-                endpoint, seen.upload_path, seen.file_name, seen.file_url, response.status, size
-            )
-        )
+        self._log_upload(endpoint, response.status, seen, size)
         return response
 
     def _take_fault(self, endpoint: str) -> _Fault | None:
@@ -799,9 +953,10 @@ class Emulator:
         stored = store.get(request.match_info["file_id"])
         if stored is None or request.match_info["tail"] != stored.remote_path:
             raise _ApiError(404, "file not found")
-        if stored.expires_at <= self.now():
+        reason = gone_reason(stored, self.now(), self.lifetime)
+        if reason is not None:
             store.delete(stored.file_id)
-            raise _ApiError(404, "file not found: it expired")
+            raise _ApiError(404, f"file not found: {reason}")
         return web.FileResponse(
             store.blob_path(stored.file_id),
             chunk_size=CHUNK,
@@ -855,6 +1010,27 @@ class Emulator:
 
 
 # -- request reading (module level: no emulator state) -----------------------------------
+
+
+@web.middleware
+async def _stamp_arrival(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    _RECEIVED_AT.set(time.time())
+    return await handler(request)
+
+
+def _received_at() -> float:
+    """When the request being answered arrived (now, outside of a request)."""
+    return _RECEIVED_AT.get(time.time())
+
+
+def _is_link_request(request: web.BaseRequest) -> bool:
+    return request.method in (hdrs.METH_GET, hdrs.METH_HEAD) and request.path.startswith("/files/")
+
+
+def _counts_toward_rate(request: web.BaseRequest) -> bool:
+    return request.path in _ENDPOINT_BY_PATH or _is_link_request(request)
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
@@ -989,6 +1165,8 @@ async def serve(config: EmulatorConfig, on_listening: Callable[[str], None]) -> 
         url_fetch_timeout=config.url_fetch_timeout,
         url_max=config.url_max,
         clock_offset=config.clock_offset,
+        lifetime=config.lifetime,
+        rate_limit=config.rate_limit,
         access_log=sys.stderr,
         keep_requests=SERVED_REQUESTS_KEPT,
     )
@@ -1012,6 +1190,7 @@ __all__ = [
     "Emulator",
     "EmulatorConfig",
     "EmulatorRequest",
+    "LinkRequest",
     "StoredFile",
     "serve",
 ]

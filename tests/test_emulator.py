@@ -12,14 +12,24 @@ import re
 import shutil
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import REPO_ROOT, EmulatorProcess, migrator_env
+from conftest import (
+    REPO_ROOT,
+    EmulatorProcess,
+    migrator_env,
+    start_emulator_process,
+    stop_emulator_process,
+)
 
 from migrator.cli import main
 from migrator.emulator import Emulator, EmulatorRequest
@@ -28,6 +38,11 @@ PNG_1X1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+IMF_FIXDATE = re.compile(
+    r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d "
+    r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d GMT$"
+)
+HOUR = 3600.0
 DAY = 86400.0
 
 Json = dict[str, Any]
@@ -56,8 +71,13 @@ async def post_form(url: str, form: aiohttp.FormData, headers: dict[str, str]) -
         return r.status, await r.json(content_type=None)
 
 
-async def get(url: str, method: str = "GET") -> tuple[int, bytes, dict[str, str]]:
-    async with aiohttp.ClientSession() as session, session.request(method, url) as resp:
+async def get(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, headers=headers) as resp,
+    ):
         return resp.status, await resp.read(), dict(resp.headers)
 
 
@@ -76,6 +96,14 @@ def assert_error_envelope(status: int, body: Json, expected: int) -> None:
     assert body["code"] == expected
     assert isinstance(body["msg"], str) and body["msg"]
     assert body["data"] is None
+
+
+def assert_link_gone(status: int, data: bytes, method: str) -> None:
+    """A 404 for a link: the error envelope to GET, no body at all to HEAD."""
+    if method == "HEAD":
+        assert (status, data) == (404, b"")
+    else:
+        assert_error_envelope(status, json.loads(data), 404)
 
 
 def closed_port() -> int:
@@ -628,6 +656,85 @@ async def test_after_the_clock_passes_expires_at_the_link_answers_404(
     assert (await get(url))[0] == 404
 
 
+async def test_a_range_of_the_first_byte_is_answered_206_with_content_range(
+    emulator: Emulator, api_key: str
+) -> None:
+    url = (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+        "downloadUrl"
+    ]
+    status, data, headers = await get(url, headers={"Range": "bytes=0-0"})
+    assert (status, data) == (206, b"h")
+    assert headers["Content-Range"] == "bytes 0-0/5"
+    assert headers["Content-Length"] == "1"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_an_expired_link_answers_404_to_get_and_head(
+    emulator: Emulator, api_key: str, method: str
+) -> None:
+    url = (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+        "downloadUrl"
+    ]
+    emulator.advance_clock(3 * DAY + 1)
+    status, data, _ = await get(url, method)
+    assert_link_gone(status, data, method)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("path", ["/files/0123456789abcdef01234567/d/a.txt", "/files/x"])
+async def test_a_missing_link_answers_404_to_get_and_head(
+    emulator: Emulator, method: str, path: str
+) -> None:
+    status, data, _ = await get(emulator.base_url + path, method)
+    assert_link_gone(status, data, method)
+
+
+# -- a lifetime shorter than expiresAt -------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_past_its_lifetime_a_file_vanishes_though_expires_at_is_later(
+    tmp_path: Path, api_key: str, method: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, lifetime=HOUR) as emu:
+        url = (await upload_base64(emu, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+            "downloadUrl"
+        ]
+        emu.advance_clock(HOUR + 1)
+        status, data, _ = await get(url, method)
+        assert_link_gone(status, data, method)
+
+
+async def test_within_its_lifetime_a_file_is_served(tmp_path: Path, api_key: str) -> None:
+    async with Emulator(tmp_path / "d", api_key, lifetime=HOUR) as emu:
+        url = (await upload_base64(emu, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+            "downloadUrl"
+        ]
+        emu.advance_clock(HOUR - 60)
+        assert (await get(url))[:2] == (200, b"hello")
+
+
+async def test_a_lifetime_leaves_expires_at_at_upload_time_plus_ttl(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, lifetime=HOUR) as emu:
+        data = (await upload_base64(emu, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"]
+    stated = datetime.fromisoformat(data["expiresAt"]) - datetime.fromisoformat(data["uploadTime"])
+    assert stated.total_seconds() == 3 * DAY
+
+
+async def test_a_restart_sweeps_away_files_past_their_lifetime(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, lifetime=HOUR) as first:
+        file_id = (await upload_base64(first, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+            "fileId"
+        ]
+        first.advance_clock(HOUR + 1)
+    async with Emulator(tmp_path / "d", api_key, lifetime=HOUR) as second:
+        assert second.stored_file(file_id) is None
+
+
 async def test_the_admin_clock_endpoint_moves_the_clock_forward(
     emulator: Emulator, api_key: str
 ) -> None:
@@ -643,6 +750,50 @@ async def test_the_admin_endpoints_need_the_key(emulator: Emulator) -> None:
     status, body = await post_json(f"{emulator.base_url}/_emulator/clock", {"advance": 1}, {})
     assert_error_envelope(status, body, 401)
     assert emulator.clock_offset == 0
+
+
+async def answer_of_kind(emu: Emulator, key: str, kind: str) -> tuple[int, dict[str, str]]:
+    """Status and headers of one answer of the given kind."""
+    if kind in ("upload", "error"):
+        body = {"base64Data": "aGVsbG8=", "uploadPath": "d", "fileName": "a.txt"}
+        headers = auth(key if kind == "upload" else "wrong-key")
+        url = f"{emu.base_url}/api/file-base64-upload"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, json=body, headers=headers) as r,
+        ):
+            return r.status, dict(r.headers)
+    if kind == "link":
+        link = (await upload_base64(emu, key, "aGVsbG8=", "d", "a.txt"))[1]["data"]["downloadUrl"]
+        status, _, headers = await get(link)
+        return status, headers
+    path = {"missing link": "/files/nope/d/a.txt", "admin": "/_emulator/clock"}.get(
+        kind, "/nowhere"
+    )
+    status, _, headers = await get(emu.base_url + path, headers=auth(key))
+    return status, headers
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected_status"),
+    [
+        ("upload", 200),
+        ("error", 401),
+        ("link", 200),
+        ("missing link", 404),
+        ("admin", 200),
+        ("unknown path", 404),
+    ],
+)
+async def test_every_answer_carries_a_date_header_on_the_emulator_clock(
+    emulator: Emulator, api_key: str, kind: str, expected_status: int
+) -> None:
+    emulator.advance_clock(DAY)
+    status, headers = await answer_of_kind(emulator, api_key, kind)
+    assert status == expected_status
+    assert IMF_FIXDATE.match(headers["Date"]), headers["Date"]
+    stated = parsedate_to_datetime(headers["Date"]).timestamp()
+    assert abs(stated - (time.time() + DAY)) < 60
 
 
 # -- persistence ----------------------------------------------------------------------------
@@ -701,6 +852,67 @@ async def test_every_upload_request_is_logged_failed_ones_included(
         assert [r["status"] for r in await resp.json()] == [200, 400, 405]
 
 
+async def test_a_logged_upload_carries_when_it_arrived_and_when_it_was_answered(
+    emulator: Emulator, api_key: str
+) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        return web.Response(body=b"late", content_type="text/plain")
+
+    origin, origin_base = await start_origin({"/slow.txt": slow})
+    before = time.time()
+    try:
+        status, _ = await post_json(
+            f"{emulator.base_url}/api/file-url-upload",
+            {"fileUrl": f"{origin_base}/slow.txt", "uploadPath": "d"},
+            auth(api_key),
+        )
+    finally:
+        await origin.cleanup()
+    after = time.time()
+    (logged,) = emulator.requests
+    assert status == 200
+    assert before <= logged.received_at < logged.answered_at <= after
+    assert logged.answered_at - logged.received_at >= 0.25  # the origin took 0.3 s
+
+
+async def test_download_requests_go_to_the_link_log_not_the_upload_log(
+    emulator: Emulator, api_key: str
+) -> None:
+    url = (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a.txt"))[1]["data"][
+        "downloadUrl"
+    ]
+    await get(url)
+    await get(url, "HEAD")
+    assert [r.endpoint for r in emulator.requests] == ["base64"]
+    assert [r.method for r in emulator.link_requests] == ["GET", "HEAD"]
+
+
+async def test_the_link_log_records_status_bytes_sent_and_range(
+    emulator: Emulator, api_key: str
+) -> None:
+    url = (await upload_base64(emulator, api_key, "aGVsbG8=", "d", "a b.txt"))[1]["data"][
+        "downloadUrl"
+    ]
+    path = urlsplit(url).path
+    before = time.time()
+    await get(url)
+    await get(url, "HEAD")
+    await get(url, headers={"Range": "bytes=0-0"})
+    await get(f"{emulator.base_url}/files/nope/d/a.txt")
+    after = time.time()
+    assert [
+        (r.method, r.path, r.status, r.bytes_sent, r.range) for r in emulator.link_requests
+    ] == [
+        ("GET", path, 200, 5, None),
+        ("HEAD", path, 200, 0, None),
+        ("GET", path, 206, 1, "bytes=0-0"),
+        ("GET", "/files/nope/d/a.txt", 404, 0, None),
+    ]
+    times = [r.received_at for r in emulator.link_requests]
+    assert before <= times[0] <= times[1] <= times[2] <= times[3] <= after
+
+
 async def test_an_injected_503_with_retry_after_is_answered_then_service_resumes(
     emulator: Emulator, api_key: str
 ) -> None:
@@ -742,6 +954,93 @@ async def test_faults_injected_over_http_apply_only_to_their_endpoint(
     assert_error_envelope(status, body, 429)
 
 
+# -- rate limit ----------------------------------------------------------------------------
+
+
+async def upload_hello(emu: Emulator, key: str) -> tuple[int, Json, dict[str, str]]:
+    """A small base64 upload; its status, body and headers."""
+    body = {"base64Data": "aGVsbG8=", "uploadPath": "d", "fileName": "a.txt"}
+    url = f"{emu.base_url}/api/file-base64-upload"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=auth(key)) as resp,
+    ):
+        return resp.status, await resp.json(), dict(resp.headers)
+
+
+async def test_requests_beyond_the_rate_limit_are_answered_429_with_retry_after(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=2) as emu:
+        answers = [await upload_hello(emu, api_key) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 429]
+    status, body, headers = answers[2]
+    assert_error_envelope(status, body, 429)
+    assert headers["Retry-After"] == "1"
+
+
+async def test_rate_limited_uploads_appear_in_the_request_log_as_429(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=1) as emu:
+        await upload_hello(emu, api_key)
+        await upload_hello(emu, api_key)
+    assert [r.status for r in emu.requests] == [200, 429]
+    assert emu.requests[1].received_at <= emu.requests[1].answered_at
+
+
+async def test_download_link_requests_count_toward_the_rate_limit(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=2) as emu:
+        url = (await upload_hello(emu, api_key))[1]["data"]["downloadUrl"]
+        assert (await get(url))[0] == 200
+        status, data, headers = await get(url, "HEAD")
+    assert (status, data, headers["Retry-After"]) == (429, b"", "1")
+    assert [r.status for r in emu.link_requests] == [200, 429]
+
+
+async def test_admin_routes_are_never_rate_limited(tmp_path: Path, api_key: str) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=1) as emu:
+        assert (await upload_hello(emu, api_key))[0] == 200
+        clock = f"{emu.base_url}/_emulator/clock"
+        assert (await post_json(clock, {"advance": 1}, auth(api_key)))[0] == 200
+        assert (await get(clock, headers=auth(api_key)))[0] == 200
+        assert (await get(f"{emu.base_url}/_emulator/requests", headers=auth(api_key)))[0] == 200
+
+
+async def test_the_rate_limit_answers_before_the_key_is_checked(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=1) as emu:
+        assert (await upload_hello(emu, api_key))[0] == 200
+        assert (await upload_hello(emu, "wrong-key"))[0] == 429
+
+
+async def test_after_retry_after_seconds_the_rate_limit_accepts_again(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=1) as emu:
+        assert (await upload_hello(emu, api_key))[0] == 200
+        status, _, headers = await upload_hello(emu, api_key)
+        assert status == 429
+        await asyncio.sleep(float(headers["Retry-After"]))
+        assert (await upload_hello(emu, api_key))[0] == 200
+
+
+async def test_refused_requests_do_not_count_toward_the_rate_limit(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key, rate_limit=1) as emu:
+        assert (await upload_hello(emu, api_key))[0] == 200
+        accepted_by = time.monotonic()
+        await asyncio.sleep(0.5)
+        assert (await upload_hello(emu, api_key))[0] == 429
+        # The first one has left the window; the refused one, 0.5 s younger, would not have.
+        await asyncio.sleep(max(0.0, accepted_by + 1.2 - time.monotonic()))
+        assert (await upload_hello(emu, api_key))[0] == 200
+
+
 # -- the command line -----------------------------------------------------------------------
 
 
@@ -761,6 +1060,54 @@ def test_the_cli_answers_a_bad_duration_with_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("migrator: --ttl:")
+
+
+@pytest.mark.parametrize("value", ["soon", "0s"])
+def test_the_cli_answers_a_bad_lifetime_with_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    code = main(["emulator", "--data-dir", str(tmp_path), "--api-key", "k", "--lifetime", value])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("migrator: --lifetime:")
+
+
+async def test_the_cli_lifetime_deletes_files_before_their_expires_at(
+    tmp_path: Path, api_key: str
+) -> None:
+    emu = await start_emulator_process(tmp_path / "data", api_key, "--lifetime", "1h")
+    try:
+        status, body = await post_json(
+            f"{emu.base_url}/api/file-base64-upload",
+            {"base64Data": "aGVsbG8=", "uploadPath": "d", "fileName": "a.txt"},
+            auth(api_key),
+        )
+        assert status == 200
+        await post_json(f"{emu.base_url}/_emulator/clock", {"advance": HOUR + 1}, auth(api_key))
+        assert (await get(body["data"]["downloadUrl"]))[0] == 404
+    finally:
+        await stop_emulator_process(emu)
+
+
+@pytest.mark.parametrize("value", ["fast", "0.5", "inf"])
+def test_the_cli_answers_a_bad_rate_limit_with_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    code = main(["emulator", "--data-dir", str(tmp_path), "--api-key", "k", "--rate-limit", value])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("migrator: --rate-limit:")
+
+
+async def test_the_cli_rate_limit_answers_429_beyond_n_requests_a_second(
+    tmp_path: Path, api_key: str
+) -> None:
+    emu = await start_emulator_process(tmp_path / "data", api_key, "--rate-limit", "1")
+    try:
+        link = f"{emu.base_url}/files/0123456789abcdef01234567/d/a.txt"
+        assert [(await get(link))[0] for _ in range(2)] == [404, 429]
+    finally:
+        await stop_emulator_process(emu)
 
 
 async def test_the_cli_takes_the_key_from_kie_api_key(tmp_path: Path, api_key: str) -> None:
@@ -823,3 +1170,15 @@ async def test_a_bounded_request_log_keeps_only_the_latest_requests(
             status, _ = await upload_base64(emu, api_key, "aGk=", file_name=name)
             assert status == 200
         assert [r.file_name for r in emu.requests] == ["b.txt", "c.txt"]
+
+
+async def test_a_bounded_link_log_keeps_only_the_latest_link_requests(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "data", api_key, keep_requests=2) as emu:
+        url = (await upload_base64(emu, api_key, "aGk=", file_name="a.txt"))[1]["data"][
+            "downloadUrl"
+        ]
+        for method in ("GET", "HEAD", "GET"):
+            await get(url, method)
+        assert [(r.method, r.bytes_sent) for r in emu.link_requests] == [("HEAD", 0), ("GET", 2)]
