@@ -1,19 +1,31 @@
-"""Shared fixtures. Emulator fixtures: `api_key`, `emulator`, `emulator_process`."""
+"""Shared fixtures and helpers.
+
+Fixtures: `api_key`, `emulator`, `emulator_process`, `origin`, `job`.
+Helpers: `write_file`, `write_manifest`, `load`, `ledger_states`, `ledger_rows`,
+`closed_port`, `run_cli` (and its `Finished`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import socket
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 
 from migrator.emulator import Emulator
+from migrator.ledger import Ledger
+from migrator.manifest import load_manifest
+from migrator.model import LedgerItem, Manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_API_KEY = "test-key-0123456789abcdef"
@@ -176,3 +188,108 @@ def write_file(path: Path, size: int, seed: int = 0) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data
+
+
+def write_manifest(
+    folder: Path,
+    base_url: str,
+    sources: list[dict[str, Any]],
+    *,
+    name: str = "job",
+    upload_path: str = "mig",
+    **settings: Any,
+) -> Path:
+    """`folder`/job.yaml uploading `sources` to `base_url`, its ledger beside it.
+    `settings` go to the manifest's settings (retries defaults to 1)."""
+    document = {
+        "version": 1,
+        "name": name,
+        "target": {"base_url": base_url, "upload_path": upload_path},
+        "ledger": "ledger.sqlite",
+        "settings": {"retries": 1, **settings},
+        "sources": sources,
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+def load(path: Path) -> Manifest:
+    """The manifest at `path`, read without the process environment."""
+    return load_manifest(path, environ={})
+
+
+def ledger_states(ledger: Path) -> dict[str, str]:
+    """file name -> state, read straight from the SQLite file (read-only)."""
+    with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as conn:
+        return dict(conn.execute("SELECT file_name, state FROM items").fetchall())
+
+
+async def ledger_rows(manifest: Manifest) -> dict[str, LedgerItem]:
+    """The manifest's ledger rows, by file name, read through the library."""
+    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
+        return {row.file_name: row async for row in ledger.iter_items(manifest.target.base_url)}
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """How a `python -m migrator` child ended."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    def error_lines(self) -> list[str]:
+        """The stderr lines, each migrator's own; fails on a traceback."""
+        assert "Traceback" not in self.stderr + self.stdout, self.stderr
+        lines = self.stderr.strip().splitlines()
+        assert all(line.startswith("migrator") for line in lines), self.stderr
+        return lines
+
+    def one_error_line(self) -> str:
+        """The single stderr line; fails on a traceback or multi-line noise."""
+        lines = self.error_lines()
+        assert len(lines) == 1, self.stderr
+        return lines[0]
+
+
+async def run_cli(
+    *args: str,
+    key: str | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    stdout: int | None = asyncio.subprocess.PIPE,
+    limit: float = 30,
+) -> Finished:
+    """`python -m migrator ARGS` with KIE_API_KEY set to `key` (or unset), `env` added."""
+    child_env = migrator_env()
+    child_env.pop("KIE_API_KEY", None)
+    child_env.pop("MIGRATOR_LEDGER_DIR", None)
+    child_env.update(env or {})
+    if key is not None:
+        child_env["KIE_API_KEY"] = key
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "migrator",
+        *args,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        env=child_env,
+        cwd=cwd,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), limit)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Finished(process.returncode, (out or b"").decode(), err.decode())
