@@ -22,7 +22,6 @@ from rich.console import Console
 
 from migrator import __version__
 from migrator.command import CommandSummary, Observer
-from migrator.connect import read_api_key
 from migrator.download import DownloadOptions, download
 from migrator.errors import (
     DISK_ERRNOS,
@@ -197,7 +196,7 @@ def _load_for_ledger_work(args: argparse.Namespace) -> Manifest:
 
 
 def _setup_logging(
-    args: argparse.Namespace, manifest: Manifest, secrets: list[str], *, default_file: bool = True
+    args: argparse.Namespace, manifest: Manifest, *, default_file: bool = True
 ) -> None:
     """`default_file=False`: no log file unless --log-file names one (a dry run writes nothing)."""
     default = manifest.ledger.with_suffix(".log") if default_file else None
@@ -207,7 +206,7 @@ def _setup_logging(
     console = args.log_format or ("warnings" if sys.stderr.isatty() else "auto")
     if log_file is not None:
         _check_log_file(log_file)
-    configure_logging(log_file=log_file, console=console, secrets=secrets)
+    configure_logging(log_file=log_file, console=console)  # keys are redacted as read
     args.log_path = log_file
 
 
@@ -223,16 +222,6 @@ def _check_log_file(log_file: Path) -> None:
     except OSError as err:
         kind = DiskError if err.errno in DISK_ERRNOS else ConfigError
         raise kind(f"cannot write the log file {log_file}: {err.strerror}") from None
-
-
-def _key_secrets(manifest: Manifest) -> list[str]:
-    """Values the redaction processor must never let out."""
-    if manifest.target.is_embedded:
-        return []
-    try:
-        return [read_api_key(manifest.target)]
-    except ConfigError:
-        return []
 
 
 class _StdoutConsole(Console):
@@ -273,6 +262,11 @@ def _add_command_args(sub: argparse.ArgumentParser) -> None:
         help="at most this many bytes per second, e.g. 8MiB (default: settings.bwlimit)",
     )
     sub.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    sub.add_argument(
+        "--stats",
+        default="10s",
+        help="without a terminal, print a progress line this often (default 10s)",
+    )
     _add_logging_args(sub)
 
 
@@ -308,7 +302,10 @@ def _execute(
     command: Callable[[Observer], Coroutine[Any, Any, CommandSummary]],
 ) -> int:
     """Run one command with the display that suits where it runs, print its summary."""
-    summary = asyncio.run(_with_display(command, noun, quiet=args.no_progress))
+    interval = _converted("--stats", parse_duration, args.stats)
+    if not interval or interval <= 0:
+        raise UsageError("--stats: must be a duration above 0, such as 10s or 1m")
+    summary = asyncio.run(_with_display(command, noun, interval, quiet=args.no_progress))
     print(summary.line())
     if summary.message:
         print(f"migrator: {summary.message}", file=sys.stderr)
@@ -316,14 +313,18 @@ def _execute(
 
 
 async def _with_display(
-    command: Callable[[Observer], Coroutine[Any, Any, CommandSummary]], noun: str, *, quiet: bool
+    command: Callable[[Observer], Coroutine[Any, Any, CommandSummary]],
+    noun: str,
+    interval: float,
+    *,
+    quiet: bool,
 ) -> CommandSummary:
     if quiet:
         return await command(StopNotice(sys.stderr, noun))
     if sys.stderr.isatty():
         with BarProgress(Console(stderr=True), noun) as bar:
             return await command(bar)
-    lines = LineProgress(sys.stderr, noun=noun)
+    lines = LineProgress(sys.stderr, interval, noun=noun)
     ticker = asyncio.create_task(lines.ticking())
     try:
         return await command(lines)
@@ -346,7 +347,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
 def _cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(checksum=args.checksum, **_command_options(args))
     manifest = _load(args)
-    _setup_logging(args, manifest, _key_secrets(manifest), default_file=not args.dry_run)
+    _setup_logging(args, manifest, default_file=not args.dry_run)
     return _execute(args, "uploads", lambda shown: run_manifest(manifest, options, shown))
 
 
@@ -373,7 +374,7 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     printer = PlanJsonPrinter() if fmt == "json" else PlanTablePrinter(_stdout_console())
     # aclosing: a reader gone mid-plan (`plan | head`) must close the preview's sessions
     # inside this loop, not in asyncio.run's shutdown (which prints a traceback).
-    async with contextlib.aclosing(preview(manifest, checksum=checksum)) as entries:
+    async with contextlib.aclosing(preview(manifest, RunOptions(checksum=checksum))) as entries:
         async for item, decision, _row in entries:
             totals.add(item, decision)
             printer.item(item, decision)
@@ -440,7 +441,7 @@ def _add_refresh_command(commands: argparse._SubParsersAction[argparse.ArgumentP
 def _cmd_refresh(args: argparse.Namespace) -> int:
     options = RefreshOptions(within=_within(args), **_command_options(args))
     manifest = _load_for_ledger_work(args)
-    _setup_logging(args, manifest, _key_secrets(manifest), default_file=not args.dry_run)
+    _setup_logging(args, manifest, default_file=not args.dry_run)
     return _execute(args, "uploads", lambda shown: refresh(manifest, options, shown))
 
 
@@ -461,7 +462,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
         within=_within(args), only_remote=args.only_remote, **_command_options(args)
     )
     manifest = _load_for_ledger_work(args)
-    _setup_logging(args, manifest, _key_secrets(manifest), default_file=not args.dry_run)
+    _setup_logging(args, manifest, default_file=not args.dry_run)
     return _execute(args, "downloads", lambda shown: download(manifest, args.dest, options, shown))
 
 

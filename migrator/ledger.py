@@ -50,6 +50,7 @@ from migrator.model import (
 )
 
 BUSY_TIMEOUT_MS = 10_000
+WAL_SIZE_LIMIT = 1024 * 1024  # bytes the WAL may keep after a checkpoint
 LOOKUP_CHUNK = 500
 PAGE_SIZE = 1000
 
@@ -502,6 +503,8 @@ async def _open_writable(path: Path) -> aiosqlite.Connection:
             await _schema_version(conn, path)
             await _check_integrity(conn, path)
             await conn.execute("PRAGMA journal_mode = WAL")
+            # A WAL left at its high-water mark would hold megabytes a small disk needs.
+            await conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             await conn.execute("PRAGMA synchronous = NORMAL")
             await conn.execute("PRAGMA foreign_keys = ON")
             await _migrate(conn, path)
@@ -628,9 +631,16 @@ class Ledger:
                 await self._flusher
             if not self.readonly:
                 await self.flush()
+                await self._checkpoint()
         finally:
             self._closed = True
             await self._conn.close()
+
+    async def _checkpoint(self) -> None:
+        """Fold the WAL into the file and truncate it, so that a run leaves no WAL behind
+        on a disk that may be small; a busy or full disk only leaves it for later."""
+        with contextlib.suppress(sqlite3.Error):
+            await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- writing ----------------------------------------------------------------------------
 

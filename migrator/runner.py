@@ -101,9 +101,7 @@ class RunOperation:
         await _ItemUpload(session, item, row).run()
 
     async def preview(self) -> AsyncGenerator[tuple[str, str | None], None]:
-        workers = self.options.workers(self.manifest.settings)
-        entries = preview(self.manifest, concurrency=workers, checksum=self.options.checksum)
-        async with contextlib.aclosing(entries) as decided:
+        async with contextlib.aclosing(preview(self.manifest, self.options)) as decided:
             async for item, planned, row in decided:
                 decision = await verified(item, planned, row)
                 yield item.source, (str(decision) if decision.needs_upload else None)
@@ -130,11 +128,12 @@ async def _same_bytes(item: PlanItem, row: LedgerItem) -> bool:
 
 
 async def preview(
-    manifest: Manifest, *, concurrency: int | None = None, checksum: bool = False
+    manifest: Manifest, options: RunOptions | None = None
 ) -> AsyncGenerator[tuple[PlanItem, Decision, LedgerItem | None], None]:
     """The plan joined with the ledger, read-only: what `plan` shows and `--dry-run` counts.
     Origins may be asked for sizes; the service is not contacted."""
-    workers = concurrency or manifest.settings.concurrency
+    opts = options or RunOptions()
+    workers, checksum = opts.workers(manifest.settings), opts.checksum
     async with (
         await Ledger.open(manifest.ledger, readonly=True) as ledger,
         open_origins(manifest, concurrency=workers) as origins,

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 import structlog
 
+from migrator.connect import read_api_key
 from migrator.errors import ConfigError, RetryableError
 from migrator.logs import configure_logging, get_logger, redact_secrets
+from migrator.model import Target
 
 SECRET = "kie-SECRET-7d3f9a1b"
 
@@ -345,3 +347,34 @@ def test_a_log_file_that_cannot_be_written_is_reported_once_and_never_stops_the_
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 1
     assert "cannot write the log file /dev/full" in errors[0]
+
+
+# -- a library's manners ------------------------------------------------------------------------
+
+
+def test_a_key_migrator_reads_is_redacted_though_no_secret_was_configured(log_file: Path) -> None:
+    key = "kie-READ-ONLY-BY-MIGRATOR-42"
+    configure_logging(log_file=log_file, console="none")  # no secrets given
+    read_api_key(Target("https://api.example"), {"KIE_API_KEY": key})
+
+    get_logger().warning("upload.failed", error=f"rejected Bearer {key}", echo={"k": key})
+
+    text = log_file.read_text(encoding="utf-8")
+    assert key not in text
+    assert "rejected Bearer ***" in text
+
+
+def test_with_no_sink_configured_migrator_events_go_nowhere(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(log_file=None, console="none")
+    get_logger().error("run.failed", reason="nobody asked to hear it")
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_program_that_configures_structlog_for_itself_never_sees_migrator_events() -> None:
+    configure_logging(log_file=None, console="none")
+    with structlog.testing.capture_logs() as captured:
+        get_logger().warning("upload.failed", file_name="a.png")
+        structlog.get_logger().info("their.own.event")
+    assert [event["event"] for event in captured] == ["their.own.event"]
