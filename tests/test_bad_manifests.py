@@ -108,6 +108,10 @@ CASES: list[tuple[str, str, str, int, str | None]] = [
     ("base64-max-over-10mib", with_settings("  base64_max: 11MiB\n"), "at most 10MiB", 8, None),
     ("url-max-over-100mib", with_settings("  url_max: 1GiB\n"), "at most 100MiB", 8, None),
     ("ttl-zero", with_settings("  ttl: 0s\n"), "longer than zero", 8, "settings.ttl"),
+    ("tps-limit-zero", with_settings("  tps_limit: 0\n"), "more than 0", 8, "settings.tps_limit"),
+    ("tps-limit-word", with_settings("  tps_limit: fast\n"), "requests per second", 8, None),
+    ("bwlimit-zero", with_settings("  bwlimit: 0\n"), "more than 0 bytes", 8, "settings.bwlimit"),
+    ("bwlimit-unit", with_settings("  bwlimit: 8 parsecs\n"), "unknown unit", 8, None),
     (
         "refresh-within-not-below-ttl",
         with_settings("  ttl: 12h\n  refresh_within: 12h\n"),

@@ -125,7 +125,7 @@ def test_outputs_become_absolute(job: Path) -> None:
 def test_every_setting_is_read(job: Path) -> None:
     text = with_settings(
         "  concurrency: 32\n  base64_max: 64KiB\n  url_max: 10MB\n  retries: 0\n"
-        "  ttl: 3d\n  refresh_within: 15m\n"
+        "  ttl: 3d\n  refresh_within: 15m\n  tps_limit: 12.5\n  bwlimit: 8MiB/s\n"
     )
     settings = load_manifest(write(job, text), environ={}).settings
     assert settings == Settings(
@@ -135,6 +135,8 @@ def test_every_setting_is_read(job: Path) -> None:
         retries=0,
         ttl=72 * HOUR,
         refresh_within=15 * 60.0,
+        tps_limit=12.5,
+        bwlimit=8 * MIB,
     )
 
 
@@ -292,8 +294,8 @@ def test_the_reference_manifest_names_every_key() -> None:
     keys = [
         "version:", "name:", "base_url:", "api_key_env:", "api_key_file:", "upload_path:",
         "ledger:", "jsonl:", "csv:", "json:", "metrics:", "concurrency:", "base64_max:",
-        "url_max:", "retries:", "ttl:", "refresh_within:", "- path:", "- glob:", "exclude:",
-        "- url:", "- url_list:", "file_name:", "method:",
+        "url_max:", "retries:", "ttl:", "refresh_within:", "tps_limit:", "bwlimit:",
+        "- path:", "- glob:", "exclude:", "- url:", "- url_list:", "file_name:", "method:",
     ]  # fmt: skip
     assert [k for k in keys if k not in text] == []
 
