@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +25,7 @@ from aiohttp import web
 from conftest import (
     REPO_ROOT,
     EmulatorProcess,
+    closed_port,
     migrator_env,
     start_emulator_process,
     stop_emulator_process,
@@ -104,12 +104,6 @@ def assert_link_gone(status: int, data: bytes, method: str) -> None:
         assert (status, data) == (404, b"")
     else:
         assert_error_envelope(status, json.loads(data), 404)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def start_origin(
