@@ -2,7 +2,7 @@
 
 Fixtures: `api_key`, `emulator`, `emulator_process`, `origin`, `job`.
 Helpers: `write_file`, `write_manifest`, `load`, `ledger_states`, `ledger_rows`,
-`closed_port`, `run_cli` (and its `Finished`).
+`closed_port`, `run_cli` (and its `Finished`), `start_cli`.
 """
 
 from __future__ import annotations
@@ -260,6 +260,34 @@ class Finished:
         return lines[0]
 
 
+async def start_cli(
+    *args: str,
+    key: str | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    stdout: Any = asyncio.subprocess.PIPE,
+    stderr: Any = asyncio.subprocess.PIPE,
+) -> asyncio.subprocess.Process:
+    """`python -m migrator ARGS` started, not awaited: KIE_API_KEY set to `key` (or unset),
+    MIGRATOR_LEDGER_DIR unset, `env` added. For a test that signals or kills the child."""
+    child_env = migrator_env()
+    child_env.pop("KIE_API_KEY", None)
+    child_env.pop("MIGRATOR_LEDGER_DIR", None)
+    child_env.update(env or {})
+    if key is not None:
+        child_env["KIE_API_KEY"] = key
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "migrator",
+        *args,
+        stdout=stdout,
+        stderr=stderr,
+        env=child_env,
+        cwd=cwd,
+    )
+
+
 async def run_cli(
     *args: str,
     key: str | None = None,
@@ -269,22 +297,7 @@ async def run_cli(
     limit: float = 30,
 ) -> Finished:
     """`python -m migrator ARGS` with KIE_API_KEY set to `key` (or unset), `env` added."""
-    child_env = migrator_env()
-    child_env.pop("KIE_API_KEY", None)
-    child_env.pop("MIGRATOR_LEDGER_DIR", None)
-    child_env.update(env or {})
-    if key is not None:
-        child_env["KIE_API_KEY"] = key
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "migrator",
-        *args,
-        stdout=stdout,
-        stderr=asyncio.subprocess.PIPE,
-        env=child_env,
-        cwd=cwd,
-    )
+    process = await start_cli(*args, key=key, cwd=cwd, env=env, stdout=stdout)
     try:
         out, err = await asyncio.wait_for(process.communicate(), limit)
     except TimeoutError:
