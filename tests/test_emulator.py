@@ -27,6 +27,7 @@ from conftest import (
     EmulatorProcess,
     closed_port,
     migrator_env,
+    start_cli,
     start_emulator_process,
     stop_emulator_process,
 )
@@ -1105,22 +1106,8 @@ async def test_the_cli_rate_limit_answers_429_beyond_n_requests_a_second(
 
 
 async def test_the_cli_takes_the_key_from_kie_api_key(tmp_path: Path, api_key: str) -> None:
-    env = {**migrator_env(), "KIE_API_KEY": api_key}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "migrator",
-        "emulator",
-        "--port",
-        "0",
-        "--data-dir",
-        str(tmp_path),
-        "--clock-offset",
-        "70h",
-        stdout=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=REPO_ROOT,
-    )
+    args = ["--port", "0", "--data-dir", str(tmp_path), "--clock-offset", "70h"]
+    proc = await start_cli("emulator", *args, key=api_key, cwd=REPO_ROOT, stderr=None)
     assert proc.stdout is not None
     try:
         base = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().split()[-1]
