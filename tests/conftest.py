@@ -2,7 +2,7 @@
 
 Fixtures: `api_key`, `emulator`, `emulator_process`, `origin`, `job`.
 Helpers: `write_file`, `write_manifest`, `load`, `ledger_states`, `ledger_rows`,
-`closed_port`, `run_cli` (and its `Finished`), `start_cli`.
+`closed_port`, `run_cli` (and its `Finished`), `start_cli`, `web_server`.
 """
 
 from __future__ import annotations
@@ -168,6 +168,22 @@ async def origin() -> AsyncIterator[Origin]:
         yield server
     finally:
         server.release.set()
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def web_server(handler: Any, **runner_options: Any) -> AsyncIterator[str]:
+    """A plain aiohttp app on 127.0.0.1 answering every request with `handler`; yields its
+    base URL. `runner_options` go to the AppRunner (e.g. a short shutdown_timeout)."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, **runner_options)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
         await runner.cleanup()
 
 

@@ -21,7 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,16 @@ import pytest
 import structlog
 import yaml
 from aiohttp import web
-from conftest import Finished, Origin, closed_port, ledger_states, migrator_env, run_cli, start_cli
+from conftest import (
+    Finished,
+    Origin,
+    closed_port,
+    ledger_states,
+    migrator_env,
+    run_cli,
+    start_cli,
+    web_server,
+)
 
 from migrator.cli import main
 from migrator.emulator import Emulator
@@ -138,21 +147,6 @@ def dead_base_url() -> str:
     """A loopback base URL where nothing listens: conftest's closed_port, as the URL
     that write_job and the error messages take."""
     return f"http://127.0.0.1:{closed_port()}"
-
-
-@contextlib.asynccontextmanager
-async def web_server(handler: Any) -> AsyncIterator[str]:
-    """A plain aiohttp app on 127.0.0.1 answering every request with `handler`."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 @contextlib.contextmanager
