@@ -1,7 +1,7 @@
 """Shared fixtures and helpers.
 
 Fixtures: `api_key`, `emulator`, `emulator_process`, `origin`, `job`.
-Helpers: `write_file`, `write_manifest`, `load`, `ledger_states`, `ledger_rows`,
+Helpers: `write_file`, `files_below`, `write_manifest`, `load`, `ledger_states`, `ledger_rows`,
 `closed_port`, `run_cli` (and its `Finished`), `start_cli`, `web_server`.
 """
 
@@ -204,6 +204,13 @@ def write_file(path: Path, size: int, seed: int = 0) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data
+
+
+def files_below(root: Path) -> dict[str, bytes]:
+    """Every file below `root` (dot files included), by its path relative to root."""
+    return {
+        str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()
+    }
 
 
 def write_manifest(

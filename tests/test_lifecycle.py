@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Origin, ledger_rows, load, write_file
+from conftest import Origin, files_below, ledger_rows, load, write_file
 from conftest import write_manifest as shared_write_manifest
 
 from migrator.command import CommandSummary
@@ -72,13 +72,6 @@ async def wait_until_the_ledger_sees_everything_expired(manifest: Manifest) -> N
         row.expires_at is not None and row.expires_at < time.time()
         for row in (await ledger_rows(manifest)).values()
     )
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Every file below root (dot files included), by its relative path."""
-    return {
-        str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()
-    }
 
 
 @pytest.fixture
@@ -358,7 +351,7 @@ async def test_download_writes_every_item_byte_exact_under_upload_path_and_file_
 
     assert summary.exit_code is ExitCode.OK
     assert summary.counts == {"downloaded": 4}
-    assert tree(tmp_path / "dest") == mixed_job.sources
+    assert files_below(tmp_path / "dest") == mixed_job.sources
 
 
 async def test_status_shows_how_many_items_were_downloaded_and_when(
@@ -434,7 +427,7 @@ async def test_download_replaces_a_truncated_file_at_the_destination(
     summary = await download(mixed_job.manifest, dest)
 
     assert summary.counts == {"downloaded": 1, "skipped": 3}
-    assert tree(dest) == mixed_job.sources
+    assert files_below(dest) == mixed_job.sources
 
 
 async def test_download_removes_a_stale_part_file_left_by_a_killed_download(
@@ -447,7 +440,7 @@ async def test_download_removes_a_stale_part_file_left_by_a_killed_download(
 
     await download(mixed_job.manifest, dest)
 
-    assert tree(dest) == mixed_job.sources
+    assert files_below(dest) == mixed_job.sources
 
 
 async def test_an_item_whose_destination_cannot_be_made_fails_alone_and_the_rest_arrive(
@@ -461,7 +454,7 @@ async def test_an_item_whose_destination_cannot_be_made_fails_alone_and_the_rest
 
     assert summary.exit_code is ExitCode.ITEMS_FAILED
     assert summary.counts == {"downloaded": 2, "failed": 2}
-    assert set(tree(dest / "mig")) - {"remote"} == {"a.txt", "docs/deep/b.bin"}
+    assert set(files_below(dest / "mig")) - {"remote"} == {"a.txt", "docs/deep/b.bin"}
     async with await Ledger.open(mixed_job.manifest.ledger, readonly=True) as ledger:
         [last_run] = await ledger.runs(limit=1)
     assert (last_run.command, last_run.status) == ("download", "failed")
@@ -475,7 +468,7 @@ async def test_download_only_remote_takes_only_url_sources(
     )
 
     assert summary.counts == {"downloaded": 2}
-    assert set(tree(tmp_path / "dest")) == {"mig/remote/r1.bin", "mig/remote/r2.bin"}
+    assert set(files_below(tmp_path / "dest")) == {"mig/remote/r1.bin", "mig/remote/r2.bin"}
 
 
 async def test_download_within_takes_only_items_expiring_within_the_window(
@@ -491,7 +484,7 @@ async def test_download_within_takes_only_items_expiring_within_the_window(
     summary = await download(manifest, tmp_path / "dest", DownloadOptions(within=100 * HOUR))
 
     assert summary.counts == {"downloaded": 1}
-    assert set(tree(tmp_path / "dest")) == {"mig/early.txt"}
+    assert set(files_below(tmp_path / "dest")) == {"mig/early.txt"}
 
 
 async def test_download_skips_items_whose_upload_already_expired(
@@ -589,7 +582,7 @@ async def test_download_refuses_a_ledger_row_whose_upload_path_climbs_out(
 
     assert summary.exit_code is ExitCode.ITEMS_FAILED
     assert summary.counts == {"downloaded": 4, "failed": 1}
-    assert tree(tmp_path / "deep") == {
+    assert files_below(tmp_path / "deep") == {
         f"er/dest/{name}": data for name, data in mixed_job.sources.items()
     }
 

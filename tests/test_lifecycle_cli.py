@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import ledger_rows, run_cli, start_cli, write_file, write_manifest
+from conftest import files_below, ledger_rows, run_cli, start_cli, write_file, write_manifest
 
 from migrator.emulator import Emulator
 from migrator.errors import ExitCode
@@ -34,12 +34,6 @@ def load(path: Path) -> Manifest:
 async def run(path: Path, api_key: str) -> None:
     summary = await run_manifest(load(path), RunOptions(seed=1), environ={"KIE_API_KEY": api_key})
     assert summary.exit_code is ExitCode.OK, summary.as_dict()
-
-
-def files_below(root: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()
-    }
 
 
 @pytest.fixture
