@@ -1,8 +1,8 @@
 """Shared fixtures and helpers.
 
 Fixtures: `api_key`, `emulator`, `emulator_process`, `origin`, `job`.
-Helpers: `write_file`, `write_manifest`, `load`, `ledger_states`, `ledger_rows`,
-`closed_port`, `run_cli` (and its `Finished`).
+Helpers: `write_file`, `files_below`, `write_manifest`, `load`, `ledger_states`, `ledger_rows`,
+`closed_port`, `run_cli` (and its `Finished`), `start_cli`, `web_server`.
 """
 
 from __future__ import annotations
@@ -171,6 +171,22 @@ async def origin() -> AsyncIterator[Origin]:
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def web_server(handler: Any, **runner_options: Any) -> AsyncIterator[str]:
+    """A plain aiohttp app on 127.0.0.1 answering every request with `handler`; yields its
+    base URL. `runner_options` go to the AppRunner (e.g. a short shutdown_timeout)."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, **runner_options)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 # -- a job folder and its files (shared by the run, lifecycle and CLI tests) ---------------
 
 
@@ -188,6 +204,13 @@ def write_file(path: Path, size: int, seed: int = 0) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data
+
+
+def files_below(root: Path) -> dict[str, bytes]:
+    """Every file below `root` (dot files included), by its path relative to root."""
+    return {
+        str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()
+    }
 
 
 def write_manifest(
@@ -260,6 +283,34 @@ class Finished:
         return lines[0]
 
 
+async def start_cli(
+    *args: str,
+    key: str | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    stdout: Any = asyncio.subprocess.PIPE,
+    stderr: Any = asyncio.subprocess.PIPE,
+) -> asyncio.subprocess.Process:
+    """`python -m migrator ARGS` started, not awaited: KIE_API_KEY set to `key` (or unset),
+    MIGRATOR_LEDGER_DIR unset, `env` added. For a test that signals or kills the child."""
+    child_env = migrator_env()
+    child_env.pop("KIE_API_KEY", None)
+    child_env.pop("MIGRATOR_LEDGER_DIR", None)
+    child_env.update(env or {})
+    if key is not None:
+        child_env["KIE_API_KEY"] = key
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "migrator",
+        *args,
+        stdout=stdout,
+        stderr=stderr,
+        env=child_env,
+        cwd=cwd,
+    )
+
+
 async def run_cli(
     *args: str,
     key: str | None = None,
@@ -269,22 +320,7 @@ async def run_cli(
     limit: float = 30,
 ) -> Finished:
     """`python -m migrator ARGS` with KIE_API_KEY set to `key` (or unset), `env` added."""
-    child_env = migrator_env()
-    child_env.pop("KIE_API_KEY", None)
-    child_env.pop("MIGRATOR_LEDGER_DIR", None)
-    child_env.update(env or {})
-    if key is not None:
-        child_env["KIE_API_KEY"] = key
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "migrator",
-        *args,
-        stdout=stdout,
-        stderr=asyncio.subprocess.PIPE,
-        env=child_env,
-        cwd=cwd,
-    )
+    process = await start_cli(*args, key=key, cwd=cwd, env=env, stdout=stdout)
     try:
         out, err = await asyncio.wait_for(process.communicate(), limit)
     except TimeoutError:

@@ -13,7 +13,6 @@ import email.parser
 import email.policy
 import hashlib
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import closed_port
 
 from migrator.client import UploadClient, parse_response
 from migrator.emulator import Emulator
@@ -436,13 +436,6 @@ async def chunks_of(data: bytes, size: int) -> AsyncIterator[bytes]:
     for start in range(0, len(data), size):
         await asyncio.sleep(0)
         yield data[start : start + size]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- base64 and URL uploads ----------------------------------------------------------------------
@@ -919,7 +912,7 @@ async def raw_server(
 async def test_connection_refused_is_retryable_and_says_so(
     session: aiohttp.ClientSession,
 ) -> None:
-    base_url = f"http://127.0.0.1:{free_port()}"
+    base_url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(RetryableError, match=f"connection refused to {base_url}") as info:
         await upload_small(base_url, session)
     assert info.value.status is None

@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import web_server
 
 from migrator.download import save_download, temp_path_for
 from migrator.errors import RetryableError
@@ -53,16 +54,8 @@ async def stalling_link() -> AsyncIterator[str]:
         await asyncio.sleep(10)
         return response
 
-    app = web.Application()
-    app.router.add_get("/f.bin", stall)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/f.bin"
-    finally:
-        await runner.cleanup()
+    async with web_server(stall, shutdown_timeout=0.1) as base_url:
+        yield f"{base_url}/f.bin"
 
 
 async def test_a_link_that_stalls_mid_body_is_a_retryable_network_failure(

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +25,9 @@ from aiohttp import web
 from conftest import (
     REPO_ROOT,
     EmulatorProcess,
+    closed_port,
     migrator_env,
+    start_cli,
     start_emulator_process,
     stop_emulator_process,
 )
@@ -104,12 +105,6 @@ def assert_link_gone(status: int, data: bytes, method: str) -> None:
         assert (status, data) == (404, b"")
     else:
         assert_error_envelope(status, json.loads(data), 404)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def start_origin(
@@ -1111,22 +1106,8 @@ async def test_the_cli_rate_limit_answers_429_beyond_n_requests_a_second(
 
 
 async def test_the_cli_takes_the_key_from_kie_api_key(tmp_path: Path, api_key: str) -> None:
-    env = {**migrator_env(), "KIE_API_KEY": api_key}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "migrator",
-        "emulator",
-        "--port",
-        "0",
-        "--data-dir",
-        str(tmp_path),
-        "--clock-offset",
-        "70h",
-        stdout=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=REPO_ROOT,
-    )
+    args = ["--port", "0", "--data-dir", str(tmp_path), "--clock-offset", "70h"]
+    proc = await start_cli("emulator", *args, key=api_key, cwd=REPO_ROOT, stderr=None)
     assert proc.stdout is not None
     try:
         base = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().split()[-1]

@@ -18,16 +18,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
-from conftest import Origin, write_file
+from conftest import Origin, files_below, ledger_rows, load, write_file
+from conftest import write_manifest as shared_write_manifest
 
 from migrator.command import CommandSummary
 from migrator.download import DownloadOptions, destination_for, download, temp_path_for
 from migrator.emulator import Emulator
 from migrator.errors import ConfigError, ExitCode
 from migrator.ledger import Ledger, RunRow
-from migrator.manifest import load_manifest
-from migrator.model import HOUR, ItemState, ItemUpdate, LedgerItem, Manifest, Method, SourceKind
+from migrator.model import HOUR, ItemState, ItemUpdate, Manifest, Method, SourceKind
 from migrator.outputs import write_export
 from migrator.refresh import RefreshOptions, refresh
 from migrator.report import build_status
@@ -44,17 +43,10 @@ WIDE = RefreshOptions(within=73 * HOUR, seed=1)
 def write_manifest(
     folder: Path, base_url: str, sources: list[dict[str, Any]], **settings: Any
 ) -> Manifest:
-    document = {
-        "version": 1,
-        "name": "life",
-        "target": {"base_url": base_url, "upload_path": "mig"},
-        "ledger": "ledger.sqlite",
-        "settings": {"retries": 1, "base64_max": "4KiB", "url_max": "64KiB", **settings},
-        "sources": sources,
-    }
-    path = folder / "life.yaml"
-    path.write_text(yaml.safe_dump(document), encoding="utf-8")
-    return load_manifest(path, environ={})
+    """conftest's manifest, loaded: these tests take a Manifest, and their items
+    straddle small method limits (base64 up to 4 KiB, url up to 64 KiB)."""
+    limits = {"base64_max": "4KiB", "url_max": "64KiB", **settings}
+    return load(shared_write_manifest(folder, base_url, sources, name="life", **limits))
 
 
 async def run(manifest: Manifest, api_key: str) -> None:
@@ -68,31 +60,18 @@ async def do_refresh(
     return await refresh(manifest, options, environ={"KIE_API_KEY": api_key})
 
 
-async def rows(manifest: Manifest) -> dict[str, LedgerItem]:
-    """The ledger's rows, by file name."""
-    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
-        return {row.file_name: row async for row in ledger.iter_items(manifest.target.base_url)}
-
-
 async def fetch(url: str) -> tuple[int, bytes]:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         return response.status, await response.read()
 
 
 async def wait_until_the_ledger_sees_everything_expired(manifest: Manifest) -> None:
-    latest = max(row.expires_at or 0.0 for row in (await rows(manifest)).values())
+    latest = max(row.expires_at or 0.0 for row in (await ledger_rows(manifest)).values())
     await asyncio.sleep(max(0.0, latest - time.time()) + 0.05)
     assert all(
         row.expires_at is not None and row.expires_at < time.time()
-        for row in (await rows(manifest)).values()
+        for row in (await ledger_rows(manifest)).values()
     )
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    """Every file below root (dot files included), by its relative path."""
-    return {
-        str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()
-    }
 
 
 @pytest.fixture
@@ -134,7 +113,7 @@ async def seventy_hours_later(
         ],
     )
     await run(manifest, api_key)
-    before = await rows(manifest)
+    before = await ledger_rows(manifest)
     (job / "gone-small.txt").unlink()
     (job / "gone-big.bin").unlink()
     emulator.advance_clock(70 * HOUR)
@@ -159,7 +138,7 @@ async def test_refreshed_links_serve_the_original_bytes(
 ) -> None:
     await do_refresh(seventy_hours_later.manifest, api_key)
 
-    after = await rows(seventy_hours_later.manifest)
+    after = await ledger_rows(seventy_hours_later.manifest)
     for name, data in seventy_hours_later.sources.items():
         assert after[name].state is ItemState.DONE
         assert after[name].download_url != seventy_hours_later.before[name].download_url
@@ -171,7 +150,7 @@ async def test_refreshed_items_expire_later_than_before(
 ) -> None:
     await do_refresh(seventy_hours_later.manifest, api_key)
 
-    after = await rows(seventy_hours_later.manifest)
+    after = await ledger_rows(seventy_hours_later.manifest)
     for name, old in seventy_hours_later.before.items():
         assert old.expires_at is not None
         assert (after[name].expires_at or 0.0) > old.expires_at + 60 * HOUR, name
@@ -214,7 +193,7 @@ async def test_refresh_leaves_items_expiring_after_the_window_alone(
     assert summary.exit_code is ExitCode.OK
     assert summary.counts == {}
     assert emulator.requests[uploads_before:] == []
-    assert await rows(seventy_hours_later.manifest) == seventy_hours_later.before
+    assert await ledger_rows(seventy_hours_later.manifest) == seventy_hours_later.before
 
 
 async def test_refresh_does_not_upload_a_local_file_that_changed_since_its_upload(
@@ -223,7 +202,7 @@ async def test_refresh_does_not_upload_a_local_file_that_changed_since_its_uploa
     original = write_file(job / "notes.txt", 1000)
     manifest = write_manifest(job, emulator.base_url, [{"path": "./notes.txt"}])
     await run(manifest, api_key)
-    old = (await rows(manifest))["notes.txt"]
+    old = (await ledger_rows(manifest))["notes.txt"]
     write_file(job / "notes.txt", 1200, seed=9)  # edited after the upload
     emulator.advance_clock(70 * HOUR)
     uploads_before = len(emulator.requests)
@@ -233,7 +212,7 @@ async def test_refresh_does_not_upload_a_local_file_that_changed_since_its_uploa
     assert summary.counts == {"refreshed": 1}
     [request] = emulator.requests[uploads_before:]
     assert (request.endpoint, request.file_url) == ("url", old.download_url)
-    new = (await rows(manifest))["notes.txt"]
+    new = (await ledger_rows(manifest))["notes.txt"]
     assert await fetch(new.download_url or "") == (200, original)
     assert (new.size, new.sha256) == (old.size, old.sha256)
 
@@ -259,7 +238,7 @@ async def expired_job(
         refresh_within="0.5s",
     )
     await run(manifest, api_key)
-    before = await rows(manifest)
+    before = await ledger_rows(manifest)
     (job / "gone.txt").unlink()
     endpoint_emulator.advance_clock(73 * HOUR)
     await wait_until_the_ledger_sees_everything_expired(manifest)
@@ -275,7 +254,7 @@ async def test_refresh_marks_an_expired_item_without_a_source_lost_and_exits_1(
 
     assert summary.exit_code is ExitCode.ITEMS_FAILED
     assert summary.counts.get("lost") == 1
-    lost = (await rows(expired_job.manifest))["gone.txt"]
+    lost = (await ledger_rows(expired_job.manifest))["gone.txt"]
     assert lost.state is ItemState.LOST
     assert lost.last_error
     assert lost.download_url == expired_job.before["gone.txt"].download_url
@@ -287,7 +266,7 @@ async def test_a_lost_item_does_not_keep_the_others_from_being_refreshed(
     summary = await do_refresh(expired_job.manifest, api_key)
 
     assert summary.counts == {"lost": 1, "refreshed": 2}
-    after = await rows(expired_job.manifest)
+    after = await ledger_rows(expired_job.manifest)
     for name in ("kept.txt", "remote.bin"):
         assert after[name].state is ItemState.DONE
         assert after[name].last_error is None
@@ -306,7 +285,7 @@ async def test_refresh_takes_an_expired_url_item_again_from_its_origin_through_h
     ]
     assert (request.endpoint, request.status) == ("stream", 200)
     assert origin.gets[gets_before:] == ["remote.bin"]
-    row = (await rows(expired_job.manifest))["remote.bin"]
+    row = (await ledger_rows(expired_job.manifest))["remote.bin"]
     assert await fetch(row.download_url or "") == (200, expired_job.sources["remote.bin"])
 
 
@@ -318,7 +297,7 @@ async def test_refresh_marks_an_expired_url_item_lost_when_its_origin_is_gone(
     summary = await do_refresh(expired_job.manifest, api_key)
 
     assert summary.exit_code is ExitCode.ITEMS_FAILED
-    assert (await rows(expired_job.manifest))["remote.bin"].state is ItemState.LOST
+    assert (await ledger_rows(expired_job.manifest))["remote.bin"].state is ItemState.LOST
 
 
 async def test_refresh_never_uploads_an_origin_that_changed_and_reports_the_item_lost(
@@ -330,7 +309,7 @@ async def test_refresh_never_uploads_an_origin_that_changed_and_reports_the_item
     summary = await do_refresh(expired_job.manifest, api_key)
 
     assert summary.exit_code is ExitCode.ITEMS_FAILED
-    row = (await rows(expired_job.manifest))["remote.bin"]
+    row = (await ledger_rows(expired_job.manifest))["remote.bin"]
     assert row.state is ItemState.LOST
     assert row.last_error is not None and "changed" in row.last_error
     sent = [r for r in endpoint_emulator.requests[uploads_before:] if r.file_name == "remote.bin"]
@@ -362,7 +341,7 @@ async def mixed_job(job: Path, emulator: Emulator, origin: Origin, api_key: str)
         ],
     )
     await run(manifest, api_key)
-    return Scenario(manifest, sources, await rows(manifest))
+    return Scenario(manifest, sources, await ledger_rows(manifest))
 
 
 async def test_download_writes_every_item_byte_exact_under_upload_path_and_file_name(
@@ -372,7 +351,7 @@ async def test_download_writes_every_item_byte_exact_under_upload_path_and_file_
 
     assert summary.exit_code is ExitCode.OK
     assert summary.counts == {"downloaded": 4}
-    assert tree(tmp_path / "dest") == mixed_job.sources
+    assert files_below(tmp_path / "dest") == mixed_job.sources
 
 
 async def test_status_shows_how_many_items_were_downloaded_and_when(
@@ -403,7 +382,7 @@ async def test_download_records_the_downloaded_path_in_the_ledger_and_its_export
         str(tmp_path / "dest" / name) for name in mixed_job.sources
     )
     assert all(r["downloaded_at"] for r in records)
-    for row in (await rows(mixed_job.manifest)).values():
+    for row in (await ledger_rows(mixed_job.manifest)).values():
         assert row.downloaded_at is not None and row.downloaded_at >= started
         assert row.state is ItemState.DONE
 
@@ -426,11 +405,15 @@ async def test_a_second_download_leaves_the_recorded_download_time_alone(
     mixed_job: Scenario, tmp_path: Path
 ) -> None:
     await download(mixed_job.manifest, tmp_path / "dest")
-    first = {name: row.downloaded_at for name, row in (await rows(mixed_job.manifest)).items()}
+    first = {
+        name: row.downloaded_at for name, row in (await ledger_rows(mixed_job.manifest)).items()
+    }
 
     await download(mixed_job.manifest, tmp_path / "dest")
 
-    second = {name: row.downloaded_at for name, row in (await rows(mixed_job.manifest)).items()}
+    second = {
+        name: row.downloaded_at for name, row in (await ledger_rows(mixed_job.manifest)).items()
+    }
     assert second == first
 
 
@@ -444,7 +427,7 @@ async def test_download_replaces_a_truncated_file_at_the_destination(
     summary = await download(mixed_job.manifest, dest)
 
     assert summary.counts == {"downloaded": 1, "skipped": 3}
-    assert tree(dest) == mixed_job.sources
+    assert files_below(dest) == mixed_job.sources
 
 
 async def test_download_removes_a_stale_part_file_left_by_a_killed_download(
@@ -457,7 +440,7 @@ async def test_download_removes_a_stale_part_file_left_by_a_killed_download(
 
     await download(mixed_job.manifest, dest)
 
-    assert tree(dest) == mixed_job.sources
+    assert files_below(dest) == mixed_job.sources
 
 
 async def test_an_item_whose_destination_cannot_be_made_fails_alone_and_the_rest_arrive(
@@ -471,7 +454,7 @@ async def test_an_item_whose_destination_cannot_be_made_fails_alone_and_the_rest
 
     assert summary.exit_code is ExitCode.ITEMS_FAILED
     assert summary.counts == {"downloaded": 2, "failed": 2}
-    assert set(tree(dest / "mig")) - {"remote"} == {"a.txt", "docs/deep/b.bin"}
+    assert set(files_below(dest / "mig")) - {"remote"} == {"a.txt", "docs/deep/b.bin"}
     async with await Ledger.open(mixed_job.manifest.ledger, readonly=True) as ledger:
         [last_run] = await ledger.runs(limit=1)
     assert (last_run.command, last_run.status) == ("download", "failed")
@@ -485,7 +468,7 @@ async def test_download_only_remote_takes_only_url_sources(
     )
 
     assert summary.counts == {"downloaded": 2}
-    assert set(tree(tmp_path / "dest")) == {"mig/remote/r1.bin", "mig/remote/r2.bin"}
+    assert set(files_below(tmp_path / "dest")) == {"mig/remote/r1.bin", "mig/remote/r2.bin"}
 
 
 async def test_download_within_takes_only_items_expiring_within_the_window(
@@ -501,7 +484,7 @@ async def test_download_within_takes_only_items_expiring_within_the_window(
     summary = await download(manifest, tmp_path / "dest", DownloadOptions(within=100 * HOUR))
 
     assert summary.counts == {"downloaded": 1}
-    assert set(tree(tmp_path / "dest")) == {"mig/early.txt"}
+    assert set(files_below(tmp_path / "dest")) == {"mig/early.txt"}
 
 
 async def test_download_skips_items_whose_upload_already_expired(
@@ -599,7 +582,7 @@ async def test_download_refuses_a_ledger_row_whose_upload_path_climbs_out(
 
     assert summary.exit_code is ExitCode.ITEMS_FAILED
     assert summary.counts == {"downloaded": 4, "failed": 1}
-    assert tree(tmp_path / "deep") == {
+    assert files_below(tmp_path / "deep") == {
         f"er/dest/{name}": data for name, data in mixed_job.sources.items()
     }
 
@@ -614,7 +597,7 @@ async def test_refresh_without_a_key_stops_before_it_writes_anything(
         await refresh(manifest, WIDE, environ={})
 
     assert await run_rows(manifest) == runs_before
-    assert await rows(manifest) == seventy_hours_later.before
+    assert await ledger_rows(manifest) == seventy_hours_later.before
 
 
 async def run_rows(manifest: Manifest) -> list[RunRow]:

@@ -9,51 +9,25 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-import yaml
-from conftest import migrator_env, write_file
+from conftest import files_below, ledger_rows, run_cli, start_cli, write_file, write_manifest
 
 from migrator.emulator import Emulator
 from migrator.errors import ExitCode
-from migrator.ledger import Ledger
 from migrator.manifest import load_manifest
-from migrator.model import HOUR, LedgerItem, Manifest
+from migrator.model import HOUR, Manifest
 from migrator.runner import RunOptions, run_manifest
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@dataclass(frozen=True, slots=True)
-class Finished:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def write_manifest(
-    folder: Path, base_url: str, sources: list[dict[str, Any]], **settings: Any
-) -> Path:
-    document = {
-        "version": 1,
-        "name": "clijob",
-        "target": {"base_url": base_url, "upload_path": "mig"},
-        "ledger": "ledger.sqlite",
-        "settings": {"retries": 1, "base64_max": "4KiB", **settings},
-        "sources": sources,
-    }
-    path = folder / "clijob.yaml"
-    path.write_text(yaml.safe_dump(document), encoding="utf-8")
-    return path
-
-
 def load(path: Path) -> Manifest:
+    """Not conftest's load: these tests read the ledger after deleting a `path:` source,
+    which the loader refuses unless told not to check the sources."""
     return load_manifest(path, environ={}, check_sources=False)
 
 
@@ -62,57 +36,14 @@ async def run(path: Path, api_key: str) -> None:
     assert summary.exit_code is ExitCode.OK, summary.as_dict()
 
 
-async def rows(path: Path) -> dict[str, LedgerItem]:
-    manifest = load(path)
-    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
-        return {row.file_name: row async for row in ledger.iter_items(manifest.target.base_url)}
-
-
-def child_env(api_key: str) -> dict[str, str]:
-    env = migrator_env()
-    env["KIE_API_KEY"] = api_key
-    env.pop("MIGRATOR_LEDGER_DIR", None)
-    return env
-
-
-async def start(api_key: str, *args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "migrator",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=child_env(api_key),
-    )
-
-
-async def migrator(api_key: str, *args: str) -> Finished:
-    """`python -m migrator ARGS`, awaited (30 s at most)."""
-    process = await start(api_key, *args)
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return Finished(process.returncode, stdout.decode(), stderr.decode())
-
-
-def files_below(root: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()
-    }
-
-
 @pytest.fixture
 async def uploaded(job: Path, emulator: Emulator, api_key: str) -> Path:
     """Two local files uploaded; returns the manifest's path."""
     write_file(job / "files" / "one.txt", 500)
     write_file(job / "files" / "two.bin", 9000, seed=1)
-    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
+    manifest = write_manifest(
+        job, emulator.base_url, [{"glob": "./files/*"}], name="clijob", base64_max="4KiB"
+    )
     await run(manifest, api_key)
     return manifest
 
@@ -125,7 +56,7 @@ async def test_refresh_exits_0_when_every_item_was_refreshed(
 ) -> None:
     emulator.advance_clock(70 * HOUR)
 
-    done = await migrator(api_key, "refresh", str(uploaded), "--within", "73h")
+    done = await run_cli("refresh", str(uploaded), "--within", "73h", key=api_key)
 
     assert done.code == 0, done.stderr
     assert done.stdout.startswith("refresh: 2 refreshed in ")
@@ -136,7 +67,7 @@ async def test_refresh_exits_0_with_nothing_to_do_inside_the_default_window(
 ) -> None:
     uploads_before = len(emulator.requests)
 
-    done = await migrator(api_key, "refresh", str(uploaded))
+    done = await run_cli("refresh", str(uploaded), key=api_key)
 
     assert done.code == 0, done.stderr
     assert done.stdout.startswith("refresh: nothing to do in ")
@@ -147,18 +78,20 @@ async def test_refresh_copies_an_item_whose_path_source_was_deleted_from_the_ser
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
     data = write_file(job / "report.bin", 3000)
-    manifest = write_manifest(job, emulator.base_url, [{"path": "./report.bin"}])
+    manifest = write_manifest(
+        job, emulator.base_url, [{"path": "./report.bin"}], name="clijob", base64_max="4KiB"
+    )
     await run(manifest, api_key)
-    old_link = (await rows(manifest))["report.bin"].download_url
+    old_link = (await ledger_rows(load(manifest)))["report.bin"].download_url
     (job / "report.bin").unlink()
     emulator.advance_clock(70 * HOUR)
 
-    done = await migrator(api_key, "refresh", str(manifest), "--within", "73h")
+    done = await run_cli("refresh", str(manifest), "--within", "73h", key=api_key)
 
     assert done.code == 0, done.stderr
     assert emulator.requests[-1].endpoint == "url"
     assert emulator.requests[-1].file_url == old_link
-    new_link = (await rows(manifest))["report.bin"].download_url
+    new_link = (await ledger_rows(load(manifest)))["report.bin"].download_url
     assert new_link is not None
     async with aiohttp.ClientSession() as session, session.get(new_link) as response:
         assert await response.read() == data
@@ -171,15 +104,21 @@ async def test_refresh_exits_1_when_an_expired_item_has_no_source_left(
         write_file(job / "files" / "gone.txt", 300)
         # A glob, not `path:`: the manifest loader refuses a `path:` that no longer exists.
         manifest = write_manifest(
-            job, emulator.base_url, [{"glob": "./files/*"}], ttl="1s", refresh_within="0.5s"
+            job,
+            emulator.base_url,
+            [{"glob": "./files/*"}],
+            ttl="1s",
+            refresh_within="0.5s",
+            name="clijob",
+            base64_max="4KiB",
         )
         await run(manifest, api_key)
         (job / "files" / "gone.txt").unlink()
         emulator.advance_clock(73 * HOUR)
-        expires_at = (await rows(manifest))["gone.txt"].expires_at or 0.0
+        expires_at = (await ledger_rows(load(manifest)))["gone.txt"].expires_at or 0.0
         await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.05)
 
-        done = await migrator(api_key, "refresh", str(manifest), "--within", "1h")
+        done = await run_cli("refresh", str(manifest), "--within", "1h", key=api_key)
 
     assert done.code == 1, done.stderr
     assert "1 lost" in done.stdout
@@ -190,7 +129,7 @@ async def test_refresh_with_a_rejected_key_stops_with_exit_3_and_one_line(
 ) -> None:
     emulator.advance_clock(70 * HOUR)
 
-    done = await migrator("not-the-key", "refresh", str(uploaded), "--within", "73h")
+    done = await run_cli("refresh", str(uploaded), "--within", "73h", key="not-the-key")
 
     assert done.code == 3
     assert len(done.stderr.strip().splitlines()) == 1
@@ -204,7 +143,7 @@ async def test_a_bad_within_value_exits_2_with_one_line(
 ) -> None:
     extra = ["--dest", str(tmp_path / "dest")] if command == "download" else []
 
-    done = await migrator(api_key, command, str(uploaded), *extra, "--within", "soon")
+    done = await run_cli(command, str(uploaded), *extra, "--within", "soon", key=api_key)
 
     assert done.code == 2
     assert done.stderr.count("\n") == 1
@@ -219,7 +158,7 @@ async def test_a_bad_within_value_exits_2_with_one_line(
 async def test_download_exits_0_and_writes_every_file(
     uploaded: Path, job: Path, tmp_path: Path, api_key: str
 ) -> None:
-    done = await migrator(api_key, "download", str(uploaded), "--dest", str(tmp_path / "dest"))
+    done = await run_cli("download", str(uploaded), "--dest", str(tmp_path / "dest"), key=api_key)
 
     assert done.code == 0, done.stderr
     assert done.stdout.startswith("download: 2 downloaded in ")
@@ -241,7 +180,7 @@ async def test_download_exits_1_when_a_link_no_longer_works(
         )
         assert response.status == 200
 
-    done = await migrator(api_key, "download", str(uploaded), "--dest", str(tmp_path / "dest"))
+    done = await run_cli("download", str(uploaded), "--dest", str(tmp_path / "dest"), key=api_key)
 
     assert done.code == 1
     assert "1 failed" in done.stdout
@@ -256,13 +195,17 @@ async def test_download_resumes_after_sigkill_and_leaves_no_temporary_files(
         for i in range(40)
     }
     manifest = write_manifest(
-        job, emulator.base_url, [{"glob": "./batch/*.bin", "upload_path": "batch"}]
+        job,
+        emulator.base_url,
+        [{"glob": "./batch/*.bin", "upload_path": "batch"}],
+        name="clijob",
+        base64_max="4KiB",
     )
     await run(manifest, api_key)
     dest = tmp_path / "dest"
     args = ["download", str(manifest), "--dest", str(dest), "--concurrency", "2"]
 
-    child = await start(api_key, *args)
+    child = await start_cli(*args, key=api_key)
     done_files: list[Path] = []
     deadline = time.monotonic() + 30
     while not done_files and child.returncode is None and time.monotonic() < deadline:
@@ -272,7 +215,7 @@ async def test_download_resumes_after_sigkill_and_leaves_no_temporary_files(
     assert await child.wait() == -signal.SIGKILL
     assert 0 < len(list(dest.rglob("f*.bin"))) < 40, "the kill did not land mid-way"
 
-    again = await migrator(api_key, *args)
+    again = await run_cli(*args, key=api_key)
 
     assert again.code == 0, again.stderr
     assert files_below(dest) == sources

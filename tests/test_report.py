@@ -6,7 +6,6 @@ import asyncio
 import csv
 import json
 import re
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +13,14 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import migrator_env
+from conftest import ledger_rows, load, run_cli
+from conftest import write_manifest as shared_write_manifest
 from prometheus_client.parser import text_string_to_metric_families
 
 from migrator.download import DownloadOptions, download
 from migrator.emulator import Emulator
 from migrator.errors import ExitCode
-from migrator.ledger import Ledger
-from migrator.manifest import load_manifest
-from migrator.model import HOUR, LedgerItem, Manifest
+from migrator.model import HOUR, Manifest
 from migrator.refresh import RefreshOptions, refresh
 from migrator.runner import RunOptions, run_manifest
 from migrator.units import iso_utc
@@ -32,19 +30,18 @@ pytestmark = pytest.mark.timeout(60)
 ITEMS = 30
 
 
-def write_manifest(folder: Path, base_url: str, **extra: Any) -> Manifest:
-    document = {
-        "version": 1,
-        "name": "reported",
-        "target": {"base_url": base_url, "upload_path": "rep"},
-        "ledger": "ledger.sqlite",
-        "settings": {"retries": 1},
-        "sources": [{"glob": "./files/*"}],
-        **extra,
-    }
-    path = folder / "reported.yaml"
-    path.write_text(yaml.safe_dump(document), encoding="utf-8")
-    return load_manifest(path, environ={})
+def write_manifest(
+    folder: Path, base_url: str, outputs: dict[str, str] | None = None, **settings: Any
+) -> Manifest:
+    """conftest's manifest of ./files/*, loaded, with an `outputs:` section added: the
+    shared helper writes none, and these tests read what the outputs hold."""
+    path = shared_write_manifest(
+        folder, base_url, [{"glob": "./files/*"}], name="reported", upload_path="rep", **settings
+    )
+    if outputs is not None:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        path.write_text(yaml.safe_dump({**document, "outputs": outputs}), encoding="utf-8")
+    return load(path)
 
 
 def write_files(folder: Path, names: list[str]) -> None:
@@ -56,11 +53,6 @@ def write_files(folder: Path, names: list[str]) -> None:
 async def run(manifest: Manifest, api_key: str) -> ExitCode:
     summary = await run_manifest(manifest, RunOptions(seed=1), environ={"KIE_API_KEY": api_key})
     return summary.exit_code
-
-
-async def rows(manifest: Manifest) -> list[LedgerItem]:
-    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
-        return [row async for row in ledger.iter_items(manifest.target.base_url)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +119,7 @@ async def test_a_run_writes_every_output_with_one_record_per_item(
 ) -> None:
     assert await run(with_outputs, api_key) is ExitCode.OK
 
-    links = {row.download_url or "" for row in await rows(with_outputs)}
+    links = {row.download_url or "" for row in (await ledger_rows(with_outputs)).values()}
     assert_one_record_per_item(read_outputs(job), links)
 
 
@@ -135,7 +127,7 @@ async def test_a_refresh_rewrites_the_outputs_with_the_new_links(
     with_outputs: Manifest, job: Path, emulator: Emulator, api_key: str
 ) -> None:
     await run(with_outputs, api_key)
-    old_links = {row.download_url for row in await rows(with_outputs)}
+    old_links = {row.download_url for row in (await ledger_rows(with_outputs)).values()}
     emulator.advance_clock(70 * HOUR)
 
     summary = await refresh(
@@ -143,7 +135,7 @@ async def test_a_refresh_rewrites_the_outputs_with_the_new_links(
     )
 
     assert summary.counts == {"refreshed": ITEMS}
-    links = {row.download_url or "" for row in await rows(with_outputs)}
+    links = {row.download_url or "" for row in (await ledger_rows(with_outputs)).values()}
     assert links.isdisjoint(old_links)
     outputs = read_outputs(job)
     assert_one_record_per_item(outputs, links)
@@ -162,7 +154,7 @@ async def test_a_download_rewrites_the_outputs_with_the_downloaded_paths(
 
     outputs = read_outputs(job)
     assert_one_record_per_item(
-        outputs, {row.download_url or "" for row in await rows(with_outputs)}
+        outputs, {row.download_url or "" for row in (await ledger_rows(with_outputs)).values()}
     )
     expected = {str(tmp_path / "dest" / "rep" / f"f{i:02d}.bin") for i in range(ITEMS)}
     assert {r["downloaded_path"] for r in outputs.jsonl} == expected
@@ -226,22 +218,9 @@ async def test_outputs_are_replaced_whole_and_leave_no_temporary_file(
 
 
 async def status(manifest: Manifest, *args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "migrator",
-        "status",
-        str(manifest.path),
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**migrator_env(), "COLUMNS": "120"},
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode is not None
-    assert stderr == b"", stderr.decode()
-    return process.returncode, stdout.decode()
+    result = await run_cli("status", str(manifest.path), *args, env={"COLUMNS": "120"})
+    assert result.stderr == "", result.stderr
+    return result.code, result.stdout
 
 
 @pytest.fixture
@@ -254,9 +233,7 @@ async def spread(tmp_path: Path, api_key: str) -> Manifest:
     folder = tmp_path / "spread"
     (folder / "files").mkdir(parents=True)
     async with Emulator(tmp_path / "emu", api_key, response_shape="endpoint") as emulator:
-        manifest = write_manifest(
-            folder, emulator.base_url, settings={"retries": 1, "ttl": "5h", "refresh_within": "1h"}
-        )
+        manifest = write_manifest(folder, emulator.base_url, ttl="5h", refresh_within="1h")
         for name, advance in (("h05", 0), ("h10", 5), ("h20", 10), ("h60", 40), ("h100", 40)):
             emulator.advance_clock(advance * HOUR)
             (folder / "files" / f"{name}.txt").write_bytes(name.encode() * 10)
@@ -280,7 +257,7 @@ async def test_status_json_counts_items_by_state(spread: Manifest) -> None:
 
 
 async def test_status_json_tells_the_next_expiry_and_the_expiry_buckets(spread: Manifest) -> None:
-    by_name = {row.file_name: row for row in await rows(spread)}
+    by_name = await ledger_rows(spread)
 
     _, out = await status(spread, "--format", "json")
 

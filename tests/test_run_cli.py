@@ -9,15 +9,21 @@ import shutil
 import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, Origin, migrator_env, write_file
-from test_run import export_jsonl, fetch, write_manifest
+from conftest import (
+    REPO_ROOT,
+    Finished,
+    Origin,
+    ledger_states,
+    run_cli,
+    start_cli,
+    write_file,
+    write_manifest,
+)
+from test_run import export_jsonl, fetch
 
 from migrator.emulator import Emulator
 from migrator.lock import RunLock
@@ -27,50 +33,34 @@ pytestmark = pytest.mark.timeout(90)
 SUMMARY_RE = re.compile(r"^run: (\d+) uploaded, (\d+) skipped, (\d+) failed", re.MULTILINE)
 
 
-@dataclass(frozen=True, slots=True)
-class Finished:
-    code: int
-    stdout: str
-    stderr: str
-
-    def counts(self) -> tuple[int, int, int]:
-        """(uploaded, skipped, failed) from the summary line on stdout."""
-        match = SUMMARY_RE.search(self.stdout)
-        assert match is not None, self.stdout
-        uploaded, skipped, failed = match.groups()
-        return int(uploaded), int(skipped), int(failed)
+def counts(result: Finished) -> tuple[int, int, int]:
+    """(uploaded, skipped, failed) from the summary line on stdout."""
+    match = SUMMARY_RE.search(result.stdout)
+    assert match is not None, result.stdout
+    uploaded, skipped, failed = match.groups()
+    return int(uploaded), int(skipped), int(failed)
 
 
-def child_env(api_key: str | None) -> dict[str, str]:
-    env = migrator_env()
-    env.pop("MIGRATOR_LEDGER_DIR", None)
-    env.pop("KIE_API_KEY", None)
-    if api_key is not None:
-        env["KIE_API_KEY"] = api_key
-    return env
+async def run(manifest: Path, api_key: str | None, *args: str) -> Finished:
+    """`python -m migrator run MANIFEST --no-progress ARGS`, awaited."""
+    return await run_cli("run", str(manifest), "--no-progress", *args, key=api_key)
 
 
 async def start_run(
     manifest: Path, api_key: str | None, *args: str, out_dir: Path
 ) -> asyncio.subprocess.Process:
-    """`python -m migrator run MANIFEST --no-progress ARGS`; output goes to files in out_dir."""
+    """`python -m migrator run MANIFEST --no-progress ARGS`, not awaited, its output going
+    to files in out_dir rather than pipes: the test signals or kills it without reading
+    its output meanwhile, and `finish` reads the files afterwards."""
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
     with (out_dir / "stdout").open("wb") as stdout, (out_dir / "stderr").open("wb") as stderr:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "migrator",
-            "run",
-            str(manifest),
-            "--no-progress",
-            *args,
-            stdout=stdout,
-            stderr=stderr,
-            env=child_env(api_key),
+        return await start_cli(
+            "run", str(manifest), "--no-progress", *args, key=api_key, stdout=stdout, stderr=stderr
         )
 
 
 async def finish(process: asyncio.subprocess.Process, out_dir: Path, limit: float = 30) -> Finished:
+    """How a `start_run` child ended, its output read back from out_dir."""
     try:
         code = await asyncio.wait_for(process.wait(), limit)
     except TimeoutError:
@@ -84,34 +74,13 @@ async def finish(process: asyncio.subprocess.Process, out_dir: Path, limit: floa
     )
 
 
-async def run_cli(
-    manifest: Path, api_key: str | None, *args: str, out_dir: Path, limit: float = 30
-) -> Finished:
-    process = await start_run(manifest, api_key, *args, out_dir=out_dir)
-    return await finish(process, out_dir, limit)
-
-
 def done_count(ledger: Path) -> int:
-    """Items done, read straight from the SQLite file, read-only."""
-    if not ledger.exists():
+    """Items done, while a run may still be creating the ledger: 0 until its file and
+    schema are there (ledger_states alone would raise)."""
+    try:
+        return list(ledger_states(ledger).values()).count("done")
+    except sqlite3.OperationalError:
         return 0
-    with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5) as conn:
-        try:
-            return int(
-                conn.execute("SELECT count(*) FROM items WHERE state = 'done'").fetchone()[0]
-            )
-        except sqlite3.OperationalError:
-            return 0  # the schema is not there yet
-
-
-def states(ledger: Path) -> dict[str, str]:
-    with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5) as conn:
-        return dict(conn.execute("SELECT file_name, state FROM items").fetchall())
-
-
-def assert_one_clean_line(text: str) -> None:
-    assert len(text.strip().splitlines()) == 1, text
-    assert "Traceback" not in text
 
 
 # -- kill -9 and resume -------------------------------------------------------------------
@@ -162,9 +131,9 @@ async def test_a_run_killed_with_sigkill_resumes_and_finishes_with_a_complete_ex
     assert 3 <= done_before < 60
 
     sent = await requests_settled(emulator)
-    second = await run_cli(manifest, api_key, "--concurrency", "2", out_dir=job / "run2")
+    second = await run(manifest, api_key, "--concurrency", "2")
     assert second.code == 0, second.stderr
-    assert second.counts() == (60 - done_before, done_before, 0)
+    assert counts(second) == (60 - done_before, done_before, 0)
     assert len(emulator.requests) - sent == 60 - done_before
 
     records = await export_jsonl(manifest, job / "export.jsonl")
@@ -174,9 +143,9 @@ async def test_a_run_killed_with_sigkill_resumes_and_finishes_with_a_complete_ex
         assert await fetch(record["download_url"]) == files[record["file_name"]]
 
     sent = len(emulator.requests)
-    third = await run_cli(manifest, api_key, out_dir=job / "run3")
+    third = await run(manifest, api_key)
     assert third.code == 0
-    assert third.counts() == (0, 60, 0)
+    assert counts(third) == (0, 60, 0)
     assert len(emulator.requests) == sent
 
 
@@ -192,11 +161,11 @@ async def test_a_wrong_key_exits_3_fails_no_item_and_is_printed_nowhere(
     manifest = write_manifest(job, emulator.base_url, [{"glob": "./*.txt"}])
     log_file = job / "run.log"
 
-    result = await run_cli(manifest, wrong_key, "--log-file", str(log_file), out_dir=job / "out")
+    result = await run(manifest, wrong_key, "--log-file", str(log_file))
 
     assert result.code == 3
     assert "rejected" in result.stderr.lower() or "401" in result.stderr
-    assert "failed" not in states(job / "ledger.sqlite").values()
+    assert "failed" not in ledger_states(job / "ledger.sqlite").values()
     log_text = log_file.read_text(encoding="utf-8")
     assert "401" in log_text  # the log file does record the attempt...
     for text in (result.stdout, result.stderr, log_text):
@@ -210,10 +179,10 @@ async def test_a_held_lock_exits_75_with_one_line_and_no_traceback(
     manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}])
 
     with RunLock(job / "ledger.sqlite"):
-        result = await run_cli(manifest, api_key, out_dir=job / "out")
+        result = await run(manifest, api_key)
 
     assert result.code == 75
-    assert_one_clean_line(result.stderr)
+    result.one_error_line()
     assert "lock" in result.stderr
     assert emulator.requests == []
 
@@ -222,10 +191,10 @@ async def test_a_bad_manifest_exits_2_with_one_line_and_no_traceback(job: Path) 
     manifest = job / "job.yaml"
     manifest.write_text("version: 1\nname: job\ntarget: {base_url: embedded}\n", encoding="utf-8")
 
-    result = await run_cli(manifest, "k" * 20, out_dir=job / "out")
+    result = await run(manifest, "k" * 20)
 
     assert result.code == 2
-    assert_one_clean_line(result.stderr)
+    result.one_error_line()
     assert "sources" in result.stderr
 
 
@@ -233,10 +202,10 @@ async def test_a_missing_api_key_exits_2_naming_the_variable(job: Path, emulator
     write_file(job / "a.txt", 10)
     manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}])
 
-    result = await run_cli(manifest, None, out_dir=job / "out")
+    result = await run(manifest, None)
 
     assert result.code == 2
-    assert_one_clean_line(result.stderr)
+    result.one_error_line()
     assert "KIE_API_KEY" in result.stderr
     assert emulator.requests == []
     assert not (job / "ledger.sqlite").exists()  # refused before anything was written
@@ -265,12 +234,12 @@ async def test_a_signal_mid_transfer_exits_128_plus_it_and_the_item_is_interrupt
 
     assert result.code == code
     assert "Traceback" not in result.stderr
-    assert states(job / "ledger.sqlite") == {"slow.bin": "interrupted"}
+    assert ledger_states(job / "ledger.sqlite") == {"slow.bin": "interrupted"}
 
     origin.slow.clear()
-    again = await run_cli(manifest, api_key, out_dir=job / "run2")
+    again = await run(manifest, api_key)
     assert again.code == 0, again.stderr
-    assert again.counts() == (1, 0, 0)
+    assert counts(again) == (1, 0, 0)
     [record] = await export_jsonl(manifest, job / "export.jsonl")
     assert await fetch(record["download_url"]) == data
 
@@ -287,53 +256,36 @@ async def test_ledger_is_private_and_the_key_is_in_no_file_the_run_writes(
     emulator.inject_faults(400, 1)  # one failure: an error message in the ledger and the log
     log_file = job / "run.log"
 
-    result = await run_cli(manifest, api_key, "--log-file", str(log_file), out_dir=job / "out")
+    result = await run(manifest, api_key, "--log-file", str(log_file))
     await export_jsonl(manifest, job / "export.jsonl")
 
     assert result.code == 1
     ledger = job / "ledger.sqlite"
     assert stat.S_IMODE(ledger.stat().st_mode) == 0o600
     assert b"upload.failed" in log_file.read_bytes()
-    written = [
-        ledger,
-        log_file,
-        job / "export.jsonl",
-        job / "out" / "stdout",
-        job / "out" / "stderr",
-    ]
+    written = [ledger, log_file, job / "export.jsonl"]
     written += await asyncio.to_thread(lambda: list(job.glob("ledger.sqlite-*")))
     for path in written:
         assert api_key.encode() not in path.read_bytes(), path
+    assert api_key not in result.stdout
+    assert api_key not in result.stderr
 
 
 # -- the quickstart -----------------------------------------------------------------------
 
 
-def test_quickstart_runs_and_a_second_run_uploads_nothing(tmp_path: Path) -> None:
+async def test_quickstart_runs_and_a_second_run_uploads_nothing(tmp_path: Path) -> None:
     folder = tmp_path / "sample_manifests"
     shutil.copytree(
         REPO_ROOT / "sample_manifests", folder, ignore=shutil.ignore_patterns("out", ".migrator")
     )
-    command = [
-        sys.executable,
-        "-m",
-        "migrator",
-        "run",
-        "quickstart.yaml",
-        "--ledger",
-        str(tmp_path / "q.sqlite"),
-    ]
+    args = ["run", "quickstart.yaml", "--ledger", str(tmp_path / "q.sqlite")]
 
-    def run() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            command, cwd=folder, env=child_env(None), capture_output=True, text=True, timeout=60
-        )
-
-    first = run()
-    assert first.returncode == 0, first.stderr
+    first = await run_cli(*args, cwd=folder, limit=60)
+    assert first.code == 0, first.stderr
     assert "0 failed" in first.stdout
-    second = run()
-    assert second.returncode == 0, second.stderr
+    second = await run_cli(*args, cwd=folder, limit=60)
+    assert second.code == 0, second.stderr
     assert "run: 0 uploaded" in second.stdout
 
 
@@ -342,7 +294,7 @@ async def test_a_changed_file_whose_new_upload_is_interrupted_is_uploaded_by_the
 ) -> None:
     write_file(job / "a.txt", 10)
     manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}], retries=2)
-    assert (await run_cli(manifest, api_key, out_dir=job / "run1")).code == 0
+    assert (await run(manifest, api_key)).code == 0
     changed = write_file(job / "a.txt", 20, seed=3)
     emulator.inject_faults(503, 1, retry_after=60)  # the new upload waits to retry...
 
@@ -351,9 +303,9 @@ async def test_a_changed_file_whose_new_upload_is_interrupted_is_uploaded_by_the
     process.send_signal(signal.SIGTERM)  # ...and is stopped while it waits
     assert (await finish(process, job / "run2")).code == 143
 
-    again = await run_cli(manifest, api_key, out_dir=job / "run3")
+    again = await run(manifest, api_key)
     assert again.code == 0
-    assert again.counts() == (1, 0, 0)
+    assert counts(again) == (1, 0, 0)
     [record] = await export_jsonl(manifest, job / "export.jsonl")
     assert await fetch(record["download_url"]) == changed
 
@@ -365,7 +317,7 @@ async def test_a_dry_run_sends_nothing_and_writes_nothing_beside_the_manifest(
     manifest = write_manifest(job, emulator.base_url, [{"path": "./a.txt"}])
     before = sorted(await asyncio.to_thread(os.listdir, job))
 
-    result = await run_cli(manifest, api_key, "--dry-run", out_dir=job.parent / "out")
+    result = await run(manifest, api_key, "--dry-run")
 
     assert result.code == 0
     assert "would upload: 1 new" in result.stdout

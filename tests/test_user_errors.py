@@ -17,13 +17,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,16 @@ import pytest
 import structlog
 import yaml
 from aiohttp import web
-from conftest import Origin, migrator_env
+from conftest import (
+    Finished,
+    Origin,
+    closed_port,
+    ledger_states,
+    migrator_env,
+    run_cli,
+    start_cli,
+    web_server,
+)
 
 from migrator.cli import main
 from migrator.emulator import Emulator
@@ -43,59 +50,6 @@ pytestmark = pytest.mark.timeout(60)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
 
 USAGE, AUTH, IO, LOCKED = 2, 3, 74, 75
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    code: int
-    stdout: str
-    stderr: str
-
-    def one_error_line(self) -> str:
-        """The single stderr line; fails on a traceback or multi-line noise."""
-        lines = self.error_lines()
-        assert len(lines) == 1, self.stderr
-        return lines[0]
-
-    def error_lines(self) -> list[str]:
-        """The stderr lines, each migrator's own; fails on a traceback."""
-        assert "Traceback" not in self.stderr + self.stdout, self.stderr
-        lines = self.stderr.strip().splitlines()
-        assert all(line.startswith("migrator") for line in lines), self.stderr
-        return lines
-
-
-async def migrator(
-    *args: str,
-    key: str | None = None,
-    cwd: Path | None = None,
-    stdout: int | None = asyncio.subprocess.PIPE,
-    limit: float = 30,
-) -> Finished:
-    """`python -m migrator ARGS` with KIE_API_KEY set to `key` (or unset)."""
-    env = migrator_env()
-    env.pop("KIE_API_KEY", None)
-    env.pop("MIGRATOR_LEDGER_DIR", None)
-    if key is not None:
-        env["KIE_API_KEY"] = key
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "migrator",
-        *args,
-        stdout=stdout,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=cwd,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), limit)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return Finished(process.returncode, (out or b"").decode(), err.decode())
 
 
 def write_job(
@@ -128,11 +82,6 @@ def write_job(
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def ledger_states(ledger: Path) -> dict[str, str]:
-    with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as conn:
-        return dict(conn.execute("SELECT file_name, state FROM items").fetchall())
 
 
 Cli = Callable[..., Finished]
@@ -194,26 +143,10 @@ async def until_fetched(origin: Origin, limit: float = 15) -> None:
         await asyncio.sleep(0.05)
 
 
-def closed_port() -> str:
-    """A loopback base URL where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@contextlib.asynccontextmanager
-async def web_server(handler: Any) -> AsyncIterator[str]:
-    """A plain aiohttp app on 127.0.0.1 answering every request with `handler`."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+def dead_base_url() -> str:
+    """A loopback base URL where nothing listens: conftest's closed_port, as the URL
+    that write_job and the error messages take."""
+    return f"http://127.0.0.1:{closed_port()}"
 
 
 @contextlib.contextmanager
@@ -451,7 +384,7 @@ def test_a_bad_api_key_file_exits_2_with_one_line(cli: Cli, tmp_path: Path, case
     key_file = tmp_path / "kie.key"
     make(key_file)
     # Nothing listens there: a key read as good would end in "connection refused".
-    manifest = write_job(tmp_path / "job", closed_port())
+    manifest = write_job(tmp_path / "job", dead_base_url())
     document = yaml.safe_load(manifest.read_text(encoding="utf-8"))
     document["target"]["api_key_file"] = str(key_file)
     manifest.write_text(yaml.safe_dump(document), encoding="utf-8")
@@ -467,7 +400,7 @@ def test_a_bad_api_key_file_exits_2_with_one_line(cli: Cli, tmp_path: Path, case
 def test_a_key_with_a_line_break_exits_2_without_showing_it(
     cli: Cli, job: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manifest = write_job(job.parent / "real", closed_port())
+    manifest = write_job(job.parent / "real", dead_base_url())
     monkeypatch.setenv("KIE_API_KEY", "good-key-1234\nX-Evil: 1")
 
     result = cli("run", str(manifest), "--no-progress")
@@ -478,7 +411,7 @@ def test_a_key_with_a_line_break_exits_2_without_showing_it(
 
 
 def test_no_api_key_at_all_exits_2_naming_the_variable(cli: Cli, job: Path) -> None:
-    manifest = write_job(job.parent / "real", closed_port())
+    manifest = write_job(job.parent / "real", dead_base_url())
 
     result = cli("run", str(manifest), "--no-progress")
 
@@ -489,7 +422,7 @@ def test_no_api_key_at_all_exits_2_naming_the_variable(cli: Cli, job: Path) -> N
 async def test_a_wrong_key_exits_3_with_one_line(job: Path, emulator: Emulator) -> None:
     manifest = write_job(job.parent / "real", emulator.base_url)
 
-    result = await migrator("run", str(manifest), "--no-progress", key="wrong-key-1234")
+    result = await run_cli("run", str(manifest), "--no-progress", key="wrong-key-1234")
 
     assert result.code == AUTH
     assert "rejected the API key" in result.one_error_line()
@@ -502,10 +435,10 @@ async def test_a_wrong_key_exits_3_with_one_line(job: Path, emulator: Emulator) 
 async def test_a_base_url_that_refuses_connections_exits_2_and_fails_no_item(
     tmp_path: Path,
 ) -> None:
-    base_url = closed_port()
+    base_url = dead_base_url()
     manifest = write_job(tmp_path / "job", base_url)
 
-    result = await migrator("run", str(manifest), "--no-progress", key="some-key-1234")
+    result = await run_cli("run", str(manifest), "--no-progress", key="some-key-1234")
 
     assert result.code == USAGE
     line = result.one_error_line()
@@ -519,7 +452,7 @@ async def test_a_base_url_with_a_path_answering_404_exits_2_naming_it(tmp_path: 
 
     async with web_server(not_found) as server:
         manifest = write_job(tmp_path / "job", f"{server}/api")
-        result = await migrator("run", str(manifest), "--no-progress", key="some-key-1234")
+        result = await run_cli("run", str(manifest), "--no-progress", key="some-key-1234")
 
     assert result.code == USAGE
     assert f"(base URL {server}/api)" in result.one_error_line()
@@ -531,7 +464,7 @@ async def test_a_web_site_that_is_not_the_api_exits_2_and_fails_no_item(tmp_path
 
     async with web_server(homepage) as server:
         manifest = write_job(tmp_path / "job", server)
-        result = await migrator("run", str(manifest), "--no-progress", key="some-key-1234")
+        result = await run_cli("run", str(manifest), "--no-progress", key="some-key-1234")
 
     assert result.code == USAGE
     assert "not a JSON object" in result.one_error_line()
@@ -543,11 +476,11 @@ async def test_refresh_against_a_service_gone_away_exits_2_and_keeps_every_link(
 ) -> None:
     async with Emulator(tmp_path / "emu", api_key) as emu:
         manifest = write_job(tmp_path / "job", emu.base_url)
-        assert (await migrator("run", str(manifest), "--no-progress", key=api_key)).code == 0
+        assert (await run_cli("run", str(manifest), "--no-progress", key=api_key)).code == 0
     ledger = manifest.parent / "ledger.sqlite"
     before = ledger_states(ledger)
 
-    result = await migrator("refresh", str(manifest), "--within", "100d", key=api_key)
+    result = await run_cli("refresh", str(manifest), "--within", "100d", key=api_key)
 
     assert result.code == USAGE
     assert "connection refused" in result.one_error_line()
@@ -616,15 +549,12 @@ async def test_a_run_killed_with_sigkill_shows_as_not_finished_in_status(
         files=0,
         sources=[{"url": origin.url("slow.bin"), "method": "stream"}],
     )
-    env = migrator_env()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "migrator", "run", str(manifest), "--no-progress", env=env
-    )
+    process = await start_cli("run", str(manifest), "--no-progress")
     await until_fetched(origin)
     process.kill()
     await process.wait()
 
-    result = await migrator("status", str(manifest))
+    result = await run_cli("status", str(manifest))
 
     assert result.code == 0, result.stderr
     assert "run did not finish" in result.stdout
@@ -636,13 +566,11 @@ async def test_two_runs_at_once_the_second_exits_75(tmp_path: Path, origin: Orig
     manifest = write_job(
         tmp_path / "job", files=0, sources=[{"url": origin.url("slow.bin"), "method": "stream"}]
     )
-    first = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "migrator", "run", str(manifest), "--no-progress", env=migrator_env()
-    )
+    first = await start_cli("run", str(manifest), "--no-progress")
     try:
         await until_fetched(origin)
 
-        second = await migrator("run", str(manifest), "--no-progress")
+        second = await run_cli("run", str(manifest), "--no-progress")
 
         assert second.code == LOCKED
         assert "holds the lock" in second.one_error_line()
@@ -691,17 +619,7 @@ async def test_a_second_signal_stops_a_stalled_command_with_128_plus_it(
     manifest = write_job(tmp_path / "job", files=0, sources=[{"url": origin.url("x.bin")}])
     await _stalling_ledger(manifest, origin, expires_in=600)  # inside refresh_within
     extra = ["--dest", str(tmp_path / "dest")] if command == "download" else []
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "migrator",
-        command,
-        str(manifest),
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=migrator_env(),
-    )
+    process = await start_cli(command, str(manifest), *extra)
     await until_fetched(origin)
     process.send_signal(signum)
     await asyncio.sleep(0.3)
@@ -727,7 +645,7 @@ async def test_a_reader_that_went_away_is_no_error(done_job: Path, args: list[st
     read_end, write_end = os.pipe()
     os.close(read_end)  # every write now fails with EPIPE, as after `| head -1`
     try:
-        result = await migrator(args[0], str(done_job), *args[1:], stdout=write_end)
+        result = await run_cli(args[0], str(done_job), *args[1:], stdout=write_end)
     finally:
         os.close(write_end)
 
@@ -738,7 +656,7 @@ async def test_a_reader_that_went_away_is_no_error(done_job: Path, args: list[st
 async def test_stdout_on_a_full_device_exits_74_with_one_line(done_job: Path) -> None:
     full = os.open("/dev/full", os.O_WRONLY)
     try:
-        result = await migrator("export", str(done_job), stdout=full)
+        result = await run_cli("export", str(done_job), stdout=full)
     finally:
         os.close(full)
 
@@ -759,20 +677,20 @@ async def test_a_ledger_on_a_full_disk_exits_74_keeps_its_items_and_resumes_with
         # The log elsewhere: this test is about the ledger filling the disk.
         args = ("--ledger", str(tiny / "job.sqlite"), "--log-file", str(tmp_path / "run.log"))
 
-        full = await migrator("run", str(manifest), "--no-progress", *args, key=api_key)
+        full = await run_cli("run", str(manifest), "--no-progress", *args, key=api_key)
 
         assert full.code == IO
         assert "full" in full.one_error_line()
-        status = await migrator("status", str(manifest), "--format", "json", *args[:2])
+        status = await run_cli("status", str(manifest), "--format", "json", *args[:2])
         assert status.code == 0, status.stderr
         done = yaml.safe_load(status.stdout)["by_state"]["done"]["items"]
         assert 0 < done < 600
-        export = await migrator("export", str(manifest), *args[:2])
+        export = await run_cli("export", str(manifest), *args[:2])
         assert export.code == 0
         assert export.stdout.count('"status": "done"') == done
 
         filler.unlink()
-        again = await migrator("run", str(manifest), "--no-progress", *args, key=api_key)
+        again = await run_cli("run", str(manifest), "--no-progress", *args, key=api_key)
 
         assert again.code == 0, again.stderr
         assert f"{600 - done} uploaded, {done} skipped" in again.stdout
@@ -786,7 +704,7 @@ async def test_download_onto_a_full_disk_exits_74_and_resumes_with_space(
     with tmpfs(tmp_path / "tiny", "4M") as tiny:
         filler = fill(tiny, leave=64 * 1024)
 
-        full = await migrator("download", str(done_job), "--dest", str(tiny / "dl"))
+        full = await run_cli("download", str(done_job), "--dest", str(tiny / "dl"))
 
         assert full.code == IO
         assert "the disk is full" in full.one_error_line()
@@ -794,7 +712,7 @@ async def test_download_onto_a_full_disk_exits_74_and_resumes_with_space(
         assert set(ledger_states(ledger).values()) == {"done"}
 
         filler.unlink()
-        again = await migrator("download", str(done_job), "--dest", str(tiny / "dl"))
+        again = await run_cli("download", str(done_job), "--dest", str(tiny / "dl"))
 
         assert again.code == 0, again.stderr
         assert len(list((tiny / "dl").iterdir())) == 300
@@ -814,7 +732,7 @@ async def test_a_read_only_disk_exits_74_with_one_line(
         else:
             args = ["export", str(done_job), "--output", str(ro / "map.csv")]
 
-        result = await migrator(*args)
+        result = await run_cli(*args)
 
     assert result.code == IO
     assert "Read-only file system" in result.one_error_line()
