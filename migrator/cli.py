@@ -43,7 +43,14 @@ from migrator.refresh import RefreshOptions, refresh
 from migrator.report import build_status, export_to
 from migrator.runner import RunOptions, preview, run_manifest
 from migrator.units import parse_bandwidth, parse_duration, parse_rate
-from migrator.views import PlanJsonPrinter, PlanTablePrinter, PlanTotals, print_status
+from migrator.verify import Sample, VerifyOptions, verify
+from migrator.views import (
+    PlanJsonPrinter,
+    PlanTablePrinter,
+    PlanTotals,
+    print_status,
+    summary_dict,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 T = TypeVar("T")
@@ -70,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_command(commands)
     _add_refresh_command(commands)
     _add_download_command(commands)
+    _add_verify_command(commands)
     _add_emulator_command(commands)
     return parser
 
@@ -300,13 +308,20 @@ def _execute(
     args: argparse.Namespace,
     noun: str,
     command: Callable[[Observer], Coroutine[Any, Any, CommandSummary]],
+    *,
+    as_json: bool = False,
 ) -> int:
     """Run one command with the display that suits where it runs, print its summary."""
     interval = _converted("--stats", parse_duration, args.stats)
     if not interval or interval <= 0:
         raise UsageError("--stats: must be a duration above 0, such as 10s or 1m")
     summary = asyncio.run(_with_display(command, noun, interval, quiet=args.no_progress))
-    print(summary.line())
+    if as_json:
+        _print_json(summary_dict(summary))
+    else:
+        print(summary.line())
+        for note in summary.notes:
+            print(note)
     if summary.message:
         print(f"migrator: {summary.message}", file=sys.stderr)
     return int(summary.exit_code)
@@ -464,6 +479,33 @@ def _cmd_download(args: argparse.Namespace) -> int:
     manifest = _load_for_ledger_work(args)
     _setup_logging(args, manifest, default_file=not args.dry_run)
     return _execute(args, "downloads", lambda shown: download(manifest, args.dest, options, shown))
+
+
+def _add_verify_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser(
+        "verify", help="ask every recorded link whether it still serves its bytes; upload nothing"
+    )
+    _add_manifest_args(sub)
+    sub.add_argument("--within", default=None, help="only links that expire within this")
+    sub.add_argument(
+        "--sample", default=None, help="probe a random sample: a count (500) or a share (5%%)"
+    )
+    sub.add_argument("--format", choices=("table", "json"), default="table")
+    _add_command_args(sub)
+    sub.set_defaults(handler=_cmd_verify)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    sample = _converted("--sample", Sample.parse, args.sample)
+    options = VerifyOptions(within=_within(args), sample=sample, **_command_options(args))
+    manifest = _load_for_ledger_work(args)
+    _setup_logging(args, manifest, default_file=not args.dry_run)
+    return _execute(
+        args,
+        "probes",
+        lambda shown: verify(manifest, options, shown),
+        as_json=args.format == "json",
+    )
 
 
 def _within(args: argparse.Namespace) -> float | None:

@@ -385,6 +385,7 @@ class UploadClient:
         read_timeout: float = 120.0,
         url_read_timeout: float = 180.0,
         clock: Callable[[], float] = time.time,
+        on_answer: Callable[[Mapping[str, str]], None] | None = None,
     ) -> None:
         self._session = session
         self._base_url = base_url.rstrip("/")
@@ -395,6 +396,7 @@ class UploadClient:
         # times out after 30 s), so URL uploads get a longer wait.
         self._url_read_timeout = max(url_read_timeout, read_timeout)
         self._clock = clock
+        self._on_answer = on_answer  # sees every answer's headers (the service's Date)
 
     @property
     def base_url(self) -> str:
@@ -532,6 +534,8 @@ class UploadClient:
                     ) as response:
                         answer = await _read_answer(response)
                         status, answer_headers = response.status, response.headers
+                        if self._on_answer is not None:
+                            self._on_answer(answer_headers)
             except (TimeoutError, aiohttp.ClientError) as err:
                 if trouble is not None and trouble.error is not None:
                     raise _source_error(trouble.error) from None

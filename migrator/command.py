@@ -30,16 +30,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
+from migrator.clock import OFFSET_FACT, SKEW_WARNING, ServiceClock
 from migrator.connect import connect, read_api_key
 from migrator.errors import ExitCode, StopReason, exit_code_of, stop_message, stop_reason_for
 from migrator.ledger import Ledger, locked
 from migrator.logs import get_logger
 from migrator.model import Manifest, Settings
-from migrator.pacer import Pacer
+from migrator.pacer import Pacer, plain_sleep
 from migrator.pool import WorkPool, stop_on_signals
 from migrator.report import CommandResult, publish_outputs
 from migrator.retry import RetryPolicy
-from migrator.transfer import AttemptReport, Attempts, Connection
+from migrator.transfer import AttemptReport, Attempts, Connection, read_service_clock
 from migrator.units import format_duration, format_size
 
 T = TypeVar("T")
@@ -115,6 +116,18 @@ class Observer:
 
 
 @dataclass(frozen=True, slots=True)
+class Problem:
+    """One item with a bad outcome, for the operator's report."""
+
+    label: str
+    outcome: Outcome
+    error: str | None
+
+
+PROBLEMS_KEPT = 50
+
+
+@dataclass(frozen=True, slots=True)
 class Totals:
     items: int
     local_bytes: int = 0
@@ -134,6 +147,8 @@ class CommandSummary:
     message: str | None = None  # why it stopped early, one line
     dry_run: bool = False
     would: Mapping[str, int] = field(default_factory=dict)  # dry run: decision -> items
+    notes: tuple[str, ...] = ()  # what the command learnt that the operator should read
+    problems: tuple[Problem, ...] = ()  # the first items with a bad outcome
 
     @property
     def exit_code(self) -> ExitCode:
@@ -224,6 +239,8 @@ class CommandSession:
         self.anything_worked = False  # a request to the service succeeded
         self.stop_reason: StopReason | None = None
         self.message: str | None = None
+        self.notes: tuple[str, ...] = ()
+        self.problems: list[Problem] = []
         self.pool: WorkPool[Any] | None = None
 
     # -- what operations call -----------------------------------------------------------------
@@ -250,6 +267,8 @@ class CommandSession:
     def finish(self, label: str, outcome: Outcome, error: str | None = None) -> None:
         """Count the item's outcome and tell the observer."""
         self.counts[outcome] += 1
+        if outcome.is_bad and len(self.problems) < PROBLEMS_KEPT:
+            self.problems.append(Problem(label, outcome, error))
         self.observer.on_item_done(label, outcome, error)
 
     def is_fatal(self, error: BaseException) -> bool:
@@ -271,6 +290,11 @@ class CommandSession:
     def workers(self) -> int:
         return self.options.workers(self.manifest.settings)
 
+    @property
+    def clock(self) -> ServiceClock:
+        """The service's clock: judge expiry by `clock.now()`, never by ours."""
+        return self.conn.clock
+
     # -- what the core does -------------------------------------------------------------------
 
     async def drive(self, operation: Operation[T]) -> None:
@@ -281,6 +305,7 @@ class CommandSession:
             except _Stopped as stopped:
                 self.stop_reason = self.stop_reason or stopped.reason
                 self.message = self.message or str(stopped)
+        self.notes = tuple(await operation.conclude(self))
 
     def summary(self, planned: int, duration: float) -> CommandSummary:
         return CommandSummary(
@@ -292,6 +317,8 @@ class CommandSession:
             run_id=self.run_id,
             stop_reason=self.stop_reason,
             message=self.message,
+            notes=self.notes,
+            problems=tuple(self.problems),
         )
 
     @property
@@ -324,13 +351,14 @@ class Operation(Protocol[T]):
 
     name: str  # run, refresh, download, verify: names the run row, events and summary
     uses_api: bool  # needs the API key (it uploads); False: it only reads links
+    needs_clock: bool  # judges expiry: read the service's clock before starting
 
     async def prepare(self) -> None:
         """Every check that can fail before anything is written (ManifestError,
         UsageError, ...)."""
         ...
 
-    async def totals(self, ledger: Ledger) -> Totals:
+    async def totals(self, ledger: Ledger, clock: ServiceClock) -> Totals:
         """How many items the command will look at (for progress and "not started")."""
         ...
 
@@ -342,8 +370,12 @@ class Operation(Protocol[T]):
         """Do the work of one item: record it in the ledger and `session.finish` it."""
         ...
 
-    def preview(self) -> AsyncGenerator[tuple[str, str | None], None]:
+    def preview(self, clock: ServiceClock) -> AsyncGenerator[tuple[str, str | None], None]:
         """--dry-run: (label, what would be done) per item, None for nothing; read-only."""
+        ...
+
+    async def conclude(self, session: CommandSession) -> list[str]:
+        """After the last item: remember what was learnt; notes for the operator."""
         ...
 
 
@@ -377,17 +409,24 @@ async def _with_ledger(
     api_key: str | None,
 ) -> CommandSummary:
     name = operation.name
-    totals = await operation.totals(ledger)
-    observer.on_totals(totals.items, totals.local_bytes)
     run_id = await ledger.start_run(name, str(manifest.path))
     workers = options.workers(manifest.settings)
     log.info(f"{name}.start", job=manifest.name, run_id=run_id, concurrency=workers)
     started, started_wall = time.monotonic(), time.time()
+    clock = await stored_clock(ledger)
+    known_offset = clock.offset
     session: CommandSession | None = None
+    totals = Totals(0)
     error: BaseException | None = None
     try:
         pacer = options.pacer(manifest.settings)
-        async with connect(manifest, concurrency=workers, api_key=api_key, pacer=pacer) as conn:
+        async with connect(
+            manifest, concurrency=workers, api_key=api_key, pacer=pacer, clock=clock
+        ) as conn:
+            if operation.needs_clock:
+                await read_service_clock(conn, plain_sleep)
+            totals = await operation.totals(ledger, clock)
+            observer.on_totals(totals.items, totals.local_bytes)
             session = CommandSession(name, manifest, options, ledger, run_id, conn, observer)
             await session.drive(operation)
     except BaseException as err:
@@ -399,12 +438,34 @@ async def _with_ledger(
             summary = session.summary(totals.items, duration)
         else:
             summary = CommandSummary(name, {}, totals.items, duration, run_id=run_id)
+        await _remember_clock(ledger, clock, known_offset)
         await ledger.finish_run(run_id, _run_status(summary, error), summary.as_dict())
         log.info(f"{name}.summary", job=manifest.name, run_id=run_id, **summary.as_dict())
         code = summary.exit_code if error is None else exit_code_of(error)
         result = CommandResult(name, started_wall, int(code))
         await publish_outputs(manifest, ledger, result, metrics_file=options.metrics_file)
     return summary
+
+
+async def stored_clock(ledger: Ledger) -> ServiceClock:
+    """The service's clock as the ledger last knew it (its offset from ours)."""
+    offset = await ledger.fact(OFFSET_FACT)
+    return ServiceClock(float(offset) if isinstance(offset, int | float) else None)
+
+
+async def _remember_clock(ledger: Ledger, clock: ServiceClock, known: float | None) -> None:
+    """Keep the offset this command measured; warn when a skew shows up or moves (a
+    skew that stays put was said once: cron mail need not repeat it every night)."""
+    if not clock.measured or clock.offset is None:
+        return
+    await ledger.set_fact(OFFSET_FACT, round(clock.offset, 3))
+    moved = known is None or abs(clock.offset - known) > SKEW_WARNING
+    event = log.warning if clock.skewed and moved else log.info
+    event(
+        "service.clock",
+        offset=round(clock.offset, 1),
+        note="expiry is judged on the service's clock",
+    )
 
 
 def _run_status(summary: CommandSummary, error: BaseException | None) -> str:
@@ -421,12 +482,13 @@ async def _dry_run(
     """Decide as the command would, without a lock, a write or a request to the service."""
     started = time.monotonic()
     async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
-        totals = await operation.totals(ledger)
+        clock = await stored_clock(ledger)
+        totals = await operation.totals(ledger, clock)
     observer.on_totals(totals.items, totals.local_bytes)
     counts: Counter[Outcome] = Counter()
     would: Counter[str] = Counter()
     planned = 0
-    async with contextlib.aclosing(operation.preview()) as decisions:
+    async with contextlib.aclosing(operation.preview(clock)) as decisions:
         async for label, decision in decisions:
             planned += 1
             if decision is None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from migrator.client import UploadClient
+from migrator.clock import ServiceClock
 from migrator.errors import ConfigError
 from migrator.logs import register_secret
 from migrator.model import Manifest, Target
@@ -114,6 +115,7 @@ async def connect(
     concurrency: int,
     api_key: str | None,
     pacer: Pacer | None = None,
+    clock: ServiceClock | None = None,
 ) -> AsyncIterator[Connection]:
     """Open the sessions (and the embedded emulator when asked) for one command.
 
@@ -128,15 +130,18 @@ async def connect(
         else:
             base_url = manifest.target.base_url.rstrip("/")
         origins = await stack.enter_async_context(open_origins(manifest, concurrency=concurrency))
+        service_clock = clock or ServiceClock()
         if api_key is not None:
             api = await stack.enter_async_context(_api_session(concurrency))
-            client = UploadClient(api, base_url, api_key)
+            client = UploadClient(api, base_url, api_key, on_answer=service_clock.observe)
         yield Connection(
             target_id=manifest.target.base_url,
+            base_url=base_url,
             client=client,
             origins=origins.session,
             url_vars=origins.url_vars,
             pacer=pacer or Pacer(),
+            clock=service_clock,
         )
 
 

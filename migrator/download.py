@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import aiohttp
 
 from migrator.client import OnChunk
+from migrator.clock import ServiceClock
 from migrator.command import (
     CommandOptions,
     CommandSession,
@@ -38,6 +39,7 @@ from migrator.errors import (
     DestinationDiskError,
     DestinationError,
     Interrupted,
+    LinkGoneError,
     MigratorError,
     PermanentError,
     RetryableError,
@@ -47,7 +49,7 @@ from migrator.errors import (
 from migrator.ledger import Ledger
 from migrator.logs import get_logger
 from migrator.model import ItemState, ItemUpdate, LedgerItem, Manifest, SourceKind
-from migrator.transfer import Meter, Step, body_chunks, check_fetch_status, describe, sha256_of
+from migrator.transfer import Meter, Step, body_chunks, check_link_status, describe, sha256_of
 
 log = get_logger("migrator.download")
 CHUNK = 1024 * 1024
@@ -98,23 +100,23 @@ def temp_path_for(path: Path, item_id: int) -> Path:
 class DownloadOperation:
     name = "download"
     uses_api = False
+    needs_clock = True
 
     def __init__(self, manifest: Manifest, dest: Path, options: DownloadOptions) -> None:
         self.manifest = manifest
         self.options = options
         self.root = dest if dest.is_absolute() else Path.cwd() / dest
-        within = options.within
-        self.deadline = None if within is None else time.time() + within
 
     async def prepare(self) -> None:
         _check_dest(self.root)
 
-    async def totals(self, ledger: Ledger) -> Totals:
-        count, size = await ledger.count_items(self.manifest.target.base_url, **self._filter())
+    async def totals(self, ledger: Ledger, clock: ServiceClock) -> Totals:
+        target = self.manifest.target.base_url
+        count, size = await ledger.count_items(target, **self._filter(clock))
         return Totals(count, size)
 
     def items(self, session: CommandSession) -> AsyncIterator[LedgerItem]:
-        return self._rows(session.ledger)
+        return self._rows(session.ledger, session.clock)
 
     async def handle(self, session: CommandSession, row: LedgerItem) -> None:
         path = destination_for(self.root, row.upload_path, row.file_name)
@@ -131,27 +133,33 @@ class DownloadOperation:
         session.observer.on_item_start(row.source)
         await self._fetch(session, row, path)
 
-    async def preview(self) -> AsyncGenerator[tuple[str, str | None], None]:
+    async def conclude(self, session: CommandSession) -> list[str]:
+        return []
+
+    async def preview(self, clock: ServiceClock) -> AsyncGenerator[tuple[str, str | None], None]:
         async with (
             await Ledger.open(self.manifest.ledger, readonly=True) as ledger,
-            contextlib.aclosing(self._rows(ledger)) as rows,
+            contextlib.aclosing(self._rows(ledger, clock)) as rows,
         ):
             async for row in rows:
                 path = destination_for(self.root, row.upload_path, row.file_name)
                 there = path is not None and await asyncio.to_thread(_already_there, path, row)
                 yield row.source, None if there else "download"
 
-    async def _rows(self, ledger: Ledger) -> AsyncGenerator[LedgerItem, None]:
-        async for row in ledger.iter_items(self.manifest.target.base_url, **self._filter()):
+    async def _rows(self, ledger: Ledger, clock: ServiceClock) -> AsyncGenerator[LedgerItem, None]:
+        target = self.manifest.target.base_url
+        async for row in ledger.iter_items(target, **self._filter(clock)):
             yield row
 
-    def _filter(self) -> dict[str, Any]:
-        """Done items still alive (an expired one is deleted by the service), expiring
-        within the window, of URL sources only when asked."""
+    def _filter(self, clock: ServiceClock) -> dict[str, Any]:
+        """Done items the service has not deleted yet (on its clock), expiring within
+        the window, of URL sources only when asked."""
+        now = clock.now()
+        within = self.options.within
         return {
             "states": [ItemState.DONE],
-            "expiring_before": self.deadline,
-            "alive_at": time.time(),
+            "expiring_before": None if within is None else now + within,
+            "alive_at": now,
             "kind": SourceKind.URL if self.options.only_remote else None,
         }
 
@@ -164,6 +172,11 @@ class DownloadOperation:
             digest = await attempts.one(step)
         except Interrupted:
             session.finish(row.source, Outcome.INTERRUPTED)
+        except LinkGoneError as err:
+            update = ItemUpdate.link_dead(row, ItemState.DEAD, str(err), time.time())
+            session.ledger.put_item(update)
+            log.warning("link.dead", item=row.source, url=row.download_url, found_by="download")
+            session.finish(row.source, Outcome.DEAD, str(err))
         except (UploadError, DestinationError) as err:
             if session.is_fatal(err):
                 session.stop_for(err)
@@ -187,7 +200,8 @@ async def fetch_to(session: CommandSession, row: LedgerItem, path: Path, meter: 
         raise PermanentError("no download link recorded")
     try:
         async with session.conn.origins.get(url) as response:
-            check_fetch_status(f"download of {url}", response.status, response.headers)
+            session.clock.observe(response.headers)
+            check_link_status(f"download of {url}", response.status, response.headers)
             return await save_download(response, path, row, meter, meter.chunk_size(CHUNK))
     except (aiohttp.ClientError, TimeoutError) as err:
         raise RetryableError(f"download of {url} failed: {describe(err)}") from None

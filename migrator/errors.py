@@ -14,6 +14,8 @@
         ├── RetryableError        connection error, timeout, 408, 429, 5xx, error code in a 200
         │   └── NoServiceError    nothing at the base URL answers like the API
         ├── PermanentError        400 and other 4xx: this item fails for good
+        │   ├── LinkGoneError     one of our links answers 404/410: the file is gone
+        │   └── SourceGoneError   the source no longer has the bytes (deleted, changed)
         └── RunStoppingError      no item can succeed: the whole run stops
             ├── AuthRejectedError 401/403: the key is wrong (exit 3)
             └── EndpointError     404/405 on an API endpoint: the base URL is wrong (exit 2)
@@ -156,6 +158,15 @@ class NoServiceError(RetryableError):
 
 class PermanentError(UploadError):
     exit_code = ExitCode.ITEMS_FAILED
+
+
+class LinkGoneError(PermanentError):
+    """A link of ours answered 404 or 410: the service no longer has the file."""
+
+
+class SourceGoneError(PermanentError):
+    """The source no longer has the bytes that were planned or uploaded: the local file
+    is gone, the origin answers 404/410, or it now serves another size."""
 
 
 class RunStoppingError(UploadError):

@@ -124,6 +124,19 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX attempts_item ON attempts (item_id)",
         ),
     ),
+    Migration(
+        version=2,
+        description="link checks, and facts about the service (its clock)",
+        statements=(
+            "ALTER TABLE items ADD COLUMN checked_at REAL",
+            "ALTER TABLE items ADD COLUMN dead_at REAL",
+            """CREATE TABLE facts (
+                name TEXT PRIMARY KEY,
+                value TEXT NOT NULL,
+                updated_at REAL NOT NULL
+            )""",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -136,7 +149,7 @@ _CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
 _ITEM_COLUMNS = (
     "id, target, upload_path, file_name, source, kind, size, mtime_ns, etag, last_modified, "
     "sha256, method, state, download_url, file_id, uploaded_at, expires_at, attempts, "
-    "last_error, downloaded_path, downloaded_at, updated_at"
+    "last_error, downloaded_path, downloaded_at, updated_at, checked_at, dead_at"
 )
 _QUALIFIED_ITEM_COLUMNS = ", ".join(f"items.{c.strip()}" for c in _ITEM_COLUMNS.split(","))
 
@@ -265,6 +278,8 @@ def _row_to_item(row: Sequence[Any]) -> LedgerItem:
         downloaded_path=row[19],
         downloaded_at=row[20],
         updated_at=row[21],
+        checked_at=row[22],
+        dead_at=row[23],
     )
 
 
@@ -711,7 +726,30 @@ class Ledger:
             with _as_ledger_error(self.path):
                 await self._conn.execute(sql, params)
 
+    async def set_fact(self, name: str, value: object) -> None:
+        """Remember one fact about the job or the service (JSON), written at once."""
+        self._check_writable()
+        await self.flush()
+        sql = (
+            "INSERT INTO facts (name, value, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+            "updated_at = excluded.updated_at"
+        )
+        async with self._db_lock:
+            with _as_ledger_error(self.path):
+                await self._conn.execute(sql, (name, json.dumps(value), time.time()))
+
     # -- reading ----------------------------------------------------------------------------
+
+    async def fact(self, name: str) -> object:
+        """A fact `set_fact` remembered, or None."""
+        rows = await self._fetch("SELECT value FROM facts WHERE name = ?", [name])
+        if not rows:
+            return None
+        try:
+            return json.loads(rows[0][0])
+        except ValueError:
+            return None
 
     async def lookup(
         self, target: str, keys: Sequence[tuple[str, str]]

@@ -7,7 +7,7 @@ program; they become ISO-8601 only at the edges (exports, logs, the CLI).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,13 @@ class ItemState(StrEnum):
     DONE = "done"  # uploaded; download_url and expires_at are set
     FAILED = "failed"  # a permanent error, or retries exhausted
     INTERRUPTED = "interrupted"  # in flight when the run was stopped
-    LOST = "lost"  # expired on the service with no source left to upload again
+    DEAD = "dead"  # its link answered 404/410: the service no longer has the file
+    MISMATCH = "mismatch"  # its link serves another size than was uploaded
+    LOST = "lost"  # gone from the service with no source left to upload again
+
+
+LINKED_STATES = frozenset({ItemState.DONE, ItemState.DEAD, ItemState.MISMATCH})
+"""States whose row records a link (which may or may not still work)."""
 
 
 # -- the manifest ---------------------------------------------------------------------------
@@ -211,10 +217,17 @@ class LedgerItem:
     downloaded_path: str | None = None
     downloaded_at: float | None = None
     updated_at: float | None = None
+    checked_at: float | None = None  # when a check last found its link serving its bytes
+    dead_at: float | None = None  # when its link was found dead (or serving other bytes)
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.upload_path, self.file_name)
+
+    @property
+    def has_link(self) -> bool:
+        """The row records a link that may be checked (alive, or found dead)."""
+        return bool(self.download_url) and self.state in LINKED_STATES
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +299,8 @@ class ItemUpdate:
     last_error: str | Keep | None = KEEP
     downloaded_path: str | Keep | None = KEEP
     downloaded_at: float | Keep | None = KEEP
+    checked_at: float | Keep | None = KEEP
+    dead_at: float | Keep | None = KEEP
     attempts_added: int = 0
 
     @classmethod
@@ -329,13 +344,27 @@ class ItemUpdate:
             expires_at=upload.expires_at,
             last_error=None,
             attempts_added=attempts,
+            checked_at=None,
+            dead_at=None,
             **stale_download,
         )
 
     @classmethod
-    def refreshed(cls, row: LedgerItem, upload: Uploaded, *, attempts: int) -> ItemUpdate:
+    def refreshed(
+        cls, row: LedgerItem, upload: Uploaded, *, attempts: int, same_bytes: bool = True
+    ) -> ItemUpdate:
         """The same bytes were uploaded again to the same name: a new link and expiry;
-        the source, its hash (when this copy did not prove one) and the download stay."""
+        the source, its hash (when this copy did not prove one) and the download stay.
+        `same_bytes` False: other bytes went (a source changed unseen); the row says
+        which, and a download of the old ones is no longer a copy."""
+        if not same_bytes:
+            return replace(
+                cls.refreshed(row, upload, attempts=attempts),
+                size=upload.size,
+                sha256=upload.sha256,
+                downloaded_path=None,
+                downloaded_at=None,
+            )
         return cls(
             row.target,
             row.upload_path,
@@ -349,6 +378,8 @@ class ItemUpdate:
             expires_at=upload.expires_at,
             last_error=None,
             attempts_added=attempts,
+            checked_at=None,
+            dead_at=None,
         )
 
     @classmethod
@@ -379,6 +410,35 @@ class ItemUpdate:
             last_error=error,
             attempts_added=attempts,
             **_described_source(item),
+        )
+
+    @classmethod
+    def link_alive(cls, row: LedgerItem, at: float) -> ItemUpdate:
+        """A check found the row's link serving its bytes (a dead one came back)."""
+        return cls(
+            row.target,
+            row.upload_path,
+            row.file_name,
+            ItemState.DONE,
+            checked_at=at,
+            dead_at=None,
+            last_error=None if row.state is not ItemState.DONE else KEEP,
+        )
+
+    @classmethod
+    def link_dead(
+        cls, row: LedgerItem, state: ItemState, reason: str, at: float, *, attempts: int = 0
+    ) -> ItemUpdate:
+        """Evidence that the row's link no longer serves its bytes (DEAD or MISMATCH):
+        the link is kept, for the record; the state says it does not work."""
+        return cls(
+            row.target,
+            row.upload_path,
+            row.file_name,
+            state,
+            last_error=reason,
+            dead_at=row.dead_at if row.dead_at is not None else at,
+            attempts_added=attempts,
         )
 
     @classmethod
@@ -424,5 +484,7 @@ ITEM_UPDATE_FIELDS: tuple[str, ...] = (
     "last_error",
     "downloaded_path",
     "downloaded_at",
+    "checked_at",
+    "dead_at",
 )
 """The fields of an ItemUpdate that may be kept, cleared or set."""

@@ -46,6 +46,7 @@ from migrator.naming import (
     name_from_url,
     substitute_url,
 )
+from migrator.transfer import plain_length, range_total
 
 __all__ = [
     "PlanCheck",
@@ -523,7 +524,6 @@ def _plan_item(manifest: Manifest, entry: _Entry, info: RemoteInfo) -> PlanItem:
 
 # -- probing origins ------------------------------------------------------------------------
 
-_CONTENT_RANGE_RE = re.compile(r"bytes\s+(?:\d+-\d+|\*)/(\d+)\s*$", re.IGNORECASE)
 _PROBE_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError, OSError)
 _IDENTITY = {"Accept-Encoding": "identity"}
 
@@ -557,7 +557,7 @@ async def _probe_head(
         ) as response:
             if not 200 <= response.status < 300:
                 return RemoteInfo()
-            return _info(response, _plain_length(response))
+            return _info(response, plain_length(response))
     except _PROBE_ERRORS:
         return RemoteInfo()
 
@@ -569,9 +569,9 @@ async def _probe_ranged_get(
     try:
         async with session.get(url, timeout=limit, headers=headers) as response:
             if response.status == 206:
-                size = _range_total(response.headers.get("Content-Range", ""))
+                size = range_total(response.headers.get("Content-Range", ""))
             elif response.status == 200:
-                size = _plain_length(response)  # the origin ignored Range
+                size = plain_length(response)  # the origin ignored Range
             else:
                 size = None
             info = _info(response, size)
@@ -587,16 +587,3 @@ def _info(response: aiohttp.ClientResponse, size: int | None) -> RemoteInfo:
         etag=response.headers.get("ETag"),
         last_modified=response.headers.get("Last-Modified"),
     )
-
-
-def _plain_length(response: aiohttp.ClientResponse) -> int | None:
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    length = response.headers.get("Content-Length", "").strip()
-    if encoding not in ("", "identity") or not length.isdigit():
-        return None
-    return int(length)
-
-
-def _range_total(content_range: str) -> int | None:
-    match = _CONTENT_RANGE_RE.match(content_range.strip())
-    return int(match.group(1)) if match else None

@@ -1,7 +1,9 @@
 """Whether a planned item needs uploading, given what the ledger holds (pure).
 
 The rule a re-run lives by: an item is skipped when it is done *for this target*,
-its source is unchanged, and its upload does not expire within `refresh_within`.
+its source is unchanged, and its upload does not expire within `refresh_within`
+(judged on the service's clock: `now` is the service's time). An item whose link
+was found dead, or that was lost, is uploaded again as soon as its source is there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from migrator.model import ItemState, LedgerItem, PlanItem, SourceKind
 class Decision(StrEnum):
     NEW = "new"  # the ledger has never seen this target name
     RETRY = "retry"  # seen, but not done (failed, interrupted, pending)
+    DEAD = "dead"  # done once, but its link was found dead or serving other bytes
+    LOST = "lost"  # gone from the service with no source left, and now a source is back
     CHANGED = "changed"  # done, but the source is not what was uploaded
     EXPIRING = "expiring"  # done and unchanged, but expires within refresh_within
     VERIFY = "verify"  # done by size and mtime; --checksum asks to compare sha256 first
@@ -35,6 +39,10 @@ def decide(
     """Compare one planned item with its ledger row."""
     if row is None:
         return Decision.NEW
+    if row.state in (ItemState.DEAD, ItemState.MISMATCH):
+        return Decision.DEAD
+    if row.state is ItemState.LOST:
+        return Decision.LOST
     if row.state is not ItemState.DONE:
         return Decision.RETRY
     if source_changed(item, row):

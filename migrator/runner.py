@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from migrator.clock import ServiceClock
 from migrator.command import (
     CommandOptions,
     CommandSession,
@@ -23,6 +23,7 @@ from migrator.command import (
     Outcome,
     Totals,
     execute,
+    stored_clock,
 )
 from migrator.connect import open_origins
 from migrator.errors import Interrupted, UploadError
@@ -68,6 +69,7 @@ async def run_manifest(
 class RunOperation:
     name = "run"
     uses_api = True
+    needs_clock = False  # its uploads measure the clock; a no-op re-run sends nothing
 
     def __init__(self, manifest: Manifest, options: RunOptions) -> None:
         self.manifest = manifest
@@ -78,14 +80,14 @@ class RunOperation:
         check = await asyncio.to_thread(check_plan, self.manifest)  # ManifestError early
         self._totals = Totals(check.items, check.local_bytes)
 
-    async def totals(self, ledger: Ledger) -> Totals:
+    async def totals(self, ledger: Ledger, clock: ServiceClock) -> Totals:
         return self._totals
 
     async def items(self, session: CommandSession) -> AsyncIterator[Entry]:
         """The plan joined with the ledger; what needs no upload is counted and skipped."""
-        conn = session.conn
+        conn, checksum = session.conn, self.options.checksum
         plan = expand(self.manifest, session=conn.origins, url_vars=conn.url_vars)
-        async for entry in decide_items(self.manifest, session.ledger, plan, self.options.checksum):
+        async for entry in decide_items(self.manifest, session.ledger, plan, checksum, conn.clock):
             item, decision, _row = entry
             if decision.needs_upload or decision is Decision.VERIFY:
                 yield entry
@@ -100,7 +102,10 @@ class RunOperation:
         session.observer.on_item_start(item.source)
         await _ItemUpload(session, item, row).run()
 
-    async def preview(self) -> AsyncGenerator[tuple[str, str | None], None]:
+    async def conclude(self, session: CommandSession) -> list[str]:
+        return []
+
+    async def preview(self, clock: ServiceClock) -> AsyncGenerator[tuple[str, str | None], None]:
         async with contextlib.aclosing(preview(self.manifest, self.options)) as decided:
             async for item, planned, row in decided:
                 decision = await verified(item, planned, row)
@@ -139,18 +144,24 @@ async def preview(
         open_origins(manifest, concurrency=workers) as origins,
     ):
         items = expand(manifest, session=origins.session, url_vars=origins.url_vars)
-        async for entry in decide_items(manifest, ledger, items, checksum):
+        clock = await stored_clock(ledger)
+        async for entry in decide_items(manifest, ledger, items, checksum, clock):
             yield entry
 
 
 async def decide_items(
-    manifest: Manifest, ledger: Ledger, items: AsyncIterator[PlanItem], checksum: bool
+    manifest: Manifest,
+    ledger: Ledger,
+    items: AsyncIterator[PlanItem],
+    checksum: bool,
+    clock: ServiceClock,
 ) -> AsyncIterator[Entry]:
-    """Join the plan with the ledger, a batch of lookups at a time."""
+    """Join the plan with the ledger, a batch of lookups at a time; expiry is judged on
+    the service's clock."""
     settings = manifest.settings
     async for batch in _batched(items, LOOKUP_BATCH):
         rows = await ledger.lookup(manifest.target.base_url, [item.key for item in batch])
-        now = time.time()
+        now = clock.now()
         for item in batch:
             row = rows.get(item.key)
             decision = decide(

@@ -14,24 +14,29 @@ origin that answers 4xx or a vanished local file is permanent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
 import aiohttp
 
 from migrator.client import DEFAULT_CHUNK_SIZE, UploadClient, retry_after_seconds
+from migrator.clock import ServiceClock
 from migrator.errors import (
     Interrupted,
+    LinkGoneError,
     MigratorError,
     PermanentError,
     RetryableError,
     RunStoppingError,
+    SourceGoneError,
     UploadError,
 )
 from migrator.model import AttemptRecord, Method, SourceKind, UploadReceipt
@@ -47,10 +52,12 @@ class Connection:
     """Live handles for one command; valid inside `connect()`'s context only."""
 
     target_id: str  # what the ledger keys items by: the manifest's base_url as written
+    base_url: str  # where requests to the service go
     client: UploadClient | None  # holds the key; None for commands that only read links
     origins: aiohttp.ClientSession  # remote sources, download links, stream-through
     url_vars: Mapping[str, str]  # substitutions for URL sources (${EMBEDDED_ORIGIN})
     pacer: Pacer = field(default_factory=Pacer)
+    clock: ServiceClock = field(default_factory=ServiceClock)
 
     @property
     def api(self) -> UploadClient:
@@ -93,7 +100,7 @@ class Sent:
     sha256: str | None  # of the bytes sent, when they passed through here
     size: int | None  # bytes the service holds: those sent, or what it said it stored
     mtime_ns: int | None = None  # of a local source, as it was when it was read
-    received_at: float = field(default_factory=time.time)  # local time of the answer
+    received_at: float = field(default_factory=time.time)  # the answer's time (service clock)
 
     def lifetime(self, ttl: float) -> tuple[float, float]:
         """(uploaded_at, expires_at); see `upload_lifetime`."""
@@ -141,7 +148,13 @@ class Meter:
 
 
 async def send(conn: Connection, job: Send, meter: Meter) -> Sent:
-    """One upload attempt; the meter sees every chunk as it leaves."""
+    """One upload attempt; the meter sees every chunk as it leaves. The receipt's time
+    is on the service's clock (its answer's Date just measured it)."""
+    sent = await _send(conn, job, meter)
+    return replace(sent, received_at=conn.clock.now())
+
+
+async def _send(conn: Connection, job: Send, meter: Meter) -> Sent:
     if job.method is Method.URL:
         return await _send_by_url(conn, job)
     if job.kind is SourceKind.URL:
@@ -191,11 +204,11 @@ async def _stream_through(conn: Connection, job: Send, meter: Meter) -> Sent:
     url = conn.resolve(job.source)
     try:
         async with conn.origins.get(url) as response:
-            check_fetch_status(f"origin {url}", response.status, response.headers)
+            check_origin_status(f"origin {url}", response.status, response.headers)
             size = response.content_length
             if job.size is not None and size is not None and size != job.size:
                 # Checked before a byte is sent: these are not the bytes we mean to send.
-                raise PermanentError(
+                raise SourceGoneError(
                     f"origin {url} now has {size} bytes, not the {job.size} planned: it changed"
                 )
             receipt = await conn.api.upload_stream(
@@ -228,13 +241,102 @@ def check_fetch_status(what: str, status: int, headers: Mapping[str, str] | None
         raise PermanentError(f"{what} answered HTTP {status}", status=status)
 
 
+def check_origin_status(what: str, status: int, headers: Mapping[str, str]) -> None:
+    """A GET of an origin: 404 and 410 mean the source is gone (SourceGoneError);
+    otherwise as `check_fetch_status`."""
+    if status in (404, 410):
+        raise SourceGoneError(f"{what} answered HTTP {status}: the source is gone", status=status)
+    check_fetch_status(what, status, headers)
+
+
+def check_link_status(what: str, status: int, headers: Mapping[str, str]) -> None:
+    """A GET or HEAD of one of our links: 404 and 410 mean the service deleted the file
+    (LinkGoneError); otherwise as `check_fetch_status`."""
+    if status in (404, 410):
+        raise LinkGoneError(f"{what} answered HTTP {status}: the file is gone", status=status)
+    check_fetch_status(what, status, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkCheck:
+    """What a probe of a link found: it serves `size` bytes, or it is gone."""
+
+    gone: bool
+    size: int | None = None
+    status: int | None = None
+
+
+_IDENTITY = {"Accept-Encoding": "identity"}
+_CONTENT_RANGE_RE = re.compile(r"bytes\s+(?:\d+-\d+|\*)/(\d+)\s*$", re.IGNORECASE)
+_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
+
+
+async def check_link(conn: Connection, url: str) -> LinkCheck:
+    """HEAD the link, or GET its first byte where HEAD is refused (405, 501); no body
+    is read. Gone (404/410) is an answer, not an error; 5xx and the like raise as
+    every fetch does, to be retried."""
+    what = f"check of {url}"
+    try:
+        async with conn.origins.head(
+            url, allow_redirects=True, headers=_IDENTITY, timeout=_PROBE_TIMEOUT
+        ) as response:
+            conn.clock.observe(response.headers)
+            if response.status not in (405, 501):
+                return _link_check(what, response, plain_length(response))
+        ranged = {**_IDENTITY, "Range": "bytes=0-0"}
+        async with conn.origins.get(url, headers=ranged, timeout=_PROBE_TIMEOUT) as response:
+            conn.clock.observe(response.headers)
+            total = range_total(response.headers.get("Content-Range", ""))
+            size = total if response.status == 206 else plain_length(response)
+            check = _link_check(what, response, size)
+            response.close()  # not the body: one byte, or all of it if Range was ignored
+            return check
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise RetryableError(f"{what} failed: {describe(err)}") from None
+
+
+def _link_check(what: str, response: aiohttp.ClientResponse, size: int | None) -> LinkCheck:
+    try:
+        check_link_status(what, response.status, response.headers)
+    except LinkGoneError:
+        return LinkCheck(gone=True, status=response.status)
+    return LinkCheck(gone=False, size=size, status=response.status)
+
+
+async def read_service_clock(conn: Connection, sleep: Sleep) -> None:
+    """Ask the service anything, to read its clock from the answer's Date (and keep
+    nothing else); a service that does not answer leaves the clock as it was."""
+    await conn.pacer.request(sleep)
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+        async with conn.origins.get(
+            conn.base_url + "/", allow_redirects=False, timeout=aiohttp.ClientTimeout(total=10)
+        ) as response:
+            conn.clock.observe(response.headers)
+            response.close()
+
+
+def plain_length(response: aiohttp.ClientResponse) -> int | None:
+    """The body's length, when Content-Length gives it for the bytes themselves."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    length = response.headers.get("Content-Length", "").strip()
+    if encoding not in ("", "identity") or not length.isdigit():
+        return None
+    return int(length)
+
+
+def range_total(content_range: str) -> int | None:
+    """The whole size from a Content-Range (`bytes 0-0/1234`), or None."""
+    match = _CONTENT_RANGE_RE.match(content_range.strip())
+    return int(match.group(1)) if match else None
+
+
 def _read_local(path: Path) -> tuple[bytes, int]:
     try:
         with path.open("rb") as handle:
             mtime_ns = os.fstat(handle.fileno()).st_mtime_ns
             return handle.read(), mtime_ns
     except FileNotFoundError:
-        raise PermanentError(f"source file is gone: {path}") from None
+        raise SourceGoneError(f"source file is gone: {path}") from None
     except OSError as err:
         raise PermanentError(f"cannot read {path}: {err.strerror}") from None
 
@@ -243,7 +345,7 @@ def _local_stat(path: Path) -> tuple[int, int]:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise PermanentError(f"source file is gone: {path}") from None
+        raise SourceGoneError(f"source file is gone: {path}") from None
     except OSError as err:
         raise PermanentError(f"cannot read {path}: {err.strerror}") from None
     return info.st_size, info.st_mtime_ns

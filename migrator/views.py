@@ -9,12 +9,26 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
+from migrator.command import CommandSummary
 from migrator.model import HOUR, PlanItem
 from migrator.report import StatusReport
 from migrator.resume import Decision
 from migrator.units import format_duration, format_size, iso_utc
 
 BAR_WIDTH = 30
+
+
+def summary_dict(summary: CommandSummary) -> dict[str, object]:
+    """A command's summary as JSON: its counts, notes, and the items that went wrong."""
+    return {
+        "command": summary.command,
+        "summary": summary.as_dict(),
+        "line": summary.line(),
+        "notes": list(summary.notes),
+        "problems": [
+            {"item": p.label, "outcome": str(p.outcome), "error": p.error} for p in summary.problems
+        ],
+    }
 
 
 def expiry_bars(report: StatusReport, width: int = BAR_WIDTH) -> list[str]:

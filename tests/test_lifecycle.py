@@ -186,9 +186,8 @@ async def test_refresh_leaves_items_expiring_after_the_window_alone(
 ) -> None:
     uploads_before = len(emulator.requests)
 
-    summary = await do_refresh(
-        seventy_hours_later.manifest, api_key, RefreshOptions(within=12 * HOUR)
-    )
+    # 70 h later on the service's clock, every item expires in 2 h: not within 1 h.
+    summary = await do_refresh(seventy_hours_later.manifest, api_key, RefreshOptions(within=HOUR))
 
     assert summary.exit_code is ExitCode.OK
     assert summary.counts == {}
@@ -479,9 +478,9 @@ async def test_download_within_takes_only_items_expiring_within_the_window(
     await run(manifest, api_key)  # early.txt expires in 72 h
     write_file(job / "files" / "late.txt", 100, seed=1)
     emulator.advance_clock(48 * HOUR)
-    await run(manifest, api_key)  # late.txt expires in 120 h (of real time)
+    await run(manifest, api_key)  # on the service's clock: early.txt in 24 h, late.txt in 72 h
 
-    summary = await download(manifest, tmp_path / "dest", DownloadOptions(within=100 * HOUR))
+    summary = await download(manifest, tmp_path / "dest", DownloadOptions(within=30 * HOUR))
 
     assert summary.counts == {"downloaded": 1}
     assert set(files_below(tmp_path / "dest")) == {"mig/early.txt"}

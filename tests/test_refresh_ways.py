@@ -39,7 +39,12 @@ def row(**fields: object) -> LedgerItem:
 
 def ways(item: LedgerItem, *, local_unchanged: bool = True) -> list[tuple[str, Method]]:
     found = refresh_ways(item, local_unchanged=local_unchanged, now=NOW, settings=SETTINGS)
-    return [(way.source, way.method) for way in found]
+    return [(rung.send.source, rung.send.method) for rung in found]
+
+
+def rungs(item: LedgerItem, *, local_unchanged: bool = True) -> list[str]:
+    found = refresh_ways(item, local_unchanged=local_unchanged, now=NOW, settings=SETTINGS)
+    return [rung.name for rung in found]
 
 
 def test_an_unchanged_local_file_comes_first_by_its_size_method() -> None:
@@ -82,6 +87,32 @@ def test_without_any_time_the_upload_lives_ttl_from_when_the_answer_came() -> No
     assert upload_lifetime(UploadReceipt("https://f"), NOW, ttl=HOUR) == (NOW, NOW + HOUR)
 
 
-def test_while_its_link_lives_a_url_source_is_never_taken_from_its_origin() -> None:
+def test_while_its_link_lives_the_service_copy_comes_before_the_origin() -> None:
     remote = row(source="https://origin.test/a.bin", kind=SourceKind.URL)
-    assert ways(remote) == [("https://files.test/up/a.bin", Method.URL)]
+    assert ways(remote) == [
+        ("https://files.test/up/a.bin", Method.URL),
+        ("https://origin.test/a.bin", Method.STREAM),
+    ]
+
+
+def test_a_link_found_dead_is_never_offered_though_its_expiry_is_ahead() -> None:
+    assert rungs(row(state=ItemState.DEAD)) == ["local"]
+
+
+def test_a_downloaded_copy_comes_after_the_service_copy_and_before_the_origin() -> None:
+    remote = row(
+        source="https://origin.test/a.bin",
+        kind=SourceKind.URL,
+        sha256="ab" * 32,
+        downloaded_path="/home/a.bin",
+    )
+    assert rungs(remote) == ["copy", "download", "origin"]
+    assert ways(remote)[1] == ("/home/a.bin", Method.BASE64)
+
+
+def test_a_download_without_a_recorded_hash_is_not_offered() -> None:
+    assert "download" not in rungs(row(downloaded_path="/home/a.bin", sha256=None))
+
+
+def test_with_nothing_left_the_ladder_is_empty() -> None:
+    assert rungs(row(expires_at=NOW - 1), local_unchanged=False) == []

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ledger_rows, load, run_cli
+from conftest import closed_port, ledger_rows, load, run_cli
 from conftest import write_manifest as shared_write_manifest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -227,20 +227,23 @@ async def status(manifest: Manifest, *args: str) -> tuple[int, str]:
 async def spread(tmp_path: Path, api_key: str) -> Manifest:
     """Done items expiring in ~5 h, ~10 h, ~20 h, ~60 h and ~100 h, and one failed item.
 
-    The emulator answers without expiresAt, so the ledger keeps uploadedAt (the
-    emulator's clock, moved between runs) + the manifest's ttl of 5 h.
+    One emulator (same port, same data) is started again with another ttl for each
+    item, so each upload states another expiresAt; the clocks are not moved.
     """
     folder = tmp_path / "spread"
     (folder / "files").mkdir(parents=True)
-    async with Emulator(tmp_path / "emu", api_key, response_shape="endpoint") as emulator:
-        manifest = write_manifest(folder, emulator.base_url, ttl="5h", refresh_within="1h")
-        for name, advance in (("h05", 0), ("h10", 5), ("h20", 10), ("h60", 40), ("h100", 40)):
-            emulator.advance_clock(advance * HOUR)
+    port = closed_port()
+    manifest: Manifest | None = None
+    for name, ttl in (("h05", 5), ("h10", 10), ("h20", 20), ("h60", 60), ("h100", 100)):
+        async with Emulator(tmp_path / "emu", api_key, port=port, ttl=ttl * HOUR) as emulator:
+            manifest = write_manifest(folder, emulator.base_url, ttl="200h", refresh_within="1h")
             (folder / "files" / f"{name}.txt").write_bytes(name.encode() * 10)
             assert await run(manifest, api_key) is ExitCode.OK
-        write_files(folder, ["bad.txt"])
-        emulator.inject_faults(400, 1, endpoint="base64")
-        assert await run(manifest, api_key) is ExitCode.ITEMS_FAILED
+            if name == "h100":
+                write_files(folder, ["bad.txt"])
+                emulator.inject_faults(400, 1, endpoint="base64")
+                assert await run(manifest, api_key) is ExitCode.ITEMS_FAILED
+    assert manifest is not None
     return manifest
 
 

@@ -67,11 +67,22 @@ def test_an_item_the_ledger_never_saw_is_new() -> None:
     assert decide_now(FILE_ITEM, None) is Decision.NEW
 
 
-@pytest.mark.parametrize(
-    "state", [ItemState.PENDING, ItemState.FAILED, ItemState.INTERRUPTED, ItemState.LOST]
-)
+@pytest.mark.parametrize("state", [ItemState.PENDING, ItemState.FAILED, ItemState.INTERRUPTED])
 def test_an_item_not_done_is_retried(state: ItemState) -> None:
     assert decide_now(FILE_ITEM, row_for(FILE_ITEM, state=state)) is Decision.RETRY
+
+
+@pytest.mark.parametrize("state", [ItemState.DEAD, ItemState.MISMATCH])
+def test_an_item_whose_link_was_found_dead_is_uploaded_again(state: ItemState) -> None:
+    decision = decide_now(FILE_ITEM, row_for(FILE_ITEM, state=state))
+    assert decision is Decision.DEAD
+    assert decision.needs_upload
+
+
+def test_a_lost_item_whose_source_is_back_is_uploaded_again() -> None:
+    decision = decide_now(FILE_ITEM, row_for(FILE_ITEM, state=ItemState.LOST))
+    assert decision is Decision.LOST
+    assert decision.needs_upload
 
 
 def test_a_done_unchanged_live_file_is_skipped() -> None:
