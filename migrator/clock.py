@@ -14,6 +14,7 @@ offsets under `SKEW_WARNING` are only reported, never warned about.
 from __future__ import annotations
 
 import email.utils
+import functools
 import time
 from collections.abc import Callable, Mapping
 
@@ -26,15 +27,17 @@ def offset_from_date(date: str | None, received_at: float) -> float | None:
 
     The date is truncated to the second, so its middle (+0.5 s) is the best guess.
     """
-    if not date:
-        return None
+    moment = _date_timestamp(date) if date else None
+    return None if moment is None else moment + 0.5 - received_at
+
+
+@functools.lru_cache(maxsize=16)  # a Date changes once a second; thousands of answers share it
+def _date_timestamp(date: str) -> float | None:
     try:
         moment = email.utils.parsedate_to_datetime(date)
     except (TypeError, ValueError, IndexError):
         return None
-    if moment.tzinfo is None:
-        return None
-    return moment.timestamp() + 0.5 - received_at
+    return None if moment.tzinfo is None else moment.timestamp()
 
 
 class ServiceClock:

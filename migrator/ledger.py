@@ -49,6 +49,7 @@ from migrator.model import (
     SourceKind,
 )
 
+BAD_STATES = (ItemState.FAILED, ItemState.DEAD, ItemState.MISMATCH, ItemState.LOST)
 BUSY_TIMEOUT_MS = 10_000
 WAL_SIZE_LIMIT = 1024 * 1024  # bytes the WAL may keep after a checkpoint
 LOOKUP_CHUNK = 500
@@ -858,10 +859,14 @@ class Ledger:
         return [int(value) for value in rows[0]]
 
     async def recent_failures(self, target: str | None, limit: int = 20) -> list[LedgerItem]:
-        """The most recently updated FAILED items, newest first."""
-        where, params = _where(target, "state = ?")
+        """The most recently updated items that are failed, dead, mismatched or lost,
+        newest first."""
+        bad = [
+            s.value for s in (ItemState.FAILED, ItemState.DEAD, ItemState.MISMATCH, ItemState.LOST)
+        ]
+        where, params = _where(target, f"state IN ({', '.join('?' for _ in bad)})")
         sql = f"SELECT {_ITEM_COLUMNS} FROM items{where} ORDER BY updated_at DESC, id DESC LIMIT ?"
-        return await self._fetch_items(sql, [*params, ItemState.FAILED.value, limit])
+        return await self._fetch_items(sql, [*params, *bad, limit])
 
     async def runs(self, limit: int = 10) -> list[RunRow]:
         """The latest runs, newest first."""
@@ -871,6 +876,18 @@ class Ledger:
             [limit],
         )
         return [_row_to_run(row) for row in rows]
+
+    async def last_runs(self, commands: Sequence[str]) -> list[RunRow]:
+        """The latest run of each of `commands` that ran, in that order."""
+        latest: list[RunRow] = []
+        for command in commands:
+            rows = await self._fetch(
+                "SELECT id, command, manifest, started_at, finished_at, status, pid, summary "
+                "FROM runs WHERE command = ? ORDER BY id DESC LIMIT 1",
+                [command],
+            )
+            latest += [_row_to_run(row) for row in rows]
+        return latest
 
     async def last_success_at(self, target: str | None = None) -> float | None:
         """The latest uploaded_at of a DONE item, or None."""

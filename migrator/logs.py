@@ -34,6 +34,7 @@ Event names are a stable vocabulary (`run.start`, `upload.attempt`,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 import threading
@@ -84,10 +85,17 @@ def redact_secrets(secrets: Sequence[str] = ()) -> Processor:
     rendered to a plain `exception` text (no locals) first, then redacted.
     """
     given = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
+    longest_first: list[str] = []
+    known: set[str] = set()
 
     def redact_text(text: str) -> str:
-        for secret in sorted(given | _REGISTERED, key=len, reverse=True):
-            text = text.replace(secret, REDACTED)
+        if len(known) != len(given) + len(_REGISTERED):  # a key was registered since
+            known.clear()
+            known.update(given | _REGISTERED)
+            longest_first[:] = sorted(known, key=len, reverse=True)
+        for secret in longest_first:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
         return text
 
     def redact_value(value: object) -> object:
@@ -121,7 +129,12 @@ def redact_secrets(secrets: Sequence[str] = ()) -> Processor:
 
 
 def _is_sensitive_key(key: object) -> bool:
-    return isinstance(key, str) and key.lower().replace("-", "_") in SENSITIVE_KEYS
+    return isinstance(key, str) and _sensitive_name(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sensitive_name(key: str) -> bool:
+    return key.lower().replace("-", "_") in SENSITIVE_KEYS
 
 
 # -- exceptions ---------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from migrator.ledger import Ledger, RunRow
+from migrator.clock import OFFSET_FACT
+from migrator.ledger import BAD_STATES, Ledger, RunRow
+from migrator.lifetimes import DEATHS_FACT, Deaths
 from migrator.model import HOUR, ItemState, LedgerItem, Manifest
 from migrator.outputs import (
     MetricsSnapshot,
@@ -26,6 +28,7 @@ from migrator.outputs import (
 from migrator.units import iso_utc
 
 EXPIRY_HORIZONS = (6 * HOUR, 12 * HOUR, 24 * HOUR, 72 * HOUR)
+LIFECYCLE_COMMANDS = ("refresh", "download", "verify")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,9 @@ class StatusReport:
     last_run: RunRow | None
     downloaded: int = 0  # items with a recorded download
     last_download: float | None = None
+    clock_offset: float | None = None  # the service's clock minus ours, when measured
+    last_by_command: tuple[RunRow, ...] = ()  # the latest refresh, download and verify
+    deaths_note: str | None = None  # links that died before their stated expiry
 
     @property
     def total(self) -> int:
@@ -61,6 +67,9 @@ class StatusReport:
             "downloaded": {"items": self.downloaded, "last_at": iso_utc(self.last_download)},
             "failures": [export_record(item) for item in self.failures],
             "last_run": None if self.last_run is None else _run_dict(self.last_run),
+            "last_by_command": {run.command: _run_dict(run) for run in self.last_by_command},
+            "service_clock_offset": self.clock_offset,
+            "link_deaths": self.deaths_note,
         }
 
 
@@ -76,14 +85,17 @@ def _run_dict(run: RunRow) -> dict[str, Any]:
 
 
 async def build_status(manifest: Manifest, *, now: float | None = None) -> StatusReport:
-    """Read the manifest's ledger (never writing it) and sum it up."""
-    moment = time.time() if now is None else now
+    """Read the manifest's ledger (never writing it) and sum it up. Expiry is told on
+    the service's clock, as the ledger last measured it."""
     target = manifest.target.base_url
     async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
+        offset = _number(await ledger.fact(OFFSET_FACT))
+        moment = (time.time() + (offset or 0.0)) if now is None else now
         counts = await ledger.state_counts(target)
         histogram = await ledger.expiry_histogram(target, moment, EXPIRY_HORIZONS)
         runs = await ledger.runs(limit=1)
         downloaded, last_download = await ledger.downloads(target)
+        deaths = Deaths.from_dict(await ledger.fact(DEATHS_FACT))
         return StatusReport(
             job=manifest.name,
             ledger=manifest.ledger,
@@ -96,7 +108,16 @@ async def build_status(manifest: Manifest, *, now: float | None = None) -> Statu
             last_run=_as_seen_now(runs[0]) if runs else None,
             downloaded=downloaded,
             last_download=last_download,
+            clock_offset=offset,
+            last_by_command=tuple(
+                _as_seen_now(run) for run in await ledger.last_runs(LIFECYCLE_COMMANDS)
+            ),
+            deaths_note=deaths.note(manifest.settings.refresh_within),
         )
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _as_seen_now(run: RunRow) -> RunRow:
@@ -168,7 +189,7 @@ async def metrics_snapshot(
         bytes_by_state={state.value: counts.get(state, (0, 0))[1] for state in ItemState},
         last_success_timestamp=await ledger.last_success_at(target),
         next_expiry_seconds=None if next_expiry is None else next_expiry - now,
-        failures=counts.get(ItemState.FAILED, (0, 0))[0] + counts.get(ItemState.LOST, (0, 0))[0],
+        failures=sum(counts.get(state, (0, 0))[0] for state in BAD_STATES),
         duration_seconds=now - result.started_at,
         finished_at=now,
         exit_code=result.exit_code,

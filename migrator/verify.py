@@ -31,13 +31,12 @@ from migrator.command import (
 )
 from migrator.errors import Interrupted, UploadError
 from migrator.ledger import Ledger
+from migrator.lifetimes import DEATHS_FACT, Deaths
 from migrator.logs import get_logger
-from migrator.model import HOUR, LINKED_STATES, ItemState, ItemUpdate, LedgerItem, Manifest
+from migrator.model import LINKED_STATES, ItemState, ItemUpdate, LedgerItem, Manifest
 from migrator.transfer import LinkCheck, Step, check_link
-from migrator.units import format_duration
 
 log = get_logger("migrator.verify")
-DEATHS_FACT = "link_deaths"  # the ledger fact: what the last verify learnt of lifetimes
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,65 +90,6 @@ def link_verdict(check: LinkCheck, recorded_size: int | None) -> Outcome:
     if recorded_size is not None and check.size is not None and check.size != recorded_size:
         return Outcome.MISMATCH
     return Outcome.ALIVE
-
-
-@dataclass(frozen=True, slots=True)
-class Deaths:
-    """Links found dead before their stated expiry: how many, how early (seconds)."""
-
-    count: int = 0
-    soonest_after_upload: float | None = None  # the shortest upload -> found-dead time
-    most_before_expiry: float | None = None  # the longest found-dead -> expiry time
-
-    def add(self, uploaded_at: float, found_at: float, expires_at: float) -> Deaths:
-        early = expires_at - found_at
-        if early <= 0:
-            return self  # died when it said it would
-        age = found_at - uploaded_at
-        return Deaths(
-            self.count + 1,
-            age if self.soonest_after_upload is None else min(age, self.soonest_after_upload),
-            early if self.most_before_expiry is None else max(early, self.most_before_expiry),
-        )
-
-    def note(self, refresh_within: float) -> str | None:
-        """One line for the operator, or None when no link died early (pure)."""
-        if not self.count or self.most_before_expiry is None:
-            return None
-        age = format_duration(self.soonest_after_upload)
-        early = format_duration(self.most_before_expiry)
-        text = (
-            f"{self.count} links died before their stated expiry: found dead as soon as "
-            f"{age} after upload, up to {early} before expires_at"
-        )
-        if self.most_before_expiry >= refresh_within:
-            hours = self.most_before_expiry / HOUR
-            text += (
-                f"; refresh_within {format_duration(refresh_within)} is too late: set it above "
-                f"{hours:.0f}h plus the refresh interval"
-            )
-        return text
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "count": self.count,
-            "soonest_after_upload": self.soonest_after_upload,
-            "most_before_expiry": self.most_before_expiry,
-        }
-
-    @classmethod
-    def from_dict(cls, value: object) -> Deaths:
-        if not isinstance(value, dict):
-            return cls()
-        return cls(
-            int(value.get("count") or 0),
-            _number(value.get("soonest_after_upload")),
-            _number(value.get("most_before_expiry")),
-        )
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
 
 
 @dataclass(slots=True)

@@ -7,15 +7,18 @@ import sys
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from migrator.command import CommandSummary
+from migrator.command import CommandSummary, Outcome
+from migrator.ledger import RunRow
 from migrator.model import HOUR, PlanItem
 from migrator.report import StatusReport
 from migrator.resume import Decision
 from migrator.units import format_duration, format_size, iso_utc
 
 BAR_WIDTH = 30
+_OUTCOME_KEYS = frozenset(str(outcome) for outcome in Outcome)
 
 
 def summary_dict(summary: CommandSummary) -> dict[str, object]:
@@ -75,6 +78,31 @@ def print_status(console: Console, report: StatusReport) -> None:
         console.print(
             f"last run: #{run.id} {run.command} {run.status} at {iso_utc(run.started_at)}"
         )
+    for run in report.last_by_command:
+        console.print(f"last {run.command}: {run_outcomes(run)}", markup=False)
+    if report.clock_offset is not None:
+        console.print(f"service clock: {clock_text(report.clock_offset)}", markup=False)
+    if report.deaths_note:
+        console.print(f"[yellow]{escape(report.deaths_note)}[/yellow]")
+
+
+def run_outcomes(run: RunRow) -> str:
+    """`done at T: 40 refreshed, 2 lost` from a run's recorded summary (pure)."""
+    shown = ", ".join(
+        f"{value} {key}"
+        for key, value in sorted(run.summary.items())
+        if key in _OUTCOME_KEYS and isinstance(value, int) and value
+    )
+    return f"{run.status} at {iso_utc(run.started_at)}" + (f": {shown}" if shown else "")
+
+
+def clock_text(offset: float) -> str:
+    """How far the service's clock is from ours, in words (pure)."""
+    if abs(offset) < 2:
+        return "in step with ours (within 2s)"
+    direction = "ahead of" if offset > 0 else "behind"
+    shown = round(abs(offset)) if abs(offset) < 60 else round(abs(offset) / 60) * 60
+    return f"{format_duration(shown)} {direction} ours; expiry is judged on it"
 
 
 # -- plan ----------------------------------------------------------------------------------
