@@ -52,6 +52,8 @@ EXPORT_FIELDS: tuple[str, ...] = (
     "last_error",
     "downloaded_path",
     "downloaded_at",
+    "checked_at",
+    "dead_at",
 )
 EXPORT_FORMATS: tuple[str, ...] = ("jsonl", "csv", "json")
 
@@ -138,6 +140,8 @@ def export_record(item: LedgerItem) -> dict[str, object]:
         "last_error": item.last_error,
         "downloaded_path": item.downloaded_path,
         "downloaded_at": iso_utc(item.downloaded_at),
+        "checked_at": iso_utc(item.checked_at),
+        "dead_at": iso_utc(item.dead_at),
     }
 
 
