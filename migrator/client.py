@@ -461,11 +461,13 @@ class UploadClient:
         size: int | None,
         mime_type: str | None = None,
         on_chunk: OnChunk | None = None,
+        limit: int | None = None,
     ) -> UploadReceipt:
         """Stream `chunks` (e.g. an origin's GET) as multipart/form-data.
 
         Content-Length is exact when `size` is known (a source that yields another
-        number of bytes raises PermanentError), chunked transfer otherwise.
+        number of bytes raises PermanentError), chunked transfer otherwise, when no
+        more than `limit` bytes are taken (a body that never ends is refused).
         """
         form = build_multipart(
             upload_path=upload_path,
@@ -473,7 +475,7 @@ class UploadClient:
             mime_type=mime_type or guess_mime_type(file_name) or "application/octet-stream",
         )
         trouble = _SourceTrouble()
-        body = _multipart_body(form, _watch(chunks, trouble, on_chunk, size))
+        body = _multipart_body(form, _watch(chunks, trouble, on_chunk, size, limit))
         length = None if size is None else form.length(size)
         receipt = await self._post_multipart(form, body, length, trouble)
         return _check_size(receipt, trouble.sent)
@@ -582,6 +584,7 @@ async def _watch(
     trouble: _SourceTrouble,
     on_chunk: OnChunk | None,
     size: int | None,
+    limit: int | None = None,
 ) -> AsyncIterator[bytes]:
     """Count, check and report every chunk; remember any failure for the caller."""
     try:
@@ -592,6 +595,8 @@ async def _watch(
                 raise PermanentError(
                     f"source changed while uploading: more than the expected {size} bytes"
                 )
+            if limit is not None and trouble.sent + len(chunk) > limit:
+                raise PermanentError(f"the source sent more than {limit} bytes: refused")
             trouble.sent += len(chunk)
             if on_chunk is not None:
                 await on_chunk(bytes(chunk))

@@ -262,6 +262,7 @@ class CommandSession:
             sleep=self.sleep,
             on_bytes=self._on_bytes,
             on_attempt=on_attempt,
+            limits=self.conn.limits,
         )
 
     def finish(self, label: str, outcome: Outcome, error: str | None = None) -> None:

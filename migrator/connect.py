@@ -27,7 +27,7 @@ from migrator.errors import ConfigError
 from migrator.logs import register_secret
 from migrator.model import Manifest, Target
 from migrator.pacer import Pacer
-from migrator.transfer import Connection
+from migrator.transfer import Connection, Limits
 
 if TYPE_CHECKING:
     from migrator.emulator import Emulator
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 EMBEDDED_ORIGIN_VAR = "EMBEDDED_ORIGIN"
 MAX_KEY_FILE = 64 * 1024  # a key is short; more than this is not a key file
 EMBEDDED_REQUESTS_KEPT = 100  # nobody reads the embedded emulator's request log
-_ORIGIN_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
 
 
 def read_api_key(target: Target, environ: Mapping[str, str] | None = None) -> str:
@@ -104,7 +103,7 @@ async def open_origins(manifest: Manifest, *, concurrency: int) -> AsyncIterator
         url_vars: dict[str, str] = {}
         if manifest.target.is_embedded:
             url_vars[EMBEDDED_ORIGIN_VAR] = await _start_demo_origin(manifest.base_dir, stack)
-        session = await stack.enter_async_context(_origin_session(concurrency))
+        session = await stack.enter_async_context(_origin_session(manifest, concurrency))
         yield Origins(session, url_vars)
 
 
@@ -131,9 +130,17 @@ async def connect(
             base_url = manifest.target.base_url.rstrip("/")
         origins = await stack.enter_async_context(open_origins(manifest, concurrency=concurrency))
         service_clock = clock or ServiceClock()
+        settings = manifest.settings
         if api_key is not None:
             api = await stack.enter_async_context(_api_session(concurrency))
-            client = UploadClient(api, base_url, api_key, on_answer=service_clock.observe)
+            client = UploadClient(
+                api,
+                base_url,
+                api_key,
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.timeout,
+                on_answer=service_clock.observe,
+            )
         yield Connection(
             target_id=manifest.target.base_url,
             base_url=base_url,
@@ -142,6 +149,7 @@ async def connect(
             url_vars=origins.url_vars,
             pacer=pacer or Pacer(),
             clock=service_clock,
+            limits=Limits(settings.timeout, settings.min_rate, settings.max_size),
         )
 
 
@@ -151,11 +159,15 @@ def _api_session(concurrency: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
 
-def _origin_session(concurrency: int) -> aiohttp.ClientSession:
+def _origin_session(manifest: Manifest, concurrency: int) -> aiohttp.ClientSession:
     # Separate from the API session: a stream-through holds one origin connection and one
     # API connection at once, and sharing one pool of N could deadlock N workers.
     connector = aiohttp.TCPConnector(limit=concurrency * 2)
-    return aiohttp.ClientSession(connector=connector, timeout=_ORIGIN_TIMEOUT)
+    settings = manifest.settings
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=settings.connect_timeout, sock_read=settings.timeout
+    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
 
 
 async def _start_embedded(

@@ -166,7 +166,10 @@ class DownloadOperation:
     async def _fetch(self, session: CommandSession, row: LedgerItem, path: Path) -> None:
         attempts = session.attempts(row.upload_path, row.file_name, row.source)
         step = Step(
-            "download", row.download_url or "", lambda meter: fetch_to(session, row, path, meter)
+            "download",
+            row.download_url or "",
+            lambda meter: fetch_to(session, row, path, meter),
+            row.size,
         )
         try:
             digest = await attempts.one(step)
@@ -202,7 +205,8 @@ async def fetch_to(session: CommandSession, row: LedgerItem, path: Path, meter: 
         async with session.conn.origins.get(url) as response:
             session.clock.observe(response.headers)
             check_link_status(f"download of {url}", response.status, response.headers)
-            return await save_download(response, path, row, meter, meter.chunk_size(CHUNK))
+            limit = session.conn.limits.body_limit(row.size)
+            return await save_download(response, path, row, meter, meter.chunk_size(CHUNK), limit)
     except (aiohttp.ClientError, TimeoutError) as err:
         raise RetryableError(f"download of {url} failed: {describe(err)}") from None
 
@@ -234,9 +238,11 @@ async def save_download(
     row: LedgerItem,
     on_chunk: OnChunk | None = None,
     chunk_size: int = CHUNK,
+    limit: int | None = None,
 ) -> str:
     """Stream the body to a temporary file beside `path`, check it, rename it into place.
-    `on_chunk` sees (and may pace) every chunk as it arrives."""
+    `on_chunk` sees (and may pace) every chunk as it arrives; more than `limit` bytes
+    (the recorded size, by default) is refused: a body that never ends fills no disk."""
     try:
         # Not in a thread: a cancellation while the thread ran would leave the file
         # behind with nobody to remove it (a mkdir and an open do not block for long).
@@ -244,7 +250,8 @@ async def save_download(
     except OSError as err:
         raise destination_error(path, err) from None
     try:
-        digest, size = await _stream_to(fd, response, on_chunk, chunk_size)
+        most = limit if limit is not None else row.size
+        digest, size = await _stream_to(fd, response, on_chunk, chunk_size, most)
         _check_body(row, size, digest)
         temp.replace(path)
         return digest
@@ -271,13 +278,19 @@ def _temp_beside(path: Path, item_id: int) -> tuple[int, Path]:
 
 
 async def _stream_to(
-    fd: int, response: aiohttp.ClientResponse, on_chunk: OnChunk | None, chunk_size: int
+    fd: int,
+    response: aiohttp.ClientResponse,
+    on_chunk: OnChunk | None,
+    chunk_size: int,
+    limit: int | None,
 ) -> tuple[str, int]:
     """Write the body to `fd`, fsync it; returns its sha256 and size."""
     digest = hashlib.sha256()
     size = 0
     with os.fdopen(fd, "wb") as out:
         async for chunk in body_chunks(response, chunk_size):
+            if limit is not None and size + len(chunk) > limit:
+                raise PermanentError(f"the link sent more than the {limit} bytes expected")
             digest.update(chunk)
             size += len(chunk)
             if on_chunk is not None:

@@ -46,7 +46,14 @@ from migrator.naming import (
     check_url,
     split_glob,
 )
-from migrator.units import format_duration, parse_bandwidth, parse_duration, parse_rate, parse_size
+from migrator.units import (
+    format_duration,
+    parse_bandwidth,
+    parse_duration,
+    parse_positive_duration,
+    parse_rate,
+    parse_size,
+)
 
 LEDGER_DIR_ENV = "MIGRATOR_LEDGER_DIR"
 MAX_MANIFEST_BYTES = 4 * MIB  # ~150,000 path sources; more is a job for glob or url_list
@@ -66,6 +73,10 @@ _SETTING_KEYS = (
     "refresh_within",
     "tps_limit",
     "bwlimit",
+    "timeout",
+    "connect_timeout",
+    "min_rate",
+    "max_size",
 )
 _SOURCE_KINDS = ("path", "glob", "url", "url_list")
 _OPTION_KEYS = ("file_name", "upload_path", "method")
@@ -426,6 +437,10 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
     refresh_within = _setting_duration(reader, keys, "refresh_within")
     tps_limit = _setting_parsed(reader, keys, "tps_limit", parse_rate)
     bwlimit = _setting_parsed(reader, keys, "bwlimit", parse_bandwidth)
+    timeout = _setting_parsed(reader, keys, "timeout", parse_positive_duration)
+    connect_timeout = _setting_parsed(reader, keys, "connect_timeout", parse_positive_duration)
+    min_rate = _setting_parsed(reader, keys, "min_rate", parse_bandwidth)
+    max_size = _setting_parsed(reader, keys, "max_size", parse_bandwidth)
     settings = Settings(
         concurrency=d.concurrency if concurrency is None else concurrency,
         base64_max=d.base64_max if base64_max is None else base64_max,
@@ -435,6 +450,10 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
         refresh_within=d.refresh_within if refresh_within is None else refresh_within,
         tps_limit=tps_limit,
         bwlimit=bwlimit,
+        timeout=d.timeout if timeout is None else timeout,
+        connect_timeout=d.connect_timeout if connect_timeout is None else connect_timeout,
+        min_rate=d.min_rate if min_rate is None else min_rate,
+        max_size=d.max_size if max_size is None else max_size,
     )
     valid_ttl = (ttl is not None or "ttl" not in keys) and (
         refresh_within is not None or "refresh_within" not in keys

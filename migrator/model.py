@@ -65,6 +65,10 @@ class Settings:
     refresh_within: float = 12 * HOUR
     tps_limit: float | None = None  # requests per second to the service
     bwlimit: int | None = None  # bytes per second through this machine
+    timeout: float = 120.0  # seconds a read may wait for the next bytes of an answer
+    connect_timeout: float = 15.0  # seconds to open a connection
+    min_rate: int = 16 * KIB  # bytes/s below which a whole transfer is given up on
+    max_size: int = 10 * GIB  # the most bytes read from a body whose size nobody told
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,6 @@ from migrator.model import (
     Method,
     Settings,
     SourceKind,
-    Uploaded,
 )
 from migrator.transfer import Send, Sent, Step, check_link, sha256_of, upload_step
 
@@ -283,17 +282,8 @@ class _ItemRefresh:
             log.warning("link.dead", item=self.row.source, url=url, found_by="refresh")
 
     def _refreshed(self, rung: Rung, sent: Sent, *, same_bytes: bool = True) -> None:
-        session, row, receipt = self.session, self.row, sent.receipt
-        uploaded_at, expires_at = sent.lifetime(self.op.manifest.settings.ttl)
-        upload = Uploaded(
-            method=rung.send.method,
-            download_url=receipt.download_url,
-            file_id=receipt.file_id,
-            uploaded_at=uploaded_at,
-            expires_at=expires_at,
-            size=sent.size,
-            sha256=sent.sha256,
-        )
+        session, row = self.session, self.row
+        upload = sent.uploaded(rung.send.method, self.op.manifest.settings.ttl, row.source)
         made = self.attempts.made
         update = ItemUpdate.refreshed(row, upload, attempts=made, same_bytes=same_bytes)
         session.ledger.put_item(update)

@@ -37,7 +37,6 @@ from migrator.model import (
     Method,
     PlanItem,
     SourceKind,
-    Uploaded,
 )
 from migrator.plan import check_plan, expand
 from migrator.resume import Decision, decide
@@ -245,17 +244,8 @@ class _ItemUpload:
         session.finish(self.item.source, outcome, error)
 
     def _record_done(self, method: Method, sent: Sent) -> None:
-        session, item, receipt = self.session, self.item, sent.receipt
-        uploaded_at, expires_at = sent.lifetime(session.manifest.settings.ttl)
-        upload = Uploaded(
-            method=method,
-            download_url=receipt.download_url,
-            file_id=receipt.file_id,
-            uploaded_at=uploaded_at,
-            expires_at=expires_at,
-            size=sent.size,
-            sha256=sent.sha256,
-        )
+        session, item = self.session, self.item
+        upload = sent.uploaded(method, session.manifest.settings.ttl, item.source)
         update = ItemUpdate.done(
             session.target_id,
             item,
@@ -265,5 +255,5 @@ class _ItemUpload:
             attempts=self.attempts.made,
         )
         session.ledger.put_item(update)
-        log.info("upload.done", item=item.source, method=method, url=receipt.download_url)
+        log.info("upload.done", item=item.source, method=method, url=upload.download_url)
         session.finish(item.source, Outcome.UPLOADED)

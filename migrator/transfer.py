@@ -39,12 +39,32 @@ from migrator.errors import (
     SourceGoneError,
     UploadError,
 )
-from migrator.model import AttemptRecord, Method, SourceKind, UploadReceipt
+from migrator.logs import get_logger
+from migrator.model import AttemptRecord, Method, SourceKind, Uploaded, UploadReceipt
 from migrator.naming import substitute_url
 from migrator.pacer import Pacer, Sleep, is_throttle
 from migrator.retry import RetryPolicy, backoff_delay, should_retry
 
 T = TypeVar("T")
+log = get_logger("migrator.transfer")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How long and how much: the bounds every request of a command works within."""
+
+    timeout: float = 120.0  # a read that waits longer than this fails (and is retried)
+    min_rate: int = 16 * 1024  # bytes/s: a whole transfer slower than this is given up
+    max_size: int = 10 * 1024**3  # the most bytes read from a body of unknown size
+
+    def deadline(self, size: int | None) -> float:
+        """Seconds one attempt may take in all: a drip-feeding peer cannot hold a worker
+        for ever, however often it sends one more byte (pure)."""
+        return self.timeout + (self.max_size if size is None else size) / self.min_rate
+
+    def body_limit(self, size: int | None) -> int:
+        """The most bytes to accept from a body expected to be `size` long (pure)."""
+        return self.max_size if size is None else size
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +78,7 @@ class Connection:
     url_vars: Mapping[str, str]  # substitutions for URL sources (${EMBEDDED_ORIGIN})
     pacer: Pacer = field(default_factory=Pacer)
     clock: ServiceClock = field(default_factory=ServiceClock)
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def api(self) -> UploadClient:
@@ -106,17 +127,59 @@ class Sent:
         """(uploaded_at, expires_at); see `upload_lifetime`."""
         return upload_lifetime(self.receipt, self.received_at, ttl)
 
+    def uploaded(self, method: Method, ttl: float, label: str) -> Uploaded:
+        """What this upload proved, for the ledger; answer times not believed are said."""
+        doubt = lifetime_doubt(self.receipt, self.received_at)
+        if doubt is not None:
+            log.warning("upload.times_not_believed", item=label, reason=doubt, ttl=ttl)
+        uploaded_at, expires_at = self.lifetime(ttl)
+        return Uploaded(
+            method=method,
+            download_url=self.receipt.download_url,
+            file_id=self.receipt.file_id,
+            uploaded_at=uploaded_at,
+            expires_at=expires_at,
+            size=self.size,
+            sha256=self.sha256,
+        )
+
+
+EARLIEST_TIME = 1_577_836_800.0  # 2020-01-01: no answer of this service is older
+LONGEST_STATED_LIFE = 30 * 86_400.0  # an expiresAt further ahead is not believed
+UPLOADED_AT_SLACK = 3_600.0  # how far an uploadedAt may stray from the answer's own time
+
 
 def upload_lifetime(receipt: UploadReceipt, received_at: float, ttl: float) -> tuple[float, float]:
-    """(uploaded_at, expires_at) of an upload (pure).
+    """(uploaded_at, expires_at) of an upload (pure); `received_at` on the service's clock.
 
-    The service's `expiresAt` is trusted when the answer has it, as the docs say; the
-    endpoint pages' shape has none, so it is `uploadedAt`/`uploadTime` (or, without
-    that either, the moment the answer arrived here) plus `ttl`.
+    The service's `expiresAt` is trusted when the answer has a believable one, as the
+    docs say; the endpoint pages' shape has none, so it is `uploadedAt`/`uploadTime`
+    (or, without that either, the moment the answer arrived) plus `ttl`. A time
+    outside reason (before 2020, an expiry already past or more than 30 days ahead,
+    an upload time far from the answer's) is not believed: one bad answer must not
+    make every item look expired, or break every later command.
     """
-    uploaded_at = receipt.uploaded_at if receipt.uploaded_at is not None else received_at
-    expires_at = receipt.expires_at if receipt.expires_at is not None else uploaded_at + ttl
+    uploaded_at = receipt.uploaded_at
+    if uploaded_at is None or abs(uploaded_at - received_at) > UPLOADED_AT_SLACK:
+        uploaded_at = received_at
+    expires_at = receipt.expires_at
+    if expires_at is None or lifetime_doubt(receipt, received_at) is not None:
+        expires_at = uploaded_at + ttl
     return uploaded_at, expires_at
+
+
+def lifetime_doubt(receipt: UploadReceipt, received_at: float) -> str | None:
+    """Why the answer's times are not believed, or None (pure)."""
+    expires_at = receipt.expires_at
+    if expires_at is not None:
+        if expires_at < EARLIEST_TIME or expires_at <= received_at:
+            return "expiresAt is already past"
+        if expires_at > received_at + LONGEST_STATED_LIFE:
+            return "expiresAt is more than 30 days ahead"
+    uploaded_at = receipt.uploaded_at
+    if uploaded_at is not None and abs(uploaded_at - received_at) > UPLOADED_AT_SLACK:
+        return "uploadedAt is far from the time of the answer"
+    return None
 
 
 class Meter:
@@ -217,6 +280,7 @@ async def _stream_through(conn: Connection, job: Send, meter: Meter) -> Sent:
                 file_name=job.file_name,
                 size=size,
                 on_chunk=meter,
+                limit=conn.limits.body_limit(job.size),
             )
     except (aiohttp.ClientError, TimeoutError) as err:
         raise RetryableError(f"origin {url} failed: {describe(err)}") from None
@@ -376,6 +440,7 @@ class Step(Generic[T]):
     action: str  # base64, stream, url, download, probe
     via: str  # the source or link it reads, for the log
     call: Callable[[Meter], Awaitable[T]]
+    size: int | None = None  # bytes it moves, when known: sets its deadline
 
 
 def upload_step(conn: Connection, job: Send) -> Step[Sent]:
@@ -384,7 +449,7 @@ def upload_step(conn: Connection, job: Send) -> Step[Sent]:
     async def call(meter: Meter) -> Sent:
         return await send(conn, job, meter)
 
-    return Step(job.action, job.source, call)
+    return Step(job.action, job.source, call, job.size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,6 +530,7 @@ class Attempts:
     sleep: Sleep  # False when a stop cut the sleep short
     on_bytes: Callable[[int], None]
     on_attempt: Callable[[AttemptReport], None]
+    limits: Limits = field(default_factory=Limits)
     made: int = 0
 
     async def first_that_works(self, steps: Sequence[Step[T]]) -> tuple[Step[T], T]:
@@ -522,7 +588,7 @@ class Attempts:
             )
 
         try:
-            result = await step.call(meter)
+            result = await self._within_deadline(step, meter)
         except MigratorError as err:
             meter.rewind()
             self._tell_pacer(err, sent_at)
@@ -535,6 +601,17 @@ class Attempts:
         self.pacer.succeeded()
         report("ok", None)
         return result
+
+    async def _within_deadline(self, step: Step[T], meter: Meter) -> T:
+        deadline = self.limits.deadline(step.size)
+        try:
+            async with asyncio.timeout(deadline):
+                return await step.call(meter)
+        except TimeoutError:
+            raise RetryableError(
+                f"{step.action} of {step.via} took more than {deadline:.0f} s "
+                f"({meter.total} bytes moved): too slow"
+            ) from None
 
     def _tell_pacer(self, err: MigratorError, sent_at: float) -> None:
         if isinstance(err, RetryableError) and is_throttle(err.status, err.retry_after):

@@ -92,6 +92,17 @@ def parse_bandwidth(value: str | int) -> int:
     return rate
 
 
+MAX_DURATION = 366 * 86_400.0  # a timeout longer than a year is a typo
+
+
+def parse_positive_duration(value: str | int | float) -> float:
+    """A duration above 0 and at most a year: timeouts."""
+    seconds = parse_duration(value)
+    if not 0 < seconds <= MAX_DURATION:
+        raise ValueError("must be more than 0s and at most a year")
+    return seconds
+
+
 def format_size(size: int | float | None) -> str:
     """Bytes -> `1.5 MiB`; None -> `?`."""
     if size is None:
@@ -126,7 +137,10 @@ def iso_utc(timestamp: float | None) -> str | None:
     """POSIX seconds -> `2025-01-18T10:30:00Z` (milliseconds kept when present)."""
     if timestamp is None:
         return None
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    try:
+        moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    except (OverflowError, OSError, ValueError):  # a ledger holding a time from no calendar
+        return None
     if moment.microsecond:
         return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
