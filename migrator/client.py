@@ -38,6 +38,7 @@ from migrator.errors import (
     AuthRejectedError,
     EndpointError,
     NoServiceError,
+    NotTheApiError,
     PermanentError,
     RetryableError,
     UploadError,
@@ -50,6 +51,7 @@ STREAM_ENDPOINT = "/api/file-stream-upload"
 URL_ENDPOINT = "/api/file-url-upload"
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
+GATEWAY_STATUSES = frozenset({502, 504})  # a proxy's answer: the service may have acted
 MAX_MESSAGE = 300
 MAX_ANSWER_BYTES = 1024 * 1024  # the service answers a small JSON envelope
 _MILLIS_THRESHOLD = 1e11  # epoch numbers above this are milliseconds (year 5138 in seconds)
@@ -106,7 +108,7 @@ def parse_response(
     if not 200 <= status < 300:
         raise _error_for_status(status, message, headers, now=now)
     if envelope is None:
-        raise NoServiceError(
+        raise NotTheApiError(
             f"the service answered HTTP {status} with a body that is not a JSON object "
             "(a proxy or gateway in the way?)",
             status=status,
@@ -130,6 +132,7 @@ def _error_for_status(
             _one_line(f"the service answered HTTP {status}: {message}"),
             status=status,
             retry_after=retry_after_seconds(headers, now=now),
+            uncertain=status in GATEWAY_STATUSES,
         )
     return PermanentError(
         _one_line(f"the service refused the upload (HTTP {status}): {message}"), status=status
@@ -667,17 +670,24 @@ def _transport_error(err: BaseException, base_url: str, read_timeout: float) -> 
         return NoServiceError(f"timed out connecting to {base_url}")
     if isinstance(err, TimeoutError):
         return RetryableError(
-            f"timed out waiting for the service at {base_url} (no answer within {read_timeout:g} s)"
+            f"timed out waiting for the service at {base_url} (no answer within {read_timeout:g} s)",
+            uncertain=True,
         )
     if isinstance(err, aiohttp.ClientConnectorError):
         return NoServiceError(_connector_message(err, base_url))
     if isinstance(err, aiohttp.ServerDisconnectedError):
-        return RetryableError(f"the service at {base_url} closed the connection before answering")
+        return RetryableError(
+            f"the service at {base_url} closed the connection before answering", uncertain=True
+        )
     if isinstance(err, aiohttp.ClientPayloadError):
-        return RetryableError(f"the answer of the service at {base_url} was cut off")
+        return RetryableError(
+            f"the answer of the service at {base_url} was cut off", uncertain=True
+        )
     if isinstance(err, aiohttp.ClientOSError):
         reason = err.strerror or "connection error"
-        return RetryableError(_one_line(f"connection to {base_url} failed: {reason}"))
+        return RetryableError(
+            _one_line(f"connection to {base_url} failed: {reason}"), uncertain=True
+        )
     if isinstance(err, aiohttp.ClientResponseError):
         return RetryableError(_one_line(f"the service at {base_url} sent a malformed answer"))
     return RetryableError(_one_line(f"request to {base_url} failed: {type(err).__name__}"))

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 
 SKEW_WARNING = 60.0  # seconds between the service's clock and ours worth a warning
+RESOLUTION = 1.5  # a Date has whole seconds: a smaller offset is noise, taken as none
 OFFSET_FACT = "service_clock_offset"  # the ledger fact holding the latest offset
 
 
@@ -52,7 +53,13 @@ class ServiceClock:
 
     def now(self) -> float:
         """The service's time now, in POSIX seconds."""
-        return self._local() + (self.offset or 0.0)
+        return self._local() + self.correction
+
+    @property
+    def correction(self) -> float:
+        """What to add to our clock: the offset, unless it is below what a Date can tell."""
+        offset = self.offset or 0.0
+        return offset if abs(offset) >= RESOLUTION else 0.0
 
     def observe(self, headers: Mapping[str, str]) -> None:
         """Learn from one answer's headers (its `Date`)."""

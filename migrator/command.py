@@ -92,6 +92,7 @@ class CommandOptions:
         return Pacer(
             tps_limit=self.tps_limit if self.tps_limit is not None else settings.tps_limit,
             bwlimit=self.bwlimit if self.bwlimit is not None else settings.bwlimit,
+            outage_limit=settings.outage_limit,
         )
 
 

@@ -12,13 +12,15 @@
     │   └── DestinationDiskError  the destination's disk failed: the download stops (exit 74)
     └── UploadError               one request (to the service or an origin) did not succeed
         ├── RetryableError        connection error, timeout, 408, 429, 5xx, error code in a 200
-        │   └── NoServiceError    nothing at the base URL answers like the API
+        │   └── NoServiceError    nothing at the base URL answers (exit 69)
+        │       └── NotTheApiError  something answers, not like the API (exit 2)
         ├── PermanentError        400 and other 4xx: this item fails for good
         │   ├── LinkGoneError     one of our links answers 404/410: the file is gone
         │   └── SourceGoneError   the source no longer has the bytes (deleted, changed)
         └── RunStoppingError      no item can succeed: the whole run stops
             ├── AuthRejectedError 401/403: the key is wrong (exit 3)
-            └── EndpointError     404/405 on an API endpoint: the base URL is wrong (exit 2)
+            ├── EndpointError     404/405 on an API endpoint: the base URL is wrong (exit 2)
+            └── ServiceUnavailableError  every request failed past the outage limit (exit 69)
 
     Interrupted                   not an error of the user's: a stop was requested while
                                   an item waited to retry
@@ -43,6 +45,7 @@ class ExitCode(IntEnum):
     ITEMS_FAILED = 1
     USAGE = 2
     AUTH = 3
+    UNAVAILABLE = 69  # the service or the network is unavailable: try again later
     INTERNAL = 70  # a bug of ours: the traceback is in the log file, not on the screen
     IO = 74  # the local disk failed us (full, read-only, gone)
     LOCKED = 75
@@ -135,25 +138,41 @@ class ManifestError(MigratorError):
 
 
 class UploadError(MigratorError):
-    """A request to the File Upload API did not succeed."""
+    """A request to the File Upload API (or an origin) did not succeed.
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    `uncertain`: the request may have reached the service and been acted on though no
+    good answer came (a read timeout, a connection cut after sending, a gateway's 502):
+    the upload may still land later, and replace what a retry put there.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, uncertain: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.uncertain = uncertain
 
 
 class RetryableError(UploadError):
     def __init__(
-        self, message: str, *, status: int | None = None, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        uncertain: bool = False,
     ) -> None:
-        super().__init__(message, status=status)
+        super().__init__(message, status=status, uncertain=uncertain)
         self.retry_after = retry_after
 
 
 class NoServiceError(RetryableError):
-    """Nothing at the base URL answers like the API: the connection is refused, the host
-    is unknown, TLS or the connect fails, or a 2xx answer is not JSON. Retried like any
-    RetryableError; a command in which nothing has succeeded yet stops on it."""
+    """Nothing at the base URL answers: the connection is refused, the host is unknown,
+    TLS or the connect fails. Retried like any RetryableError; a command in which nothing
+    has succeeded yet stops on it (exit 69: try again later)."""
+
+
+class NotTheApiError(NoServiceError):
+    """Something at the base URL answers, but not like the API (a 2xx that is not JSON):
+    a command in which nothing has succeeded yet stops on it (exit 2: check the URL)."""
 
 
 class PermanentError(UploadError):
@@ -185,6 +204,14 @@ class EndpointError(RunStoppingError):
     outcome = "endpoint"
 
 
+class ServiceUnavailableError(RunStoppingError):
+    """The service failed every request for longer than the outage limit: the command
+    stops, items not done stay as they were, and the next run goes on (exit 69)."""
+
+    exit_code = ExitCode.UNAVAILABLE
+    outcome = "unavailable"
+
+
 class Interrupted(Exception):
     """A stop was requested while an item waited to retry."""
 
@@ -194,7 +221,8 @@ class StopReason(StrEnum):
 
     AUTH = "auth"  # the service rejected the key
     ENDPOINT = "endpoint"  # the base URL does not serve the API
-    NO_SERVICE = "no_service"  # nothing answered before anything worked
+    NO_SERVICE = "no_service"  # something answered, but not like the API, before anything worked
+    UNAVAILABLE = "unavailable"  # the service or network did not answer: try again later
     DISK = "disk"  # a local disk failed (a download's destination)
     SIGINT = "sigint"
     SIGTERM = "sigterm"
@@ -208,6 +236,7 @@ _STOP_EXIT_CODES = {
     StopReason.AUTH: ExitCode.AUTH,
     StopReason.ENDPOINT: ExitCode.USAGE,
     StopReason.NO_SERVICE: ExitCode.USAGE,
+    StopReason.UNAVAILABLE: ExitCode.UNAVAILABLE,
     StopReason.DISK: ExitCode.IO,
     StopReason.SIGINT: ExitCode.INTERRUPTED_INT,
     StopReason.SIGTERM: ExitCode.INTERRUPTED_TERM,
@@ -225,8 +254,12 @@ def stop_reason_for(error: BaseException, *, anything_worked: bool) -> StopReaso
         return StopReason.AUTH
     if isinstance(error, EndpointError):
         return StopReason.ENDPOINT
-    if isinstance(error, NoServiceError) and not anything_worked:
+    if isinstance(error, ServiceUnavailableError):
+        return StopReason.UNAVAILABLE
+    if isinstance(error, NotTheApiError) and not anything_worked:
         return StopReason.NO_SERVICE
+    if isinstance(error, NoServiceError) and not anything_worked:
+        return StopReason.UNAVAILABLE
     if isinstance(error, DestinationDiskError):
         return StopReason.DISK
     return None
@@ -236,6 +269,11 @@ def stop_message(reason: StopReason, error: BaseException) -> str:
     """The one line a command prints when `error` stopped it."""
     if reason is StopReason.NO_SERVICE:
         return f"{error}; is target.base_url right? Nothing was marked failed: run again"
+    if reason is StopReason.UNAVAILABLE:
+        return (
+            f"{error}; the service is unavailable (or target.base_url is wrong): "
+            "nothing was marked failed, run again later"
+        )
     return str(error)
 
 

@@ -77,6 +77,7 @@ _SETTING_KEYS = (
     "connect_timeout",
     "min_rate",
     "max_size",
+    "outage_limit",
 )
 _SOURCE_KINDS = ("path", "glob", "url", "url_list")
 _OPTION_KEYS = ("file_name", "upload_path", "method")
@@ -441,6 +442,7 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
     connect_timeout = _setting_parsed(reader, keys, "connect_timeout", parse_positive_duration)
     min_rate = _setting_parsed(reader, keys, "min_rate", parse_bandwidth)
     max_size = _setting_parsed(reader, keys, "max_size", parse_bandwidth)
+    outage_limit = _setting_parsed(reader, keys, "outage_limit", parse_positive_duration)
     settings = Settings(
         concurrency=d.concurrency if concurrency is None else concurrency,
         base64_max=d.base64_max if base64_max is None else base64_max,
@@ -454,6 +456,7 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
         connect_timeout=d.connect_timeout if connect_timeout is None else connect_timeout,
         min_rate=d.min_rate if min_rate is None else min_rate,
         max_size=d.max_size if max_size is None else max_size,
+        outage_limit=d.outage_limit if outage_limit is None else outage_limit,
     )
     valid_ttl = (ttl is not None or "ttl" not in keys) and (
         refresh_within is not None or "refresh_within" not in keys

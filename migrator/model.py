@@ -69,6 +69,7 @@ class Settings:
     connect_timeout: float = 15.0  # seconds to open a connection
     min_rate: int = 16 * KIB  # bytes/s below which a whole transfer is given up on
     max_size: int = 10 * GIB  # the most bytes read from a body whose size nobody told
+    outage_limit: float = 600.0  # seconds the service may fail every request before a stop
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from migrator.errors import (
 from migrator.logs import get_logger
 from migrator.model import AttemptRecord, Method, SourceKind, Uploaded, UploadReceipt
 from migrator.naming import substitute_url
-from migrator.pacer import Pacer, Sleep, is_throttle
+from migrator.pacer import Pacer, Sleep, Ticket, is_throttle
 from migrator.retry import RetryPolicy, backoff_delay, should_retry
 
 T = TypeVar("T")
@@ -370,7 +370,8 @@ def _link_check(what: str, response: aiohttp.ClientResponse, size: int | None) -
 async def read_service_clock(conn: Connection, sleep: Sleep) -> None:
     """Ask the service anything, to read its clock from the answer's Date (and keep
     nothing else); a service that does not answer leaves the clock as it was."""
-    await conn.pacer.request(sleep)
+    ticket = await conn.pacer.request(sleep)
+    conn.pacer.released(ticket)
     with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
         async with conn.origins.get(
             conn.base_url + "/", allow_redirects=False, timeout=aiohttp.ClientTimeout(total=10)
@@ -532,6 +533,7 @@ class Attempts:
     on_attempt: Callable[[AttemptReport], None]
     limits: Limits = field(default_factory=Limits)
     made: int = 0
+    _probed: bool = False  # the last attempt probed an open breaker
 
     async def first_that_works(self, steps: Sequence[Step[T]]) -> tuple[Step[T], T]:
         last_error: MigratorError | None = None
@@ -558,16 +560,21 @@ class Attempts:
             try:
                 return await self._once(step, tries, more_steps)
             except UploadError as err:
+                if self._probed:  # a probe of a service that is down costs no retry
+                    tries -= 1
                 if not should_retry(self.policy, err, tries):
                     raise
                 retry_after = err.retry_after if isinstance(err, RetryableError) else None
-                delay = backoff_delay(self.policy, tries, retry_after=retry_after, rng=self.rng)
+                delay = backoff_delay(
+                    self.policy, max(tries, 1), retry_after=retry_after, rng=self.rng
+                )
                 if not await self.sleep(delay):
                     raise Interrupted(str(err)) from err
 
     async def _once(self, step: Step[T], tries: int, more_steps: bool) -> T:
         meter = Meter(self.pacer, self.sleep, self.on_bytes)
-        sent_at = await self.pacer.request(self.sleep)
+        ticket = await self.pacer.request(self.sleep)
+        self._probed = ticket.probe
         started, clock = time.time(), time.monotonic()
 
         def report(outcome: str, error: MigratorError | None) -> None:
@@ -591,14 +598,15 @@ class Attempts:
             result = await self._within_deadline(step, meter)
         except MigratorError as err:
             meter.rewind()
-            self._tell_pacer(err, sent_at)
+            self._tell_pacer(err, ticket)
             report(_outcome(err, self.policy, tries, more_steps), err)
             raise
         except (asyncio.CancelledError, Interrupted):
             meter.rewind()
+            self.pacer.released(ticket)
             report("interrupted", None)
             raise
-        self.pacer.succeeded()
+        self.pacer.succeeded(ticket)
         report("ok", None)
         return result
 
@@ -613,9 +621,15 @@ class Attempts:
                 f"({meter.total} bytes moved): too slow"
             ) from None
 
-    def _tell_pacer(self, err: MigratorError, sent_at: float) -> None:
+    def _tell_pacer(self, err: MigratorError, ticket: Ticket) -> None:
         if isinstance(err, RetryableError) and is_throttle(err.status, err.retry_after):
-            self.pacer.throttled(sent_at, err.retry_after)
+            self.pacer.throttled(ticket, err.retry_after)
+        elif isinstance(err, RetryableError):
+            self.pacer.failed(ticket, str(err))
+        elif isinstance(err, UploadError):
+            self.pacer.answered(ticket)
+        else:
+            self.pacer.released(ticket)
 
 
 def _outcome(error: MigratorError, policy: RetryPolicy, tries: int, more_steps: bool) -> str:

@@ -49,7 +49,7 @@ from migrator.model import ItemState, ItemUpdate, Method, SourceKind
 pytestmark = pytest.mark.timeout(60)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
 
-USAGE, AUTH, IO, LOCKED = 2, 3, 74, 75
+USAGE, AUTH, UNAVAILABLE, IO, LOCKED = 2, 3, 69, 74, 75
 
 
 def write_job(
@@ -432,7 +432,7 @@ async def test_a_wrong_key_exits_3_with_one_line(job: Path, emulator: Emulator) 
 # -- the base URL ----------------------------------------------------------------------------
 
 
-async def test_a_base_url_that_refuses_connections_exits_2_and_fails_no_item(
+async def test_a_base_url_that_refuses_connections_exits_69_and_fails_no_item(
     tmp_path: Path,
 ) -> None:
     base_url = dead_base_url()
@@ -440,7 +440,7 @@ async def test_a_base_url_that_refuses_connections_exits_2_and_fails_no_item(
 
     result = await run_cli("run", str(manifest), "--no-progress", key="some-key-1234")
 
-    assert result.code == USAGE
+    assert result.code == UNAVAILABLE
     line = result.one_error_line()
     assert f"connection refused to {base_url}" in line and "target.base_url" in line
     assert "failed" not in set(ledger_states(manifest.parent / "ledger.sqlite").values())
@@ -471,7 +471,7 @@ async def test_a_web_site_that_is_not_the_api_exits_2_and_fails_no_item(tmp_path
     assert "failed" not in set(ledger_states(manifest.parent / "ledger.sqlite").values())
 
 
-async def test_refresh_against_a_service_gone_away_exits_2_and_keeps_every_link(
+async def test_refresh_against_a_service_gone_away_exits_69_and_keeps_every_link(
     tmp_path: Path, api_key: str
 ) -> None:
     async with Emulator(tmp_path / "emu", api_key) as emu:
@@ -482,7 +482,7 @@ async def test_refresh_against_a_service_gone_away_exits_2_and_keeps_every_link(
 
     result = await run_cli("refresh", str(manifest), "--within", "100d", key=api_key)
 
-    assert result.code == USAGE
+    assert result.code == UNAVAILABLE
     assert "connection refused" in result.one_error_line()
     assert ledger_states(ledger) == before == dict.fromkeys(before, "done")
 
