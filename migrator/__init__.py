@@ -28,7 +28,7 @@ _PUBLIC = {
     "CommandOptions": "migrator.command",
     "CommandSummary": "migrator.command",
     "Observer": "migrator.command",
-    "Outcome": "migrator.command",
+    "Outcome": "migrator.model",
     "configure_logging": "migrator.logs",
     "ExitCode": "migrator.errors",
     "MigratorError": "migrator.errors",
@@ -56,12 +56,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from migrator.command import CommandOptions, CommandSummary, Observer, Outcome
+    from migrator.command import CommandOptions, CommandSummary, Observer
     from migrator.download import DownloadOptions, download
     from migrator.errors import ExitCode, MigratorError, StopReason
     from migrator.logs import configure_logging
     from migrator.manifest import load_manifest
-    from migrator.model import Manifest
+    from migrator.model import Manifest, Outcome
     from migrator.refresh import RefreshOptions, refresh
     from migrator.runner import RunOptions, run_manifest
 

@@ -669,9 +669,9 @@ def _transport_error(err: BaseException, base_url: str, read_timeout: float) -> 
     if isinstance(err, aiohttp.ConnectionTimeoutError):
         return NoServiceError(f"timed out connecting to {base_url}")
     if isinstance(err, TimeoutError):
+        waited = f"no answer within {read_timeout:g} s"
         return RetryableError(
-            f"timed out waiting for the service at {base_url} (no answer within {read_timeout:g} s)",
-            uncertain=True,
+            f"timed out waiting for the service at {base_url} ({waited})", uncertain=True
         )
     if isinstance(err, aiohttp.ClientConnectorError):
         return NoServiceError(_connector_message(err, base_url))

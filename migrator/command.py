@@ -26,20 +26,28 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
 from migrator.clock import OFFSET_FACT, SKEW_WARNING, ServiceClock
 from migrator.connect import connect, read_api_key
-from migrator.errors import ExitCode, StopReason, exit_code_of, stop_message, stop_reason_for
+from migrator.errors import (
+    ExitCode,
+    StopReason,
+    UploadError,
+    exit_code_of,
+    stop_message,
+    stop_reason_for,
+)
 from migrator.ledger import Ledger, locked
 from migrator.logs import get_logger
-from migrator.model import Manifest, Settings
+from migrator.model import ItemUpdate, Manifest, Method, Settings
+from migrator.model import Outcome as Outcome  # public here too: what counts mean
 from migrator.pacer import Pacer, plain_sleep
 from migrator.pool import WorkPool, stop_on_signals
-from migrator.report import CommandResult, publish_outputs
+from migrator.report import CommandResult, as_seen_now, publish_outputs
 from migrator.retry import RetryPolicy
+from migrator.settle import settle_uncertain
 from migrator.transfer import AttemptReport, Attempts, Connection, read_service_clock
 from migrator.units import format_duration, format_size
 
@@ -47,28 +55,8 @@ T = TypeVar("T")
 log = get_logger("migrator.command")
 
 
-class Outcome(StrEnum):
-    """What became of one item in one command."""
-
-    UPLOADED = "uploaded"
-    REFRESHED = "refreshed"
-    DOWNLOADED = "downloaded"
-    ALIVE = "alive"  # verify: the link answers with the recorded size
-    SKIPPED = "skipped"
-    FAILED = "failed"
-    LOST = "lost"  # expired (or dead) with no source left
-    DEAD = "dead"  # the link answers 404/410
-    MISMATCH = "mismatch"  # the link serves another size
-    INTERRUPTED = "interrupted"
-
-    @property
-    def is_bad(self) -> bool:
-        """Outcomes that make the command exit 1."""
-        return self in _BAD_OUTCOMES
-
-
-_BAD_OUTCOMES = frozenset({Outcome.FAILED, Outcome.LOST, Outcome.DEAD, Outcome.MISMATCH})
 _DRY_RUN_VERBS = {"run": "upload", "verify": "probe"}
+UPLOAD_ACTIONS = frozenset(str(method) for method in (Method.BASE64, Method.STREAM, Method.URL))
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +231,7 @@ class CommandSession:
         self.notes: tuple[str, ...] = ()
         self.problems: list[Problem] = []
         self.pool: WorkPool[Any] | None = None
+        self.after_a_kill = False  # the previous command on this ledger was killed
 
     # -- what operations call -----------------------------------------------------------------
 
@@ -252,6 +241,11 @@ class CommandSession:
         def on_attempt(report: AttemptReport) -> None:
             self.anything_worked = self.anything_worked or report.outcome == "ok"
             self.ledger.put_attempt(report.record(run_id=self.run_id, target=self.target_id))
+            if self._uncertain(report):
+                update = ItemUpdate.uncertain(
+                    self.target_id, upload_path, file_name, self.clock.now()
+                )
+                self.ledger.put_item(update)
             log.info(f"{self.name}.attempt", item=label, **report.log_fields())
 
         return Attempts(
@@ -265,6 +259,17 @@ class CommandSession:
             on_attempt=on_attempt,
             limits=self.conn.limits,
         )
+
+    def _uncertain(self, report: AttemptReport) -> bool:
+        """An upload that may land later than its answer: none came, a kill cut it, or
+        the previous command was killed with uploads in flight."""
+        if report.action not in UPLOAD_ACTIONS:
+            return False
+        if report.outcome == "interrupted":
+            return True
+        if isinstance(report.error, UploadError) and report.error.uncertain:
+            return True
+        return self.after_a_kill and report.outcome == "ok"
 
     def finish(self, label: str, outcome: Outcome, error: str | None = None) -> None:
         """Count the item's outcome and tell the observer."""
@@ -300,14 +305,21 @@ class CommandSession:
     # -- what the core does -------------------------------------------------------------------
 
     async def drive(self, operation: Operation[T]) -> None:
+        """The operation's items through the pool; an uploading command first and last
+        settles the uploads whose answer was uncertain."""
         self.pool = WorkPool(self.workers, self._handler(operation), grace_period=self._grace)
+        notes: list[str] = []
         with stop_on_signals(self._signalled, enabled=self.options.handle_signals):
             try:
+                if operation.uses_api:
+                    notes += filter(None, [await settle_uncertain(self)])
                 await self.pool.run(operation.items(self))
+                if operation.uses_api and self.stop_reason is None:
+                    notes += filter(None, [await settle_uncertain(self)])
             except _Stopped as stopped:
                 self.stop_reason = self.stop_reason or stopped.reason
                 self.message = self.message or str(stopped)
-        self.notes = tuple(await operation.conclude(self))
+        self.notes = tuple(notes + await operation.conclude(self))
 
     def summary(self, planned: int, duration: float) -> CommandSummary:
         return CommandSummary(
@@ -411,6 +423,7 @@ async def _with_ledger(
     api_key: str | None,
 ) -> CommandSummary:
     name = operation.name
+    after_a_kill = await _previous_was_killed(ledger)
     run_id = await ledger.start_run(name, str(manifest.path))
     workers = options.workers(manifest.settings)
     log.info(f"{name}.start", job=manifest.name, run_id=run_id, concurrency=workers)
@@ -430,6 +443,7 @@ async def _with_ledger(
             totals = await operation.totals(ledger, clock)
             observer.on_totals(totals.items, totals.local_bytes)
             session = CommandSession(name, manifest, options, ledger, run_id, conn, observer)
+            session.after_a_kill = after_a_kill
             await session.drive(operation)
     except BaseException as err:
         error = err  # recorded as what it is, not as a clean run
@@ -447,6 +461,12 @@ async def _with_ledger(
         result = CommandResult(name, started_wall, int(code))
         await publish_outputs(manifest, ledger, result, metrics_file=options.metrics_file)
     return summary
+
+
+async def _previous_was_killed(ledger: Ledger) -> bool:
+    """The last command on this ledger never finished (kill -9, power loss)."""
+    runs = await ledger.runs(limit=1)
+    return bool(runs) and as_seen_now(runs[0]).status == "did not finish"
 
 
 async def stored_clock(ledger: Ledger) -> ServiceClock:

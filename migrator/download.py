@@ -30,7 +30,6 @@ from migrator.command import (
     CommandSession,
     CommandSummary,
     Observer,
-    Outcome,
     Totals,
     execute,
 )
@@ -48,7 +47,7 @@ from migrator.errors import (
 )
 from migrator.ledger import Ledger
 from migrator.logs import get_logger
-from migrator.model import ItemState, ItemUpdate, LedgerItem, Manifest, SourceKind
+from migrator.model import ItemState, ItemUpdate, LedgerItem, Manifest, Outcome, SourceKind
 from migrator.transfer import Meter, Step, body_chunks, check_link_status, describe, sha256_of
 
 log = get_logger("migrator.download")

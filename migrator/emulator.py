@@ -580,6 +580,7 @@ class Emulator:
         self._requests: deque[EmulatorRequest] = deque(maxlen=keep_requests)
         self._link_requests: deque[LinkRequest] = deque(maxlen=keep_requests)
         self._faults: list[_Fault] = []
+        self._delays: list[list[Any]] = []  # [seconds, count, endpoint] of delay_stores
         self._store: _Store | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -709,6 +710,27 @@ class Emulator:
         if retry_after is not None and retry_after < 0:
             raise ValueError("retry_after cannot be negative")
         self._faults.append(_Fault(status, count, endpoint, retry_after, body_code))
+
+    def delay_stores(self, seconds: float, count: int = 1, *, endpoint: str | None = None) -> None:
+        """Store the next `count` uploads (to `endpoint`, or any) `seconds` after their body
+        arrived, and answer only then: a client that gave up meanwhile sees no answer,
+        though the upload lands (and replaces whatever a retry stored under that name)."""
+        if seconds <= 0 or count < 1:
+            raise ValueError("seconds must be > 0 and count >= 1")
+        if endpoint is not None and endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
+        self._delays.append([seconds, count, endpoint])
+
+    def _take_delay(self, endpoint: str) -> float | None:
+        for delay in self._delays:
+            seconds, count, wanted = delay
+            if wanted in (None, endpoint):
+                if count <= 1:
+                    self._delays.remove(delay)
+                else:
+                    delay[1] = count - 1
+                return float(seconds)
+        return None
 
     def stored_file(self, file_id: str) -> StoredFile | None:
         """The metadata the emulator holds for a fileId (expired ones included)."""
@@ -900,6 +922,9 @@ class Emulator:
             name = received.file_name or random_file_name(
                 received.original_name, received.declared_type
             )
+            delay = self._take_delay(endpoint)
+            if delay is not None:
+                await asyncio.sleep(delay)
             now = self.now()
             stored = StoredFile(
                 file_id=secrets.token_hex(12),

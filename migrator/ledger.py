@@ -52,6 +52,7 @@ from migrator.model import (
 BAD_STATES = (ItemState.FAILED, ItemState.DEAD, ItemState.MISMATCH, ItemState.LOST)
 BUSY_TIMEOUT_MS = 10_000
 WAL_SIZE_LIMIT = 1024 * 1024  # bytes the WAL may keep after a checkpoint
+WAL_CHECKPOINT_PAGES = 100  # the WAL is folded into the file every ~400 KiB
 LOOKUP_CHUNK = 500
 PAGE_SIZE = 1000
 
@@ -138,6 +139,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        version=3,
+        description="uploads whose answer was uncertain, to be checked",
+        statements=(
+            "ALTER TABLE items ADD COLUMN uncertain_at REAL",
+            "CREATE INDEX items_uncertain ON items (target, uncertain_at) "
+            "WHERE uncertain_at IS NOT NULL",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -150,13 +160,13 @@ _CREATE_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
 _ITEM_COLUMNS = (
     "id, target, upload_path, file_name, source, kind, size, mtime_ns, etag, last_modified, "
     "sha256, method, state, download_url, file_id, uploaded_at, expires_at, attempts, "
-    "last_error, downloaded_path, downloaded_at, updated_at, checked_at, dead_at"
+    "last_error, downloaded_path, downloaded_at, updated_at, checked_at, dead_at, uncertain_at"
 )
 _QUALIFIED_ITEM_COLUMNS = ", ".join(f"items.{c.strip()}" for c in _ITEM_COLUMNS.split(","))
 
 # Each field of an ItemUpdate may be KEEP (:keep_<field> is 1: the row keeps its value),
 # None (cleared) or a value; state and the attempt count are always written.
-_REQUIRED = ("source", "kind")  # NOT NULL: checked before ON CONFLICT, so an update that
+_REQUIRED = ("source", "kind", "state")  # NOT NULL: checked before ON CONFLICT, so an update that
 # keeps them passes the row's own values (an item the ledger does not know then fails)
 
 
@@ -172,13 +182,12 @@ def _insert_value(name: str) -> str:
 
 _UPSERT_ITEM = f"""
 INSERT INTO items (
-    target, upload_path, file_name, state, attempts, updated_at, {", ".join(ITEM_UPDATE_FIELDS)}
+    target, upload_path, file_name, attempts, updated_at, {", ".join(ITEM_UPDATE_FIELDS)}
 ) VALUES (
-    :target, :upload_path, :file_name, :state, :attempts_added, :updated_at,
+    :target, :upload_path, :file_name, :attempts_added, :updated_at,
     {", ".join(_insert_value(name) for name in ITEM_UPDATE_FIELDS)}
 )
 ON CONFLICT (target, upload_path, file_name) DO UPDATE SET
-    state = excluded.state,
     attempts = items.attempts + excluded.attempts,
     updated_at = excluded.updated_at,
     {
@@ -222,7 +231,6 @@ def _item_params(update: ItemUpdate, now: float) -> dict[str, object]:
         "target": update.target,
         "upload_path": update.upload_path,
         "file_name": update.file_name,
-        "state": update.state.value,
         "attempts_added": update.attempts_added,
         "updated_at": now,
     }
@@ -281,6 +289,7 @@ def _row_to_item(row: Sequence[Any]) -> LedgerItem:
         updated_at=row[21],
         checked_at=row[22],
         dead_at=row[23],
+        uncertain_at=row[24],
     )
 
 
@@ -318,9 +327,10 @@ def _item_filter(
     expiring_before: float | None,
     alive_at: float | None = None,
     kind: SourceKind | None = None,
+    uncertain: bool = False,
 ) -> tuple[list[str], list[object]]:
     """Conditions (and their parameters) selecting items by state, expiry and kind."""
-    conditions: list[str] = []
+    conditions: list[str] = ["uncertain_at IS NOT NULL"] if uncertain else []
     params: list[object] = []
     if alive_at is not None:
         conditions.append("expires_at IS NOT NULL AND expires_at > ?")
@@ -519,8 +529,10 @@ async def _open_writable(path: Path) -> aiosqlite.Connection:
             await _schema_version(conn, path)
             await _check_integrity(conn, path)
             await conn.execute("PRAGMA journal_mode = WAL")
-            # A WAL left at its high-water mark would hold megabytes a small disk needs.
+            # A WAL left at its high-water mark would hold megabytes a small disk needs:
+            # fold it into the file every few hundred KiB, and shrink it when folded.
             await conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            await conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
             await conn.execute("PRAGMA synchronous = NORMAL")
             await conn.execute("PRAGMA foreign_keys = ON")
             await _migrate(conn, path)
@@ -690,10 +702,12 @@ class Ledger:
             cancelled = await _wait_through_cancellation(write)
             failure = write.exception()
             if isinstance(failure, LedgerError):
-                # Keep the batch (in front, to preserve order) for a later retry.
+                # Keep the batch (in front, to preserve order) for a later retry, and
+                # give back what the WAL holds: on a full disk that may be the room.
                 self._items[:0] = items
                 self._attempts[:0] = attempts
                 self._failure = failure
+                await self._checkpoint()
                 raise failure
             if failure is not None:
                 raise failure
@@ -787,13 +801,15 @@ class Ledger:
         expiring_before: float | None = None,
         alive_at: float | None = None,
         kind: SourceKind | None = None,
+        uncertain: bool = False,
         page_size: int = PAGE_SIZE,
     ) -> AsyncIterator[LedgerItem]:
         """Items ordered by id, read a page at a time: of these `states`, expiring before
-        `expiring_before`, still alive at `alive_at`, of this `kind` (each when given)."""
+        `expiring_before`, still alive at `alive_at`, of this `kind`, whose last upload
+        was uncertain (each when given)."""
         if states is not None and not states:
             return
-        conditions, extra = _item_filter(states, expiring_before, alive_at, kind)
+        conditions, extra = _item_filter(states, expiring_before, alive_at, kind, uncertain)
         where, head = _where(target, "id > ?", *conditions)
         sql = f"SELECT {_ITEM_COLUMNS} FROM items{where} ORDER BY id LIMIT ?"
         last_id = 0

@@ -78,6 +78,7 @@ _SETTING_KEYS = (
     "min_rate",
     "max_size",
     "outage_limit",
+    "settle",
 )
 _SOURCE_KINDS = ("path", "glob", "url", "url_list")
 _OPTION_KEYS = ("file_name", "upload_path", "method")
@@ -443,6 +444,7 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
     min_rate = _setting_parsed(reader, keys, "min_rate", parse_bandwidth)
     max_size = _setting_parsed(reader, keys, "max_size", parse_bandwidth)
     outage_limit = _setting_parsed(reader, keys, "outage_limit", parse_positive_duration)
+    settle = _setting_parsed(reader, keys, "settle", parse_duration)
     settings = Settings(
         concurrency=d.concurrency if concurrency is None else concurrency,
         base64_max=d.base64_max if base64_max is None else base64_max,
@@ -457,6 +459,7 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
         min_rate=d.min_rate if min_rate is None else min_rate,
         max_size=d.max_size if max_size is None else max_size,
         outage_limit=d.outage_limit if outage_limit is None else outage_limit,
+        settle=d.settle if settle is None else settle,
     )
     valid_ttl = (ttl is not None or "ttl" not in keys) and (
         refresh_within is not None or "refresh_within" not in keys

@@ -52,6 +52,29 @@ LINKED_STATES = frozenset({ItemState.DONE, ItemState.DEAD, ItemState.MISMATCH})
 """States whose row records a link (which may or may not still work)."""
 
 
+class Outcome(StrEnum):
+    """What became of one item in one command."""
+
+    UPLOADED = "uploaded"
+    REFRESHED = "refreshed"
+    DOWNLOADED = "downloaded"
+    ALIVE = "alive"  # verify: the link answers with the recorded size
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    LOST = "lost"  # expired (or dead) with no source left
+    DEAD = "dead"  # the link answers 404/410
+    MISMATCH = "mismatch"  # the link serves another size
+    INTERRUPTED = "interrupted"
+
+    @property
+    def is_bad(self) -> bool:
+        """Outcomes that make the command exit 1."""
+        return self in _BAD_OUTCOMES
+
+
+_BAD_OUTCOMES = frozenset({Outcome.FAILED, Outcome.LOST, Outcome.DEAD, Outcome.MISMATCH})
+
+
 # -- the manifest ---------------------------------------------------------------------------
 
 
@@ -70,6 +93,7 @@ class Settings:
     min_rate: int = 16 * KIB  # bytes/s below which a whole transfer is given up on
     max_size: int = 10 * GIB  # the most bytes read from a body whose size nobody told
     outage_limit: float = 600.0  # seconds the service may fail every request before a stop
+    settle: float = 15.0  # seconds an upload whose answer never came gets to land
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +248,7 @@ class LedgerItem:
     updated_at: float | None = None
     checked_at: float | None = None  # when a check last found its link serving its bytes
     dead_at: float | None = None  # when its link was found dead (or serving other bytes)
+    uncertain_at: float | None = None  # an upload whose answer never came may land later
 
     @property
     def key(self) -> tuple[str, str]:
@@ -288,7 +313,7 @@ class ItemUpdate:
     target: str
     upload_path: str
     file_name: str
-    state: ItemState
+    state: ItemState | Keep
     source: str | Keep = KEEP
     kind: SourceKind | Keep = KEEP
     size: int | Keep | None = KEEP
@@ -306,6 +331,7 @@ class ItemUpdate:
     downloaded_at: float | Keep | None = KEEP
     checked_at: float | Keep | None = KEEP
     dead_at: float | Keep | None = KEEP
+    uncertain_at: float | Keep | None = KEEP
     attempts_added: int = 0
 
     @classmethod
@@ -419,7 +445,8 @@ class ItemUpdate:
 
     @classmethod
     def link_alive(cls, row: LedgerItem, at: float) -> ItemUpdate:
-        """A check found the row's link serving its bytes (a dead one came back)."""
+        """A check found the row's link serving its bytes (a dead one came back); any
+        doubt about a late upload is settled."""
         return cls(
             row.target,
             row.upload_path,
@@ -427,8 +454,15 @@ class ItemUpdate:
             ItemState.DONE,
             checked_at=at,
             dead_at=None,
+            uncertain_at=None,
             last_error=None if row.state is not ItemState.DONE else KEEP,
         )
+
+    @classmethod
+    def uncertain(cls, target: str, upload_path: str, file_name: str, at: float) -> ItemUpdate:
+        """An upload of this item may land later than its answer (none came, or a kill cut
+        it): its link is to be checked once that had time to happen."""
+        return cls(target, upload_path, file_name, KEEP, uncertain_at=at)
 
     @classmethod
     def link_dead(
@@ -443,6 +477,7 @@ class ItemUpdate:
             state,
             last_error=reason,
             dead_at=row.dead_at if row.dead_at is not None else at,
+            uncertain_at=None,
             attempts_added=attempts,
         )
 
@@ -474,6 +509,7 @@ def _described_source(item: PlanItem) -> dict[str, Any]:
 
 
 ITEM_UPDATE_FIELDS: tuple[str, ...] = (
+    "state",
     "source",
     "kind",
     "size",
@@ -491,5 +527,6 @@ ITEM_UPDATE_FIELDS: tuple[str, ...] = (
     "downloaded_at",
     "checked_at",
     "dead_at",
+    "uncertain_at",
 )
 """The fields of an ItemUpdate that may be kept, cleared or set."""

@@ -26,7 +26,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from migrator.command import Observer, Outcome
+from migrator.command import Observer
+from migrator.model import Outcome
 from migrator.units import format_duration, format_size
 
 

@@ -33,7 +33,6 @@ from migrator.command import (
     CommandSession,
     CommandSummary,
     Observer,
-    Outcome,
     Totals,
     execute,
 )
@@ -47,6 +46,7 @@ from migrator.model import (
     LedgerItem,
     Manifest,
     Method,
+    Outcome,
     Settings,
     SourceKind,
 )

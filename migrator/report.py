@@ -105,12 +105,12 @@ async def build_status(manifest: Manifest, *, now: float | None = None) -> Statu
             next_expiry=await ledger.next_expiry(target),
             expiring=tuple(zip(EXPIRY_HORIZONS, histogram, strict=True)),
             failures=tuple(await ledger.recent_failures(target, limit=20)),
-            last_run=_as_seen_now(runs[0]) if runs else None,
+            last_run=as_seen_now(runs[0]) if runs else None,
             downloaded=downloaded,
             last_download=last_download,
             clock_offset=offset,
             last_by_command=tuple(
-                _as_seen_now(run) for run in await ledger.last_runs(LIFECYCLE_COMMANDS)
+                as_seen_now(run) for run in await ledger.last_runs(LIFECYCLE_COMMANDS)
             ),
             deaths_note=deaths.note(manifest.settings.refresh_within),
         )
@@ -120,7 +120,7 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _as_seen_now(run: RunRow) -> RunRow:
+def as_seen_now(run: RunRow) -> RunRow:
     """A run still marked running whose process is gone was killed (kill -9, power loss):
     say so rather than "running". A pid in use again (or on another host) is believed."""
     if run.status != "running" or run.pid is None or run.pid <= 0 or _alive(run.pid):

@@ -20,7 +20,6 @@ from migrator.command import (
     CommandSession,
     CommandSummary,
     Observer,
-    Outcome,
     Totals,
     execute,
     stored_clock,
@@ -35,6 +34,7 @@ from migrator.model import (
     LedgerItem,
     Manifest,
     Method,
+    Outcome,
     PlanItem,
     SourceKind,
 )

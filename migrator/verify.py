@@ -25,7 +25,6 @@ from migrator.command import (
     CommandSession,
     CommandSummary,
     Observer,
-    Outcome,
     Totals,
     execute,
 )
@@ -33,7 +32,8 @@ from migrator.errors import Interrupted, UploadError
 from migrator.ledger import Ledger
 from migrator.lifetimes import DEATHS_FACT, Deaths
 from migrator.logs import get_logger
-from migrator.model import LINKED_STATES, ItemState, ItemUpdate, LedgerItem, Manifest
+from migrator.model import LINKED_STATES, ItemState, ItemUpdate, LedgerItem, Manifest, Outcome
+from migrator.settle import link_verdict
 from migrator.transfer import LinkCheck, Step, check_link
 
 log = get_logger("migrator.verify")
@@ -81,15 +81,6 @@ async def verify(
     opts = options or VerifyOptions()
     operation = VerifyOperation(manifest, opts)
     return await execute(operation, manifest, opts, observer, environ=environ)
-
-
-def link_verdict(check: LinkCheck, recorded_size: int | None) -> Outcome:
-    """What a probe says of a link (pure): alive, dead, or serving another size."""
-    if check.gone:
-        return Outcome.DEAD
-    if recorded_size is not None and check.size is not None and check.size != recorded_size:
-        return Outcome.MISMATCH
-    return Outcome.ALIVE
 
 
 @dataclass(slots=True)

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from migrator.command import CommandSummary, Outcome
+from migrator.command import CommandSummary
 from migrator.ledger import RunRow
-from migrator.model import HOUR, PlanItem
+from migrator.model import HOUR, Outcome, PlanItem
 from migrator.report import StatusReport
 from migrator.resume import Decision
 from migrator.units import format_duration, format_size, iso_utc

@@ -223,13 +223,14 @@ def write_manifest(
     **settings: Any,
 ) -> Path:
     """`folder`/job.yaml uploading `sources` to `base_url`, its ledger beside it.
-    `settings` go to the manifest's settings (retries defaults to 1)."""
+    `settings` go to the manifest's settings (retries defaults to 1, and uncertain
+    uploads settle for 1 s, not the 15 s a real service gets)."""
     document = {
         "version": 1,
         "name": name,
         "target": {"base_url": base_url, "upload_path": upload_path},
         "ledger": "ledger.sqlite",
-        "settings": {"retries": 1, **settings},
+        "settings": {"retries": 1, "settle": "1s", **settings},
         "sources": sources,
     }
     path = folder / "job.yaml"

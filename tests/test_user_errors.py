@@ -71,7 +71,7 @@ def write_job(
         "name": "hostile",
         "target": {"base_url": base_url},
         "ledger": "ledger.sqlite",
-        "settings": {"retries": 1, "concurrency": 4},
+        "settings": {"retries": 1, "concurrency": 4, "settle": "1s"},
         "sources": sources or [{"glob": "./data/*.txt"}],
         **top,
     }
