@@ -570,6 +570,17 @@ def _add_emulator_command(commands: argparse._SubParsersAction[argparse.Argument
     sub.add_argument(
         "--url-timeout", default="30s", help="time allowed to fetch a URL upload (default 30s)"
     )
+    sub.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.0,
+        help="answer this share of upload requests (0-1) with a random fault: 500, an error "
+        "in a 200, 429, a cut connection, a stall, a truncated answer, a proxy's HTML page",
+    )
+    sub.add_argument("--fault-seed", type=int, default=None, help="replay the same faults")
+    sub.add_argument(
+        "--fault-stall", default="5s", help="how long a stalled answer waits (default 5s)"
+    )
     sub.set_defaults(handler=_cmd_emulator)
 
 
@@ -631,6 +642,15 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         clock_offset=convert("--clock-offset", parse_duration, args.clock_offset),
         lifetime=lifetime,
         rate_limit=rate_limit,
+        fault_rate=_fault_rate(args.fault_rate),
+        fault_seed=args.fault_seed,
+        fault_stall=convert("--fault-stall", parse_duration, args.fault_stall),
     )
     asyncio.run(serve(config, lambda url: print(f"emulator listening on {url}", flush=True)))
     return int(ExitCode.OK)
+
+
+def _fault_rate(value: float) -> float:
+    if not 0 <= value <= 1:
+        raise UsageError("--fault-rate: must be between 0 and 1")
+    return value

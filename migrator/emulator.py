@@ -45,6 +45,7 @@ import hmac
 import json
 import math
 import mimetypes
+import random
 import re
 import secrets
 import signal
@@ -153,6 +154,9 @@ class EmulatorConfig:
     clock_offset: float = 0.0
     lifetime: float | None = None
     rate_limit: float | None = None
+    fault_rate: float = 0.0
+    fault_seed: int | None = None
+    fault_stall: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,6 +554,9 @@ class Emulator:
         rate_limit: float | None = None,
         access_log: TextIO | None = None,
         keep_requests: int | None = None,
+        fault_rate: float = 0.0,
+        fault_seed: int | None = None,
+        fault_stall: float = 5.0,
     ) -> None:
         if not api_key:
             raise ValueError("the emulator needs an API key")
@@ -581,6 +588,7 @@ class Emulator:
         self._link_requests: deque[LinkRequest] = deque(maxlen=keep_requests)
         self._faults: list[_Fault] = []
         self._delays: list[list[Any]] = []  # [seconds, count, endpoint] of delay_stores
+        self._chaos = _Chaos(fault_rate, fault_seed, fault_stall)
         self._store: _Store | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -868,13 +876,23 @@ class Emulator:
     async def _upload(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         seen = _Seen()
         size: int | None = None
+        response: web.StreamResponse
         try:
             self._check_auth(request)
             fault = self._take_fault(endpoint)
+            chaos = self._chaos.draw()
             if fault is not None:
                 response = _fault_response(fault)
+            elif chaos is not None and chaos in CHAOS_BEFORE_STORING:
+                response = await _chaos_before_storing(request, chaos)
             else:
+                if chaos == "stall":  # answers (and stores) after the client gave up
+                    await asyncio.sleep(self._chaos.stall)
                 stored = await self._receive_and_store(request, endpoint, seen)
+                if chaos is not None and chaos != "stall":
+                    response = await _chaos_after_storing(request, chaos)
+                    self._log_upload(endpoint, response.status, seen, stored.size)
+                    return response
                 size = stored.size
                 base_url = self._public_base_url(request)
                 body = {
@@ -1092,6 +1110,83 @@ def _error_response(status: int, msg: str, headers: dict[str, str] | None = None
     return web.json_response(error_envelope(status, msg), status=status, headers=headers)
 
 
+CHAOS_BEFORE_STORING: Final = (
+    "500",
+    "body_code",
+    "429",
+    "reset_before",
+    "html_504",
+    "html_413",
+    "not_json",
+)
+CHAOS_AFTER_STORING: Final = ("reset_after", "truncated", "html_502", "stall")
+CHAOS_KINDS: Final = CHAOS_BEFORE_STORING + CHAOS_AFTER_STORING
+NO_ANSWER: Final = 0  # the request log's status of a request whose connection was cut
+
+
+@dataclass(slots=True)
+class _Chaos:
+    """Random faults: each upload request, with probability `rate`, gets one of
+    CHAOS_KINDS (seeded, so a failing test replays)."""
+
+    rate: float = 0.0
+    seed: int | None = None
+    stall: float = 5.0  # seconds a stalled answer waits (longer than the client does)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def draw(self) -> str | None:
+        if self.rate <= 0 or self.rng.random() >= self.rate:
+            return None
+        return self.rng.choice(CHAOS_KINDS)
+
+
+def _html(status: int, title: str) -> web.Response:
+    """What a proxy in front of the service answers: not the envelope, not JSON."""
+    page = f"<html><head><title>{status} {title}</title></head><body>{title}</body></html>"
+    return web.Response(status=status, text=page, content_type="text/html")
+
+
+async def _chaos_before_storing(request: web.Request, kind: str) -> web.StreamResponse:
+    if kind == "500":
+        return _error_response(500, "internal error, please retry (injected)")
+    if kind == "body_code":
+        return web.json_response(error_envelope(500, "injected failure in a 200"))
+    if kind == "429":
+        return _error_response(429, "too many requests", {"Retry-After": "1"})
+    if kind == "html_504":
+        return _html(504, "Gateway Timeout")
+    if kind == "html_413":
+        return _html(413, "Request Entity Too Large")
+    if kind == "not_json":
+        return web.Response(text="<html>Welcome to our proxy</html>", content_type="text/html")
+    return _cut(request)  # reset_before
+
+
+async def _chaos_after_storing(request: web.Request, kind: str) -> web.StreamResponse:
+    if kind == "html_502":
+        return _html(502, "Bad Gateway")
+    if kind == "truncated":
+        body = json.dumps({"success": True, "code": 200, "msg": SUCCESS_MSG}).encode()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    return _cut(request)  # reset_after
+
+
+def _cut(request: web.Request) -> web.StreamResponse:
+    """Close the connection without an answer."""
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=NO_ANSWER)  # never sent: the request log's record
+
+
 def _fault_response(fault: _Fault) -> web.Response:
     headers = (
         {"Retry-After": format_retry_after(fault.retry_after)}
@@ -1214,6 +1309,9 @@ async def serve(config: EmulatorConfig, on_listening: Callable[[str], None]) -> 
         clock_offset=config.clock_offset,
         lifetime=config.lifetime,
         rate_limit=config.rate_limit,
+        fault_rate=config.fault_rate,
+        fault_seed=config.fault_seed,
+        fault_stall=config.fault_stall,
         access_log=sys.stderr,
         keep_requests=SERVED_REQUESTS_KEPT,
     )
