@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import resource
 import signal
 import time
 from collections import Counter
@@ -73,8 +74,9 @@ class CommandOptions:
     bwlimit: int | None = None  # None: the manifest's settings.bwlimit
 
     def workers(self, settings: Settings) -> int:
-        """The effective concurrency: this option, else the manifest's."""
-        return self.concurrency or settings.concurrency
+        """The effective concurrency: this option, else the manifest's, within what the
+        open-file limit allows (a worker holds up to FILES_PER_WORKER descriptors)."""
+        return min(self.concurrency or settings.concurrency, workers_the_fd_limit_allows())
 
     def pacer(self, settings: Settings) -> Pacer:
         return Pacer(
@@ -82,6 +84,19 @@ class CommandOptions:
             bwlimit=self.bwlimit if self.bwlimit is not None else settings.bwlimit,
             outage_limit=settings.outage_limit,
         )
+
+
+FILES_PER_WORKER = 4  # a connection to the service, one to an origin, a file, a temp file
+FILES_KEPT_BACK = 32  # the ledger, the log, the lock, the loop, the interpreter's own
+
+
+def workers_the_fd_limit_allows(soft_limit: int | None = None) -> int:
+    """How many workers fit in the open-file limit (`ulimit -n`), at least one."""
+    if soft_limit is None:
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft_limit == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, (soft_limit - FILES_KEPT_BACK) // FILES_PER_WORKER)
 
 
 class Observer:
@@ -426,6 +441,9 @@ async def _with_ledger(
     after_a_kill = await _previous_was_killed(ledger)
     run_id = await ledger.start_run(name, str(manifest.path))
     workers = options.workers(manifest.settings)
+    wanted = options.concurrency or manifest.settings.concurrency
+    if workers < wanted:
+        log.warning(f"{name}.concurrency_capped", wanted=wanted, workers=workers, why="ulimit -n")
     log.info(f"{name}.start", job=manifest.name, run_id=run_id, concurrency=workers)
     started, started_wall = time.monotonic(), time.time()
     clock = await stored_clock(ledger)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import os
 import random
 import re
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
@@ -79,6 +81,7 @@ class Connection:
     pacer: Pacer = field(default_factory=Pacer)
     clock: ServiceClock = field(default_factory=ServiceClock)
     limits: Limits = field(default_factory=Limits)
+    private_origins: bool = False  # may a stream-through be redirected to private addresses
 
     @property
     def api(self) -> UploadClient:
@@ -266,7 +269,7 @@ async def _send_by_url(conn: Connection, job: Send) -> Sent:
 async def _stream_through(conn: Connection, job: Send, meter: Meter) -> Sent:
     url = conn.resolve(job.source)
     try:
-        async with conn.origins.get(url) as response:
+        async with fetch_origin(conn, url) as response:
             check_origin_status(f"origin {url}", response.status, response.headers)
             size = response.content_length
             if job.size is not None and size is not None and size != job.size:
@@ -287,6 +290,64 @@ async def _stream_through(conn: Connection, job: Send, meter: Meter) -> Sent:
     if receipt.file_size is not None and receipt.file_size != meter.total:
         raise RetryableError(f"the service stored {receipt.file_size} bytes, sent {meter.total}")
     return Sent(receipt, meter.total, meter.sha256, meter.total)
+
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10
+
+
+@contextlib.asynccontextmanager
+async def fetch_origin(conn: Connection, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+    """GET an origin for a stream-through. The service could not fetch this URL, and
+    this machine may reach addresses it cannot: a redirect into loopback, link-local
+    or private addresses is refused, unless the manifest's URL names such an address
+    itself or `allow_private_origins` is set."""
+    if conn.private_origins or await names_private_address(url):
+        async with conn.origins.get(url) as response:
+            yield response
+        return
+    for _ in range(MAX_REDIRECTS + 1):
+        async with conn.origins.get(url, allow_redirects=False) as response:
+            location = response.headers.get("Location")
+            if response.status not in REDIRECTS or not location:
+                yield response
+                return
+            target = urljoin(str(response.url), location)
+        if await names_private_address(target):
+            log.warning("origin.redirect_refused", url=url, to=target)
+            raise PermanentError(
+                f"origin {url} redirected to {target}, a private address: refused "
+                "(settings.allow_private_origins: true allows it)"
+            )
+        url = target
+    raise PermanentError(f"origin {url}: more than {MAX_REDIRECTS} redirects")
+
+
+async def names_private_address(url: str) -> bool:
+    """Whether `url`'s host is, or resolves to, a loopback, link-local, private or
+    otherwise non-public address (an unresolvable host counts as private)."""
+    host = urlsplit(url).hostname or ""
+    try:
+        addresses = [ipaddress.ip_address(host.strip("[]"))]
+    except ValueError:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+        except OSError:
+            return True
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    return any(is_private_address(address) for address in addresses)
+
+
+def is_private_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Not an address of the public internet (pure)."""
+    return (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_unspecified
+        or address.is_multicast
+    )
 
 
 async def body_chunks(response: aiohttp.ClientResponse, size: int) -> AsyncIterator[bytes]:

@@ -7,14 +7,17 @@ Retry-After), and a ledger that never keeps a download of bytes it no longer hol
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import resource
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import ledger_rows, load, run_cli, write_file, write_manifest
+from conftest import ledger_rows, load, migrator_env, run_cli, write_file, write_manifest
 
-from migrator.command import CommandSummary, Outcome
+from migrator.command import CommandSummary, Outcome, workers_the_fd_limit_allows
 from migrator.download import DownloadOptions, download
 from migrator.emulator import Emulator
 from migrator.errors import ExitCode, StopReason
@@ -214,3 +217,39 @@ async def test_a_refresh_of_the_same_bytes_keeps_the_download(
     assert summary.count(Outcome.REFRESHED) == 3
     rows = await ledger_rows(load(manifest))
     assert all(row.downloaded_path is not None for row in rows.values())
+
+
+# -- the open-file limit -------------------------------------------------------------------------
+
+
+def test_the_open_file_limit_caps_the_workers() -> None:
+    assert workers_the_fd_limit_allows(256) == 56
+    assert workers_the_fd_limit_allows(20) == 1
+
+
+async def test_a_run_under_a_low_open_file_limit_fails_no_item(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    for i in range(400):
+        write_file(job / "many" / f"f{i:03d}.txt", 64, seed=i)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./many/*.txt"}], concurrency=256)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "migrator",
+        "run",
+        str(manifest),
+        "--no-progress",
+        env={**migrator_env(), "KIE_API_KEY": api_key},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=low_limit,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 50)
+
+    assert process.returncode == 0, err.decode()
+    assert out.decode().startswith("run: 400 uploaded, 0 skipped, 0 failed")

@@ -25,6 +25,7 @@ from migrator.emulator import Emulator
 from migrator.errors import ExitCode
 from migrator.model import HOUR, ItemState
 from migrator.runner import RunOptions, run_manifest
+from migrator.transfer import names_private_address
 
 pytestmark = pytest.mark.timeout(60)
 KEY = {"KIE_API_KEY": "hostile-key-0123456789"}
@@ -227,3 +228,47 @@ async def test_an_origin_whose_content_length_lies_fails_the_item_with_a_clear_l
 
     assert code is ExitCode.ITEMS_FAILED
     assert "\n" not in error and error
+
+
+# -- a stream-through is not a way into private networks -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "private"),
+    [
+        ("http://127.0.0.1:8080/a", True),
+        ("http://[::1]/a", True),
+        ("http://10.1.2.3/a", True),
+        ("http://192.168.0.7/a", True),
+        ("http://169.254.169.254/latest/meta-data", True),  # a cloud's metadata service
+        ("http://[fe80::1]/a", True),
+        ("http://0.0.0.0/a", True),
+        ("http://93.184.216.34/a", False),
+        ("http://[2606:4700::1111]/a", False),
+        ("http://no-such-host.invalid/a", True),  # unresolvable: not trusted as public
+    ],
+)
+async def test_which_addresses_count_as_private(url: str, private: bool) -> None:
+    assert await names_private_address(url) is private
+
+
+async def test_a_redirect_between_origins_the_manifest_names_on_loopback_is_followed(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    data = b"moved " * 1000
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.path == "/old.bin":
+            raise web.HTTPFound("/new.bin")
+        return web.Response(body=data)
+
+    async with origin_serving(handle) as origin:
+        path = write_manifest(
+            job, emulator.base_url, [{"url": f"{origin}/old.bin", "method": "stream"}]
+        )
+        summary = await run_manifest(
+            load(path), RunOptions(seed=1), environ={"KIE_API_KEY": api_key}
+        )
+
+    assert summary.count(Outcome.UPLOADED) == 1
+    assert [r.size for r in emulator.requests if r.status == 200] == [len(data)]
