@@ -41,6 +41,7 @@ from migrator.errors import (
     NotTheApiError,
     PermanentError,
     RetryableError,
+    SourceChangedError,
     UploadError,
 )
 from migrator.model import UploadReceipt
@@ -595,7 +596,7 @@ async def _watch(
             if not chunk:
                 continue
             if size is not None and trouble.sent + len(chunk) > size:
-                raise PermanentError(
+                raise SourceChangedError(
                     f"source changed while uploading: more than the expected {size} bytes"
                 )
             if limit is not None and trouble.sent + len(chunk) > limit:
@@ -607,7 +608,7 @@ async def _watch(
             trouble.progressed()
         trouble.body_sent()
         if size is not None and trouble.sent != size:
-            raise PermanentError(
+            raise SourceChangedError(
                 f"source changed while uploading: {trouble.sent} bytes, expected {size}"
             )
     except Exception as err:

@@ -149,7 +149,9 @@ async def connect(
             url_vars=origins.url_vars,
             pacer=pacer or Pacer(),
             clock=service_clock,
-            limits=Limits(settings.timeout, settings.min_rate, settings.max_size),
+            limits=Limits(
+                settings.timeout, settings.min_rate, settings.max_size, settings.base64_max
+            ),
         )
 
 

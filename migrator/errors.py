@@ -12,7 +12,8 @@
     │   └── DestinationDiskError  the destination's disk failed: the download stops (exit 74)
     └── UploadError               one request (to the service or an origin) did not succeed
         ├── RetryableError        connection error, timeout, 408, 429, 5xx, error code in a 200
-        │   └── NoServiceError    nothing at the base URL answers (exit 69)
+        │   ├── SourceChangedError  the source changed while it was sent: read it again
+        │   └── NoServiceError      nothing at the base URL answers (exit 69)
         │       └── NotTheApiError  something answers, not like the API (exit 2)
         ├── PermanentError        400 and other 4xx: this item fails for good
         │   ├── LinkGoneError     one of our links answers 404/410: the file is gone
@@ -162,6 +163,10 @@ class RetryableError(UploadError):
     ) -> None:
         super().__init__(message, status=status, uncertain=uncertain)
         self.retry_after = retry_after
+
+
+class SourceChangedError(RetryableError):
+    """The source changed while it was sent: another attempt reads it again, whole."""
 
 
 class NoServiceError(RetryableError):

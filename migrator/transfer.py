@@ -38,6 +38,7 @@ from migrator.errors import (
     PermanentError,
     RetryableError,
     RunStoppingError,
+    SourceChangedError,
     SourceGoneError,
     UploadError,
 )
@@ -58,6 +59,7 @@ class Limits:
     timeout: float = 120.0  # a read that waits longer than this fails (and is retried)
     min_rate: int = 16 * 1024  # bytes/s: a whole transfer slower than this is given up
     max_size: int = 10 * 1024**3  # the most bytes read from a body of unknown size
+    base64_max: int = 1024**2  # a file planned as base64 that grew past this is streamed
 
     def deadline(self, size: int | None) -> float:
         """Seconds one attempt may take in all: a drip-feeding peer cannot hold a worker
@@ -125,13 +127,15 @@ class Sent:
     size: int | None  # bytes the service holds: those sent, or what it said it stored
     mtime_ns: int | None = None  # of a local source, as it was when it was read
     received_at: float = field(default_factory=time.time)  # the answer's time (service clock)
+    method: Method | None = None  # how it went, when not as planned (a file that grew)
 
     def lifetime(self, ttl: float) -> tuple[float, float]:
         """(uploaded_at, expires_at); see `upload_lifetime`."""
         return upload_lifetime(self.receipt, self.received_at, ttl)
 
-    def uploaded(self, method: Method, ttl: float, label: str) -> Uploaded:
+    def uploaded(self, planned: Method, ttl: float, label: str) -> Uploaded:
         """What this upload proved, for the ledger; answer times not believed are said."""
+        method = self.method or planned
         doubt = lifetime_doubt(self.receipt, self.received_at)
         if doubt is not None:
             log.warning("upload.times_not_believed", item=label, reason=doubt, ttl=ttl)
@@ -231,7 +235,14 @@ async def _send(conn: Connection, job: Send, meter: Meter) -> Sent:
 
 
 async def _send_base64(conn: Connection, job: Send, meter: Meter) -> Sent:
-    data, mtime_ns = await asyncio.to_thread(_read_local, Path(job.source))
+    """Read whole and sent as JSON; a file that grew past base64_max since it was
+    planned goes by stream instead (never whole in memory)."""
+    path = Path(job.source)
+    size, _ = await asyncio.to_thread(_local_stat, path)
+    if size > conn.limits.base64_max:
+        return replace(await _send_file(conn, job, meter), method=Method.STREAM)
+    data, mtime_ns = await asyncio.to_thread(_read_local, path)
+    await _unchanged_since(path, len(data), mtime_ns)
     await meter(data)
     receipt = await conn.api.upload_base64(
         data, upload_path=job.upload_path, file_name=job.file_name
@@ -250,7 +261,16 @@ async def _send_file(conn: Connection, job: Send, meter: Meter) -> Sent:
         on_chunk=meter,
         chunk_size=meter.chunk_size(),
     )
+    await _unchanged_since(path, meter.total, mtime_ns)
     return Sent(receipt, meter.total, meter.sha256, meter.total, mtime_ns)
+
+
+async def _unchanged_since(path: Path, size: int, mtime_ns: int) -> None:
+    """A file rewritten while it was read (same size or not) was sent as a mix of two
+    versions: another attempt sends it again, whole, over what the service stored."""
+    now_size, now_mtime_ns = await asyncio.to_thread(_local_stat, path)
+    if (now_size, now_mtime_ns) != (size, mtime_ns):
+        raise SourceChangedError(f"{path} changed while it was sent; sending it again")
 
 
 async def _send_by_url(conn: Connection, job: Send) -> Sent:

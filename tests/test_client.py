@@ -27,7 +27,13 @@ from conftest import closed_port
 
 from migrator.client import UploadClient, parse_response
 from migrator.emulator import Emulator
-from migrator.errors import AuthRejectedError, EndpointError, PermanentError, RetryableError
+from migrator.errors import (
+    AuthRejectedError,
+    EndpointError,
+    PermanentError,
+    RetryableError,
+    SourceChangedError,
+)
 from migrator.units import parse_iso
 
 KEY = "sk-test-5f1c9a7e2b"
@@ -678,23 +684,23 @@ async def test_each_call_reads_the_file_afresh(
     assert first == second == source.data
 
 
-async def test_a_file_larger_than_planned_fails_permanently(
+async def test_a_file_larger_than_planned_is_a_change_to_send_again(
     session: aiohttp.ClientSession, source: Source
 ) -> None:
     size = source.size
     async with serve(reply(quickstart(fileSize=size))) as server:
-        with pytest.raises(PermanentError, match="source changed while uploading"):
+        with pytest.raises(SourceChangedError, match="source changed while uploading"):
             await client_for(session, server.base_url).upload_file(
                 source.path, upload_path="a", file_name="cat.png", size=size - 100
             )
 
 
-async def test_a_file_smaller_than_planned_fails_permanently(
+async def test_a_file_smaller_than_planned_is_a_change_to_send_again(
     session: aiohttp.ClientSession, source: Source
 ) -> None:
     size = source.size
     async with serve(reply(quickstart(fileSize=size))) as server:
-        with pytest.raises(PermanentError, match="source changed while uploading"):
+        with pytest.raises(SourceChangedError, match="source changed while uploading"):
             await client_for(session, server.base_url).upload_file(
                 source.path, upload_path="a", file_name="cat.png", size=size + 100
             )
@@ -762,11 +768,11 @@ async def test_stream_upload_of_unknown_size_is_chunked(session: aiohttp.ClientS
     assert seen.form()["file"].get_content_type() == "video/mp4"
 
 
-async def test_stream_source_shorter_than_its_size_fails_permanently(
+async def test_stream_source_shorter_than_its_size_is_a_change_to_send_again(
     session: aiohttp.ClientSession,
 ) -> None:
     async with serve(reply(quickstart())) as server:
-        with pytest.raises(PermanentError, match="source changed while uploading"):
+        with pytest.raises(SourceChangedError, match="source changed while uploading"):
             await client_for(session, server.base_url).upload_stream(
                 chunks_of(b"x" * 100, 10), upload_path="a", file_name="a.bin", size=150
             )

@@ -15,17 +15,20 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from conftest import ledger_rows, load, run_cli, web_server, write_file, write_manifest
 
+from migrator.client import UploadClient
 from migrator.command import Outcome
 from migrator.download import download
 from migrator.emulator import Emulator
 from migrator.errors import ExitCode
-from migrator.model import HOUR, ItemState
+from migrator.model import HOUR, ItemState, Method, SourceKind
+from migrator.pacer import plain_sleep
 from migrator.runner import RunOptions, run_manifest
-from migrator.transfer import names_private_address
+from migrator.transfer import Connection, Limits, Meter, Send, names_private_address, send
 
 pytestmark = pytest.mark.timeout(60)
 KEY = {"KIE_API_KEY": "hostile-key-0123456789"}
@@ -272,3 +275,26 @@ async def test_a_redirect_between_origins_the_manifest_names_on_loopback_is_foll
 
     assert summary.count(Outcome.UPLOADED) == 1
     assert [r.size for r in emulator.requests if r.status == 200] == [len(data)]
+
+
+# -- files that change under our feet ---------------------------------------------------------
+
+
+async def test_a_file_planned_as_base64_that_grew_since_is_streamed_not_read_whole(
+    tmp_path: Path, emulator: Emulator, api_key: str
+) -> None:
+    grown = write_file(tmp_path / "grows.txt", 50_000, seed=3)
+    planned = Send(str(tmp_path / "grows.txt"), SourceKind.FILE, Method.BASE64, "p", "g.txt", 900)
+    async with aiohttp.ClientSession() as session:
+        conn = Connection(
+            target_id=emulator.base_url,
+            base_url=emulator.base_url,
+            client=UploadClient(session, emulator.base_url, api_key),
+            origins=session,
+            url_vars={},
+            limits=Limits(base64_max=2048),
+        )
+        sent = await send(conn, planned, Meter(conn.pacer, plain_sleep, lambda n: None))
+
+    assert [r.endpoint for r in emulator.requests] == ["stream"]
+    assert (sent.size, sent.method) == (len(grown), Method.STREAM)
