@@ -158,7 +158,10 @@ async def connect(
 def _api_session(concurrency: int) -> aiohttp.ClientSession:
     # One connection per worker; API calls get their own per-request timeouts.
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+    # trust_env: HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured, as curl does.
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=True
+    )
 
 
 def _origin_session(manifest: Manifest, concurrency: int) -> aiohttp.ClientSession:
@@ -169,7 +172,7 @@ def _origin_session(manifest: Manifest, concurrency: int) -> aiohttp.ClientSessi
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=settings.connect_timeout, sock_read=settings.timeout
     )
-    return aiohttp.ClientSession(connector=connector, timeout=timeout)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True)
 
 
 async def _start_embedded(
