@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from migrator.model import (
     UrlSource,
 )
 from migrator.plan import check_plan
+from migrator.units import parse_duration, parse_size
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_manifests"
 MINIMAL = """\
@@ -163,6 +165,26 @@ def test_duration_forms(job: Path, written: str, seconds: float) -> None:
     assert load_manifest(write(job, text), environ={}).settings.refresh_within == seconds
 
 
+def test_sizes_are_exact_up_to_8_pib() -> None:
+    assert parse_size("8192TiB") == 2**53
+    assert parse_size("1.5KiB") == 1536
+    with pytest.raises(ValueError, match="too large"):
+        parse_size("8193TiB")
+    with pytest.raises(ValueError, match="not a whole number"):
+        parse_size("0.1B")
+
+
+@pytest.mark.parametrize("written", ["9" * 400, 10**400, "1" + "0" * 41 + "s", 1e308, "36501d"])
+def test_a_duration_too_long_for_any_clock_is_refused_not_infinite(written: object) -> None:
+    with pytest.raises(ValueError, match=r"too long|too large"):
+        parse_duration(written)  # type: ignore[arg-type]
+
+
+def test_durations_up_to_a_century_are_kept() -> None:
+    assert parse_duration("36500d") == 36500 * 24 * HOUR
+    assert parse_duration("1.5h") == 1.5 * HOUR
+
+
 def test_ttl_in_days(job: Path) -> None:
     text = with_settings("  ttl: 3d\n")
     assert load_manifest(write(job, text), environ={}).settings.ttl == 3 * 24 * HOUR
@@ -191,6 +213,13 @@ def test_glob_source_is_split_into_root_and_pattern(job: Path) -> None:
         exclude=("**/thumbs/**", "*.tmp"),
         line=6,
     )
+
+
+def test_a_path_source_linking_to_a_fifo_is_refused(job: Path) -> None:
+    os.mkfifo(job / "data" / "pipe")
+    (job / "data" / "linked.pdf").symlink_to("pipe")
+    with pytest.raises(ManifestError, match=r"is not a regular file \(a FIFO\)"):
+        load_manifest(write(job, MINIMAL.replace("report.pdf", "linked.pdf")), environ={})
 
 
 def test_exclude_may_be_a_single_pattern(job: Path) -> None:
