@@ -384,8 +384,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
-    await asyncio.to_thread(check_plan, manifest)
-    totals = PlanTotals()
+    check = await asyncio.to_thread(check_plan, manifest)
+    totals = PlanTotals(skipped=check.skipped)
     printer = PlanJsonPrinter() if fmt == "json" else PlanTablePrinter(_stdout_console())
     # aclosing: a reader gone mid-plan (`plan | head`) must close the preview's sessions
     # inside this loop, not in asyncio.run's shutdown (which prints a traceback).

@@ -81,7 +81,16 @@ _SETTING_KEYS = (
 )
 _SOURCE_KINDS = ("path", "glob", "url", "url_list")
 _OPTION_KEYS = ("file_name", "upload_path", "method")
-_SOURCE_KEYS = (*_SOURCE_KINDS, *_OPTION_KEYS, "exclude")
+_GLOB_ONLY_KEYS = ("exclude", "follow_symlinks")
+_SOURCE_KEYS = (*_SOURCE_KINDS, *_OPTION_KEYS, *_GLOB_ONLY_KEYS)
+MANIFEST_KEYS: Mapping[str, tuple[str, ...]] = {
+    "": _TOP_KEYS,
+    "target": _TARGET_KEYS,
+    "outputs": _OUTPUT_KEYS,
+    "settings": _SETTING_KEYS,
+    "sources[]": _SOURCE_KEYS,
+}
+"""Every key the format names, by where it may appear (the reference names each)."""
 _REMOTE_KINDS = ("url", "url_list")
 _MANY_FILE_KINDS = ("glob", "url_list")
 
@@ -616,13 +625,15 @@ def _read_source(
         return None
     options = _read_options(reader, keys, where, kind)
     line = node.start_mark.line + 1
-    if "exclude" in keys and kind != "glob":
-        reader.problem(keys["exclude"], f"{where}.exclude", "only glob sources take exclude")
+    for key in _GLOB_ONLY_KEYS:
+        if key in keys and kind != "glob":
+            reader.problem(keys[key], f"{where}.{key}", f"only glob sources take {key}")
     value = keys[kind]
     if kind == "path":
         return _read_path_source(reader, value, where, options, line, settings)
     if kind == "glob":
-        return _read_glob_source(reader, value, keys.get("exclude"), where, options, line)
+        follow = keys.get("follow_symlinks")
+        return _read_glob_source(reader, value, keys.get("exclude"), follow, where, options, line)
     if kind == "url":
         return _read_url_source(reader, value, where, options, line, embedded=embedded)
     return _read_url_list_source(reader, value, where, options, line)
@@ -707,12 +718,14 @@ def _read_glob_source(
     reader: _Reader,
     node: Node,
     exclude_node: Node | None,
+    follow_node: Node | None,
     where: str,
     options: SourceOptions,
     line: int,
 ) -> GlobSource | None:
     pattern = reader.string(node, f"{where}.glob")
     exclude = _read_exclude(reader, exclude_node, f"{where}.exclude")
+    follow = _read_follow_symlinks(reader, follow_node, f"{where}.follow_symlinks")
     if pattern is None:
         return None
     if len(pattern.encode()) > MAX_PATH_BYTES:
@@ -740,7 +753,20 @@ def _read_glob_source(
         exclude=exclude,
         options=options,
         line=line,
+        follow_symlinks=follow,
     )
+
+
+def _read_follow_symlinks(reader: _Reader, node: Node | None, where: str) -> bool:
+    if node is None:
+        return False
+    value = reader.scalar(node, where)
+    if value is _INVALID:
+        return False
+    if not isinstance(value, bool):
+        reader.problem(node, where, f"expected true or false, got {_describe(value)}")
+        return False
+    return value
 
 
 def _folder_state(path: Path) -> str | None:

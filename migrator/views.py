@@ -114,11 +114,21 @@ class PlanTotals:
 
     by_method: dict[str, tuple[int, int]] = field(default_factory=dict)
     by_decision: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0  # files globs matched but did not take (check_plan's count)
 
     def add(self, item: PlanItem, decision: Decision) -> None:
         count, size = self.by_method.get(item.method, (0, 0))
         self.by_method[item.method] = (count + 1, size + (item.size or 0))
         self.by_decision[decision] = self.by_decision.get(decision, 0) + 1
+
+
+def skipped_line(count: int) -> str:
+    """What `plan` says of the files globs matched but did not take (pure)."""
+    files = "file" if count == 1 else "files"
+    return (
+        f"skipped: {count} {files} matched but not taken (symbolic links, FIFOs, devices, "
+        "sockets); each is a plan.skipped warning"
+    )
 
 
 class PlanTablePrinter:
@@ -147,6 +157,8 @@ class PlanTablePrinter:
         self.console.print(table)
         ledger = ", ".join(f"{n} {d}" for d, n in sorted(totals.by_decision.items()))
         self.console.print(f"ledger: {ledger or 'no items'}")
+        if totals.skipped:
+            self.console.print(skipped_line(totals.skipped), markup=False)
 
 
 class PlanJsonPrinter:
@@ -174,5 +186,6 @@ class PlanJsonPrinter:
         sys.stdout.write(
             "\n],\n"
             f'"totals": {json.dumps(by_method)},\n'
-            f'"ledger": {json.dumps(totals.by_decision)}}}\n'
+            f'"ledger": {json.dumps(totals.by_decision)},\n'
+            f'"skipped": {totals.skipped}}}\n'
         )

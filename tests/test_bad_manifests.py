@@ -455,6 +455,21 @@ CASES: list[tuple[str, str, str, int, str | None]] = [
         6,
         "sources[0].url",
     ),
+    # follow_symlinks is a glob's, and a boolean.
+    (
+        "follow-symlinks-on-a-path",
+        with_sources("  - path: ./data/a.txt\n    follow_symlinks: true\n"),
+        "only glob sources take follow_symlinks",
+        7,
+        "sources[0].follow_symlinks",
+    ),
+    (
+        "follow-symlinks-not-a-boolean",
+        with_sources("  - glob: ./data/*.txt\n    follow_symlinks: sometimes\n"),
+        "expected true or false",
+        7,
+        "sources[0].follow_symlinks",
+    ),
 ]
 
 

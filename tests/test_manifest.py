@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from migrator.errors import ManifestError
-from migrator.manifest import LEDGER_DIR_ENV, load_manifest
+from migrator.manifest import LEDGER_DIR_ENV, MANIFEST_KEYS, load_manifest
 from migrator.model import (
     EMBEDDED,
     GIB,
@@ -215,6 +215,21 @@ def test_glob_source_is_split_into_root_and_pattern(job: Path) -> None:
     )
 
 
+def test_globs_do_not_follow_symlinks_unless_told(job: Path) -> None:
+    text = MINIMAL + "  - glob: 'photos/**'\n  - glob: 'data/*'\n    follow_symlinks: true\n"
+    first, second = load_manifest(write(job, text), environ={}).sources[1:]
+    assert isinstance(first, GlobSource) and isinstance(second, GlobSource)
+    assert (first.follow_symlinks, second.follow_symlinks) == (False, True)
+
+
+def test_a_path_source_may_be_a_symlink_leading_anywhere(job: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere.pdf").write_bytes(b"%PDF")
+    (job / "data" / "linked.pdf").symlink_to(tmp_path / "elsewhere.pdf")
+    text = MINIMAL.replace("report.pdf", "linked.pdf")
+    [source] = load_manifest(write(job, text), environ={}).sources
+    assert source == PathSource(path=job / "data" / "linked.pdf", line=6)
+
+
 def test_a_path_source_linking_to_a_fifo_is_refused(job: Path) -> None:
     os.mkfifo(job / "data" / "pipe")
     (job / "data" / "linked.pdf").symlink_to("pipe")
@@ -320,13 +335,10 @@ def test_the_samples_cover_every_source_kind() -> None:
 
 def test_the_reference_manifest_names_every_key() -> None:
     text = (SAMPLES / "reference.yaml").read_text()
-    keys = [
-        "version:", "name:", "base_url:", "api_key_env:", "api_key_file:", "upload_path:",
-        "ledger:", "jsonl:", "csv:", "json:", "metrics:", "concurrency:", "base64_max:",
-        "url_max:", "retries:", "ttl:", "refresh_within:", "tps_limit:", "bwlimit:",
-        "- path:", "- glob:", "exclude:", "- url:", "- url_list:", "file_name:", "method:",
-    ]  # fmt: skip
-    assert [k for k in keys if k not in text] == []
+    written = {line.strip().lstrip("#- ").split(":", 1)[0] for line in text.splitlines()}
+    every_key = {(where, key) for where, keys in MANIFEST_KEYS.items() for key in keys}
+    assert {(where, key) for where, key in every_key if key not in written} == set()
+    assert "follow_symlinks" in MANIFEST_KEYS["sources[]"]
 
 
 def test_the_sample_data_stays_small() -> None:
