@@ -48,6 +48,7 @@ import structlog
 from structlog.typing import EventDict, ExcInfo, FilteringBoundLogger, Processor, WrappedLogger
 
 from migrator.errors import ConfigError
+from migrator.naming import hide_credentials
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}
 CONSOLE_MODES = ("auto", "console", "warnings", "json", "none")
@@ -80,9 +81,10 @@ def redact_secrets(secrets: Sequence[str] = ()) -> Processor:
     `secrets`, and every secret registered with `register_secret`, then or later.
 
     Walks dicts, lists and tuples; other objects are turned into their text first so
-    a repr cannot carry a secret out. Keys named authorization, api_key, token,
-    password (any case, '-' or '_') are dropped. An `exc_info` still present is
-    rendered to a plain `exception` text (no locals) first, then redacted.
+    a repr cannot carry a secret out. The `user:password@` of any URL is removed too.
+    Keys named authorization, api_key, token, password (any case, '-' or '_') are
+    dropped. An `exc_info` still present is rendered to a plain `exception` text (no
+    locals) first, then redacted.
     """
     given = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
     longest_first: list[str] = []
@@ -96,7 +98,7 @@ def redact_secrets(secrets: Sequence[str] = ()) -> Processor:
         for secret in longest_first:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        return text
+        return hide_credentials(text)  # a source URL's `user:password@` stays in the ledger
 
     def redact_value(value: object) -> object:
         if isinstance(value, str):

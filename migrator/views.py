@@ -13,6 +13,7 @@ from rich.table import Table
 from migrator.command import CommandSummary, Outcome
 from migrator.ledger import RunRow
 from migrator.model import HOUR, PlanItem
+from migrator.naming import hide_credentials, printable, without_credentials
 from migrator.report import StatusReport
 from migrator.resume import Decision
 from migrator.units import format_duration, format_size, iso_utc
@@ -29,7 +30,12 @@ def summary_dict(summary: CommandSummary) -> dict[str, object]:
         "line": summary.line(),
         "notes": list(summary.notes),
         "problems": [
-            {"item": p.label, "outcome": str(p.outcome), "error": p.error} for p in summary.problems
+            {
+                "item": without_credentials(p.label),
+                "outcome": str(p.outcome),
+                "error": None if p.error is None else hide_credentials(p.error),
+            }
+            for p in summary.problems
         ],
     }
 
@@ -69,8 +75,10 @@ def print_status(console: Console, report: StatusReport) -> None:
         console.print("[red]failures:[/red]")
         for item in report.failures:
             console.print(
-                f"  {item.state.value} {item.upload_path}/{item.file_name} <- {item.source}: "
-                f"{item.last_error}",
+                printable(
+                    f"  {item.state.value} {item.upload_path}/{item.file_name} <- "
+                    f"{without_credentials(item.source)}: {hide_credentials(item.last_error or '')}"
+                ),
                 markup=False,
             )
     if report.last_run is not None:
@@ -144,7 +152,7 @@ class PlanTablePrinter:
         # Plain print: rich's rendering costs ~0.1 ms a row, too much for 200,000 rows.
         print(
             f"{item.method:<7} {format_size(item.size):>10}  {decision:<9} "
-            f"{item.upload_path}/{item.file_name} <- {item.source}"
+            f"{item.upload_path}/{item.file_name} <- {printable(without_credentials(item.source))}"
         )
 
     def totals(self, totals: PlanTotals) -> None:
@@ -170,7 +178,7 @@ class PlanJsonPrinter:
 
     def item(self, item: PlanItem, decision: Decision) -> None:
         row = {
-            "source": item.source,
+            "source": without_credentials(item.source),
             "kind": item.kind,
             "upload_path": item.upload_path,
             "file_name": item.file_name,

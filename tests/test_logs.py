@@ -378,3 +378,22 @@ def test_a_program_that_configures_structlog_for_itself_never_sees_migrator_even
         get_logger().warning("upload.failed", file_name="a.png")
         structlog.get_logger().info("their.own.event")
     assert [event["event"] for event in captured] == ["their.own.event"]
+
+
+# -- credentials in URLs --------------------------------------------------------------
+
+
+def test_credentials_in_a_url_never_reach_the_log(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    log = get_logger()
+    log.warning("upload.failed", item="https://user:hunter2@example.com/a.png")
+    log.warning("upload.failed", error="origin http://user:hunter2@example.com/b failed")
+    try:
+        raise RetryableError("fetch of https://user:hunter2@example.com/c failed")
+    except RetryableError:
+        log.exception("upload.failed")
+
+    text = log_file.read_text(encoding="utf-8")
+    assert "hunter2" not in text
+    assert [e.get("item") for e in lines_of(log_file)][:1] == ["https://example.com/a.png"]
+    assert "https://example.com/c" in text
