@@ -34,7 +34,7 @@ from migrator.errors import (
 )
 from migrator.ledger import Ledger
 from migrator.logs import configure_logging, get_logger
-from migrator.manifest import load_manifest
+from migrator.manifest import load_manifest, output_clash
 from migrator.model import Manifest
 from migrator.outputs import EXPORT_FORMATS, write_export
 from migrator.plan import check_plan
@@ -212,10 +212,26 @@ def _setup_logging(
     # By default the console shows warnings only, readable on a terminal (beside the
     # progress bar) and key=value under cron; every event goes to the log file.
     console = args.log_format or ("warnings" if sys.stderr.isatty() else "auto")
+    _refuse_ledger_paths(
+        manifest,
+        {
+            "--log-file" if args.log_file else "the log file": log_file,
+            "--metrics-file": getattr(args, "metrics_file", None),
+        },
+    )
     if log_file is not None:
         _check_log_file(log_file)
     configure_logging(log_file=log_file, console=console)  # keys are redacted as read
     args.log_path = log_file
+
+
+def _refuse_ledger_paths(manifest: Manifest, files: dict[str, Path | None]) -> None:
+    """Files a command is told to write (`--log-file`, `--metrics-file`, ...) must not
+    be the ledger or one of its own files: refused before anything runs (exit 2)."""
+    for what, path in files.items():
+        reason = None if path is None else output_clash(path, manifest.ledger)
+        if reason is not None:
+            raise UsageError(f"{what}: {reason}")
 
 
 def _check_log_file(log_file: Path) -> None:
@@ -426,6 +442,7 @@ def _add_export_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 def _cmd_export(args: argparse.Namespace) -> int:
     manifest = _load_for_ledger_work(args)
+    _refuse_ledger_paths(manifest, {"--output": args.output})
     asyncio.run(_export(manifest, args.format, args.output))
     return int(ExitCode.OK)
 

@@ -8,6 +8,7 @@ Loading does no network I/O and writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -357,6 +358,7 @@ def _read_top(
     embedded = target is not None and target.is_embedded
     sources = _read_sources(reader, keys.get("sources"), settings, embedded=embedded)
     ledger = _resolve_ledger(reader, keys.get("ledger"), name, ledger_override, env)
+    _check_outputs_spare(reader, keys.get("outputs"), outputs, ledger)
     if name is None or target is None:
         return None
     return Manifest(
@@ -479,6 +481,20 @@ def _read_outputs(reader: _Reader, node: Node | None) -> Outputs:
     return Outputs(**paths)
 
 
+def _check_outputs_spare(
+    reader: _Reader, node: Node | None, outputs: Outputs, ledger: Path
+) -> None:
+    """An output written over the ledger (or its -wal, -shm or lock) would destroy it."""
+    if node is None or not _is_mapping(node):
+        return
+    nodes = {key.value: value for key, value in node.value if isinstance(key, ScalarNode)}
+    for key in _OUTPUT_KEYS:
+        path = getattr(outputs, key)
+        reason = None if path is None else output_clash(path, ledger)
+        if reason is not None:
+            reader.problem(nodes.get(key), f"outputs.{key}", reason)
+
+
 def _read_settings(reader: _Reader, node: Node | None) -> Settings:
     if node is None:
         return Settings()
@@ -560,6 +576,62 @@ def _check_ttl(reader: _Reader, keys: dict[str, Node], settings: Settings) -> No
 
 
 # -- the ledger -----------------------------------------------------------------------------
+
+_LEDGER_FILES = (
+    ("", "the ledger"),
+    ("-wal", "the ledger's write-ahead log"),
+    ("-shm", "the ledger's shared-memory file"),
+    ("-journal", "the ledger's journal"),
+    (".lock", "the ledger's lock"),
+)
+
+
+def ledger_clash(path: Path, ledger: Path) -> str | None:
+    """Why a file written at `path` would destroy the ledger: it is the ledger, its
+    `-wal`, `-shm` or `-journal`, or its `.lock`; None when it is none of them.
+    Pure: both paths absolute and normalised, compared as written."""
+    what = _ledger_file(path, ledger)
+    return None if what is None else _clash_message(path, f"is {what}")
+
+
+def output_clash(path: Path, ledger: Path) -> str | None:
+    """`ledger_clash` for a file about to be written, seen also through symbolic links
+    and hard links (so it reads the file system). Relative paths are from the
+    current directory."""
+    path, ledger = _absolute(Path.cwd(), path), _absolute(Path.cwd(), ledger)
+    reason = ledger_clash(path, ledger)
+    if reason is not None:
+        return reason
+    what = _ledger_file(Path(os.path.realpath(path)), Path(os.path.realpath(ledger)))
+    if what is not None:
+        return _clash_message(path, f"leads to {what}")
+    if _same_file_as_any(path, ledger):
+        return _clash_message(path, "is a hard link to the ledger")
+    return None
+
+
+def ledger_files(ledger: Path) -> tuple[Path, ...]:
+    """The ledger and the files that are part of it: `-wal`, `-shm`, `-journal`, `.lock`."""
+    return tuple(ledger.with_name(ledger.name + suffix) for suffix, _ in _LEDGER_FILES)
+
+
+def _ledger_file(path: Path, ledger: Path) -> str | None:
+    for file, (_, what) in zip(ledger_files(ledger), _LEDGER_FILES, strict=True):
+        if path == file:
+            return what
+    return None
+
+
+def _clash_message(path: Path, what: str) -> str:
+    return f"{path} {what}: writing it would destroy the ledger; choose another file"
+
+
+def _same_file_as_any(path: Path, ledger: Path) -> bool:
+    for file in ledger_files(ledger):
+        with contextlib.suppress(OSError):
+            if path.samefile(file):
+                return True
+    return False
 
 
 def _resolve_ledger(

@@ -470,6 +470,35 @@ CASES: list[tuple[str, str, str, int, str | None]] = [
         7,
         "sources[0].follow_symlinks",
     ),
+    # An output over the ledger would destroy it.
+    (
+        "output-on-the-ledger",
+        HEAD + "ledger: l.sqlite\n" + ONE_SOURCE + "outputs:\n  jsonl: l.sqlite\n",
+        "is the ledger:",
+        9,
+        "outputs.jsonl",
+    ),
+    (
+        "output-on-the-ledger-wal",
+        HEAD + "ledger: l.sqlite\n" + ONE_SOURCE + "outputs:\n  csv: ./l.sqlite-wal\n",
+        "write-ahead log",
+        9,
+        "outputs.csv",
+    ),
+    (
+        "output-on-the-ledger-shm",
+        HEAD + "ledger: l.sqlite\n" + ONE_SOURCE + "outputs:\n  json: out/../l.sqlite-shm\n",
+        "shared-memory file",
+        9,
+        "outputs.json",
+    ),
+    (
+        "metrics-on-the-default-ledger-lock",
+        HEAD + ONE_SOURCE + "outputs:\n  metrics: .migrator/job.sqlite.lock\n",
+        "the ledger's lock",
+        8,
+        "outputs.metrics",
+    ),
 ]
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from migrator.errors import ManifestError
-from migrator.manifest import LEDGER_DIR_ENV, MANIFEST_KEYS, load_manifest
+from migrator.manifest import (
+    LEDGER_DIR_ENV,
+    MANIFEST_KEYS,
+    ledger_clash,
+    load_manifest,
+    output_clash,
+)
 from migrator.model import (
     EMBEDDED,
     GIB,
@@ -266,6 +272,34 @@ def test_embedded_origin_is_kept_untouched_for_an_embedded_target(job: Path) -> 
     )
     source = load_manifest(write(job, text), environ={}).sources[0]
     assert source == UrlSource(url="${EMBEDDED_ORIGIN}/data/report.pdf", line=6)
+
+
+def test_ledger_clash_names_every_file_of_the_ledger() -> None:
+    ledger = Path("/j/.migrator/job.sqlite")
+    for name, words in [
+        ("job.sqlite", "is the ledger:"),
+        ("job.sqlite-wal", "is the ledger's write-ahead log:"),
+        ("job.sqlite-shm", "is the ledger's shared-memory file:"),
+        ("job.sqlite-journal", "is the ledger's journal:"),
+        ("job.sqlite.lock", "is the ledger's lock:"),
+    ]:
+        assert words in (ledger_clash(ledger.parent / name, ledger) or ""), name
+    assert ledger_clash(Path("/j/.migrator/job.log"), ledger) is None
+    assert ledger_clash(Path("/j/job.sqlite"), ledger) is None
+
+
+def test_an_output_reaching_the_ledger_through_a_link_is_refused(tmp_path: Path) -> None:
+    ledger = tmp_path / "state" / "job.sqlite"
+    ledger.parent.mkdir()
+    ledger.write_bytes(b"SQLite format 3\0")
+    (tmp_path / "out").symlink_to(ledger.parent, target_is_directory=True)
+    (tmp_path / "hard.sqlite").hardlink_to(ledger)
+
+    assert "leads to the ledger's lock" in (
+        output_clash(tmp_path / "out" / "job.sqlite.lock", ledger) or ""
+    )
+    assert "hard link to the ledger" in (output_clash(tmp_path / "hard.sqlite", ledger) or "")
+    assert output_clash(tmp_path / "out" / "mapping.jsonl", ledger) is None
 
 
 def test_loading_writes_nothing(job: Path) -> None:
