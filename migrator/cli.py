@@ -33,7 +33,7 @@ from migrator.errors import (
     UsageError,
 )
 from migrator.ledger import Ledger
-from migrator.logs import configure_logging, get_logger
+from migrator.logs import configure_logging, get_logger, open_log_file
 from migrator.manifest import load_manifest, output_clash
 from migrator.model import Manifest
 from migrator.outputs import EXPORT_FORMATS, write_export
@@ -235,14 +235,13 @@ def _refuse_ledger_paths(manifest: Manifest, files: dict[str, Path | None]) -> N
 
 
 def _check_log_file(log_file: Path) -> None:
-    """Its folder exists and it can be opened; a failing disk is exit 74, as for the ledger."""
+    """Its folder exists and it can be opened; a failing disk is exit 74, as for the ledger.
+    A folder made for it is 0700 and a new log 0600: the log holds the ledger's links."""
     in_the_way = next((p for p in log_file.parents if p.exists() and not p.is_dir()), None)
     if in_the_way is not None:
         raise ConfigError(f"cannot write the log file {log_file}: {in_the_way} is not a folder")
     try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with log_file.open("a", encoding="utf-8"):
-            pass
+        open_log_file(log_file).close()
     except OSError as err:
         kind = DiskError if err.errno in DISK_ERRNOS else ConfigError
         raise kind(f"cannot write the log file {log_file}: {err.strerror}") from None

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import threading
 import traceback
@@ -420,9 +421,27 @@ def _level_number(level: str) -> int:
     return number
 
 
+LOG_FILE_MODE = 0o600  # as the ledger: the log holds the same links
+LOG_DIR_MODE = 0o700
+
+
 def _open_log_file(path: Path) -> TextIO:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "a", encoding="utf-8")
+        return open_log_file(path)
     except OSError as err:
         raise ConfigError(f"cannot write the log file {path}: {err.strerror or err}") from None
+
+
+def open_log_file(path: Path) -> TextIO:
+    """The log file opened to append; its folder is made 0700 and a new file 0600 (an
+    existing one keeps its mode). Raises OSError."""
+    path.parent.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
+    existed = path.exists()  # `--log-file /dev/null` must keep its mode
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+    try:
+        if not existed:
+            os.fchmod(fd, LOG_FILE_MODE)  # whatever the umask
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
