@@ -33,8 +33,8 @@ from migrator.errors import (
     UsageError,
 )
 from migrator.ledger import Ledger
-from migrator.logs import configure_logging, get_logger
-from migrator.manifest import load_manifest
+from migrator.logs import configure_logging, get_logger, open_log_file
+from migrator.manifest import load_manifest, output_clash
 from migrator.model import Manifest
 from migrator.outputs import EXPORT_FORMATS, write_export
 from migrator.plan import check_plan
@@ -212,21 +212,36 @@ def _setup_logging(
     # By default the console shows warnings only, readable on a terminal (beside the
     # progress bar) and key=value under cron; every event goes to the log file.
     console = args.log_format or ("warnings" if sys.stderr.isatty() else "auto")
+    _refuse_ledger_paths(
+        manifest,
+        {
+            "--log-file" if args.log_file else "the log file": log_file,
+            "--metrics-file": getattr(args, "metrics_file", None),
+        },
+    )
     if log_file is not None:
         _check_log_file(log_file)
     configure_logging(log_file=log_file, console=console)  # keys are redacted as read
     args.log_path = log_file
 
 
+def _refuse_ledger_paths(manifest: Manifest, files: dict[str, Path | None]) -> None:
+    """Files a command is told to write (`--log-file`, `--metrics-file`, ...) must not
+    be the ledger or one of its own files: refused before anything runs (exit 2)."""
+    for what, path in files.items():
+        reason = None if path is None else output_clash(path, manifest.ledger)
+        if reason is not None:
+            raise UsageError(f"{what}: {reason}")
+
+
 def _check_log_file(log_file: Path) -> None:
-    """Its folder exists and it can be opened; a failing disk is exit 74, as for the ledger."""
+    """Its folder exists and it can be opened; a failing disk is exit 74, as for the ledger.
+    A folder made for it is 0700 and a new log 0600: the log holds the ledger's links."""
     in_the_way = next((p for p in log_file.parents if p.exists() and not p.is_dir()), None)
     if in_the_way is not None:
         raise ConfigError(f"cannot write the log file {log_file}: {in_the_way} is not a folder")
     try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with log_file.open("a", encoding="utf-8"):
-            pass
+        open_log_file(log_file).close()
     except OSError as err:
         kind = DiskError if err.errno in DISK_ERRNOS else ConfigError
         raise kind(f"cannot write the log file {log_file}: {err.strerror}") from None
@@ -384,8 +399,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
-    await asyncio.to_thread(check_plan, manifest)
-    totals = PlanTotals()
+    check = await asyncio.to_thread(check_plan, manifest)
+    totals = PlanTotals(skipped=check.skipped)
     printer = PlanJsonPrinter() if fmt == "json" else PlanTablePrinter(_stdout_console())
     # aclosing: a reader gone mid-plan (`plan | head`) must close the preview's sessions
     # inside this loop, not in asyncio.run's shutdown (which prints a traceback).
@@ -426,6 +441,7 @@ def _add_export_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 def _cmd_export(args: argparse.Namespace) -> int:
     manifest = _load_for_ledger_work(args)
+    _refuse_ledger_paths(manifest, {"--output": args.output})
     asyncio.run(_export(manifest, args.format, args.output))
     return int(ExitCode.OK)
 

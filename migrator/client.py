@@ -22,9 +22,11 @@ import errno
 import json
 import math
 import mimetypes
+import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from migrator.errors import (
     UploadError,
 )
 from migrator.model import UploadReceipt
+from migrator.naming import file_type, printable
 from migrator.units import parse_iso
 
 BASE64_ENDPOINT = "/api/file-base64-upload"
@@ -566,9 +569,50 @@ class UploadClient:
 
 async def _open_source(path: Path) -> BinaryIO:
     try:
-        return await asyncio.to_thread(open, path, "rb")
+        return await asyncio.to_thread(open_regular, path)
     except OSError as err:
-        raise PermanentError(_one_line(f"cannot read {path}: {err.strerror or err}")) from None
+        raise local_read_error(path, err) from None
+
+
+class NotRegularFileError(OSError):
+    """A local source that is not a regular file (a FIFO, a device, a socket, a folder)."""
+
+
+def open_regular(path: Path, *, follow_symlinks: bool = False) -> BinaryIO:
+    """Open a local file to read it, with care for what may have taken its place since
+    it was planned (blocking: run it in a thread).
+
+    `O_NONBLOCK`: a FIFO cannot hang the open (nor a device wait for a carrier);
+    `O_NOFOLLOW` unless `follow_symlinks`: a symbolic link is refused (ELOOP), since
+    the plan hands over real files only; then fstat of what was opened, so anything
+    but a regular file raises NotRegularFileError. Raises OSError.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    try:
+        check_regular(os.fstat(fd).st_mode, path)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(mode: int, path: Path) -> None:
+    """Raise NotRegularFileError unless `mode` (from a stat) is a regular file's."""
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(errno.EINVAL, f"{file_type(mode)}, not a regular file", path)
+
+
+def local_read_error(path: Path, err: OSError) -> PermanentError:
+    """The error an item fails with when its local source cannot be read (one line)."""
+    shown = printable(str(path))
+    if isinstance(err, NotRegularFileError):
+        return PermanentError(f"{shown} is now {err.strerror}: refused")
+    if err.errno == errno.ELOOP:
+        return PermanentError(f"{shown} is now a symbolic link: refused, links are not followed")
+    return PermanentError(_one_line(f"cannot read {shown}: {err.strerror or err}"))
 
 
 async def _file_chunks(

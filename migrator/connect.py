@@ -4,20 +4,23 @@
 `transfer.Connection`. For `base_url: embedded` it also starts the emulator in-process
 (data under the ledger's folder, on the same loopback port as last time when it is
 free, so links recorded by an earlier run keep working) and a read-only demo origin
-serving the manifest's folder, which `${EMBEDDED_ORIGIN}` in a URL source names. The
+serving the files the manifest names under `${EMBEDDED_ORIGIN}` (`DemoFiles`). The
 emulator and aiohttp's server are imported only then: the client side never loads them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import posixpath
 import secrets
 import stat
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
@@ -25,8 +28,11 @@ from migrator.client import UploadClient
 from migrator.clock import ServiceClock
 from migrator.errors import ConfigError
 from migrator.logs import register_secret
-from migrator.model import Manifest, Target
+from migrator.manifest import ledger_files
+from migrator.model import Manifest, Target, UrlListSource, UrlSource
+from migrator.naming import EMBEDDED_ORIGIN
 from migrator.pacer import Pacer
+from migrator.plan import iter_url_list
 from migrator.transfer import Connection, Limits
 
 if TYPE_CHECKING:
@@ -102,7 +108,7 @@ async def open_origins(manifest: Manifest, *, concurrency: int) -> AsyncIterator
     async with contextlib.AsyncExitStack() as stack:
         url_vars: dict[str, str] = {}
         if manifest.target.is_embedded:
-            url_vars[EMBEDDED_ORIGIN_VAR] = await _start_demo_origin(manifest.base_dir, stack)
+            url_vars[EMBEDDED_ORIGIN_VAR] = await _start_demo_origin(manifest, stack)
         session = await stack.enter_async_context(_origin_session(manifest, concurrency))
         yield Origins(session, url_vars)
 
@@ -218,12 +224,22 @@ def _read_port(port_file: Path) -> int:
         return 0
 
 
-async def _start_demo_origin(folder: Path, stack: contextlib.AsyncExitStack) -> str:
-    """Serve `folder` read-only on loopback: the demo's stand-in for a remote web server."""
+async def _start_demo_origin(manifest: Manifest, stack: contextlib.AsyncExitStack) -> str:
+    """Serve, read-only on loopback, the files the manifest's URL sources name under
+    `${EMBEDDED_ORIGIN}` and nothing else: the demo's stand-in for a remote web server.
+    Any local user can reach a loopback port; see `DemoFiles` for what is refused."""
     from aiohttp import web
 
+    files = await asyncio.to_thread(DemoFiles.of, manifest)
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        file = await asyncio.to_thread(files.lookup, request.path)
+        if file is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(file)
+
     app = web.Application()
-    app.router.add_static("/", folder, show_index=False, follow_symlinks=False)
+    app.router.add_get("/{tail:.*}", serve)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
@@ -231,3 +247,71 @@ async def _start_demo_origin(folder: Path, stack: contextlib.AsyncExitStack) -> 
     await site.start()
     port = runner.addresses[0][1]
     return f"http://127.0.0.1:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DemoFiles:
+    """What the demo origin serves: the URL paths the manifest names under
+    `${EMBEDDED_ORIGIN}`, each a regular file inside the manifest's folder. Never a
+    dotfile or anything in a dot-folder (a key file, the default ledger folder
+    `.migrator/`), never a file of the ledger or the embedded emulator, never the API
+    key file, whatever the manifest names."""
+
+    root: str  # the manifest's folder, real path
+    named: frozenset[str]  # URL paths, decoded and normalised: `/data/a.png`
+    refused_files: frozenset[str]  # real paths
+    refused_folders: tuple[str, ...]  # real paths
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> DemoFiles:
+        """Read the manifest's URL sources and lists (a list that cannot be read names
+        nothing; the plan says why)."""
+        urls: list[str] = []
+        for source in manifest.sources:
+            if isinstance(source, UrlSource):
+                urls.append(source.url)
+            elif isinstance(source, UrlListSource):
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    urls.extend(url for _, url in iter_url_list(source.path))
+        named = (u[len(EMBEDDED_ORIGIN) :] for u in urls if u.startswith(EMBEDDED_ORIGIN))
+        ledger = manifest.ledger
+        files = [*ledger_files(ledger), ledger.with_suffix(".log")]
+        if manifest.target.api_key_file is not None:
+            files.append(manifest.target.api_key_file)
+        root = os.path.realpath(manifest.base_dir)
+        folders = [os.path.realpath(embedded_dir(manifest))]
+        ledger_dir = os.path.realpath(ledger.parent)
+        if not _within(ledger_dir, root):  # a folder of its own, not the manifest's
+            folders.append(ledger_dir)
+        return cls(
+            root=root,
+            named=frozenset(_url_path(rest) for rest in named),
+            refused_files=frozenset(os.path.realpath(f) for f in files),
+            refused_folders=tuple(folders),
+        )
+
+    def lookup(self, request_path: str) -> str | None:
+        """The real file to serve for a request's (decoded) path, or None: 404."""
+        path = posixpath.normpath("/" + request_path.lstrip("/"))
+        if path not in self.named or any(part.startswith(".") for part in path.split("/")):
+            return None
+        real = os.path.realpath(Path(self.root, path.lstrip("/")))
+        if not _within(self.root, real) or real in self.refused_files:
+            return None
+        if any(part.startswith(".") for part in Path(real).relative_to(self.root).parts):
+            return None  # a named link into a dot-folder
+        if any(_within(folder, real) for folder in self.refused_folders):
+            return None
+        try:
+            return real if stat.S_ISREG(Path(real).stat().st_mode) else None
+        except OSError:
+            return None
+
+
+def _url_path(rest: str) -> str:
+    """`/data/a%20b.png?x=1` -> `/data/a b.png`, as the server sees a request's path."""
+    return posixpath.normpath("/" + unquote(urlsplit(rest).path).lstrip("/"))
+
+
+def _within(folder: str, path: str) -> bool:
+    return os.path.commonpath([folder, path]) == folder

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import threading
 import traceback
@@ -48,6 +49,7 @@ import structlog
 from structlog.typing import EventDict, ExcInfo, FilteringBoundLogger, Processor, WrappedLogger
 
 from migrator.errors import ConfigError
+from migrator.naming import hide_credentials
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}
 CONSOLE_MODES = ("auto", "console", "warnings", "json", "none")
@@ -80,9 +82,10 @@ def redact_secrets(secrets: Sequence[str] = ()) -> Processor:
     `secrets`, and every secret registered with `register_secret`, then or later.
 
     Walks dicts, lists and tuples; other objects are turned into their text first so
-    a repr cannot carry a secret out. Keys named authorization, api_key, token,
-    password (any case, '-' or '_') are dropped. An `exc_info` still present is
-    rendered to a plain `exception` text (no locals) first, then redacted.
+    a repr cannot carry a secret out. The `user:password@` of any URL is removed too.
+    Keys named authorization, api_key, token, password (any case, '-' or '_') are
+    dropped. An `exc_info` still present is rendered to a plain `exception` text (no
+    locals) first, then redacted.
     """
     given = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
     longest_first: list[str] = []
@@ -96,7 +99,7 @@ def redact_secrets(secrets: Sequence[str] = ()) -> Processor:
         for secret in longest_first:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        return text
+        return hide_credentials(text)  # a source URL's `user:password@` stays in the ledger
 
     def redact_value(value: object) -> object:
         if isinstance(value, str):
@@ -418,9 +421,27 @@ def _level_number(level: str) -> int:
     return number
 
 
+LOG_FILE_MODE = 0o600  # as the ledger: the log holds the same links
+LOG_DIR_MODE = 0o700
+
+
 def _open_log_file(path: Path) -> TextIO:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "a", encoding="utf-8")
+        return open_log_file(path)
     except OSError as err:
         raise ConfigError(f"cannot write the log file {path}: {err.strerror or err}") from None
+
+
+def open_log_file(path: Path) -> TextIO:
+    """The log file opened to append; its folder is made 0700 and a new file 0600 (an
+    existing one keeps its mode). Raises OSError."""
+    path.parent.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
+    existed = path.exists()  # `--log-file /dev/null` must keep its mode
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+    try:
+        if not existed:
+            os.fchmod(fd, LOG_FILE_MODE)  # whatever the umask
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -8,9 +8,12 @@ Loading does no network I/O and writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import math
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,8 @@ from migrator.naming import (
     check_name,
     check_upload_path,
     check_url,
+    file_type,
+    printable,
     split_glob,
 )
 from migrator.units import (
@@ -53,11 +58,13 @@ from migrator.units import (
     parse_positive_duration,
     parse_rate,
     parse_size,
+    shown,
 )
 
 LEDGER_DIR_ENV = "MIGRATOR_LEDGER_DIR"
 MAX_MANIFEST_BYTES = 4 * MIB  # ~150,000 path sources; more is a job for glob or url_list
 PROBLEM_LIMIT = 100  # problems reported at most; the rest are counted
+MAX_PATH_BYTES = 4096  # PATH_MAX: no longer path, pattern or exclude can name a file
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -82,9 +89,21 @@ _SETTING_KEYS = (
 )
 _SOURCE_KINDS = ("path", "glob", "url", "url_list")
 _OPTION_KEYS = ("file_name", "upload_path", "method")
-_SOURCE_KEYS = (*_SOURCE_KINDS, *_OPTION_KEYS, "exclude")
+_GLOB_ONLY_KEYS = ("exclude", "follow_symlinks")
+_SOURCE_KEYS = (*_SOURCE_KINDS, *_OPTION_KEYS, *_GLOB_ONLY_KEYS)
+MANIFEST_KEYS: Mapping[str, tuple[str, ...]] = {
+    "": _TOP_KEYS,
+    "target": _TARGET_KEYS,
+    "outputs": _OUTPUT_KEYS,
+    "settings": _SETTING_KEYS,
+    "sources[]": _SOURCE_KEYS,
+}
+"""Every key the format names, by where it may appear (the reference names each)."""
 _REMOTE_KINDS = ("url", "url_list")
 _MANY_FILE_KINDS = ("glob", "url_list")
+
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
 
 T = TypeVar("T")
 _INVALID = object()  # a scalar already reported as unreadable
@@ -102,16 +121,23 @@ class _Reader:
 
     def problem(self, node: Node | None, where: str | None, message: str) -> None:
         line = node.start_mark.line + 1 if node is not None else None
-        self.problems.append(ManifestProblem(self.file, line, where, message))
+        # A key or value may hold a line break or a terminal escape: shown escaped.
+        field = None if where is None else printable(where)
+        self.problems.append(ManifestProblem(self.file, line, field, printable(message)))
 
     def mapping(self, node: Node, where: str, allowed: tuple[str, ...]) -> dict[str, Node]:
         """The mapping's keys and value nodes; type, duplicate and unknown keys reported."""
+        if isinstance(node, MappingNode | SequenceNode) and node.tag not in (_MAP_TAG, _SEQ_TAG):
+            self.problem(node, where or None, f"unsupported YAML tag {node.tag!r}")
+            return {}
         if not isinstance(node, MappingNode):
             self.problem(node, where or None, f"expected a mapping (key: value), got {_kind(node)}")
             return {}
         result: dict[str, Node] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, ScalarNode) else None
+            if isinstance(key, str) and _has_surrogate(key):
+                key = None
             path = f"{where}.{key}" if where else str(key)
             if not isinstance(key, str) or key_node.tag != "tag:yaml.org,2002:str":
                 self.problem(key_node, where or None, "keys must be plain words")
@@ -129,10 +155,18 @@ class _Reader:
             self.problem(node, where, f"expected a single value, got {_kind(node)}")
             return None
         try:
-            return self._constructor.construct_object(node, deep=True)
+            value = self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError:
             self.problem(node, where, f"unsupported YAML tag {node.tag!r}")
             return _INVALID
+        except (ValueError, OverflowError):  # an integer of more than 4,300 digits
+            self.problem(node, where, f"{_cut(node.value)} is too large a number")
+            return _INVALID
+        if isinstance(value, str) and _has_surrogate(value):
+            # "\ud800" in YAML: no file name or URL can hold it, nor can a message show it.
+            self.problem(node, where, "holds a lone surrogate (\\ud800-\\udfff), not text")
+            return _INVALID
+        return value
 
     def string(self, node: Node, where: str, *, secret: bool = False) -> str | None:
         """A non-empty string; `secret`: never echo the value in a message."""
@@ -157,7 +191,7 @@ class _Reader:
                 self.problem(node, where, f"expected a whole number, got {_describe(value)}")
             return None
         if not low <= value <= high:
-            self.problem(node, where, f"must be between {low} and {high}, got {value}")
+            self.problem(node, where, f"must be between {low} and {high}, got {shown(value)}")
             return None
         return value
 
@@ -169,6 +203,11 @@ class _Reader:
             if value is not None or isinstance(node, ScalarNode):
                 self.problem(node, where, f"expected a size or duration, got {_describe(value)}")
             return None
+        if isinstance(value, float) and not math.isfinite(value):
+            # `1e400` in YAML reads as infinity: a mistake, never a setting.
+            what = "too large a number" if not math.isnan(value) else "not a number"
+            self.problem(node, where, f"{_cut(str(node.value))} is {what}")
+            return None
         try:
             return parse(value if isinstance(value, str | int) else str(value))
         except ValueError as err:
@@ -179,7 +218,10 @@ class _Reader:
         text = self.string(node, where)
         if text is None:
             return None
-        return _absolute(self.base_dir, Path(text).expanduser())
+        path, reason = _local(self.base_dir, text)
+        if reason is not None:
+            self.problem(node, where, reason)
+        return path
 
 
 # -- entry point ----------------------------------------------------------------------------
@@ -240,6 +282,12 @@ def _compose(reader: _Reader, path: Path) -> Node | None:
         line = mark.line + 1 if mark is not None else None
         reader.problems.append(ManifestProblem(reader.file, line, None, _yaml_message(err)))
         return None
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        column = _column(text, err.position)
+        message = f"a character YAML does not allow: #x{err.character:04x} (column {column})"
+        reader.problems.append(ManifestProblem(reader.file, line, None, message))
+        return None
     except yaml.YAMLError as err:
         reader.problems.append(ManifestProblem(reader.file, None, None, f"not YAML: {err}"))
         return None
@@ -251,8 +299,7 @@ def _compose(reader: _Reader, path: Path) -> Node | None:
 
 def _read_text(reader: _Reader, path: Path) -> str | None:
     try:
-        with path.open("rb") as handle:  # bounded: /dev/zero is not a manifest either
-            data = handle.read(MAX_MANIFEST_BYTES + 1)
+        data = _read_bounded(path, MAX_MANIFEST_BYTES + 1)  # /dev/zero is no manifest either
     except IsADirectoryError:
         message = "is a directory, not a manifest file"
     except FileNotFoundError:
@@ -274,6 +321,20 @@ def _read_text(reader: _Reader, path: Path) -> str | None:
     return None
 
 
+def _column(text: str, position: int) -> int:
+    return position - text.rfind("\n", 0, position)
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """At most `limit` bytes of a file. Opened without blocking, so a FIFO nobody writes
+    to reads as empty instead of hanging; one with a writer (`<(cat job.yaml)`) is
+    read as it comes. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        os.set_blocking(fd, True)  # only the open must not wait
+        return handle.read(limit)
+
+
 def _yaml_message(err: yaml.MarkedYAMLError) -> str:
     problem = err.problem or str(err)
     if "'\\t'" in problem:
@@ -293,7 +354,7 @@ def _read_top(
     env: Mapping[str, str],
 ) -> Manifest | None:
     keys = reader.mapping(root, "", _TOP_KEYS)
-    if not isinstance(root, MappingNode):
+    if not _is_mapping(root):
         return None
     _require(reader, root, keys, ("version", "name", "target", "sources"))
     _read_version(reader, keys.get("version"))
@@ -304,6 +365,7 @@ def _read_top(
     embedded = target is not None and target.is_embedded
     sources = _read_sources(reader, keys.get("sources"), settings, embedded=embedded)
     ledger = _resolve_ledger(reader, keys.get("ledger"), name, ledger_override, env)
+    _check_outputs_spare(reader, keys.get("outputs"), outputs, ledger)
     if name is None or target is None:
         return None
     return Manifest(
@@ -343,7 +405,7 @@ def _read_name(reader: _Reader, node: Node | None) -> str | None:
         reader.problem(
             node,
             "name",
-            f"{name!r} is not a job name: use lower-case letters, digits, '.', '_' and '-' "
+            f"{_cut(name)} is not a job name: use lower-case letters, digits, '.', '_' and '-' "
             "(starting with a letter or digit, at most 100 characters)",
         )
         return None
@@ -354,7 +416,7 @@ def _read_target(reader: _Reader, node: Node | None) -> Target | None:
     if node is None:
         return None
     keys = reader.mapping(node, "target", _TARGET_KEYS)
-    if isinstance(node, MappingNode):
+    if _is_mapping(node):
         _require(reader, node, keys, ("base_url",), "target.")
     base_url = _read_base_url(reader, keys.get("base_url"))
     env_name = _read_api_key_env(reader, keys.get("api_key_env"))
@@ -424,6 +486,20 @@ def _read_outputs(reader: _Reader, node: Node | None) -> Outputs:
         elif path is not None:
             seen[path] = key
     return Outputs(**paths)
+
+
+def _check_outputs_spare(
+    reader: _Reader, node: Node | None, outputs: Outputs, ledger: Path
+) -> None:
+    """An output written over the ledger (or its -wal, -shm or lock) would destroy it."""
+    if node is None or not _is_mapping(node):
+        return
+    nodes = {key.value: value for key, value in node.value if isinstance(key, ScalarNode)}
+    for key in _OUTPUT_KEYS:
+        path = getattr(outputs, key)
+        reason = None if path is None else output_clash(path, ledger)
+        if reason is not None:
+            reader.problem(nodes.get(key), f"outputs.{key}", reason)
 
 
 def _read_settings(reader: _Reader, node: Node | None) -> Settings:
@@ -520,6 +596,62 @@ def _check_ttl(reader: _Reader, keys: dict[str, Node], settings: Settings) -> No
 
 # -- the ledger -----------------------------------------------------------------------------
 
+_LEDGER_FILES = (
+    ("", "the ledger"),
+    ("-wal", "the ledger's write-ahead log"),
+    ("-shm", "the ledger's shared-memory file"),
+    ("-journal", "the ledger's journal"),
+    (".lock", "the ledger's lock"),
+)
+
+
+def ledger_clash(path: Path, ledger: Path) -> str | None:
+    """Why a file written at `path` would destroy the ledger: it is the ledger, its
+    `-wal`, `-shm` or `-journal`, or its `.lock`; None when it is none of them.
+    Pure: both paths absolute and normalised, compared as written."""
+    what = _ledger_file(path, ledger)
+    return None if what is None else _clash_message(path, f"is {what}")
+
+
+def output_clash(path: Path, ledger: Path) -> str | None:
+    """`ledger_clash` for a file about to be written, seen also through symbolic links
+    and hard links (so it reads the file system). Relative paths are from the
+    current directory."""
+    path, ledger = _absolute(Path.cwd(), path), _absolute(Path.cwd(), ledger)
+    reason = ledger_clash(path, ledger)
+    if reason is not None:
+        return reason
+    what = _ledger_file(Path(os.path.realpath(path)), Path(os.path.realpath(ledger)))
+    if what is not None:
+        return _clash_message(path, f"leads to {what}")
+    if _same_file_as_any(path, ledger):
+        return _clash_message(path, "is a hard link to the ledger")
+    return None
+
+
+def ledger_files(ledger: Path) -> tuple[Path, ...]:
+    """The ledger and the files that are part of it: `-wal`, `-shm`, `-journal`, `.lock`."""
+    return tuple(ledger.with_name(ledger.name + suffix) for suffix, _ in _LEDGER_FILES)
+
+
+def _ledger_file(path: Path, ledger: Path) -> str | None:
+    for file, (_, what) in zip(ledger_files(ledger), _LEDGER_FILES, strict=True):
+        if path == file:
+            return what
+    return None
+
+
+def _clash_message(path: Path, what: str) -> str:
+    return f"{path} {what}: writing it would destroy the ledger; choose another file"
+
+
+def _same_file_as_any(path: Path, ledger: Path) -> bool:
+    for file in ledger_files(ledger):
+        with contextlib.suppress(OSError):
+            if path.samefile(file):
+                return True
+    return False
+
 
 def _resolve_ledger(
     reader: _Reader,
@@ -531,13 +663,22 @@ def _resolve_ledger(
     file_name = f"{name or 'job'}.sqlite"
     written = reader.local_path(node, "ledger") if node is not None else None
     if override is not None:
-        return _absolute(Path.cwd(), override.expanduser())
+        return _outside_path(reader, override, "--ledger")
     env_dir = env.get(LEDGER_DIR_ENV, "").strip()
     if env_dir:
-        return _absolute(Path.cwd(), Path(env_dir).expanduser() / file_name)
+        return _outside_path(reader, Path(env_dir), f"${LEDGER_DIR_ENV}") / file_name
     if written is not None:
         return written
     return reader.base_dir / ".migrator" / file_name
+
+
+def _outside_path(reader: _Reader, path: Path, where: str) -> Path:
+    """A path from the command line or the environment, from the current directory."""
+    local, reason = _local(Path.cwd(), str(path))
+    if local is None:
+        reader.problems.append(ManifestProblem(where, None, None, reason or "unusable"))
+        return Path.cwd() / "unusable"
+    return local
 
 
 # -- sources --------------------------------------------------------------------------------
@@ -550,6 +691,9 @@ def _read_sources(
         return ()
     if not isinstance(node, SequenceNode):
         reader.problem(node, "sources", f"expected a list of sources, got {_kind(node)}")
+        return ()
+    if node.tag != _SEQ_TAG:
+        reader.problem(node, "sources", f"unsupported YAML tag {node.tag!r}")
         return ()
     if not node.value:
         reader.problem(node, "sources", "lists no sources; name at least one")
@@ -565,20 +709,22 @@ def _read_source(
     reader: _Reader, node: Node, where: str, settings: Settings, *, embedded: bool
 ) -> Source | None:
     keys = reader.mapping(node, where, _SOURCE_KEYS)
-    if not isinstance(node, MappingNode):
+    if not _is_mapping(node):
         return None
     kind = _source_kind(reader, node, keys, where)
     if kind is None:
         return None
     options = _read_options(reader, keys, where, kind)
     line = node.start_mark.line + 1
-    if "exclude" in keys and kind != "glob":
-        reader.problem(keys["exclude"], f"{where}.exclude", "only glob sources take exclude")
+    for key in _GLOB_ONLY_KEYS:
+        if key in keys and kind != "glob":
+            reader.problem(keys[key], f"{where}.{key}", f"only glob sources take {key}")
     value = keys[kind]
     if kind == "path":
         return _read_path_source(reader, value, where, options, line, settings)
     if kind == "glob":
-        return _read_glob_source(reader, value, keys.get("exclude"), where, options, line)
+        follow = keys.get("follow_symlinks")
+        return _read_glob_source(reader, value, keys.get("exclude"), follow, where, options, line)
     if kind == "url":
         return _read_url_source(reader, value, where, options, line, embedded=embedded)
     return _read_url_list_source(reader, value, where, options, line)
@@ -650,9 +796,10 @@ def _read_path_source(
         return None
     if not reader.check_sources:
         return PathSource(path=path, options=options, line=line)
-    if not _is_regular_file(reader, node, f"{where}.path", path):
+    info = _regular_file(reader, node, f"{where}.path", path)
+    if info is None:
         return None
-    reason = forced_method_problem(SourceKind.FILE, path.stat().st_size, options.method)
+    reason = forced_method_problem(SourceKind.FILE, info.st_size, options.method)
     if reason:
         reader.problem(node, f"{where}.method", reason)
     return PathSource(path=path, options=options, line=line)
@@ -662,23 +809,34 @@ def _read_glob_source(
     reader: _Reader,
     node: Node,
     exclude_node: Node | None,
+    follow_node: Node | None,
     where: str,
     options: SourceOptions,
     line: int,
 ) -> GlobSource | None:
     pattern = reader.string(node, f"{where}.glob")
     exclude = _read_exclude(reader, exclude_node, f"{where}.exclude")
+    follow = _read_follow_symlinks(reader, follow_node, f"{where}.follow_symlinks")
     if pattern is None:
         return None
+    if len(pattern.encode()) > MAX_PATH_BYTES:
+        reader.problem(
+            node, f"{where}.glob", f"is longer than any path can be ({MAX_PATH_BYTES} bytes)"
+        )
+        return None
     root_text, relative = split_glob(pattern)
-    root = _absolute(reader.base_dir, Path(root_text).expanduser())
+    root, reason = _local(reader.base_dir, root_text)
+    if root is None:
+        reader.problem(node, f"{where}.glob", reason or "unusable")
+        return None
     if ".." in relative.split("/"):
         reader.problem(node, f"{where}.glob", "'..' may appear only before the first wildcard")
         return None
-    if reader.check_sources and not root.is_dir():
-        state = "is not a directory" if root.exists() else "does not exist"
-        reader.problem(node, f"{where}.glob", f"the glob's root folder {str(root)!r} {state}")
-        return None
+    if reader.check_sources:
+        state = _folder_state(root)
+        if state is not None:
+            reader.problem(node, f"{where}.glob", f"the glob's root folder {str(root)!r} {state}")
+            return None
     return GlobSource(
         pattern=pattern,
         root=root,
@@ -686,15 +844,48 @@ def _read_glob_source(
         exclude=exclude,
         options=options,
         line=line,
+        follow_symlinks=follow,
     )
+
+
+def _read_follow_symlinks(reader: _Reader, node: Node | None, where: str) -> bool:
+    if node is None:
+        return False
+    value = reader.scalar(node, where)
+    if value is _INVALID:
+        return False
+    if not isinstance(value, bool):
+        reader.problem(node, where, f"expected true or false, got {_describe(value)}")
+        return False
+    return value
+
+
+def _folder_state(path: Path) -> str | None:
+    """Why `path` is not a folder to walk, or None when it is one."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as err:
+        return f"cannot be read: {err.strerror or err}"
+    return None if stat.S_ISDIR(info.st_mode) else "is not a directory"
 
 
 def _read_exclude(reader: _Reader, node: Node | None, where: str) -> tuple[str, ...]:
     if node is None:
         return ()
+    if isinstance(node, SequenceNode) and node.tag != _SEQ_TAG:
+        reader.problem(node, where, f"unsupported YAML tag {node.tag!r}")
+        return ()
     items = node.value if isinstance(node, SequenceNode) else [node]
-    patterns = (reader.string(item, where) for item in items)
-    return tuple(_strip_dot_slash(p) for p in patterns if p is not None)
+    patterns: dict[str, None] = {}  # in order, each once: aliases cannot multiply the work
+    for item in {id(item): item for item in items}.values():  # an alias is its anchor's node
+        pattern = reader.string(item, where)
+        if pattern is not None and len(pattern.encode()) > MAX_PATH_BYTES:
+            reader.problem(item, where, f"is longer than any path can be ({MAX_PATH_BYTES} bytes)")
+        elif pattern is not None:
+            patterns[_strip_dot_slash(pattern)] = None
+    return tuple(patterns)
 
 
 def _read_url_source(
@@ -716,7 +907,7 @@ def _read_url_list_source(
     path = reader.local_path(node, f"{where}.url_list")
     if path is None:
         return None
-    if reader.check_sources and not _is_regular_file(reader, node, f"{where}.url_list", path):
+    if reader.check_sources and _regular_file(reader, node, f"{where}.url_list", path) is None:
         return None
     return UrlListSource(path=path, options=options, line=line)
 
@@ -724,22 +915,48 @@ def _read_url_list_source(
 # -- helpers --------------------------------------------------------------------------------
 
 
-def _is_regular_file(reader: _Reader, node: Node, where: str, path: Path) -> bool:
-    if path.is_file():
-        return True
-    if path.is_dir():
-        message = f"{str(path)!r} is a folder; use glob: '<folder>/**' to migrate a folder"
-    elif path.exists():
-        message = f"{str(path)!r} is not a regular file"
-    else:
+def _regular_file(reader: _Reader, node: Node, where: str, path: Path) -> os.stat_result | None:
+    """The file's stat (links followed: the user named it), or None with the reason told."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
         message = f"{str(path)!r} does not exist"
+    except OSError as err:
+        message = f"cannot read {str(path)!r}: {err.strerror or err}"
+    else:
+        if stat.S_ISREG(info.st_mode):
+            return info
+        if stat.S_ISDIR(info.st_mode):
+            message = f"{str(path)!r} is a folder; use glob: '<folder>/**' to migrate a folder"
+        else:
+            message = f"{str(path)!r} is not a regular file ({file_type(info.st_mode)})"
     reader.problem(node, where, message)
-    return False
+    return None
 
 
 def _absolute(base: Path, path: Path) -> Path:
     """Absolute and normalised, without resolving symlinks."""
     return Path(os.path.normpath(base / path))
+
+
+def _local(base: Path, text: str) -> tuple[Path | None, str | None]:
+    """A path written in the manifest, made absolute; or None and why it cannot be one."""
+    if "\0" in text:
+        return None, "a path cannot contain a NUL character"
+    if len(text.encode()) > MAX_PATH_BYTES:
+        return None, f"is longer than any path can be ({MAX_PATH_BYTES} bytes)"
+    expanded = _expanded(Path(text))
+    if expanded is None:
+        return None, f"cannot expand {shown(text.split('/', 1)[0])}: no such user"
+    return _absolute(base, expanded), None
+
+
+def _expanded(path: Path) -> Path | None:
+    """`~` and `~user` expanded; None when there is no such user (pathlib raises)."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        return None
 
 
 def _strip_dot_slash(pattern: str) -> str:
@@ -756,6 +973,11 @@ def _unknown_key_message(key: str, allowed: tuple[str, ...]) -> str:
     return f"unknown key{hint}"
 
 
+def _is_mapping(node: Node) -> bool:
+    """A plain mapping: `mapping()` reads its keys (a tagged one is reported there)."""
+    return isinstance(node, MappingNode) and node.tag == _MAP_TAG
+
+
 def _kind(node: Node) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
@@ -770,5 +992,16 @@ def _describe(value: object) -> str:
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
     if isinstance(value, str):
-        return f"the string {value!r}"
-    return f"{value!r}"
+        return f"the string {shown(value)}"
+    if isinstance(value, int | float):
+        return shown(value)
+    return _cut(repr(value))
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    """Text from the manifest, quoted for a message and cut to a readable length."""
+    return shown(text, limit)

@@ -142,6 +142,7 @@ class GlobSource:
     exclude: tuple[str, ...] = ()  # patterns matched against paths below root
     options: SourceOptions = field(default_factory=SourceOptions)
     line: int | None = None
+    follow_symlinks: bool = False  # links to files that stay inside root are taken
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+import stat
+import unicodedata
 from collections.abc import Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 MAX_SEGMENT_BYTES = 255
 EMBEDDED_ORIGIN = "${EMBEDDED_ORIGIN}"
@@ -21,7 +23,10 @@ _VARIABLE_RE = re.compile(r"\$\{([^}]*)\}")
 _WILDCARDS = frozenset("*?[")
 _SAFE_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, exactly
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")  # a byte of a name that is not UTF-8
+_UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _EXTENSION_RE = re.compile(r"\.[A-Za-z0-9]{1,16}$")
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
 
 
 def join_upload_path(*parts: str | None) -> str:
@@ -65,6 +70,13 @@ def check_name(upload_path: str, file_name: str) -> str | None:
     return _check_segment(file_name, "file name")
 
 
+def collision_key(upload_path: str, file_name: str) -> str:
+    """What two names must not share: the joined name in Unicode NFC, so that `café`
+    written precomposed and decomposed (two files on Linux, one on macOS, and maybe
+    one on the service) count as the same name."""
+    return unicodedata.normalize("NFC", join_upload_path(upload_path, file_name))
+
+
 def check_upload_path(upload_path: str) -> str | None:
     """Why an `upload_path` written in the manifest is unusable, or None."""
     if upload_path.startswith("/"):
@@ -84,11 +96,20 @@ def _check_segment(segment: str, what: str) -> str | None:
         return f"{what} must not contain a {segment!r} segment"
     if "\\" in segment:
         return f"{what} {segment!r} contains a backslash"
+    if _SURROGATE_RE.search(segment):
+        return f"{what} {segment!r} is not valid UTF-8"
     if _CONTROL_RE.search(segment):
         return f"{what} {segment!r} contains a control character"
     if len(segment.encode()) > MAX_SEGMENT_BYTES:
         return f"{what} segment is longer than {MAX_SEGMENT_BYTES} bytes"
     return None
+
+
+def printable(text: str) -> str:
+    """Text with its control characters (a line break, a terminal escape) and the bytes
+    of a name that is not UTF-8 written as escapes, so a hostile file name can neither
+    break a line, steer a terminal, nor fail the write of a log line."""
+    return _UNPRINTABLE_RE.sub(lambda match: repr(match.group(0))[1:-1], text)
 
 
 def _is_safe_char(ch: str) -> bool:
@@ -114,13 +135,39 @@ def check_url(url: str, *, embedded: bool) -> str | None:
     if not url.strip():
         return "the URL is empty"
     if url != url.strip() or any(ch.isspace() for ch in url):
-        return f"{url!r} contains whitespace"
+        return f"{without_credentials(url)!r} contains whitespace"
+    if _CONTROL_RE.search(url):
+        return f"{without_credentials(url)!r} contains a control character"
     for name in _VARIABLE_RE.findall(url):
         if name != "EMBEDDED_ORIGIN":
-            return f"{url!r} names an unknown variable ${{{name}}} (only ${{EMBEDDED_ORIGIN}})"
+            shown = without_credentials(url)
+            return f"{shown!r} names an unknown variable ${{{name}}} (only ${{EMBEDDED_ORIGIN}})"
     if EMBEDDED_ORIGIN in url:
         return _check_embedded_origin_url(url, embedded=embedded)
     return _check_http_url(url)
+
+
+def without_credentials(url: str) -> str:
+    """The URL without `user:password@`, for every place but the ledger (pure).
+
+    `http://u:p@host/a` -> `http://host/a`; a URL without credentials, or text that is
+    not a URL, is returned unchanged.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return hide_credentials(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def hide_credentials(text: str) -> str:
+    """Text (a message, a log line) with the `user:password@` of every URL in it
+    removed (pure). `fetch of http://u:p@h/x failed` -> `fetch of http://h/x failed`."""
+    if "@" not in text:
+        return text
+    return _USERINFO_RE.sub(r"\1", text)
 
 
 def substitute_url(url: str, variables: Mapping[str, str] | None) -> str:
@@ -139,17 +186,32 @@ def _check_embedded_origin_url(url: str, *, embedded: bool) -> str | None:
 
 
 def _check_http_url(url: str) -> str | None:
+    shown = without_credentials(url)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError as err:
-        return f"{url!r} is not a valid URL ({err})"
+        return f"{shown!r} is not a valid URL ({hide_credentials(str(err))})"
     if parts.scheme.lower() not in ("http", "https"):
         scheme = parts.scheme or "no scheme"
-        return f"{url!r} has {scheme}; only http:// and https:// URLs can be migrated"
+        return f"{shown!r} has {scheme}; only http:// and https:// URLs can be migrated"
     if not parts.hostname:
-        return f"{url!r} has no host"
+        return f"{shown!r} has no host"
     return None
+
+
+def file_type(mode: int) -> str:
+    """What kind of file a stat mode names, in words: `a FIFO`, `a socket`, ..."""
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((words for test, words in kinds if test(mode)), "not a file")
 
 
 # -- glob patterns ----------------------------------------------------------------------------

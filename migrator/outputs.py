@@ -22,6 +22,7 @@ from typing import TextIO
 
 from migrator.errors import DISK_ERRNOS, ConfigError, DiskError, MigratorError, UsageError
 from migrator.model import LedgerItem
+from migrator.naming import hide_credentials, without_credentials
 from migrator.units import iso_utc
 
 OUTPUT_MODE = 0o644
@@ -123,9 +124,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def export_record(item: LedgerItem) -> dict[str, object]:
-    """One item as exported: EXPORT_FIELDS in order, times as ISO-8601 UTC or None."""
+    """One item as exported: EXPORT_FIELDS in order, times as ISO-8601 UTC or None.
+    Credentials in a source URL stay in the ledger: the export shows the URL without."""
     return {
-        "source": item.source,
+        "source": without_credentials(item.source),
         "upload_path": item.upload_path,
         "file_name": item.file_name,
         "method": None if item.method is None else item.method.value,
@@ -137,7 +139,7 @@ def export_record(item: LedgerItem) -> dict[str, object]:
         "uploaded_at": iso_utc(item.uploaded_at),
         "expires_at": iso_utc(item.expires_at),
         "attempts": item.attempts,
-        "last_error": item.last_error,
+        "last_error": None if item.last_error is None else hide_credentials(item.last_error),
         "downloaded_path": item.downloaded_path,
         "downloaded_at": iso_utc(item.downloaded_at),
         "checked_at": iso_utc(item.checked_at),

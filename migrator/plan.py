@@ -4,7 +4,9 @@ Two doors onto the same expansion:
 
 - `check_plan` walks everything once, offline, and refuses a plan with bad names,
   empty globs, bad URLs in lists or two files landing on the same name. Its memory
-  does not grow with the strings it sees: it keeps one 8-byte digest per item.
+  does not grow with the strings it sees: it keeps one 8-byte digest per item. What
+  a glob matches but does not take (symbolic links, FIFOs, devices, sockets) is
+  logged as a warning and counted.
 - `expand` yields the items lazily in manifest order for the runner, asking origins
   for the size of remote files (HEAD, then a one-byte ranged GET) in small bounded
   batches. It never talks to the service.
@@ -18,13 +20,16 @@ import itertools
 import os
 import posixpath
 import re
+import stat
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 
 from migrator.errors import ManifestError, ManifestProblem
+from migrator.logs import get_logger
 from migrator.methods import choose_method, forced_method_problem
 from migrator.model import (
     GlobSource,
@@ -40,17 +45,23 @@ from migrator.model import (
 from migrator.naming import (
     check_name,
     check_url,
+    collision_key,
     compile_glob,
+    file_type,
     glob_depth,
     join_upload_path,
     name_from_url,
+    printable,
     substitute_url,
+    without_credentials,
 )
 from migrator.transfer import plain_length, range_total
 
 __all__ = [
+    "GlobFile",
     "PlanCheck",
     "RemoteInfo",
+    "Skipped",
     "check_plan",
     "compile_glob",
     "expand",
@@ -60,20 +71,41 @@ __all__ = [
 ]
 
 PROBLEM_LIMIT = 100
+SKIPS_LOGGED = 100  # warnings for skipped files at most; the rest are counted
 PROBE_TIMEOUT = 10.0
+
+log = get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A file a glob matched but does not take, and why."""
+
+    path: str  # where it was found in the tree
+    reason: str
+
 
 OnProblem = Callable[[ManifestProblem], None]
 OnWalkError = Callable[[str, OSError], None]
+OnSkip = Callable[[Skipped], None]
 
 
 @dataclass(frozen=True, slots=True)
 class PlanCheck:
-    """What a valid plan holds."""
+    """What a valid plan holds, and how many matched files were skipped."""
 
     items: int
     local_files: int
     remote_files: int
     local_bytes: int
+    skipped: int = 0  # links not followed, FIFOs, devices, sockets (each logged)
+
+
+class GlobFile(NamedTuple):
+    """A file a glob takes: its path below the root, and the file to read."""
+
+    relative: str
+    path: str  # the entry itself, or where a followed link leads (never a link)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,13 +139,23 @@ class _Entry:
         return join_upload_path(self.upload_path, self.file_name)
 
     @property
+    def collision(self) -> str:
+        """What no other entry may share (see `collision_key`)."""
+        return collision_key(self.upload_path, self.file_name)
+
+    @property
     def identity(self) -> tuple[int, str, int | None]:
         return (self.index, self.source, self.list_line)
+
+    @property
+    def shown(self) -> str:
+        """The source for a message: no credentials, no control characters."""
+        return printable(without_credentials(self.source))
 
     def describe(self) -> str:
         where = f"line {self.source_line}" if self.source_line else "no line"
         origin = f"{self.list_file}:{self.list_line} " if self.list_file else ""
-        return f"sources[{self.index}] ({where}, {origin}{self.source})"
+        return f"sources[{self.index}] ({where}, {origin}{self.shown})"
 
 
 # -- walking globs and reading URL lists ----------------------------------------------------
@@ -124,17 +166,23 @@ def walk_glob(
     relative_pattern: str,
     exclude: tuple[str, ...] = (),
     *,
+    follow_symlinks: bool = False,
     on_error: OnWalkError | None = None,
-) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    """Yield (path relative to root, entry) for every regular file the pattern matches.
+    on_skip: OnSkip | None = None,
+) -> Iterator[GlobFile]:
+    """Yield every regular file the pattern matches, as a `GlobFile`.
 
     Lazy and iterative; entries in name order at every level. A directory matching an
-    exclude pattern is not entered; symlinked directories are never followed (no
-    loops); symlinks to regular files are taken as files.
+    exclude pattern is not entered. Only regular files are taken: a matched FIFO,
+    socket or device is skipped and told to `on_skip`, and so is a symbolic link,
+    unless `follow_symlinks` is set and the link leads to a regular file inside the
+    root (its `path` is then the real file). Links to folders are never followed:
+    what they reach inside the root is walked anyway, and no loop can start.
     """
     include = compile_glob(relative_pattern)
     excludes = [compile_glob(p) for p in exclude]
     max_depth = glob_depth(relative_pattern)
+    real_root = os.path.realpath(root) if follow_symlinks else None
     stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", _entries(str(root), on_error))]
     while stack:
         prefix, entries = stack[-1]
@@ -143,11 +191,24 @@ def walk_glob(
             stack.pop()
             continue
         relative = prefix + entry.name
-        if _is_real_dir(entry):
+        kind = _kind(entry)
+        if kind in (_DIR, _DIR_LINK):
             if _may_descend(relative, max_depth, excludes):
-                stack.append((relative + "/", _entries(entry.path, on_error)))
-        elif _is_file(entry) and include.fullmatch(relative) and not _matches(excludes, relative):
-            yield relative, entry
+                if kind == _DIR:
+                    stack.append((relative + "/", _entries(entry.path, on_error)))
+                elif on_skip is not None:
+                    on_skip(Skipped(entry.path, "a symbolic link to a folder: never followed"))
+            continue
+        if kind is None or not include.fullmatch(relative) or _matches(excludes, relative):
+            continue
+        if kind == _FILE:
+            yield GlobFile(relative, entry.path)
+            continue
+        target, reason = (None, kind) if kind != _LINK else _link_target(entry.path, real_root)
+        if target is not None:
+            yield GlobFile(relative, target)
+        elif on_skip is not None:
+            on_skip(Skipped(entry.path, reason))
 
 
 def iter_url_list(path: Path) -> Iterator[tuple[int, str]]:
@@ -172,18 +233,46 @@ def _entries(path: str, on_error: OnWalkError | None) -> Iterator[os.DirEntry[st
         return iter(())
 
 
-def _is_real_dir(entry: os.DirEntry[str]) -> bool:
+_FILE, _DIR, _LINK, _DIR_LINK = "file", "folder", "link", "folder link"
+
+
+def _kind(entry: os.DirEntry[str]) -> str | None:
+    """_FILE, _DIR, _LINK, _DIR_LINK, or for anything else why it is skipped; None
+    when the entry vanished while the folder was read."""
     try:
-        return entry.is_dir(follow_symlinks=False)
+        if entry.is_symlink():
+            return _DIR_LINK if _leads_to_folder(entry) else _LINK
+        if entry.is_dir(follow_symlinks=False):
+            return _DIR
+        if entry.is_file(follow_symlinks=False):
+            return _FILE
+        mode = entry.stat(follow_symlinks=False).st_mode
     except OSError:
+        return None
+    return f"{file_type(mode)}, not a regular file"
+
+
+def _leads_to_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a loop: not a folder, and reported as a link
         return False
 
 
-def _is_file(entry: os.DirEntry[str]) -> bool:
+def _link_target(path: str, real_root: str | None) -> tuple[str | None, str]:
+    """Where a link leads, when it may be followed; else None and why not."""
+    if real_root is None:
+        return None, "a symbolic link: not followed (see follow_symlinks)"
     try:
-        return entry.is_file()
+        target = os.path.realpath(path, strict=True)
+        mode = Path(target).stat().st_mode
     except OSError:
-        return False
+        return None, "a broken symbolic link (or a loop of links)"
+    if os.path.commonpath([real_root, target]) != real_root:
+        return None, f"a symbolic link to {printable(target)}, outside the glob's root"
+    if not stat.S_ISREG(mode):
+        return None, f"a symbolic link to {file_type(mode)}, not a regular file"
+    return target, ""
 
 
 def _may_descend(relative: str, max_depth: int | None, excludes: list[re.Pattern[str]]) -> bool:
@@ -205,6 +294,7 @@ class _Expansion:
 
     manifest: Manifest
     on_problem: OnProblem | None = None
+    on_skip: Callable[[int, Skipped], None] | None = None  # (source index, what)
     _file: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -238,7 +328,7 @@ class _Expansion:
             index=index,
             source_line=source.line,
             kind=SourceKind.FILE,
-            source=str(source.path),
+            source=_followed(source.path),
             upload_path=self._upload_path(source),
             file_name=source.options.file_name or source.path.name,
             requested=source.options.method,
@@ -250,18 +340,29 @@ class _Expansion:
         def walk_error(path: str, err: OSError) -> None:
             self.report(self._file, source.line, f"sources[{index}].glob", _walk_message(path, err))
 
+        def skipped(skip: Skipped) -> None:
+            if self.on_skip is not None:
+                self.on_skip(index, skip)
+
         found = False
-        walk = walk_glob(source.root, source.relative_pattern, source.exclude, on_error=walk_error)
-        for relative, entry in walk:
+        walk = walk_glob(
+            source.root,
+            source.relative_pattern,
+            source.exclude,
+            follow_symlinks=source.follow_symlinks,
+            on_error=walk_error,
+            on_skip=skipped,
+        )
+        for relative, path in walk:
             found = True
-            size, mtime_ns = _stat_entry(entry)
+            size, mtime_ns = _stat(Path(path))
             yield _Entry(
                 index=index,
                 source_line=source.line,
                 kind=SourceKind.FILE,
-                source=entry.path,
+                source=path,
                 upload_path=self._upload_path(source, posixpath.dirname(relative)),
-                file_name=entry.name,
+                file_name=posixpath.basename(relative),
                 requested=source.options.method,
                 size=size,
                 mtime_ns=mtime_ns,
@@ -312,16 +413,15 @@ def _stat(path: Path) -> tuple[int | None, int | None]:
     return info.st_size, info.st_mtime_ns
 
 
-def _stat_entry(entry: os.DirEntry[str]) -> tuple[int | None, int | None]:
-    try:
-        info = entry.stat()
-    except OSError:
-        return None, None
-    return info.st_size, info.st_mtime_ns
+def _followed(path: Path) -> str:
+    """A path source as the file to read: the user named it, so a symbolic link is
+    followed, here, once; the sender then opens the real file and never a link."""
+    return os.path.realpath(path) if path.is_symlink() else str(path)
 
 
 def _walk_message(path: str, err: OSError) -> str:
-    return f"cannot read the folder {path!r}: {err.strerror or err}"
+    # The reason first: a path too long to read is also too long to show whole.
+    return f"cannot read a folder ({err.strerror or err}): {printable(path)!r}"
 
 
 # -- check_plan -----------------------------------------------------------------------------
@@ -354,6 +454,7 @@ class _Tally:
     items: int = 0
     local_files: int = 0
     local_bytes: int = 0
+    skipped: int = 0
 
     def count(self, entry: _Entry) -> None:
         self.items += 1
@@ -361,9 +462,18 @@ class _Tally:
             self.local_files += 1
             self.local_bytes += entry.size or 0
 
+    def skip(self, index: int, skipped: Skipped) -> None:
+        """A file a glob did not take: a warning (the first SKIPS_LOGGED), and counted."""
+        self.skipped += 1
+        if self.skipped <= SKIPS_LOGGED:
+            path = printable(skipped.path)
+            log.warning("plan.skipped", source=f"sources[{index}]", path=path, why=skipped.reason)
+
     def result(self) -> PlanCheck:
         remote = self.items - self.local_files
-        return PlanCheck(self.items, self.local_files, remote, self.local_bytes)
+        if self.skipped > SKIPS_LOGGED:
+            log.warning("plan.skipped_more", count=self.skipped - SKIPS_LOGGED)
+        return PlanCheck(self.items, self.local_files, remote, self.local_bytes, self.skipped)
 
 
 def check_plan(manifest: Manifest) -> PlanCheck:
@@ -371,19 +481,21 @@ def check_plan(manifest: Manifest) -> PlanCheck:
 
     Checks each target name, forced methods against local sizes, empty globs, every
     URL of every list (located in the list file), and collisions: two files landing
-    on the same uploadPath + fileName, named both. Raises ManifestError.
+    on the same uploadPath + fileName (or on names equal in Unicode NFC), named both.
+    Raises ManifestError. What a glob matched but did not take is logged as a
+    warning (`plan.skipped`) and counted in the result's `skipped`.
     """
     problems = _Problems(str(manifest.path))
-    expansion = _Expansion(manifest, problems.add)
+    tally = _Tally()
+    expansion = _Expansion(manifest, problems.add, tally.skip)
     seen: set[int] = set()
     repeats: list[_Entry] = []
-    tally = _Tally()
     for entry in expansion.entries():
         reason = _entry_problem(entry)
         if reason:
             _report_entry(expansion, entry, reason)
             continue
-        digest = _digest(entry.key)
+        digest = _digest(entry.collision)
         if digest in seen:
             if len(repeats) < PROBLEM_LIMIT:
                 repeats.append(entry)
@@ -391,7 +503,7 @@ def check_plan(manifest: Manifest) -> PlanCheck:
             seen.add(digest)
         tally.count(entry)
     for later, first in _first_holders(manifest, repeats):
-        message = f"{later.source} lands on {later.key!r}, as does {first.describe()}"
+        message = f"{later.shown} lands on {later.key!r}, as does {first.describe()}"
         _report_entry(expansion, later, message)
     if problems.kept:
         raise ManifestError(problems.all())
@@ -401,9 +513,9 @@ def check_plan(manifest: Manifest) -> PlanCheck:
 def _entry_problem(entry: _Entry) -> str | None:
     reason = check_name(entry.upload_path, entry.file_name)
     if reason:
-        return f"{entry.source}: {reason}"
+        return f"{entry.shown}: {reason}"
     forced = forced_method_problem(entry.kind, entry.size, entry.requested)
-    return f"{entry.source}: {forced}" if forced else None
+    return f"{entry.shown}: {forced}" if forced else None
 
 
 def _report_entry(expansion: _Expansion, entry: _Entry, message: str) -> None:
@@ -423,13 +535,13 @@ def _first_holders(manifest: Manifest, repeats: list[_Entry]) -> Iterator[tuple[
     """Pair each repeated entry with the first entry holding its name (a second pass)."""
     if not repeats:
         return
-    wanted = {r.key for r in repeats}
+    wanted = {r.collision for r in repeats}
     first: dict[str, _Entry] = {}
     for entry in _Expansion(manifest).entries():
-        if entry.key in wanted and entry.key not in first:
-            first[entry.key] = entry
+        if entry.collision in wanted and entry.collision not in first:
+            first[entry.collision] = entry
     for later in repeats:
-        holder = first.get(later.key)
+        holder = first.get(later.collision)
         # A digest can repeat for two different names; then the holder is `later` itself.
         if holder is not None and holder.identity != later.identity:
             yield later, holder
@@ -505,7 +617,7 @@ def _plan_item(manifest: Manifest, entry: _Entry, info: RemoteInfo) -> PlanItem:
         method = choose_method(entry.kind, info.size, entry.requested, manifest.settings)
     except ValueError as err:
         where = f"sources[{entry.index}].method"
-        message = f"{entry.source}: {err}"
+        message = f"{entry.shown}: {err}"
         problem = ManifestProblem(str(manifest.path), entry.source_line, where, message)
         raise ManifestError([problem]) from None
     return PlanItem(

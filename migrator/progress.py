@@ -28,6 +28,7 @@ from rich.progress import (
 
 from migrator.command import Observer
 from migrator.model import Outcome
+from migrator.naming import hide_credentials
 from migrator.units import format_duration, format_size
 
 
@@ -158,7 +159,8 @@ class BarProgress(_TallyObserver):
         super().on_item_done(label, outcome, error)
         if outcome.is_bad:
             # Paths and messages are data: "[/draft]" in a file name is not markup.
-            self.progress.console.print(f"[red]{outcome}[/red] {escape(f'{label}: {error}')}")
+            shown = hide_credentials(f"{label}: {error}")  # a source URL's password stays home
+            self.progress.console.print(f"[red]{outcome}[/red] {escape(shown)}")
         self._refresh()
 
     def on_stopping(self, in_flight: int, grace_period: float, *, now: bool) -> None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import os
 import random
 import re
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,7 +31,14 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from migrator.client import DEFAULT_CHUNK_SIZE, UploadClient, retry_after_seconds
+from migrator.client import (
+    DEFAULT_CHUNK_SIZE,
+    UploadClient,
+    check_regular,
+    local_read_error,
+    open_regular,
+    retry_after_seconds,
+)
 from migrator.clock import ServiceClock
 from migrator.errors import (
     Interrupted,
@@ -477,30 +486,37 @@ def range_total(content_range: str) -> int | None:
 
 
 def _read_local(path: Path) -> tuple[bytes, int]:
+    """The whole file (a base64 upload), opened with `open_regular`'s care."""
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             mtime_ns = os.fstat(handle.fileno()).st_mtime_ns
             return handle.read(), mtime_ns
     except FileNotFoundError:
         raise SourceGoneError(f"source file is gone: {path}") from None
     except OSError as err:
-        raise PermanentError(f"cannot read {path}: {err.strerror}") from None
+        raise local_read_error(path, err) from None
 
 
 def _local_stat(path: Path) -> tuple[int, int]:
+    """Size and mtime of a local source; a link or anything but a regular file in its
+    place is refused, as `open_regular` would."""
     try:
-        info = path.stat()
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            raise OSError(errno.ELOOP, "a symbolic link", str(path))
+        check_regular(info.st_mode, path)
     except FileNotFoundError:
         raise SourceGoneError(f"source file is gone: {path}") from None
     except OSError as err:
-        raise PermanentError(f"cannot read {path}: {err.strerror}") from None
+        raise local_read_error(path, err) from None
     return info.st_size, info.st_mtime_ns
 
 
 def sha256_of(path: Path) -> str:
-    """The sha256 of a local file, read a MiB at a time (blocking: run it in a thread)."""
+    """The sha256 of a local file, read a MiB at a time (blocking: run it in a thread).
+    A FIFO or a device in its place raises OSError rather than hang or never end."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open_regular(path, follow_symlinks=True) as handle:
         while chunk := handle.read(1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()

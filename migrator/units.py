@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
+from fractions import Fraction
 
 _SIZE_UNITS = {
     "": 1,
@@ -23,47 +25,101 @@ _SIZE_UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
-_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+
+MAX_SIZE = 8 * 1024**5
+"""8 PiB (2**53 bytes): exact as a float, and far beyond any file or rate."""
+MAX_DURATION = 100 * 365 * 86400
+"""100 years: any later moment may be past what a timestamp can show."""
+MAX_NUMBER_DIGITS = 40  # a longer number is refused before it is converted at all
 
 
 def parse_size(value: str | int) -> int:
-    """`512`, `64KiB`, `1MiB`, `10MB`, `2GiB` -> bytes. Raises ValueError with the reason."""
+    """`512`, `64KiB`, `1MiB`, `10MB`, `2GiB` -> bytes. Raises ValueError with the reason.
+
+    Exact (no float on the way), and at most MAX_SIZE: a number too large for a float
+    is a mistake to report, never infinity.
+    """
     if isinstance(value, bool):
         raise ValueError("expected a size such as 512, 64KiB, 10MB or 2GiB")
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
-        return value
+        return _bounded_size(value, shown(value))
     match = _SIZE_RE.match(str(value))
     if not match:
-        raise ValueError(f"{value!r} is not a size (try 512, 64KiB, 10MB or 2GiB)")
+        raise ValueError(f"{shown(value)} is not a size (try 512, 64KiB, 10MB or 2GiB)")
     number, unit = match.groups()
     factor = _SIZE_UNITS.get(unit.lower())
     if factor is None:
         raise ValueError(
-            f"{value!r} has an unknown unit {unit!r} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            f"{shown(value)} has an unknown unit {unit!r} (use B, KiB, MiB, GiB, KB, MB, GB)"
         )
-    result = float(number) * factor
-    if result != int(result):
-        raise ValueError(f"{value!r} is not a whole number of bytes")
-    return int(result)
+    result = _exact(number, shown(value)) * factor
+    if result.denominator != 1:
+        raise ValueError(f"{shown(value)} is not a whole number of bytes")
+    return _bounded_size(int(result), shown(value))
+
+
+def _exact(number: str, shown: str) -> Fraction:
+    """A decimal number as an exact fraction; refused when absurdly long."""
+    if len(number) > MAX_NUMBER_DIGITS:
+        raise ValueError(f"{shown} is too large a number")
+    return Fraction(number)
+
+
+def _bounded_size(size: int, shown: str) -> int:
+    if size > MAX_SIZE:
+        raise ValueError(f"{shown} is too large (at most 8 PiB)")
+    return size
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A value for a message: a string quoted, and cut so a 400-digit number stays short."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"a number of {_digits(value)} digits"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 2] + "…" + text[-1]
+
+
+def _digits(value: int) -> str:
+    try:
+        return str(len(str(abs(value))))
+    except ValueError:  # Python refuses to write out more than 4,300 digits
+        return "more than 4300"
 
 
 def parse_duration(value: str | int | float) -> float:
-    """`90s`, `15m`, `12h`, `3d`, `1h30m`, or a bare number of seconds -> seconds."""
+    """`90s`, `15m`, `12h`, `3d`, `1h30m`, or a bare number of seconds -> seconds.
+
+    At most MAX_DURATION: a number too large for a float (`ttl: 999...9`, `1e400`)
+    is refused with the reason, never taken as infinity.
+    """
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 90s, 15m, 12h or 3d")
     if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{shown(value)} is not a duration (try 90s, 15m, 12h or 3d)")
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
+        return _bounded_duration(Fraction(value), shown(value))
     text = str(value).strip().lower()
     if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        return float(text)
+        return _bounded_duration(_exact(text, shown(value)), shown(value))
     if not text or not re.fullmatch(r"(?:\d+(?:\.\d+)?\s*[smhdw]\s*)+", text):
-        raise ValueError(f"{value!r} is not a duration (try 90s, 15m, 12h or 3d)")
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_RE.findall(text))
+        raise ValueError(f"{shown(value)} is not a duration (try 90s, 15m, 12h or 3d)")
+    total = sum(
+        (_exact(n, shown(value)) * _DURATION_UNITS[u] for n, u in _DURATION_RE.findall(text)),
+        Fraction(0),
+    )
+    return _bounded_duration(total, shown(value))
+
+
+def _bounded_duration(seconds: Fraction, shown: str) -> float:
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{shown} is too long (at most {MAX_DURATION // 86400}d)")
+    return float(seconds)
 
 
 MAX_TPS = 100_000.0
@@ -73,11 +129,14 @@ def parse_rate(value: str | int | float) -> float:
     """Requests per second: `10`, `2.5`, `10/s` -> a finite number above 0."""
     if isinstance(value, bool):
         raise ValueError("expected a number of requests per second, such as 10 or 2.5")
-    text = str(value).strip().lower().removesuffix("/s")
+    if isinstance(value, int | float) and not value <= MAX_TPS:
+        text = "inf"  # also an int too large for a float: refused just below
+    else:
+        text = str(value).strip().lower().removesuffix("/s")
     try:
-        rate = float(text)
+        rate = float(text) if len(text) <= MAX_NUMBER_DIGITS else math.inf
     except ValueError:
-        raise ValueError(f"{value!r} is not a number of requests per second") from None
+        raise ValueError(f"{shown(value)} is not a number of requests per second") from None
     if not 0 < rate <= MAX_TPS:
         raise ValueError(f"must be more than 0 and at most {MAX_TPS:g} requests per second")
     return rate
@@ -92,13 +151,13 @@ def parse_bandwidth(value: str | int) -> int:
     return rate
 
 
-MAX_DURATION = 366 * 86_400.0  # a timeout longer than a year is a typo
+MAX_TIMEOUT = 366 * 86_400.0  # a timeout longer than a year is a typo
 
 
 def parse_positive_duration(value: str | int | float) -> float:
     """A duration above 0 and at most a year: timeouts."""
     seconds = parse_duration(value)
-    if not 0 < seconds <= MAX_DURATION:
+    if not 0 < seconds <= MAX_TIMEOUT:
         raise ValueError("must be more than 0s and at most a year")
     return seconds
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from migrator.command import CommandSummary
 from migrator.ledger import RunRow
 from migrator.model import HOUR, Outcome, PlanItem
+from migrator.naming import hide_credentials, printable, without_credentials
 from migrator.report import StatusReport
 from migrator.resume import Decision
 from migrator.units import format_duration, format_size, iso_utc
@@ -29,7 +30,12 @@ def summary_dict(summary: CommandSummary) -> dict[str, object]:
         "line": summary.line(),
         "notes": list(summary.notes),
         "problems": [
-            {"item": p.label, "outcome": str(p.outcome), "error": p.error} for p in summary.problems
+            {
+                "item": without_credentials(p.label),
+                "outcome": str(p.outcome),
+                "error": None if p.error is None else hide_credentials(p.error),
+            }
+            for p in summary.problems
         ],
     }
 
@@ -69,8 +75,10 @@ def print_status(console: Console, report: StatusReport) -> None:
         console.print("[red]failures:[/red]")
         for item in report.failures:
             console.print(
-                f"  {item.state.value} {item.upload_path}/{item.file_name} <- {item.source}: "
-                f"{item.last_error}",
+                printable(
+                    f"  {item.state.value} {item.upload_path}/{item.file_name} <- "
+                    f"{without_credentials(item.source)}: {hide_credentials(item.last_error or '')}"
+                ),
                 markup=False,
             )
     if report.last_run is not None:
@@ -114,11 +122,21 @@ class PlanTotals:
 
     by_method: dict[str, tuple[int, int]] = field(default_factory=dict)
     by_decision: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0  # files globs matched but did not take (check_plan's count)
 
     def add(self, item: PlanItem, decision: Decision) -> None:
         count, size = self.by_method.get(item.method, (0, 0))
         self.by_method[item.method] = (count + 1, size + (item.size or 0))
         self.by_decision[decision] = self.by_decision.get(decision, 0) + 1
+
+
+def skipped_line(count: int) -> str:
+    """What `plan` says of the files globs matched but did not take (pure)."""
+    files = "file" if count == 1 else "files"
+    return (
+        f"skipped: {count} {files} matched but not taken (symbolic links, FIFOs, devices, "
+        "sockets); each is a plan.skipped warning"
+    )
 
 
 class PlanTablePrinter:
@@ -134,7 +152,7 @@ class PlanTablePrinter:
         # Plain print: rich's rendering costs ~0.1 ms a row, too much for 200,000 rows.
         print(
             f"{item.method:<7} {format_size(item.size):>10}  {decision:<9} "
-            f"{item.upload_path}/{item.file_name} <- {item.source}"
+            f"{item.upload_path}/{item.file_name} <- {printable(without_credentials(item.source))}"
         )
 
     def totals(self, totals: PlanTotals) -> None:
@@ -147,6 +165,8 @@ class PlanTablePrinter:
         self.console.print(table)
         ledger = ", ".join(f"{n} {d}" for d, n in sorted(totals.by_decision.items()))
         self.console.print(f"ledger: {ledger or 'no items'}")
+        if totals.skipped:
+            self.console.print(skipped_line(totals.skipped), markup=False)
 
 
 class PlanJsonPrinter:
@@ -158,7 +178,7 @@ class PlanJsonPrinter:
 
     def item(self, item: PlanItem, decision: Decision) -> None:
         row = {
-            "source": item.source,
+            "source": without_credentials(item.source),
             "kind": item.kind,
             "upload_path": item.upload_path,
             "file_name": item.file_name,
@@ -174,5 +194,6 @@ class PlanJsonPrinter:
         sys.stdout.write(
             "\n],\n"
             f'"totals": {json.dumps(by_method)},\n'
-            f'"ledger": {json.dumps(totals.by_decision)}}}\n'
+            f'"ledger": {json.dumps(totals.by_decision)},\n'
+            f'"skipped": {totals.skipped}}}\n'
         )

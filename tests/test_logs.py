@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -378,3 +380,48 @@ def test_a_program_that_configures_structlog_for_itself_never_sees_migrator_even
         get_logger().warning("upload.failed", file_name="a.png")
         structlog.get_logger().info("their.own.event")
     assert [event["event"] for event in captured] == ["their.own.event"]
+
+
+# -- permissions and credentials --------------------------------------------------------------
+
+
+def test_a_new_log_file_is_0600_in_a_new_folder_of_0700(tmp_path: Path) -> None:
+    log_file = tmp_path / ".migrator" / "job.log"
+    configure_logging(log_file=log_file, console="none")
+    get_logger().info("run.start")
+
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(log_file.parent.stat().st_mode) == 0o700
+
+
+def test_a_new_log_file_is_0600_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        configure_logging(log_file=tmp_path / "job.log", console="none")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "job.log").stat().st_mode) == 0o600
+
+
+def test_an_existing_log_file_keeps_its_mode(tmp_path: Path) -> None:
+    log_file = tmp_path / "shared.log"
+    log_file.write_text("")
+    log_file.chmod(0o640)
+    configure_logging(log_file=log_file, console="none")
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o640
+
+
+def test_credentials_in_a_url_never_reach_the_log(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    log = get_logger()
+    log.warning("upload.failed", item="https://user:hunter2@example.com/a.png")
+    log.warning("upload.failed", error="origin http://user:hunter2@example.com/b failed")
+    try:
+        raise RetryableError("fetch of https://user:hunter2@example.com/c failed")
+    except RetryableError:
+        log.exception("upload.failed")
+
+    text = log_file.read_text(encoding="utf-8")
+    assert "hunter2" not in text
+    assert [e.get("item") for e in lines_of(log_file)][:1] == ["https://example.com/a.png"]
+    assert "https://example.com/c" in text

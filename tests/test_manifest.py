@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from migrator.errors import ManifestError
-from migrator.manifest import LEDGER_DIR_ENV, load_manifest
+from migrator.manifest import (
+    LEDGER_DIR_ENV,
+    MANIFEST_KEYS,
+    ledger_clash,
+    load_manifest,
+    output_clash,
+)
 from migrator.model import (
     EMBEDDED,
     GIB,
@@ -24,6 +31,7 @@ from migrator.model import (
     UrlSource,
 )
 from migrator.plan import check_plan
+from migrator.units import parse_duration, parse_size
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_manifests"
 MINIMAL = """\
@@ -163,6 +171,26 @@ def test_duration_forms(job: Path, written: str, seconds: float) -> None:
     assert load_manifest(write(job, text), environ={}).settings.refresh_within == seconds
 
 
+def test_sizes_are_exact_up_to_8_pib() -> None:
+    assert parse_size("8192TiB") == 2**53
+    assert parse_size("1.5KiB") == 1536
+    with pytest.raises(ValueError, match="too large"):
+        parse_size("8193TiB")
+    with pytest.raises(ValueError, match="not a whole number"):
+        parse_size("0.1B")
+
+
+@pytest.mark.parametrize("written", ["9" * 400, 10**400, "1" + "0" * 41 + "s", 1e308, "36501d"])
+def test_a_duration_too_long_for_any_clock_is_refused_not_infinite(written: object) -> None:
+    with pytest.raises(ValueError, match=r"too long|too large"):
+        parse_duration(written)  # type: ignore[arg-type]
+
+
+def test_durations_up_to_a_century_are_kept() -> None:
+    assert parse_duration("36500d") == 36500 * 24 * HOUR
+    assert parse_duration("1.5h") == 1.5 * HOUR
+
+
 def test_ttl_in_days(job: Path) -> None:
     text = with_settings("  ttl: 3d\n")
     assert load_manifest(write(job, text), environ={}).settings.ttl == 3 * 24 * HOUR
@@ -191,6 +219,28 @@ def test_glob_source_is_split_into_root_and_pattern(job: Path) -> None:
         exclude=("**/thumbs/**", "*.tmp"),
         line=6,
     )
+
+
+def test_globs_do_not_follow_symlinks_unless_told(job: Path) -> None:
+    text = MINIMAL + "  - glob: 'photos/**'\n  - glob: 'data/*'\n    follow_symlinks: true\n"
+    first, second = load_manifest(write(job, text), environ={}).sources[1:]
+    assert isinstance(first, GlobSource) and isinstance(second, GlobSource)
+    assert (first.follow_symlinks, second.follow_symlinks) == (False, True)
+
+
+def test_a_path_source_may_be_a_symlink_leading_anywhere(job: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere.pdf").write_bytes(b"%PDF")
+    (job / "data" / "linked.pdf").symlink_to(tmp_path / "elsewhere.pdf")
+    text = MINIMAL.replace("report.pdf", "linked.pdf")
+    [source] = load_manifest(write(job, text), environ={}).sources
+    assert source == PathSource(path=job / "data" / "linked.pdf", line=6)
+
+
+def test_a_path_source_linking_to_a_fifo_is_refused(job: Path) -> None:
+    os.mkfifo(job / "data" / "pipe")
+    (job / "data" / "linked.pdf").symlink_to("pipe")
+    with pytest.raises(ManifestError, match=r"is not a regular file \(a FIFO\)"):
+        load_manifest(write(job, MINIMAL.replace("report.pdf", "linked.pdf")), environ={})
 
 
 def test_exclude_may_be_a_single_pattern(job: Path) -> None:
@@ -222,6 +272,34 @@ def test_embedded_origin_is_kept_untouched_for_an_embedded_target(job: Path) -> 
     )
     source = load_manifest(write(job, text), environ={}).sources[0]
     assert source == UrlSource(url="${EMBEDDED_ORIGIN}/data/report.pdf", line=6)
+
+
+def test_ledger_clash_names_every_file_of_the_ledger() -> None:
+    ledger = Path("/j/.migrator/job.sqlite")
+    for name, words in [
+        ("job.sqlite", "is the ledger:"),
+        ("job.sqlite-wal", "is the ledger's write-ahead log:"),
+        ("job.sqlite-shm", "is the ledger's shared-memory file:"),
+        ("job.sqlite-journal", "is the ledger's journal:"),
+        ("job.sqlite.lock", "is the ledger's lock:"),
+    ]:
+        assert words in (ledger_clash(ledger.parent / name, ledger) or ""), name
+    assert ledger_clash(Path("/j/.migrator/job.log"), ledger) is None
+    assert ledger_clash(Path("/j/job.sqlite"), ledger) is None
+
+
+def test_an_output_reaching_the_ledger_through_a_link_is_refused(tmp_path: Path) -> None:
+    ledger = tmp_path / "state" / "job.sqlite"
+    ledger.parent.mkdir()
+    ledger.write_bytes(b"SQLite format 3\0")
+    (tmp_path / "out").symlink_to(ledger.parent, target_is_directory=True)
+    (tmp_path / "hard.sqlite").hardlink_to(ledger)
+
+    assert "leads to the ledger's lock" in (
+        output_clash(tmp_path / "out" / "job.sqlite.lock", ledger) or ""
+    )
+    assert "hard link to the ledger" in (output_clash(tmp_path / "hard.sqlite", ledger) or "")
+    assert output_clash(tmp_path / "out" / "mapping.jsonl", ledger) is None
 
 
 def test_loading_writes_nothing(job: Path) -> None:
@@ -291,13 +369,10 @@ def test_the_samples_cover_every_source_kind() -> None:
 
 def test_the_reference_manifest_names_every_key() -> None:
     text = (SAMPLES / "reference.yaml").read_text()
-    keys = [
-        "version:", "name:", "base_url:", "api_key_env:", "api_key_file:", "upload_path:",
-        "ledger:", "jsonl:", "csv:", "json:", "metrics:", "concurrency:", "base64_max:",
-        "url_max:", "retries:", "ttl:", "refresh_within:", "tps_limit:", "bwlimit:",
-        "- path:", "- glob:", "exclude:", "- url:", "- url_list:", "file_name:", "method:",
-    ]  # fmt: skip
-    assert [k for k in keys if k not in text] == []
+    written = {line.strip().lstrip("#- ").split(":", 1)[0] for line in text.splitlines()}
+    every_key = {(where, key) for where, keys in MANIFEST_KEYS.items() for key in keys}
+    assert {(where, key) for where, key in every_key if key not in written} == set()
+    assert "follow_symlinks" in MANIFEST_KEYS["sources[]"]
 
 
 def test_the_sample_data_stays_small() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import stat
 
 import pytest
 
@@ -10,12 +11,17 @@ from migrator.naming import (
     check_name,
     check_upload_path,
     check_url,
+    collision_key,
     compile_glob,
+    file_type,
     glob_depth,
+    hide_credentials,
     join_upload_path,
     name_from_url,
+    printable,
     split_glob,
     substitute_url,
+    without_credentials,
 )
 
 
@@ -224,3 +230,72 @@ def test_glob_depth_is_bounded_without_double_star() -> None:
 
 def test_glob_depth_is_unbounded_with_double_star() -> None:
     assert glob_depth("a/**/*.txt") is None
+
+
+# -- credentials, control characters, collisions ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:secret@example.com/a.png", "https://example.com/a.png"),
+        ("http://user@example.com:8080/a?b=c#d", "http://example.com:8080/a?b=c#d"),
+        ("https://u:p@ss@example.com/x", "https://example.com/x"),  # '@' in the password
+        ("https://example.com/a@b.png", "https://example.com/a@b.png"),  # '@' in the path
+        ("https://example.com/a.png", "https://example.com/a.png"),
+        ("${EMBEDDED_ORIGIN}/data/a.png", "${EMBEDDED_ORIGIN}/data/a.png"),
+        ("/data/local@file.txt", "/data/local@file.txt"),  # a local path is no URL
+        ("http://u:p@[::1/x", "http://[::1/x"),  # not even a valid URL
+    ],
+)
+def test_without_credentials_shows_the_url_without_user_and_password(url: str, shown: str) -> None:
+    assert without_credentials(url) == shown
+
+
+def test_hide_credentials_removes_them_from_every_url_in_a_message() -> None:
+    text = "origin https://u:secret@a.example/x failed; then 'http://v:pw@b.example/y'"
+    assert hide_credentials(text) == "origin https://a.example/x failed; then 'http://b.example/y'"
+
+
+def test_hide_credentials_leaves_mail_addresses_and_plain_text_alone() -> None:
+    text = "mail ops@example.com about https://example.com/a@b"
+    assert hide_credentials(text) == text
+
+
+def test_a_refused_url_is_named_without_its_credentials() -> None:
+    reason = check_url("ftp://user:secret@example.com/a", embedded=False)
+    assert reason is not None
+    assert "secret" not in reason
+    assert "ftp://example.com/a" in reason
+
+
+def test_a_url_with_a_control_character_is_refused() -> None:
+    assert check_url("https://example.com/a\x00b", embedded=False) == (
+        "'https://example.com/a\\x00b' contains a control character"
+    )
+
+
+def test_printable_escapes_line_breaks_and_terminal_escapes() -> None:
+    assert printable("a\nb\x1b[2Jc\x7f") == "a\\nb\\x1b[2Jc\\x7f"
+    assert printable("café ünïcode") == "café ünïcode"
+
+
+def test_names_equal_in_nfc_share_a_collision_key() -> None:
+    assert collision_key("p", "caf\u00e9.txt") == collision_key("p", "cafe\u0301.txt")
+    assert collision_key("p", "a.txt") != collision_key("p", "A.txt")
+
+
+@pytest.mark.parametrize(
+    ("mode", "words"),
+    [
+        (stat.S_IFREG, "a regular file"),
+        (stat.S_IFIFO, "a FIFO"),
+        (stat.S_IFSOCK, "a socket"),
+        (stat.S_IFCHR, "a character device"),
+        (stat.S_IFBLK, "a block device"),
+        (stat.S_IFLNK, "a symbolic link"),
+        (stat.S_IFDIR, "a folder"),
+    ],
+)
+def test_file_type_names_each_kind_of_file(mode: int, words: str) -> None:
+    assert file_type(mode | 0o644) == words

@@ -27,6 +27,21 @@ from migrator.outputs import (
 UPLOADED = 1_737_196_200.0  # 2025-01-18T10:30:00Z
 
 
+def test_export_shows_a_source_url_without_its_credentials() -> None:
+    row = item(
+        "a.png",
+        source="https://user:hunter2@origin.example/a.png",
+        kind=SourceKind.URL,
+        last_error="origin https://user:hunter2@origin.example/a.png answered HTTP 500",
+    )
+
+    record = export_record(row)
+
+    assert record["source"] == "https://origin.example/a.png"
+    assert record["last_error"] == "origin https://origin.example/a.png answered HTTP 500"
+    assert row.source == "https://user:hunter2@origin.example/a.png"  # the ledger keeps it
+
+
 def item(name: str, **fields: object) -> LedgerItem:
     values: dict[str, object] = {
         "id": 1,

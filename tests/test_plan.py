@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import socket
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +17,15 @@ import pytest
 from aiohttp import web
 
 from migrator.errors import ManifestError
+from migrator.logs import configure_logging
 from migrator.manifest import load_manifest
 from migrator.methods import choose_method
 from migrator.model import MIB, Manifest, Method, PlanItem, Settings, SourceKind
 from migrator.plan import (
+    GlobFile,
     PlanCheck,
     RemoteInfo,
+    Skipped,
     check_plan,
     expand,
     probe_remote,
@@ -103,6 +109,10 @@ def walked(root: Path, pattern: str, *exclude: str) -> list[str]:
     return [relative for relative, _ in walk_glob(root, pattern, exclude)]
 
 
+def walked_following(root: Path, pattern: str) -> list[str]:
+    return [relative for relative, _ in walk_glob(root, pattern, follow_symlinks=True)]
+
+
 @pytest.fixture
 def scanned(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every folder `walk_glob` lists (os.scandir observed, not replaced)."""
@@ -164,11 +174,114 @@ def test_symlinked_folders_are_not_followed(tmp_path: Path) -> None:
     assert walked(tmp_path, "**") == ["real/a.txt"]
 
 
-def test_symlinks_to_files_are_taken_and_broken_ones_skipped(tmp_path: Path) -> None:
+def skips_of(root: Path, pattern: str, *, follow: bool = False) -> dict[str, str]:
+    """The files a walk skipped (relative to root), each with its reason."""
+    seen: list[Skipped] = []
+    list(walk_glob(root, pattern, follow_symlinks=follow, on_skip=seen.append))
+    return {str(Path(s.path).relative_to(root)): s.reason for s in seen}
+
+
+def test_symlinks_are_not_followed_by_default_and_each_is_reported(tmp_path: Path) -> None:
+    make_tree(tmp_path, "tree/a.txt")
+    (tmp_path / "tree" / "link.txt").symlink_to(tmp_path / "tree" / "a.txt")
+    (tmp_path / "tree" / "environ.txt").symlink_to("/proc/self/environ")
+    (tmp_path / "tree" / "broken.txt").symlink_to(tmp_path / "missing.txt")
+
+    assert walked(tmp_path / "tree", "*.txt") == ["a.txt"]
+    skipped = skips_of(tmp_path / "tree", "*.txt")
+    assert set(skipped) == {"broken.txt", "environ.txt", "link.txt"}
+    assert all("not followed" in why for why in skipped.values())
+
+
+def test_follow_symlinks_takes_links_inside_the_root_as_the_real_file(tmp_path: Path) -> None:
+    make_tree(tmp_path, "tree/real/a.txt")
+    (tmp_path / "tree" / "link.txt").symlink_to("real/a.txt")
+
+    files = list(walk_glob(tmp_path / "tree", "**", follow_symlinks=True))
+
+    assert files == [
+        GlobFile("link.txt", str(tmp_path / "tree" / "real" / "a.txt")),
+        GlobFile("real/a.txt", str(tmp_path / "tree" / "real" / "a.txt")),
+    ]
+
+
+def test_follow_symlinks_never_leaves_the_root(tmp_path: Path) -> None:
+    make_tree(tmp_path, "tree/a.txt", "secret.key")
+    tree = tmp_path / "tree"
+    (tree / "passwd.txt").symlink_to("/etc/passwd")
+    (tree / "environ.txt").symlink_to("/proc/self/environ")
+    (tree / "up.txt").symlink_to("../secret.key")
+    (tree / "null.txt").symlink_to("/dev/null")
+
+    assert walked_following(tree, "*.txt") == ["a.txt"]
+    skipped = skips_of(tree, "*.txt", follow=True)
+    assert set(skipped) == {"environ.txt", "null.txt", "passwd.txt", "up.txt"}
+    assert all("outside the glob's root" in why for why in skipped.values())
+
+
+def test_a_link_inside_the_root_to_a_fifo_is_still_refused(tmp_path: Path) -> None:
     make_tree(tmp_path, "a.txt")
-    (tmp_path / "link.txt").symlink_to(tmp_path / "a.txt")
-    (tmp_path / "broken.txt").symlink_to(tmp_path / "missing.txt")
-    assert walked(tmp_path, "*.txt") == ["a.txt", "link.txt"]
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "pipe.txt").symlink_to("pipe")
+
+    assert walked_following(tmp_path, "*.txt") == ["a.txt"]
+    assert skips_of(tmp_path, "*.txt", follow=True) == {
+        "pipe.txt": "a symbolic link to a FIFO, not a regular file"
+    }
+
+
+def test_links_to_folders_are_never_followed_even_when_asked(tmp_path: Path) -> None:
+    make_tree(tmp_path, "tree/real/a.txt", "elsewhere/b.txt")
+    (tmp_path / "tree" / "inside").symlink_to("real", target_is_directory=True)
+    (tmp_path / "tree" / "outside").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+
+    assert walked_following(tmp_path / "tree", "**") == ["real/a.txt"]
+    assert skips_of(tmp_path / "tree", "**", follow=True) == {
+        "inside": "a symbolic link to a folder: never followed",
+        "outside": "a symbolic link to a folder: never followed",
+    }
+
+
+def test_loops_and_broken_links_are_skipped_and_reported(tmp_path: Path) -> None:
+    make_tree(tmp_path, "a.txt")
+    (tmp_path / "one.txt").symlink_to("two.txt")
+    (tmp_path / "two.txt").symlink_to("one.txt")
+    (tmp_path / "self.txt").symlink_to("self.txt")
+    (tmp_path / "broken.txt").symlink_to("missing.txt")
+
+    assert walked_following(tmp_path, "*.txt") == ["a.txt"]
+    skipped = skips_of(tmp_path, "*.txt", follow=True)
+    assert set(skipped) == {"broken.txt", "one.txt", "self.txt", "two.txt"}
+    assert all("broken symbolic link" in why for why in skipped.values())
+
+
+def test_fifos_and_sockets_are_skipped_and_reported(tmp_path: Path) -> None:
+    make_tree(tmp_path, "a.txt")
+    os.mkfifo(tmp_path / "fifo.txt")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tmp_path / "socket.txt"))
+        assert walked(tmp_path, "*.txt") == ["a.txt"]
+        assert skips_of(tmp_path, "*.txt") == {
+            "fifo.txt": "a FIFO, not a regular file",
+            "socket.txt": "a socket, not a regular file",
+        }
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a device needs root")
+def test_a_device_in_the_tree_is_skipped_and_reported(tmp_path: Path) -> None:
+    make_tree(tmp_path, "a.txt")
+    os.mknod(tmp_path / "null.txt", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+
+    assert walked(tmp_path, "*.txt") == ["a.txt"]
+    assert skips_of(tmp_path, "*.txt") == {"null.txt": "a character device, not a regular file"}
+
+
+def test_only_what_the_pattern_matches_is_reported(tmp_path: Path) -> None:
+    make_tree(tmp_path, "a.jpg")
+    os.mkfifo(tmp_path / "fifo.txt")
+    (tmp_path / "link.txt").symlink_to("a.jpg")
+
+    assert skips_of(tmp_path, "*.jpg") == {}
 
 
 def test_walk_is_lazy(tmp_path: Path, scanned: list[str]) -> None:
@@ -202,6 +315,61 @@ def test_check_plan_counts_items_and_local_bytes(tmp_path: Path) -> None:
     assert check_plan(manifest_in(tmp_path, sources)) == PlanCheck(
         items=5, local_files=2, remote_files=3, local_bytes=2
     )
+
+
+def test_check_plan_counts_skipped_files_and_logs_a_warning_for_each(tmp_path: Path) -> None:
+    make_tree(tmp_path, "p/a.txt")
+    os.mkfifo(tmp_path / "p" / "fifo.txt")
+    (tmp_path / "p" / "passwd.txt").symlink_to("/etc/passwd")
+    console = io.StringIO()
+    configure_logging(log_file=None, console="json", stream=console)
+    try:
+        check = check_plan(manifest_in(tmp_path, "  - glob: 'p/*.txt'\n"))
+    finally:
+        configure_logging(log_file=None, console="none")
+
+    assert check == PlanCheck(items=1, local_files=1, remote_files=0, local_bytes=1, skipped=2)
+    events = [json.loads(line) for line in console.getvalue().splitlines()]
+    assert [(e["event"], e["level"], Path(e["path"]).name) for e in events] == [
+        ("plan.skipped", "warning", "fifo.txt"),
+        ("plan.skipped", "warning", "passwd.txt"),
+    ]
+    assert events[1]["why"] == "a symbolic link: not followed (see follow_symlinks)"
+
+
+async def test_a_path_source_that_is_a_link_is_planned_as_the_file_it_names(
+    tmp_path: Path,
+) -> None:
+    make_tree(tmp_path, "real/report-2024.pdf")
+    (tmp_path / "report.pdf").symlink_to("real/report-2024.pdf")
+
+    [item] = await collect(manifest_in(tmp_path, "  - path: report.pdf\n"))
+
+    assert (item.source, item.file_name) == (str(tmp_path / "real/report-2024.pdf"), "report.pdf")
+
+
+async def test_a_followed_link_lands_under_its_own_name(tmp_path: Path) -> None:
+    make_tree(tmp_path, "p/real/a.txt")
+    (tmp_path / "p" / "alias.txt").symlink_to("real/a.txt")
+    sources = "  - glob: 'p/*.txt'\n    follow_symlinks: true\n"
+
+    [item] = await collect(manifest_in(tmp_path, sources))
+
+    assert (item.source, item.file_name) == (str(tmp_path / "p/real/a.txt"), "alias.txt")
+
+
+def test_names_equal_in_unicode_nfc_collide(tmp_path: Path) -> None:
+    make_tree(tmp_path, "p/caf\u00e9.txt", "p/cafe\u0301.txt")
+    [problem] = plan_problems(manifest_in(tmp_path, "  - glob: 'p/*'\n"))
+    assert "lands on" in problem
+    assert "as does sources[0]" in problem
+
+
+def test_a_control_character_in_a_file_name_is_shown_escaped(tmp_path: Path) -> None:
+    make_tree(tmp_path, "p/bad\x1b[2Jname.txt")
+    [problem] = plan_problems(manifest_in(tmp_path, "  - glob: 'p/*'\n"))
+    assert "\x1b" not in problem
+    assert "bad\\x1b[2Jname.txt" in problem
 
 
 def test_glob_files_colliding_with_a_path_source_name_both(tmp_path: Path) -> None:
