@@ -605,9 +605,12 @@ def check_regular(mode: int, path: Path) -> None:
         raise NotRegularFileError(errno.EINVAL, f"{file_type(mode)}, not a regular file", path)
 
 
-def local_read_error(path: Path, err: OSError) -> PermanentError:
-    """The error an item fails with when its local source cannot be read (one line)."""
+def local_read_error(path: Path, err: OSError) -> UploadError:
+    """The error an item fails with when its local source cannot be read (one line);
+    too many open files (EMFILE, ENFILE) is this machine's moment, not the file's."""
     shown = printable(str(path))
+    if err.errno in (errno.EMFILE, errno.ENFILE):
+        return RetryableError(f"cannot open {shown} now: too many open files")
     if isinstance(err, NotRegularFileError):
         return PermanentError(f"{shown} is now {err.strerror}: refused")
     if err.errno == errno.ELOOP:

@@ -158,6 +158,7 @@ async def connect(
             limits=Limits(
                 settings.timeout, settings.min_rate, settings.max_size, settings.base64_max
             ),
+            private_origins=settings.allow_private_origins,
         )
 
 

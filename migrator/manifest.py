@@ -86,6 +86,7 @@ _SETTING_KEYS = (
     "max_size",
     "outage_limit",
     "settle",
+    "allow_private_origins",
 )
 _SOURCE_KINDS = ("path", "glob", "url", "url_list")
 _OPTION_KEYS = ("file_name", "upload_path", "method")
@@ -521,6 +522,9 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
     max_size = _setting_parsed(reader, keys, "max_size", parse_bandwidth)
     outage_limit = _setting_parsed(reader, keys, "outage_limit", parse_positive_duration)
     settle = _setting_parsed(reader, keys, "settle", parse_duration)
+    private = _read_boolean(
+        reader, keys.get("allow_private_origins"), "settings.allow_private_origins"
+    )
     settings = Settings(
         concurrency=d.concurrency if concurrency is None else concurrency,
         base64_max=d.base64_max if base64_max is None else base64_max,
@@ -536,6 +540,7 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
         max_size=d.max_size if max_size is None else max_size,
         outage_limit=d.outage_limit if outage_limit is None else outage_limit,
         settle=d.settle if settle is None else settle,
+        allow_private_origins=private,
     )
     valid_ttl = (ttl is not None or "ttl" not in keys) and (
         refresh_within is not None or "refresh_within" not in keys
@@ -816,7 +821,7 @@ def _read_glob_source(
 ) -> GlobSource | None:
     pattern = reader.string(node, f"{where}.glob")
     exclude = _read_exclude(reader, exclude_node, f"{where}.exclude")
-    follow = _read_follow_symlinks(reader, follow_node, f"{where}.follow_symlinks")
+    follow = _read_boolean(reader, follow_node, f"{where}.follow_symlinks")
     if pattern is None:
         return None
     if len(pattern.encode()) > MAX_PATH_BYTES:
@@ -848,7 +853,8 @@ def _read_glob_source(
     )
 
 
-def _read_follow_symlinks(reader: _Reader, node: Node | None, where: str) -> bool:
+def _read_boolean(reader: _Reader, node: Node | None, where: str) -> bool:
+    """true or false; absent is false."""
     if node is None:
         return False
     value = reader.scalar(node, where)

@@ -94,6 +94,7 @@ class Settings:
     max_size: int = 10 * GIB  # the most bytes read from a body whose size nobody told
     outage_limit: float = 600.0  # seconds the service may fail every request before a stop
     settle: float = 15.0  # seconds an upload whose answer never came gets to land
+    allow_private_origins: bool = False  # a stream-through may be redirected to private nets
 
 
 @dataclass(frozen=True, slots=True)
