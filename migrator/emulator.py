@@ -719,6 +719,11 @@ class Emulator:
             raise ValueError("retry_after cannot be negative")
         self._faults.append(_Fault(status, count, endpoint, retry_after, body_code))
 
+    def clear_faults(self) -> None:
+        """Forget every fault and delay still waiting to be answered."""
+        self._faults.clear()
+        self._delays.clear()
+
     def delay_stores(self, seconds: float, count: int = 1, *, endpoint: str | None = None) -> None:
         """Store the next `count` uploads (to `endpoint`, or any) `seconds` after their body
         arrived, and answer only then: a client that gave up meanwhile sees no answer,

@@ -398,3 +398,20 @@ async def test_a_service_that_fails_every_upload_loses_nothing(
 
     assert summary.counts == {Outcome.FAILED: 1}
     assert (await ledger_rows(manifest))["a.txt"].state is ItemState.DEAD  # not lost
+
+
+async def test_a_url_item_sent_again_after_its_origin_changed_forgets_the_old_hash(
+    job: Path, emulator: Emulator, origin: Origin, api_key: str, tmp_path: Path
+) -> None:
+    origin.files["doc.bin"] = b"version one " * 40
+    manifest = load(write_manifest(job, emulator.base_url, [{"url": origin.url("doc.bin")}]))
+    await upload(manifest, api_key)
+    await download(manifest, tmp_path / "home")  # learns the sha256 of version one
+    origin.files["doc.bin"] = second = b"version two, longer " * 40
+
+    await upload(manifest, api_key)
+
+    row = (await ledger_rows(manifest))["doc.bin"]
+    assert (row.size, row.sha256, row.downloaded_path) == (len(second), None, None)
+    await download(manifest, tmp_path / "home")
+    assert (tmp_path / "home" / "mig" / "doc.bin").read_bytes() == second

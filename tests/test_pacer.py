@@ -17,7 +17,7 @@ from conftest import load, write_file, write_manifest
 from migrator.download import DownloadOptions, download
 from migrator.emulator import Emulator
 from migrator.errors import ExitCode
-from migrator.model import KIB
+from migrator.model import KIB, Outcome
 from migrator.pacer import (
     MIN_RATE,
     Pacer,
@@ -201,3 +201,56 @@ async def test_downloads_keep_to_the_tps_limit_too(
     rate = (len(moments) - 1) / (max(moments) - min(moments))
     assert 0.9 * 20 <= rate <= 1.1 * 20
     assert busiest_second(moments) <= 20 * 4 / 3
+
+
+# -- a service that is down ---------------------------------------------------------------------
+
+
+async def test_a_service_down_past_the_outage_limit_stops_the_run_with_69_failing_nothing(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    small_files(job, 20)
+    manifest = load(
+        write_manifest(
+            job, emulator.base_url, [{"glob": "./files/*.bin"}], retries=5, outage_limit="3s"
+        )
+    )
+    key = {"KIE_API_KEY": api_key}
+    await run_manifest(manifest, RunOptions(concurrency=4, seed=1), environ=key)  # one good run
+    small_files(job / "more", 20)
+    manifest = load(
+        write_manifest(
+            job,
+            emulator.base_url,
+            [{"glob": "./files/*.bin"}, {"glob": "./more/files/*.bin", "upload_path": "more"}],
+            retries=5,
+            outage_limit="3s",
+        )
+    )
+    emulator.inject_faults(500, 10_000)
+
+    down = await run_manifest(manifest, RunOptions(concurrency=4, seed=1), environ=key)
+
+    assert down.exit_code is ExitCode.UNAVAILABLE
+    assert down.count(Outcome.FAILED) == 0
+    assert "failed every request for 3 s" in (down.message or "")
+    answered_500 = sum(r.status == 500 for r in emulator.requests)
+    assert answered_500 < 20 * 6  # not every item's every retry: the breaker held them
+    emulator.clear_faults()
+    up = await run_manifest(manifest, RunOptions(concurrency=4, seed=1), environ=key)
+    assert (up.exit_code, up.count(Outcome.UPLOADED)) == (ExitCode.OK, 20)
+
+
+async def test_a_short_outage_is_waited_out_and_nothing_fails(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    small_files(job, 30)
+    manifest = load(write_manifest(job, emulator.base_url, [{"glob": "./files/*.bin"}], retries=2))
+    emulator.inject_faults(500, 10)  # eight open the breaker, two probes find it still down
+
+    summary = await run_manifest(
+        manifest, RunOptions(concurrency=8, seed=1), environ={"KIE_API_KEY": api_key}
+    )
+
+    assert (summary.exit_code, summary.count(Outcome.UPLOADED)) == (ExitCode.OK, 30)
+    assert sum(r.status == 500 for r in emulator.requests) == 10
