@@ -420,9 +420,13 @@ def noop(ctx: Context, condition: Condition) -> Workload:
     manifest = _manifest(
         folder, "noop", ctx.service(condition), ctx.concurrency, '  - glob: "./files/**/*.bin"\n'
     )
-    ledger, state = folder / "done.sqlite", folder / "state.json"
+    ledger, state, finished = folder / "done.sqlite", folder / "state.json", folder / ".finished"
     notes = []
-    if not (folder / ".finished").exists():
+    # A ledger is done for the base URL it uploaded to: a new emulator (another port, in
+    # a kept --workdir) needs a new first run.
+    if not finished.exists() or finished.read_text() != ctx.service(condition):
+        for part in folder.glob("done.sqlite*"):
+            part.unlink()
         first = measure(
             _migrator(ctx, "run", str(manifest), "--no-progress", "--ledger", str(ledger)),
             env=ctx.env,
@@ -444,7 +448,7 @@ def noop(ctx: Context, condition: Condition) -> Workload:
         )
         if walk.returncode != 0:
             raise RuntimeError(f"noop: walk_floor failed: {_last_line(walk.stderr)}")
-        (folder / ".finished").touch()
+        finished.write_text(ctx.service(condition))
         notes.append(
             f"Set-up (not timed above): the first `migrator run` uploaded the {count:,} files "
             f"in {first.wall:.1f} s."
