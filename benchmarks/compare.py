@@ -54,8 +54,8 @@ CONTENDER_SCRIPTS = ("bare_loop.py", "sequential_loop.py", "walk_floor.py", "del
 class Servers:
     """The emulator, and the origins and delaying proxies started as scenarios need them."""
 
-    def __init__(self, work: Path, env: dict[str, str], rtt: float, jitter: float) -> None:
-        self._work, self._env, self._rtt, self._jitter = work, env, rtt, jitter
+    def __init__(self, work: Path, env: dict[str, str], proxy_args: list[str]) -> None:
+        self._work, self._env, self._proxy_args = work, env, proxy_args
         self._started: list[Server] = []
         self._proxies: dict[str, str] = {}
         self._origins: dict[Path, str] = {}
@@ -83,7 +83,7 @@ class Servers:
         if url not in self._proxies:
             target = url.split("://", 1)[1]
             argv = [sys.executable, str(HERE / "delay_proxy.py"), "--target", target]
-            argv += ["--rtt", f"{self._rtt:g}", "--jitter", f"{self._jitter:g}"]
+            argv += self._proxy_args
             self._proxies[url] = self._start(f"proxy-{len(self._proxies)}", argv).url
         return self._proxies[url]
 
@@ -226,6 +226,7 @@ def conditions(scenario: str, args: argparse.Namespace) -> list[Condition]:
     if scenario not in NETWORK_SCENARIOS:
         return [Condition("local", "local")] if "loopback" in args.condition else []
     rtt = f"{args.rtt:g} ms RTT" + (f" (±{args.jitter:g} ms jitter)" if args.jitter else "")
+    rtt += ", no handshake" if args.no_handshake else ""
     labels = {"loopback": "loopback", "rtt": rtt}
     return [Condition(kind, labels[kind]) for kind in CONDITIONS if kind in args.condition]
 
@@ -256,7 +257,8 @@ def machine(args: argparse.Namespace) -> list[str]:
         f"- load average (1, 5, 15 min) at the start: {args.load_at_start}; at the end: "
         f"{_load()} (anything else running competes for the same CPUs)",
         f"- settings: concurrency {args.concurrency}, {args.repeat} repetitions, "
-        f"{args.rtt:g} ms RTT (jitter {args.jitter:g} ms), {sizes}",
+        f"{args.rtt:g} ms RTT (jitter {args.jitter:g} ms, a new connection "
+        f"{'costs no extra' if args.no_handshake else 'costs one more'} round trip), {sizes}",
         f"- command: `{shlex.join(['python', 'benchmarks/compare.py', *sys.argv[1:]])}`",
     ]
 
@@ -292,6 +294,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="of every concurrent contender")
     parser.add_argument("--rtt", type=float, default=50.0, help="ms, for --condition rtt (50)")
     parser.add_argument("--jitter", type=float, default=0.0, help="± ms per chunk (default 0)")
+    parser.add_argument(
+        "--no-handshake", action="store_true", help="a new connection costs no extra round trip"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run (900)")
     parser.add_argument("--output", type=Path, help="default benchmarks/RESULTS[-quick].md")
     parser.add_argument("--json", type=Path, help="also write every run here")
@@ -328,7 +333,8 @@ def main() -> int:
     started = time.perf_counter()
     try:
         warm_up(env)
-        servers = Servers(args.work, env, args.rtt, args.jitter)
+        proxy_args = ["--rtt", f"{args.rtt:g}", "--jitter", f"{args.jitter:g}"]
+        servers = Servers(args.work, env, proxy_args + ["--no-handshake"] * args.no_handshake)
         ctx = Context(
             work=args.work,
             quick=args.quick,
