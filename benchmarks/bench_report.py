@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from bench_procs import Sample
 from bench_scenarios import Workload
 
-SEQUENTIAL, MIGRATOR, BARE = "sequential loop", "migrator", "bare loop"
+SEQUENTIAL, MIGRATOR, BARE, CURL_F = "sequential loop", "migrator", "bare loop", "curl -F"
 DASH = "\N{EN DASH}"  # an empty cell, and min-max
 
 
@@ -94,22 +94,105 @@ def render(result: Result) -> str:
         lines += _table(work, rows, ref)
     lines.append("")
     lines.append(
-        f"Medians of {_reps(result)} runs each, contenders alternating. Ratios are each "
-        f"median ÷ the {work.reference}'s (above 1: more time, CPU or memory than it)."
+        f"Medians of {_reps(result)} runs each, contenders alternating. Ratios: each median "
+        f"÷ that of `{work.reference}` (above 1: more time, CPU or memory than it)."
     )
-    by_name = {row.contender: row for row in rows}
-    seq, mig, bare = (by_name.get(name) for name in (SEQUENTIAL, MIGRATOR, BARE))
-    if seq and mig and bare and seq.ok and mig.ok and bare.ok:
+    by_name = {row.contender: row for row in rows if row.ok}
+    seq, mig, bare, curl = (by_name.get(name) for name in (SEQUENTIAL, MIGRATOR, BARE, CURL_F))
+    if seq and mig and bare:
         lines.append(
             f"Sequential loop time ÷ migrator time: **{seq.wall / mig.wall:.1f}**; "
             f"÷ bare loop time: {seq.wall / bare.wall:.1f}."
         )
+    if curl and mig:
+        lines.append(f"migrator time ÷ `curl -F` time: **{mig.wall / curl.wall:.2f}**.")
     lines += list(work.notes)
     problems = [run for run in result.runs if run.problem is not None]
     if problems:
         lines += ["", "Runs that do not count:"]
         lines += [f"- {run.contender}, run {run.rep + 1}: {run.problem}" for run in problems]
     return "\n".join(lines) + "\n"
+
+
+def targets(results: list[Result]) -> list[str]:
+    """Issue 15's targets, beside what this run measured of each."""
+    found = {(r.workload.scenario, r.workload.condition.kind): r for r in results}
+    rows: list[tuple[str, str, str]] = []
+
+    def good(key: tuple[str, str], *names: str) -> tuple[Result, list[Figures]] | None:
+        result = found.get(key)
+        if result is None:
+            return None
+        by_name = {row.contender: row for row in figures(result) if row.ok}
+        if not all(name in by_name for name in names):
+            return None
+        return result, [by_name[name] for name in names]
+
+    if got := good(("small", "loopback"), MIGRATOR, BARE):
+        result, (mig, bare) = got
+        title, items = result.workload.title, result.workload.items
+        rows.append(
+            (f"{title}: bare loop time ÷ migrator time", f"{bare.wall / mig.wall:.2f}", "≥ 1.0")
+        )
+        rows.append(
+            (f"{title}: client CPU, migrator ÷ bare loop", f"{mig.cpu / bare.cpu:.2f}", "≤ 1.3")
+        )
+        rows.append(
+            (
+                f"the emulator: small uploads a second its CPU allows (1 ÷ its CPU per upload, "
+                f"bare loop runs of {title})",
+                f"{items / bare.server_cpu:,.0f}" if bare.server_cpu else DASH,
+                "≥ 2,000",
+            )
+        )
+    if got := good(("small", "rtt"), MIGRATOR, SEQUENTIAL):
+        result, (mig, seq) = got
+        label = f"{result.workload.title}, {result.workload.condition.label}"
+        rows.append(
+            (f"{label}: sequential loop time ÷ migrator time", f"{seq.wall / mig.wall:.1f}", "≥ 12")
+        )
+    if got := good(("big", "loopback"), MIGRATOR, CURL_F):
+        result, (mig, curl) = got
+        rows.append(
+            (
+                f"{result.workload.title}: migrator time ÷ `curl -F` time; migrator peak RSS",
+                f"{mig.wall / curl.wall:.2f}; {mig.rss / 1e6:.0f} MB",
+                "≤ 1.3; < 80 MB",
+            )
+        )
+    if got := good(("noop", "local"), MIGRATOR):
+        result, (mig,) = got
+        uploads = {run.uploads for run in result.runs if run.contender == MIGRATOR}
+        rows.append(
+            (
+                f"{result.workload.title}: migrator time; uploads",
+                f"{mig.wall:.2f} s; {', '.join(str(n) for n in sorted(uploads, key=str))}",
+                "< 1.5 s; 0",
+            )
+        )
+    if got := good(("startup", "local"), "migrator --version", "migrator --help"):
+        _, (version, help_) = got
+        rows.append(
+            (
+                "`migrator --version` / `--help`",
+                f"{version.wall:.2f} s / {help_.wall:.2f} s",
+                "< 0.25 s",
+            )
+        )
+    if got := good(("plan", "local"), "migrator plan"):
+        result, (plan,) = got
+        rows.append(
+            (
+                f"`migrator {result.workload.title}`: time; peak RSS",
+                f"{plan.wall:.1f} s; {plan.rss / 1e6:.0f} MB",
+                "< 4 s; < 100 MB",
+            )
+        )
+    if not rows:
+        return []
+    lines = ["| work | measured here | target |", "|---|--:|--:|"]
+    lines += [f"| {work} | {measured} | {target} |" for work, measured, target in rows]
+    return lines
 
 
 def _reps(result: Result) -> int:

@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench_procs import Server, measure
-from bench_report import Result, Run, raw, render
+from bench_report import Result, Run, raw, render, targets
 from bench_scenarios import SCENARIOS, Condition, Contender, Context, Workload
 
 HERE = Path(__file__).resolve().parent
@@ -270,6 +270,12 @@ def document(results: list[Result], args: argparse.Namespace) -> str:
         "children's), from `wait4`; the emulator's CPU is read from /proc. "
         "See benchmarks/README.md for the contenders and what each figure means."
     )
+    goals = targets(results)
+    if goals:
+        head += ["", "## Issue 15's targets, as this run measured them", "", *goals]
+        if args.quick:
+            head += ["", "(--quick sizes: smaller than the targets', so start-up weighs more.)"]
+    head += ["", "## Every scenario"]
     return "\n".join(head) + "\n\n" + "\n".join(render(result) for result in results)
 
 
