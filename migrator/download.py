@@ -227,7 +227,10 @@ def _already_there(path: Path, row: LedgerItem) -> bool:
     if row.size is not None and size != row.size:
         return False
     if row.sha256:
-        return sha256_of(path) == row.sha256
+        try:
+            return sha256_of(path) == row.sha256
+        except OSError:  # a FIFO or a device in its place: not the item, replaced below
+            return False
     return row.downloaded_path == str(path)
 
 
