@@ -713,9 +713,11 @@ class Attempts:
             async with asyncio.timeout(deadline):
                 return await step.call(meter)
         except TimeoutError:
+            # The request may have reached the service: it can still land.
             raise RetryableError(
                 f"{step.action} of {step.via} took more than {deadline:.0f} s "
-                f"({meter.total} bytes moved): too slow"
+                f"({meter.total} bytes moved): too slow",
+                uncertain=True,
             ) from None
 
     def _tell_pacer(self, err: MigratorError, ticket: Ticket) -> None:
