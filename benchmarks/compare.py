@@ -252,6 +252,7 @@ def _load() -> str:
 def machine(args: argparse.Namespace) -> list[str]:
     model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
     commit = _command(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    changed = _command(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "migrator"])
     dirty = _command(["git", "-C", str(REPO), "status", "--porcelain", "--", "migrator"])
     sizes = "the --quick sizes" if args.quick else "full sizes"
     return [
@@ -260,7 +261,8 @@ def machine(args: argparse.Namespace) -> list[str]:
         f"- CPUs: {os.cpu_count()} ({model.group(1).strip() if model else 'unknown model'})",
         f"- Python {platform.python_version()}, aiohttp {importlib.metadata.version('aiohttp')}, "
         f"{_command(['curl', '--version']).splitlines()[0].split(' (')[0]}",
-        f"- migrator at commit {commit}{' with local changes' if dirty else ''}",
+        f"- migrator at commit {commit} (migrator/ last changed in {changed})"
+        f"{' with local changes' if dirty else ''}",
         f"- load average (1, 5, 15 min) at the start: {args.load_at_start}; at the end: "
         f"{_load()} (anything else running competes for the same CPUs)",
         f"- settings: concurrency {args.concurrency}, {args.repeat} repetitions, "
