@@ -20,6 +20,7 @@ profiles (and their top functions) to DIR instead of results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.metadata
 import io
@@ -35,11 +36,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench_procs import Server, measure
+from bench_procs import Sample, Server, measure
 from bench_report import Result, Run, raw, render, targets
 from bench_scenarios import SCENARIOS, Condition, Contender, Context, Workload
 
@@ -160,6 +162,24 @@ def run_workload(
     return Result(work, tuple(runs))
 
 
+@contextlib.contextmanager
+def fresh_folder(contender: Contender, work: Path) -> Iterator[Path]:
+    """A new, empty folder for one run, set up as the contender needs; removed after."""
+    folder = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    try:
+        if contender.setup is not None:
+            contender.setup(folder)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def problem_of(contender: Contender, sample: Sample, timeout: float) -> str | None:
+    if sample.timed_out:
+        return f"killed after the {timeout:g} s timeout"
+    return contender.check(sample)
+
+
 def run_one(
     work: Workload,
     contender: Contender,
@@ -168,20 +188,12 @@ def run_one(
     env: dict[str, str],
     args: argparse.Namespace,
 ) -> Run:
-    folder = Path(tempfile.mkdtemp(prefix="run-", dir=args.work))
-    try:
-        if contender.setup is not None:
-            contender.setup(folder)
+    with fresh_folder(contender, args.work) as folder:
         emulator_cpu = servers.emulator.cpu_seconds()
         logged = servers.emulator.log_size()
         sample = measure(contender.command(folder), env=env, timeout=args.timeout, cwd=folder)
         emulator_cpu = servers.emulator.cpu_seconds() - emulator_cpu
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    if sample.timed_out:
-        problem: str | None = f"killed after the {args.timeout:g} s timeout"
-    else:
-        problem = contender.check(sample)
+    problem = problem_of(contender, sample, args.timeout)
     uploads = None
     if work.expected_uploads is not None:
         uploads = uploads_logged(servers.emulator, logged)
@@ -203,14 +215,9 @@ def profile_workload(work: Workload, env: dict[str, str], args: argparse.Namespa
             contender,
             argv=(contender.argv[0], "-m", "cProfile", "-o", str(prof), *contender.argv[1:]),
         )
-        folder = Path(tempfile.mkdtemp(prefix="profile-", dir=args.work))
-        try:
-            if profiled.setup is not None:
-                profiled.setup(folder)
+        with fresh_folder(profiled, args.work) as folder:
             sample = measure(profiled.command(folder), env=env, timeout=args.timeout, cwd=folder)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        problem = "timed out" if sample.timed_out else profiled.check(sample)
+        problem = problem_of(profiled, sample, args.timeout)
         text = io.StringIO()
         text.write(f"{work.title}, {work.condition.label}: {contender.name} under cProfile, ")
         text.write(f"{sample.wall:.2f} s wall, {sample.cpu:.2f} s CPU; {problem or 'ok'}\n")
@@ -245,6 +252,7 @@ def _load() -> str:
 def machine(args: argparse.Namespace) -> list[str]:
     model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
     commit = _command(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    changed = _command(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "migrator"])
     dirty = _command(["git", "-C", str(REPO), "status", "--porcelain", "--", "migrator"])
     sizes = "the --quick sizes" if args.quick else "full sizes"
     return [
@@ -253,7 +261,8 @@ def machine(args: argparse.Namespace) -> list[str]:
         f"- CPUs: {os.cpu_count()} ({model.group(1).strip() if model else 'unknown model'})",
         f"- Python {platform.python_version()}, aiohttp {importlib.metadata.version('aiohttp')}, "
         f"{_command(['curl', '--version']).splitlines()[0].split(' (')[0]}",
-        f"- migrator at commit {commit}{' with local changes' if dirty else ''}",
+        f"- migrator at commit {commit} (migrator/ last changed in {changed})"
+        f"{' with local changes' if dirty else ''}",
         f"- load average (1, 5, 15 min) at the start: {args.load_at_start}; at the end: "
         f"{_load()} (anything else running competes for the same CPUs)",
         f"- settings: concurrency {args.concurrency}, {args.repeat} repetitions, "
