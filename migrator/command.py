@@ -50,7 +50,7 @@ from migrator.report import CommandResult, as_seen_now, publish_outputs
 from migrator.retry import RetryPolicy
 from migrator.settle import settle_uncertain
 from migrator.transfer import AttemptReport, Attempts, Connection, read_service_clock
-from migrator.units import format_duration, format_size
+from migrator.units import format_duration, format_size, number_or_none
 
 T = TypeVar("T")
 log = get_logger("migrator.command")
@@ -490,7 +490,7 @@ async def _previous_was_killed(ledger: Ledger) -> bool:
 async def stored_clock(ledger: Ledger) -> ServiceClock:
     """The service's clock as the ledger last knew it (its offset from ours)."""
     offset = await ledger.fact(OFFSET_FACT)
-    return ServiceClock(float(offset) if isinstance(offset, int | float) else None)
+    return ServiceClock(number_or_none(offset))
 
 
 async def _remember_clock(ledger: Ledger, clock: ServiceClock, known: float | None) -> None:

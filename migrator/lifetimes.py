@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from migrator.model import HOUR
-from migrator.units import format_duration
+from migrator.units import format_duration, number_or_none
 
 DEATHS_FACT = "link_deaths"  # the ledger fact: what the last verify learnt of lifetimes
 
@@ -67,10 +67,6 @@ class Deaths:
             return cls()
         return cls(
             int(value.get("count") or 0),
-            _number(value.get("soonest_after_upload")),
-            _number(value.get("most_before_expiry")),
+            number_or_none(value.get("soonest_after_upload")),
+            number_or_none(value.get("most_before_expiry")),
         )
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None

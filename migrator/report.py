@@ -25,7 +25,7 @@ from migrator.outputs import (
     render_metrics,
     write_export,
 )
-from migrator.units import iso_utc
+from migrator.units import iso_utc, number_or_none
 
 EXPIRY_HORIZONS = (6 * HOUR, 12 * HOUR, 24 * HOUR, 72 * HOUR)
 LIFECYCLE_COMMANDS = ("refresh", "download", "verify")
@@ -89,7 +89,7 @@ async def build_status(manifest: Manifest, *, now: float | None = None) -> Statu
     the service's clock, as the ledger last measured it."""
     target = manifest.target.base_url
     async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
-        offset = _number(await ledger.fact(OFFSET_FACT))
+        offset = number_or_none(await ledger.fact(OFFSET_FACT))
         moment = (time.time() + (offset or 0.0)) if now is None else now
         counts = await ledger.state_counts(target)
         histogram = await ledger.expiry_histogram(target, moment, EXPIRY_HORIZONS)
@@ -114,10 +114,6 @@ async def build_status(manifest: Manifest, *, now: float | None = None) -> Statu
             ),
             deaths_note=deaths.note(manifest.settings.refresh_within),
         )
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
 
 
 def as_seen_now(run: RunRow) -> RunRow:

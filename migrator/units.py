@@ -162,6 +162,13 @@ def parse_positive_duration(value: str | int | float) -> float:
     return seconds
 
 
+def number_or_none(value: object) -> float | None:
+    """A number read back from JSON (a ledger fact) as a float; anything else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 def format_size(size: int | float | None) -> str:
     """Bytes -> `1.5 MiB`; None -> `?`."""
     if size is None:
