@@ -36,7 +36,7 @@ from migrator.ledger import Ledger
 from migrator.logs import configure_logging, get_logger, open_log_file
 from migrator.manifest import load_manifest, output_clash
 from migrator.model import Manifest
-from migrator.outputs import EXPORT_FORMATS, write_export
+from migrator.outputs import EXPORT_FORMATS, check_output_folder, export_format, write_export
 from migrator.plan import check_plan
 from migrator.progress import BarProgress, LineProgress, StopNotice
 from migrator.refresh import RefreshOptions, refresh
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_command(commands)
     _add_status_command(commands)
     _add_export_command(commands)
+    _add_show_command(commands)
     _add_refresh_command(commands)
     _add_download_command(commands)
     _add_verify_command(commands)
@@ -286,6 +287,12 @@ def _add_command_args(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     sub.add_argument(
+        "--summary-format",
+        choices=("text", "json"),
+        default="text",
+        help="the final summary on stdout: a line (default), or one JSON document",
+    )
+    sub.add_argument(
         "--stats",
         default="10s",
         help="without a terminal, print a progress line this often (default 10s)",
@@ -331,7 +338,7 @@ def _execute(
     if not interval or interval <= 0:
         raise UsageError("--stats: must be a duration above 0, such as 10s or 1m")
     summary = asyncio.run(_with_display(command, noun, interval, quiet=args.no_progress))
-    if as_json:
+    if as_json or args.summary_format == "json":
         _print_json(summary_dict(summary))
     else:
         print(summary.line())
@@ -434,24 +441,69 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _add_export_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sub = commands.add_parser("export", help="the mapping of every item to its download URL")
     _add_manifest_args(sub)
-    sub.add_argument("--format", choices=EXPORT_FORMATS, default="jsonl")
-    sub.add_argument("--output", type=Path, default=None, help="file to write (atomically)")
+    sub.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default=None,
+        help="default: from --output's extension (.jsonl, .ndjson, .csv, .json), else jsonl",
+    )
+    sub.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="file to write (atomically), in a folder that exists (default: stdout)",
+    )
     sub.set_defaults(handler=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    fmt = export_format(args.format, args.output)
     manifest = _load_for_ledger_work(args)
     _refuse_ledger_paths(manifest, {"--output": args.output})
-    asyncio.run(_export(manifest, args.format, args.output))
+    if args.output is not None:
+        check_output_folder(args.output)
+    asyncio.run(_export(manifest, fmt, args.output))
     return int(ExitCode.OK)
 
 
 async def _export(manifest: Manifest, fmt: str, output: Path | None) -> None:
     async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
         if output is not None:
-            await export_to(manifest, ledger, fmt, output)
+            await export_to(manifest, ledger, fmt, output, make_parents=False)
         else:
             await write_export(ledger.iter_items(manifest.target.base_url), fmt, sys.stdout)
+
+
+def _add_show_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser(
+        "show",
+        help="one item's current row and every attempt the ledger recorded for it",
+        description=(
+            "Show one item's current row (state, link, expiry, last error) and every attempt "
+            "the ledger recorded for it. ITEM is its source as the manifest names it (a path, "
+            "or a URL) or where it lands (upload_path/file_name). An item the ledger does "
+            "not hold exits 2."
+        ),
+    )
+    _add_manifest_args(sub)
+    sub.add_argument("item", metavar="ITEM", help="a source (path or URL) or upload_path/file_name")
+    sub.add_argument("--format", choices=("table", "json"), default="table")
+    sub.set_defaults(handler=_cmd_show)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from migrator.history import item_history
+    from migrator.views import print_history
+
+    manifest = _load_for_ledger_work(args)
+    histories = asyncio.run(item_history(manifest, args.item))
+    if args.format == "json":
+        _print_json({"item": args.item, "matches": [h.as_dict() for h in histories]})
+    else:
+        console = _stdout_console()
+        for history in histories:
+            print_history(console, history)
+    return int(ExitCode.OK)
 
 
 # -- refresh and download ------------------------------------------------------------------

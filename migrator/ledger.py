@@ -223,6 +223,30 @@ class RunRow:
     summary: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    """One row of the attempts table, with the command of the run that made it."""
+
+    id: int
+    run_id: int | None
+    command: str | None
+    method: str | None
+    attempt: int | None
+    started_at: float | None
+    duration: float | None
+    http_status: int | None
+    outcome: str | None
+    bytes_sent: int | None
+    error: str | None
+
+
+_ATTEMPT_COLUMNS = (
+    "attempts.id, attempts.run_id, runs.command, attempts.method, attempts.attempt, "
+    "attempts.started_at, attempts.duration, attempts.http_status, attempts.outcome, "
+    "attempts.bytes_sent, attempts.error"
+)
+
+
 # -- pure helpers ---------------------------------------------------------------------------
 
 
@@ -852,11 +876,15 @@ class Ledger:
                 counts[ItemState(state)] = (int(count), int(size))
         return counts
 
-    async def next_expiry(self, target: str | None = None) -> float | None:
-        """The earliest expires_at of a DONE item, or None."""
-        where, params = _where(target, "state = ?", "expires_at IS NOT NULL")
+    async def next_expiry(
+        self, target: str | None = None, *, after: float | None = None
+    ) -> float | None:
+        """The earliest expires_at of a DONE item (of one still alive `after`), or None."""
+        alive = ["expires_at >= ?"] if after is not None else []
+        where, params = _where(target, "state = ?", "expires_at IS NOT NULL", *alive)
         rows = await self._fetch(
-            f"SELECT MIN(expires_at) FROM items{where}", [*params, ItemState.DONE.value]
+            f"SELECT MIN(expires_at) FROM items{where}",
+            [*params, ItemState.DONE.value, *([after] if after is not None else [])],
         )
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 
@@ -883,6 +911,51 @@ class Ledger:
         where, params = _where(target, f"state IN ({', '.join('?' for _ in bad)})")
         sql = f"SELECT {_ITEM_COLUMNS} FROM items{where} ORDER BY updated_at DESC, id DESC LIMIT ?"
         return await self._fetch_items(sql, [*params, *bad, limit])
+
+    async def iter_keys(
+        self, target: str | None = None, *, page_size: int = PAGE_SIZE * 10
+    ) -> AsyncIterator[tuple[str, str]]:
+        """Every item's (upload_path, file_name), read a page at a time: no rows built."""
+        where, head = _where(target, "id > ?")
+        sql = f"SELECT id, upload_path, file_name FROM items{where} ORDER BY id LIMIT ?"
+        last_id = 0
+        while True:
+            page = await self._fetch(sql, [*head, last_id, page_size])
+            for _, upload_path, file_name in page:
+                yield str(upload_path), str(file_name)
+            if len(page) < page_size:
+                return
+            last_id = int(page[-1][0])
+
+    async def with_source(self, target: str | None, source: str) -> list[LedgerItem]:
+        """The items whose source is exactly `source` (one, unless named twice)."""
+        where, params = _where(target, "source = ?")
+        sql = f"SELECT {_ITEM_COLUMNS} FROM items{where} ORDER BY id"
+        return await self._fetch_items(sql, [*params, source])
+
+    async def attempts_of(self, item_id: int) -> list[AttemptRow]:
+        """Every attempt recorded for one item, oldest first."""
+        sql = (
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts LEFT JOIN runs ON runs.id = attempts.run_id "
+            "WHERE attempts.item_id = ? ORDER BY attempts.id"
+        )
+        return [AttemptRow(*row) for row in await self._fetch(sql, [item_id])]
+
+    async def failed_in_run(
+        self, run_id: int, limit: int = 10
+    ) -> list[tuple[LedgerItem, AttemptRow]]:
+        """The items whose last attempt in run `run_id` failed, with that attempt."""
+        sql = (
+            f"SELECT {_QUALIFIED_ITEM_COLUMNS}, {_ATTEMPT_COLUMNS} FROM attempts "
+            "JOIN items ON items.id = attempts.item_id "
+            "LEFT JOIN runs ON runs.id = attempts.run_id "
+            "WHERE attempts.id IN (SELECT MAX(id) FROM attempts WHERE run_id = ? "
+            "GROUP BY item_id) AND attempts.outcome = 'failed' ORDER BY attempts.id LIMIT ?"
+        )
+        rows = await self._fetch(sql, [run_id, limit])
+        width = len(_ITEM_COLUMNS.split(","))
+        with _as_ledger_error(self.path):
+            return [(_row_to_item(row[:width]), AttemptRow(*row[width:])) for row in rows]
 
     async def runs(self, limit: int = 10) -> list[RunRow]:
         """The latest runs, newest first."""
@@ -981,6 +1054,7 @@ class Ledger:
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "AttemptRow",
     "Ledger",
     "Migration",
     "RunRow",

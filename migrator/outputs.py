@@ -57,6 +57,13 @@ EXPORT_FIELDS: tuple[str, ...] = (
     "dead_at",
 )
 EXPORT_FORMATS: tuple[str, ...] = ("jsonl", "csv", "json")
+EXPORT_EXTENSIONS: Mapping[str, str] = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".json": "json",
+}
+"""The file extensions `export --output` knows the format of."""
 
 # -- atomic writes --------------------------------------------------------------------------
 
@@ -87,14 +94,16 @@ def _as_config_error(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path) -> Iterator[TextIO]:
+def atomic_writer(path: Path, *, make_parents: bool = True) -> Iterator[TextIO]:
     """Write `path` all at once: the old file stays untouched if the block raises.
 
-    Parent folders are created; a new file gets mode 0644, an existing one keeps its mode.
+    Parent folders are created unless `make_parents` is False; a new file gets mode
+    0644, an existing one keeps its mode.
     """
     path = Path(path)
     with _as_config_error(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if make_parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         mode = _mode_for(path)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
@@ -186,6 +195,31 @@ def check_export_format(fmt: str) -> str:
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format {fmt!r} (use {', '.join(EXPORT_FORMATS)})")
     return fmt
+
+
+def export_format(fmt: str | None, output: Path | None) -> str:
+    """The format an export is written in: `fmt` when given, else the one `output`'s
+    extension names (EXPORT_EXTENSIONS), else jsonl. A `fmt` that another known
+    extension contradicts (`--format csv --output x.json`) is a UsageError (pure)."""
+    implied = None if output is None else EXPORT_EXTENSIONS.get(output.suffix.lower())
+    if fmt is None:
+        return implied or "jsonl"
+    check_export_format(fmt)
+    if implied is not None and implied != fmt:
+        raise UsageError(
+            f"--format {fmt} does not match --output {output} (a {implied} file's name): "
+            "drop --format, or name the file for the format"
+        )
+    return fmt
+
+
+def check_output_folder(output: Path) -> None:
+    """An export goes into a folder that exists: none is created (UsageError)."""
+    parent = output.parent
+    if not parent.exists():
+        raise UsageError(f"--output: the folder {parent} does not exist (export creates none)")
+    if not parent.is_dir():
+        raise UsageError(f"--output: {parent} is not a folder")
 
 
 async def write_export(items: AsyncIterable[LedgerItem], fmt: str, out: TextIO) -> int:

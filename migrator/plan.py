@@ -66,6 +66,7 @@ __all__ = [
     "compile_glob",
     "expand",
     "iter_url_list",
+    "planned_keys",
     "probe_remote",
     "walk_glob",
 ]
@@ -545,6 +546,17 @@ def _first_holders(manifest: Manifest, repeats: list[_Entry]) -> Iterator[tuple[
         # A digest can repeat for two different names; then the holder is `later` itself.
         if holder is not None and holder.identity != later.identity:
             yield later, holder
+
+
+# -- planned_keys ---------------------------------------------------------------------------
+
+
+def planned_keys(manifest: Manifest) -> Iterator[tuple[str, str]]:
+    """Every (upload_path, file_name) the manifest's sources name today, offline: no origin
+    is asked anything (a name never depends on a size). Sources that cannot be read, or
+    names `check_plan` would refuse, are passed over silently; `status` counts with it."""
+    for entry in _Expansion(manifest).entries():
+        yield entry.upload_path, entry.file_name
 
 
 # -- expand ---------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ complete mapping from each source to its current download URL.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from migrator.clock import OFFSET_FACT
 from migrator.ledger import BAD_STATES, Ledger, RunRow
 from migrator.lifetimes import DEATHS_FACT, Deaths
 from migrator.model import HOUR, ItemState, LedgerItem, Manifest
+from migrator.naming import hide_credentials, without_credentials
 from migrator.outputs import (
     MetricsSnapshot,
     atomic_write_text,
@@ -25,10 +27,49 @@ from migrator.outputs import (
     render_metrics,
     write_export,
 )
+from migrator.plan import planned_keys
 from migrator.units import iso_utc, number_or_none
 
 EXPIRY_HORIZONS = (6 * HOUR, 12 * HOUR, 24 * HOUR, 72 * HOUR)
 LIFECYCLE_COMMANDS = ("refresh", "download", "verify")
+RUN_FAILURES_SHOWN = 10
+EXPIRED = "expired"  # how status counts a done item past its expiry: not done any more
+
+
+@dataclass(frozen=True, slots=True)
+class JobCoverage:
+    """How the manifest's items today and the ledger's items compare."""
+
+    planned: int  # distinct items the manifest's sources name
+    not_started: int  # named by the manifest, never seen by the ledger
+    not_in_manifest: int  # in the ledger, no longer named by the manifest
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "in_manifest": self.planned,
+            "not_started": self.not_started,
+            "not_in_manifest": self.not_in_manifest,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunFailure:
+    """One item whose last attempt in a run failed: what, and why (credentials hidden)."""
+
+    upload_path: str
+    file_name: str
+    source: str
+    error: str | None
+    at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "upload_path": self.upload_path,
+            "file_name": self.file_name,
+            "source": self.source,
+            "error": self.error,
+            "at": iso_utc(self.at),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +88,25 @@ class StatusReport:
     clock_offset: float | None = None  # the service's clock minus ours, when measured
     last_by_command: tuple[RunRow, ...] = ()  # the latest refresh, download and verify
     deaths_note: str | None = None  # links that died before their stated expiry
+    expired: tuple[int, int] = (0, 0)  # done items past their expiry: (items, bytes)
+    first_expired: float | None = None  # the earliest expiry of those, when any
+    coverage: JobCoverage | None = None  # None: the manifest was not compared
+    run_failures: dict[int, tuple[RunFailure, ...]] = field(default_factory=dict)  # run id ->
 
     @property
     def total(self) -> int:
         return sum(count for count, _ in self.by_state.values())
+
+    def states(self) -> list[tuple[str, int, int]]:
+        """(state, items, bytes) as status shows them: expired items apart from done."""
+        shown: list[tuple[str, int, int]] = []
+        for state, (count, size) in sorted(self.by_state.items()):
+            if state is ItemState.DONE:
+                shown.append((state.value, count - self.expired[0], size - self.expired[1]))
+                shown.append((EXPIRED, *self.expired))
+            else:
+                shown.append((state.value, count, size))
+        return shown
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,15 +115,22 @@ class StatusReport:
             "target": self.target,
             "items": self.total,
             "by_state": {
-                state.value: {"items": count, "bytes": size}
-                for state, (count, size) in sorted(self.by_state.items())
+                state: {"items": count, "bytes": size} for state, count, size in self.states()
             },
+            "manifest": None if self.coverage is None else self.coverage.as_dict(),
             "next_expiry": iso_utc(self.next_expiry),
+            "first_expired_at": iso_utc(self.first_expired),
             "expiring_within": {f"{int(h // HOUR)}h": n for h, n in self.expiring},
             "downloaded": {"items": self.downloaded, "last_at": iso_utc(self.last_download)},
             "failures": [export_record(item) for item in self.failures],
             "last_run": None if self.last_run is None else _run_dict(self.last_run),
-            "last_by_command": {run.command: _run_dict(run) for run in self.last_by_command},
+            "last_by_command": {
+                run.command: {
+                    **_run_dict(run),
+                    "failures": [f.as_dict() for f in self.run_failures.get(run.id, ())],
+                }
+                for run in self.last_by_command
+            },
             "service_clock_offset": self.clock_offset,
             "link_deaths": self.deaths_note,
         }
@@ -84,36 +147,77 @@ def _run_dict(run: RunRow) -> dict[str, Any]:
     }
 
 
-async def build_status(manifest: Manifest, *, now: float | None = None) -> StatusReport:
+async def build_status(
+    manifest: Manifest, *, now: float | None = None, compare_manifest: bool = True
+) -> StatusReport:
     """Read the manifest's ledger (never writing it) and sum it up. Expiry is told on
-    the service's clock, as the ledger last measured it."""
+    the service's clock, as the ledger last measured it. `compare_manifest`: also
+    expand the manifest's sources (offline: no origin or service is asked anything)
+    to count the items not started and those no longer in the manifest."""
     target = manifest.target.base_url
     async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
         offset = number_or_none(await ledger.fact(OFFSET_FACT))
         moment = (time.time() + (offset or 0.0)) if now is None else now
-        counts = await ledger.state_counts(target)
+        expired = await ledger.count_items(target, states=[ItemState.DONE], expiring_before=moment)
         histogram = await ledger.expiry_histogram(target, moment, EXPIRY_HORIZONS)
         runs = await ledger.runs(limit=1)
         downloaded, last_download = await ledger.downloads(target)
         deaths = Deaths.from_dict(await ledger.fact(DEATHS_FACT))
+        lifecycle = [as_seen_now(run) for run in await ledger.last_runs(LIFECYCLE_COMMANDS)]
         return StatusReport(
             job=manifest.name,
             ledger=manifest.ledger,
             target=target,
             now=moment,
-            by_state=counts,
-            next_expiry=await ledger.next_expiry(target),
-            expiring=tuple(zip(EXPIRY_HORIZONS, histogram, strict=True)),
+            by_state=await ledger.state_counts(target),
+            next_expiry=await ledger.next_expiry(target, after=moment),
+            # the expired are in every bucket: the buckets count what is still to expire
+            expiring=tuple(
+                (horizon, count - expired[0])
+                for horizon, count in zip(EXPIRY_HORIZONS, histogram, strict=True)
+            ),
             failures=tuple(await ledger.recent_failures(target, limit=20)),
             last_run=as_seen_now(runs[0]) if runs else None,
             downloaded=downloaded,
             last_download=last_download,
             clock_offset=offset,
-            last_by_command=tuple(
-                as_seen_now(run) for run in await ledger.last_runs(LIFECYCLE_COMMANDS)
-            ),
+            last_by_command=tuple(lifecycle),
             deaths_note=deaths.note(manifest.settings.refresh_within),
+            expired=expired,
+            first_expired=await ledger.next_expiry(target) if expired[0] else None,
+            coverage=await job_coverage(manifest, ledger) if compare_manifest else None,
+            run_failures={run.id: await run_failures(ledger, run.id) for run in lifecycle},
         )
+
+
+async def job_coverage(manifest: Manifest, ledger: Ledger) -> JobCoverage:
+    """Compare the items the manifest names today with those the ledger holds. Memory:
+    one hash per planned item (a million items, some tens of MB), none per ledger row."""
+    planned = await asyncio.to_thread(_planned_hashes, manifest)
+    in_ledger = matched = 0
+    async for key in ledger.iter_keys(manifest.target.base_url):
+        in_ledger += 1
+        matched += hash(key) in planned
+    return JobCoverage(len(planned), len(planned) - matched, in_ledger - matched)
+
+
+def _planned_hashes(manifest: Manifest) -> set[int]:
+    return {hash(key) for key in planned_keys(manifest)}
+
+
+async def run_failures(ledger: Ledger, run_id: int) -> tuple[RunFailure, ...]:
+    """The first items whose last attempt in the run failed, credentials hidden."""
+    failed = await ledger.failed_in_run(run_id, limit=RUN_FAILURES_SHOWN)
+    return tuple(
+        RunFailure(
+            upload_path=item.upload_path,
+            file_name=item.file_name,
+            source=without_credentials(item.source),
+            error=None if attempt.error is None else hide_credentials(attempt.error),
+            at=attempt.started_at,
+        )
+        for item, attempt in failed
+    )
 
 
 def as_seen_now(run: RunRow) -> RunRow:
@@ -134,9 +238,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def export_to(manifest: Manifest, ledger: Ledger, fmt: str, path: Path) -> int:
-    """Write the mapping of every item of the manifest's target to `path`, atomically."""
-    with atomic_writer(path) as out:
+async def export_to(
+    manifest: Manifest, ledger: Ledger, fmt: str, path: Path, *, make_parents: bool = True
+) -> int:
+    """Write the mapping of every item of the manifest's target to `path`, atomically
+    (its folders made first, unless `make_parents` is False)."""
+    with atomic_writer(path, make_parents=make_parents) as out:
         return await write_export(ledger.iter_items(manifest.target.base_url), fmt, out)
 
 

@@ -199,6 +199,13 @@ def format_duration(seconds: float | None) -> str:
     return f"{sign}{abs(seconds):.1f}s"
 
 
+def relative_time(moment: float, now: float) -> str:
+    """`in 3h 2m` for a moment to come, `13s ago` for one past; never a negative duration."""
+    left = moment - now
+    shown = format_duration(abs(left)) if abs(left) >= 60 else f"{int(abs(left))}s"
+    return f"in {shown}" if left >= 0 else f"{shown} ago"
+
+
 def iso_utc(timestamp: float | None) -> str | None:
     """POSIX seconds -> `2025-01-18T10:30:00Z` (milliseconds kept when present)."""
     if timestamp is None:

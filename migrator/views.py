@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from migrator.command import CommandSummary
+from migrator.history import ItemHistory
 from migrator.ledger import RunRow
 from migrator.model import HOUR, Outcome, PlanItem
 from migrator.naming import hide_credentials, printable, without_credentials
-from migrator.report import StatusReport
+from migrator.report import JobCoverage, RunFailure, StatusReport
 from migrator.resume import Decision
-from migrator.units import format_duration, format_size, iso_utc
+from migrator.units import format_duration, format_size, iso_utc, relative_time
 
 BAR_WIDTH = 30
 _OUTCOME_KEYS = frozenset(str(outcome) for outcome in Outcome)
@@ -57,13 +59,22 @@ def print_status(console: Console, report: StatusReport) -> None:
     table.add_column("state")
     table.add_column("items", justify="right")
     table.add_column("bytes", justify="right")
-    for state, (count, size) in sorted(report.by_state.items()):
-        table.add_row(state.value, str(count), format_size(size))
-    table.add_row("total", str(report.total), "")
+    for state, count, size in report.states():
+        table.add_row(state, f"{count:,}", format_size(size))
+    table.add_row("total", f"{report.total:,}", "")
     console.print(table)
+    if report.coverage is not None:
+        console.print(coverage_line(report.coverage), markup=False)
+    if report.first_expired is not None:
+        ago = relative_time(report.first_expired, report.now)
+        count = report.expired[0]
+        console.print(
+            f"[yellow]expired: {count:,} item{'' if count == 1 else 's'}, the first {ago}"
+            "[/yellow]; `migrator refresh` uploads them again"
+        )
     if report.next_expiry is not None:
-        left = format_duration(report.next_expiry - report.now)
-        console.print(f"next expiry: {iso_utc(report.next_expiry)} (in {left})")
+        when = relative_time(report.next_expiry, report.now)
+        console.print(f"next expiry: {iso_utc(report.next_expiry)} ({when})")
     console.print("expiring (done items):")
     for line in expiry_bars(report):
         console.print("  " + line, markup=False)
@@ -88,10 +99,25 @@ def print_status(console: Console, report: StatusReport) -> None:
         )
     for run in report.last_by_command:
         console.print(f"last {run.command}: {run_outcomes(run)}", markup=False)
+        for failure in report.run_failures.get(run.id, ()):
+            console.print(printable(f"  failed {run_failure_text(failure)}"), markup=False)
     if report.clock_offset is not None:
         console.print(f"service clock: {clock_text(report.clock_offset)}", markup=False)
     if report.deaths_note:
         console.print(f"[yellow]{escape(report.deaths_note)}[/yellow]")
+
+
+def coverage_line(coverage: JobCoverage) -> str:
+    """`manifest: 5,000 items, 1,733 not started, 12 no longer in the manifest` (pure)."""
+    gone = coverage.not_in_manifest
+    return f"manifest: {coverage.planned:,} items, {coverage.not_started:,} not started" + (
+        f", {gone:,} in the ledger no longer in the manifest" if gone else ""
+    )
+
+
+def run_failure_text(failure: RunFailure) -> str:
+    """`mig/a.txt <- /data/a.txt: HTTP 500 ...` (pure; the failure's text is already safe)."""
+    return f"{failure.upload_path}/{failure.file_name} <- {failure.source}: {failure.error or ''}"
 
 
 def run_outcomes(run: RunRow) -> str:
@@ -111,6 +137,66 @@ def clock_text(offset: float) -> str:
     direction = "ahead of" if offset > 0 else "behind"
     shown = round(abs(offset)) if abs(offset) < 60 else round(abs(offset) / 60) * 60
     return f"{format_duration(shown)} {direction} ours; expiry is judged on it"
+
+
+# -- show ----------------------------------------------------------------------------------
+
+
+def print_history(console: Console, history: ItemHistory) -> None:
+    """An item's current row, then a table of every attempt; credentials hidden."""
+    record = history.as_dict()
+    item = history.item
+    console.print(f"[bold]{escape(printable(f'{item.upload_path}/{item.file_name}'))}[/bold]")
+    for label, value in _row_lines(record, history):
+        console.print(printable(f"  {label:<11} {value}"), markup=False, highlight=False)
+    count = len(history.attempts)
+    title = f"{count} attempt{'' if count == 1 else 's'}"
+    table = Table(show_edge=False, title=title, title_justify="left")
+    for column in ("when", "run", "method", "status", "took", "bytes", "error"):
+        table.add_column(column, justify="right" if column in ("took", "bytes") else "left")
+    for attempt in record["history"]:
+        table.add_row(
+            attempt["at"] or "?",
+            f"#{attempt['run']} {attempt['command'] or '?'}",
+            attempt["method"] or "",
+            _status_text(attempt["outcome"], attempt["http_status"]),
+            "" if attempt["duration"] is None else f"{attempt['duration']:.1f}s",
+            format_size(attempt["bytes"] or 0),
+            escape(printable(attempt["error"] or "")),
+        )
+    console.print(table)
+
+
+def _row_lines(record: dict[str, Any], history: ItemHistory) -> list[tuple[str, str]]:
+    item = history.item
+    expiry = "" if item.expires_at is None else f" ({_expiry_words(item.expires_at, history.now)})"
+    lines = [
+        ("source", str(record["source"])),
+        ("state", str(record["status"])),
+        ("method", str(record["method"] or "")),
+        ("size", format_size(item.size) if item.size is not None else "?"),
+        ("link", str(record["download_url"] or "none")),
+        ("uploaded", str(record["uploaded_at"] or "never")),
+        ("expires", f"{record['expires_at'] or 'never'}{expiry}"),
+        ("attempts", str(record["attempts"])),
+    ]
+    optional = {
+        "last error": record["last_error"],
+        "downloaded": record["downloaded_path"]
+        and (f"{record['downloaded_path']} at {record['downloaded_at']}"),
+        "checked": record["checked_at"],
+        "found dead": record["dead_at"],
+    }
+    return lines + [(label, str(value)) for label, value in optional.items() if value]
+
+
+def _expiry_words(expires_at: float, now: float) -> str:
+    when = relative_time(expires_at, now)
+    return f"expired {when}" if expires_at < now else when
+
+
+def _status_text(outcome: object, http_status: object) -> str:
+    return f"{outcome or '?'}" + (f" ({http_status})" if http_status else "")
 
 
 # -- plan ----------------------------------------------------------------------------------
