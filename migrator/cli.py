@@ -493,12 +493,14 @@ def _add_show_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from migrator.history import item_history
+    from migrator.naming import without_credentials
     from migrator.views import print_history
 
     manifest = _load_for_ledger_work(args)
     histories = asyncio.run(item_history(manifest, args.item))
     if args.format == "json":
-        _print_json({"item": args.item, "matches": [h.as_dict() for h in histories]})
+        shown = without_credentials(args.item)
+        _print_json({"item": shown, "matches": [h.as_dict() for h in histories]})
     else:
         console = _stdout_console()
         for history in histories:

@@ -553,8 +553,8 @@ def _first_holders(manifest: Manifest, repeats: list[_Entry]) -> Iterator[tuple[
 
 def planned_keys(manifest: Manifest) -> Iterator[tuple[str, str]]:
     """Every (upload_path, file_name) the manifest's sources name today, offline: no origin
-    is asked anything (a name never depends on a size). Sources that cannot be read, or
-    names `check_plan` would refuse, are passed over silently; `status` counts with it."""
+    is asked anything (a name never depends on a size). A source that cannot be read
+    names nothing, silently; nothing is checked (`check_plan` does that)."""
     for entry in _Expansion(manifest).entries():
         yield entry.upload_path, entry.file_name
 

@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from conftest import migrator_env, run_cli, web_server, write_file, write_manifest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from migrator.emulator import Emulator
+from migrator.units import relative_time
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -232,3 +235,11 @@ async def test_refresh_prints_its_summary_as_json_when_asked(
 
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["summary"]["refreshed"] == 1
+
+
+@given(moment=st.floats(-1e9, 1e9), now=st.floats(-1e9, 1e9))
+def test_a_relative_time_is_never_a_negative_duration(moment: float, now: float) -> None:
+    words = relative_time(moment, now)
+
+    assert "-" not in words
+    assert words.startswith("in ") if moment >= now else words.endswith(" ago")

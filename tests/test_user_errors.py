@@ -296,13 +296,16 @@ def test_a_ledger_that_is_a_directory_is_refused_by_name(
     assert f"ledger {tmp_path} is a directory" in result.one_error_line()
 
 
-def test_export_output_into_a_missing_folder_creates_it(cli: Cli, done_job: Path) -> None:
+def test_export_output_into_a_missing_folder_exits_2_and_creates_none(
+    cli: Cli, done_job: Path
+) -> None:
     out = done_job.parent / "new" / "folder" / "map.jsonl"
 
     result = cli("export", str(done_job), "--output", str(out))
 
-    assert result.code == 0, result.stderr
-    assert len(out.read_text(encoding="utf-8").splitlines()) == 300
+    assert result.code == USAGE
+    assert "does not exist" in result.one_error_line()
+    assert not (done_job.parent / "new").exists()
 
 
 # -- sources ---------------------------------------------------------------------------------
