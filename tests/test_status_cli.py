@@ -243,3 +243,18 @@ def test_a_relative_time_is_never_a_negative_duration(moment: float, now: float)
 
     assert "-" not in words
     assert words.startswith("in ") if moment >= now else words.endswith(" ago")
+
+
+async def test_status_ledger_only_does_not_compare_with_the_manifest(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "files" / "a.txt", 100)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
+    await run_job(manifest, api_key)
+
+    result = await run_cli("status", str(manifest), "--format", "json", "--ledger-only")
+
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["manifest"] is None
+    assert report["by_state"]["done"]["items"] == 1
