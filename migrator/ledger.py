@@ -942,17 +942,19 @@ class Ledger:
         return [AttemptRow(*row) for row in await self._fetch(sql, [item_id])]
 
     async def failed_in_run(
-        self, run_id: int, limit: int = 10
+        self, run_id: int, limit: int = 10, *, besides: Sequence[str] = ()
     ) -> list[tuple[LedgerItem, AttemptRow]]:
-        """The items whose last attempt in run `run_id` failed, with that attempt."""
+        """The items whose last attempt in run `run_id` failed, with that attempt; attempts
+        whose method is one of `besides` (a probe made on the side) are not looked at."""
+        skipped = "".join(" AND method != ?" for _ in besides)
         sql = (
             f"SELECT {_QUALIFIED_ITEM_COLUMNS}, {_ATTEMPT_COLUMNS} FROM attempts "
             "JOIN items ON items.id = attempts.item_id "
             "LEFT JOIN runs ON runs.id = attempts.run_id "
-            "WHERE attempts.id IN (SELECT MAX(id) FROM attempts WHERE run_id = ? "
+            f"WHERE attempts.id IN (SELECT MAX(id) FROM attempts WHERE run_id = ?{skipped} "
             "GROUP BY item_id) AND attempts.outcome = 'failed' ORDER BY attempts.id LIMIT ?"
         )
-        rows = await self._fetch(sql, [run_id, limit])
+        rows = await self._fetch(sql, [run_id, *besides, limit])
         width = len(_ITEM_COLUMNS.split(","))
         with _as_ledger_error(self.path):
             return [(_row_to_item(row[:width]), AttemptRow(*row[width:])) for row in rows]

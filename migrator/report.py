@@ -186,7 +186,7 @@ async def build_status(
             expired=expired,
             first_expired=await ledger.next_expiry(target) if expired[0] else None,
             coverage=await job_coverage(manifest, ledger) if compare_manifest else None,
-            run_failures={run.id: await run_failures(ledger, run.id) for run in lifecycle},
+            run_failures={run.id: await run_failures(ledger, run) for run in lifecycle},
         )
 
 
@@ -205,9 +205,12 @@ def _planned_hashes(manifest: Manifest) -> set[int]:
     return {hash(key) for key in planned_keys(manifest)}
 
 
-async def run_failures(ledger: Ledger, run_id: int) -> tuple[RunFailure, ...]:
-    """The first items whose last attempt in the run failed, credentials hidden."""
-    failed = await ledger.failed_in_run(run_id, limit=RUN_FAILURES_SHOWN)
+async def run_failures(ledger: Ledger, run: RunRow) -> tuple[RunFailure, ...]:
+    """The first items whose last attempt in the run failed, credentials hidden. A probe
+    is the work of `verify` only; elsewhere it checks a link on the side (a refresh whose
+    copy failed, an uncertain upload), and the item's fate is its last other attempt."""
+    besides = () if run.command == "verify" else ("probe",)
+    failed = await ledger.failed_in_run(run.id, limit=RUN_FAILURES_SHOWN, besides=besides)
     return tuple(
         RunFailure(
             upload_path=item.upload_path,

@@ -146,6 +146,27 @@ async def test_status_lists_the_items_the_last_download_failed_with_their_errors
     assert re.search(r"\n  failed mig/blocked.txt <- \S+blocked.txt: \S", text), text
 
 
+async def test_status_lists_the_items_the_last_refresh_failed_with_their_errors(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    write_file(job / "files" / "a.txt", 100)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}], retries=0)
+    await run_job(manifest, api_key)
+    emulator.inject_faults(400, 10)  # every way of uploading it again is refused
+
+    refreshed = await run_cli(
+        "refresh", str(manifest), "--within", "100h", "--no-progress", key=api_key
+    )
+    assert refreshed.code == 1, refreshed.stderr
+    report = await status_json(manifest)
+
+    last = report["last_by_command"]
+    assert isinstance(last, dict)
+    [failure] = last["refresh"]["failures"]
+    assert failure["file_name"] == "a.txt"
+    assert "400" in failure["error"]
+
+
 # -- the progress bar and the summary --------------------------------------------------------
 
 
