@@ -19,12 +19,13 @@ from typing import Any
 from migrator.clock import OFFSET_FACT
 from migrator.errors import UsageError
 from migrator.ledger import AttemptRow, Ledger
-from migrator.model import LedgerItem, Manifest, SourceKind
+from migrator.model import LedgerItem, Manifest, Method, SourceKind
 from migrator.naming import hide_credentials, join_upload_path, printable, without_credentials
 from migrator.outputs import export_record
 from migrator.units import iso_utc, number_or_none
 
 SUGGESTIONS = 3
+UPLOADS = frozenset(method.value for method in (Method.BASE64, Method.STREAM, Method.URL))
 SUGGEST_AMONG = 20_000  # names compared for a did-you-mean; a bigger ledger gets none
 
 
@@ -40,19 +41,37 @@ class ItemHistory:
     def expired(self) -> bool:
         return self.item.expires_at is not None and self.item.expires_at < self.now
 
+    @property
+    def link(self) -> str | None:
+        """The current link, credentials hidden."""
+        url = self.item.download_url
+        return None if url is None else hide_credentials(url)
+
+    @property
+    def linking_attempt(self) -> int | None:
+        """The id of the upload that made the current link: the last one that worked. The
+        ledger keeps no earlier link; an item settled by a probe has none to point at."""
+        if not self.item.has_link:
+            return None
+        uploads = [a.id for a in self.attempts if a.outcome == "ok" and a.method in UPLOADS]
+        return uploads[-1] if uploads else None
+
     def as_dict(self) -> dict[str, Any]:
+        linking = self.linking_attempt
         return {
             **export_record(self.item),
-            "download_url": None
-            if self.item.download_url is None
-            else hide_credentials(self.item.download_url),
+            "download_url": self.link,
             "expired": self.expired,
-            "history": [attempt_record(a) for a in self.attempts],
+            "history": [
+                attempt_record(a, self.item if a.id == linking else None) for a in self.attempts
+            ],
         }
 
 
-def attempt_record(attempt: AttemptRow) -> dict[str, Any]:
-    """One attempt as `show --format json` gives it; its error without credentials."""
+def attempt_record(attempt: AttemptRow, linked: LedgerItem | None = None) -> dict[str, Any]:
+    """One attempt as `show --format json` gives it, its error without credentials;
+    `linked`: the attempt made that item's current link, given with its expiry."""
+    link = None if linked is None or linked.download_url is None else linked.download_url
     return {
         "at": iso_utc(attempt.started_at),
         "run": attempt.run_id,
@@ -64,6 +83,8 @@ def attempt_record(attempt: AttemptRow) -> dict[str, Any]:
         "duration": None if attempt.duration is None else round(attempt.duration, 3),
         "bytes": attempt.bytes_sent,
         "error": None if attempt.error is None else hide_credentials(attempt.error),
+        "link": None if link is None else hide_credentials(link),
+        "expires_at": None if linked is None else iso_utc(linked.expires_at),
     }
 
 

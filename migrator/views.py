@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
@@ -152,19 +152,28 @@ def print_history(console: Console, history: ItemHistory) -> None:
     count = len(history.attempts)
     title = f"{count} attempt{'' if count == 1 else 's'}"
     table = Table(show_edge=False, title=title, title_justify="left")
-    for column in ("when", "run", "method", "status", "took", "bytes", "error"):
-        table.add_column(column, justify="right" if column in ("took", "bytes") else "left")
+    for column in ("when", "run", "method", "status", "took", "bytes"):
+        justify: JustifyMethod = "right" if column in ("took", "bytes") else "left"
+        table.add_column(column, justify=justify, no_wrap=True)
+    table.add_column("error / link", overflow="fold", min_width=20)
     for attempt in record["history"]:
         table.add_row(
-            attempt["at"] or "?",
+            (attempt["at"] or "?")[:19] + "Z",  # to the second: the JSON form has the rest
             f"#{attempt['run']} {attempt['command'] or '?'}",
             attempt["method"] or "",
             _status_text(attempt["outcome"], attempt["http_status"]),
             "" if attempt["duration"] is None else f"{attempt['duration']:.1f}s",
             format_size(attempt["bytes"] or 0),
-            escape(printable(attempt["error"] or "")),
+            escape(printable(_error_or_link(attempt))),
         )
     console.print(table)
+
+
+def _error_or_link(attempt: dict[str, Any]) -> str:
+    """The attempt's error; for the upload that made the current link, says so."""
+    if attempt["link"] is not None:
+        return "made the current link"
+    return str(attempt["error"] or "")
 
 
 def _row_lines(record: dict[str, Any], history: ItemHistory) -> list[tuple[str, str]]:

@@ -56,6 +56,8 @@ async def test_show_by_source_gives_the_current_row_and_every_attempt(retried: P
         ("run", "ok", 200),
     ]
     assert history[0]["error"] and history[1]["error"] is None
+    assert (history[0]["link"], history[1]["link"]) == (None, row.download_url)
+    assert history[1]["expires_at"] == item["expires_at"]
     assert all(a["at"] and a["method"] for a in history)
 
 
@@ -76,6 +78,7 @@ async def test_show_draws_a_table_with_the_row_and_the_attempts(retried: Path) -
     assert "2 attempts" in result.stdout
     assert "retry (500)" in result.stdout
     assert "ok (200)" in result.stdout
+    assert "made the current link" in result.stdout
     assert "expires     " in result.stdout and "(in 2d 23h)" in result.stdout
 
 
