@@ -422,7 +422,16 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
 
 
 def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sub = commands.add_parser("status", help="what the ledger holds: states, failures, expiry")
+    sub = commands.add_parser(
+        "status",
+        help="where the job stands: states, items not started, failures, expiry",
+        description=(
+            "What the ledger holds (counts by state, expired items apart from done ones, "
+            "failures, the next expiry, the last refresh, download and verify), and how it "
+            "compares with the items the manifest names today, found offline: how many are "
+            "not started, and how many are no longer in the manifest."
+        ),
+    )
     _add_manifest_args(sub)
     sub.add_argument("--format", choices=("table", "json"), default="table")
     sub.add_argument(
