@@ -42,7 +42,7 @@ from migrator.progress import BarProgress, LineProgress, StopNotice
 from migrator.refresh import RefreshOptions, refresh
 from migrator.report import build_status, export_to
 from migrator.runner import RunOptions, preview, run_manifest
-from migrator.units import parse_bandwidth, parse_duration, parse_rate
+from migrator.units import parse_bandwidth, parse_duration, parse_rate, parse_size
 from migrator.verify import Sample, VerifyOptions, verify
 from migrator.views import (
     PlanJsonPrinter,
@@ -187,10 +187,30 @@ def _add_logging_args(sub: argparse.ArgumentParser) -> None:
         help="JSON-lines log of every event (default: NAME.log beside the ledger)",
     )
     sub.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the least severe event logged (default info)",
+    )
+    sub.add_argument(
+        "--log-max-size",
+        default="10MiB",
+        metavar="SIZE",
+        help="rotate the log file past this size, keeping 3 old ones: NAME.log.1 .. .3 "
+        "(default 10MiB; 0: never, e.g. for logrotate)",
+    )
+    sub.add_argument(
         "--metrics-file",
         type=Path,
         default=None,
         help="also write a Prometheus textfile-collector file here (as outputs.metrics does)",
+    )
+    sub.add_argument(
+        "--metrics-push",
+        default=None,
+        metavar="URL",
+        help="also push the metrics to this Prometheus Pushgateway, e.g. "
+        "http://pushgateway:9091 (as outputs.metrics_push does); a failed push is a warning",
     )
 
 
@@ -222,7 +242,11 @@ def _setup_logging(
     )
     if log_file is not None:
         _check_log_file(log_file)
-    configure_logging(log_file=log_file, console=console)  # keys are redacted as read
+    max_bytes = _converted("--log-max-size", parse_size, args.log_max_size)
+    # keys are redacted as read
+    configure_logging(
+        log_file=log_file, console=console, level=args.log_level, max_bytes=max_bytes or 0
+    )
     args.log_path = log_file
 
 
@@ -312,9 +336,19 @@ def _command_options(args: argparse.Namespace) -> dict[str, Any]:
         "grace_period": args.grace,
         "handle_signals": True,
         "metrics_file": args.metrics_file,
+        "metrics_push": _push_url(args.metrics_push),
         "tps_limit": _converted("--tps-limit", parse_rate, args.tps_limit),
         "bwlimit": _converted("--bwlimit", parse_bandwidth, args.bwlimit),
     }
+
+
+def _push_url(url: str | None) -> str | None:
+    from migrator.pushgateway import check_push_url
+
+    reason = None if url is None else check_push_url(url)
+    if reason is not None:
+        raise UsageError(f"--metrics-push: {reason}")
+    return url
 
 
 def _converted(flag: str, parse: Callable[[str], T], value: str | None) -> T | None:

@@ -70,6 +70,7 @@ class CommandOptions:
     handle_signals: bool = False  # the CLI sets it; a library caller owns its signals
     seed: int | None = None  # for the backoff jitter; None: unpredictable
     metrics_file: Path | None = None  # besides the manifest's outputs.metrics
+    metrics_push: str | None = None  # a Pushgateway URL; wins over outputs.metrics_push
     tps_limit: float | None = None  # None: the manifest's settings.tps_limit
     bwlimit: int | None = None  # None: the manifest's settings.bwlimit
 
@@ -477,7 +478,13 @@ async def _with_ledger(
         log.info(f"{name}.summary", job=manifest.name, run_id=run_id, **summary.as_dict())
         code = summary.exit_code if error is None else exit_code_of(error)
         result = CommandResult(name, started_wall, int(code))
-        await publish_outputs(manifest, ledger, result, metrics_file=options.metrics_file)
+        await publish_outputs(
+            manifest,
+            ledger,
+            result,
+            metrics_file=options.metrics_file,
+            metrics_push=options.metrics_push,
+        )
     return summary
 
 

@@ -359,12 +359,14 @@ def configure_logging(
     secrets: Sequence[str] = (),
     level: str = "info",
     stream: TextIO | None = None,
+    max_bytes: int = 0,
 ) -> None:
     """Send every event to `log_file` (JSON lines) and to `stream` per `console`.
 
-    Safe to call again: the previous sinks are replaced (and the previous log file
-    closed), never added to. Raises ConfigError for an unknown level or console
-    mode, or a log file that cannot be opened.
+    `max_bytes` > 0 rotates the log file past that size (see LogFile). Safe to call
+    again: the previous sinks are replaced (and the previous log file closed), never
+    added to. Raises ConfigError for an unknown level or console mode, or a log file
+    that cannot be opened.
     """
     min_level = _level_number(level)
     if console not in CONSOLE_MODES:
@@ -373,7 +375,7 @@ def configure_logging(
     sinks: list[_Sink] = []
     owned: list[TextIO] = []
     if log_file is not None:
-        handle = _open_log_file(log_file)
+        handle = _open_log_file(log_file, max_bytes)
         owned.append(handle)
         sinks.append(
             _Sink(handle, min_level, (_dict_tracebacks, redact), _json_line, name=str(log_file))
@@ -425,9 +427,9 @@ LOG_FILE_MODE = 0o600  # as the ledger: the log holds the same links
 LOG_DIR_MODE = 0o700
 
 
-def _open_log_file(path: Path) -> TextIO:
+def _open_log_file(path: Path, max_bytes: int) -> TextIO:
     try:
-        return open_log_file(path)
+        return cast(TextIO, LogFile(path, max_bytes))
     except OSError as err:
         raise ConfigError(f"cannot write the log file {path}: {err.strerror or err}") from None
 
@@ -445,3 +447,58 @@ def open_log_file(path: Path) -> TextIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+LOG_BACKUPS = 3  # job.log.1 .. job.log.3 are kept beside job.log
+
+
+class LogFile:
+    """The log file as a sink writes it: reopened when it was moved away, rotated by size.
+
+    Before each write the path is checked: when another process (a second command on
+    the same `--log-file`, or logrotate without copytruncate) renamed or removed the
+    file, it is reopened, so no process keeps writing into a rotated file. Past
+    `max_bytes` (0: never) the file becomes `.1`, `.1` becomes `.2`, and so on up to
+    LOG_BACKUPS; the oldest is dropped. Several processes rotating at the same moment
+    can at worst rotate twice (a short `.1`): no line is lost.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = 0, backups: int = LOG_BACKUPS) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._handle = open_log_file(path)
+
+    def write(self, text: str) -> int:
+        if self._moved_away():
+            self._reopen()
+        return self._handle.write(text)
+
+    def flush(self) -> None:
+        self._handle.flush()
+        if self.max_bytes and os.fstat(self._handle.fileno()).st_size >= self.max_bytes:
+            self._rotate()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def _moved_away(self) -> bool:
+        try:
+            return self.path.stat().st_ino != os.fstat(self._handle.fileno()).st_ino
+        except FileNotFoundError:
+            return True
+
+    def _reopen(self) -> None:
+        old, self._handle = self._handle, open_log_file(self.path)
+        old.close()
+
+    def _rotate(self) -> None:
+        if not self._moved_away():  # another process may have rotated it already
+            for n in range(self.backups - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    self._backup(n).replace(self._backup(n + 1))
+            self.path.replace(self._backup(1))
+        self._reopen()
+
+    def _backup(self, n: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}")

@@ -51,6 +51,7 @@ from migrator.naming import (
     printable,
     split_glob,
 )
+from migrator.pushgateway import check_push_url
 from migrator.units import (
     format_duration,
     parse_bandwidth,
@@ -70,7 +71,8 @@ _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOP_KEYS = ("version", "name", "target", "ledger", "outputs", "settings", "sources")
 _TARGET_KEYS = ("base_url", "api_key_env", "api_key_file", "upload_path")
-_OUTPUT_KEYS = ("jsonl", "csv", "json", "metrics")
+_OUTPUT_FILE_KEYS = ("jsonl", "csv", "json", "metrics")
+_OUTPUT_KEYS = (*_OUTPUT_FILE_KEYS, "metrics_push")
 _SETTING_KEYS = (
     "concurrency",
     "base64_max",
@@ -479,6 +481,7 @@ def _read_outputs(reader: _Reader, node: Node | None) -> Outputs:
     if node is None:
         return Outputs()
     keys = reader.mapping(node, "outputs", _OUTPUT_KEYS)
+    push = keys.pop("metrics_push", None)
     paths = {k: reader.local_path(v, f"outputs.{k}") for k, v in keys.items()}
     seen: dict[Path, str] = {}
     for key, path in paths.items():
@@ -486,7 +489,18 @@ def _read_outputs(reader: _Reader, node: Node | None) -> Outputs:
             reader.problem(keys[key], f"outputs.{key}", f"same file as outputs.{seen[path]}")
         elif path is not None:
             seen[path] = key
-    return Outputs(**paths)
+    return Outputs(**paths, metrics_push=_read_push_url(reader, push))
+
+
+def _read_push_url(reader: _Reader, node: Node | None) -> str | None:
+    if node is None:
+        return None
+    value = reader.string(node, "outputs.metrics_push")
+    reason = None if value is None else check_push_url(value)
+    if reason is not None:
+        reader.problem(node, "outputs.metrics_push", reason)
+        return None
+    return value
 
 
 def _check_outputs_spare(
@@ -496,7 +510,7 @@ def _check_outputs_spare(
     if node is None or not _is_mapping(node):
         return
     nodes = {key.value: value for key, value in node.value if isinstance(key, ScalarNode)}
-    for key in _OUTPUT_KEYS:
+    for key in _OUTPUT_FILE_KEYS:
         path = getattr(outputs, key)
         reason = None if path is None else output_clash(path, ledger)
         if reason is not None:

@@ -117,6 +117,7 @@ class Outputs:
     csv: Path | None = None
     json: Path | None = None
     metrics: Path | None = None
+    metrics_push: str | None = None  # a Prometheus Pushgateway's URL, not a file
 
 
 @dataclass(frozen=True, slots=True)

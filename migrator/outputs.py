@@ -239,7 +239,7 @@ async def write_export(items: AsyncIterable[LedgerItem], fmt: str, out: TextIO) 
 class MetricsSnapshot:
     """What the metrics file says after a run, refresh or download."""
 
-    job: str
+    migration: str  # the manifest's name: the `migration` label (Prometheus owns `job`)
     command: str
     items_by_state: Mapping[str, int]
     bytes_by_state: Mapping[str, int]
@@ -267,6 +267,8 @@ def _format_value(value: float) -> str:
 
 
 def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
     inner = ",".join(f'{key}="{escape_label_value(val)}"' for key, val in labels.items())
     return "{" + inner + "}"
 
@@ -277,10 +279,14 @@ def _gauge(name: str, help_text: str, samples: list[tuple[Mapping[str, str], flo
     return "\n".join(lines) + "\n"
 
 
-def render_metrics(s: MetricsSnapshot) -> str:
-    """The snapshot in the Prometheus textfile-collector format; None gauges are left out."""
-    job = {"job": s.job}
-    run = {"job": s.job, "command": s.command}
+def render_metrics(s: MetricsSnapshot, *, without: frozenset[str] = frozenset()) -> str:
+    """The snapshot in the Prometheus text format; None gauges are left out.
+
+    The job's name is the `migration` label: a scraped `job` label would be renamed
+    `exported_job`, and a Pushgateway sets `job` itself. Labels named in `without`
+    are left out (a Pushgateway adds its grouping labels to every sample)."""
+    job = {k: v for k, v in {"migration": s.migration}.items() if k not in without}
+    run = {k: v for k, v in {**job, "command": s.command}.items() if k not in without}
     parts = [
         _gauge(
             "migrator_items",

@@ -17,6 +17,7 @@ from typing import Any
 from migrator.clock import OFFSET_FACT
 from migrator.ledger import BAD_STATES, Ledger, RunRow
 from migrator.lifetimes import DEATHS_FACT, Deaths
+from migrator.logs import get_logger
 from migrator.model import HOUR, ItemState, LedgerItem, Manifest
 from migrator.naming import hide_credentials, without_credentials
 from migrator.outputs import (
@@ -28,10 +29,12 @@ from migrator.outputs import (
     write_export,
 )
 from migrator.plan import planned_keys
+from migrator.pushgateway import GROUPING_LABELS, PushError, push_metrics
 from migrator.units import iso_utc, number_or_none
 
 EXPIRY_HORIZONS = (6 * HOUR, 12 * HOUR, 24 * HOUR, 72 * HOUR)
 LIFECYCLE_COMMANDS = ("refresh", "download", "verify")
+log = get_logger()
 RUN_FAILURES_SHOWN = 10
 EXPIRED = "expired"  # how status counts a done item past its expiry: not done any more
 
@@ -265,8 +268,10 @@ async def publish_outputs(
     result: CommandResult,
     *,
     metrics_file: Path | None = None,
+    metrics_push: str | None = None,
 ) -> list[Path]:
-    """Rewrite every output the manifest names (and --metrics-file); returns the paths."""
+    """Rewrite every output the manifest names (and --metrics-file), push the metrics to
+    `metrics_push` or outputs.metrics_push (a failed push is a warning); returns the paths."""
     await ledger.flush()
     written: list[Path] = []
     outputs = manifest.outputs
@@ -278,7 +283,18 @@ async def publish_outputs(
         snapshot = await metrics_snapshot(manifest, ledger, result)
         atomic_write_text(path, render_metrics(snapshot))
         written.append(path)
+    gateway = metrics_push or outputs.metrics_push
+    if gateway is not None:
+        await _push(gateway, await metrics_snapshot(manifest, ledger, result))
     return written
+
+
+async def _push(gateway: str, snapshot: MetricsSnapshot) -> None:
+    text = render_metrics(snapshot, without=GROUPING_LABELS)
+    try:
+        await push_metrics(gateway, snapshot.migration, snapshot.command, text)
+    except PushError as err:
+        log.warning("metrics.push_failed", error=str(err))
 
 
 async def metrics_snapshot(
@@ -289,7 +305,7 @@ async def metrics_snapshot(
     now = time.time()
     next_expiry = await ledger.next_expiry(target)
     return MetricsSnapshot(
-        job=manifest.name,
+        migration=manifest.name,
         command=result.command,
         items_by_state={state.value: counts.get(state, (0, 0))[0] for state in ItemState},
         bytes_by_state={state.value: counts.get(state, (0, 0))[1] for state in ItemState},

@@ -499,6 +499,13 @@ CASES: list[tuple[str, str, str, int, str | None]] = [
         8,
         "outputs.metrics",
     ),
+    (
+        "metrics-push-not-a-url",
+        HEAD + ONE_SOURCE + "outputs:\n  metrics_push: pushgateway:9091\n",
+        "not an http(s) URL",
+        8,
+        "outputs.metrics_push",
+    ),
 ]
 
 

@@ -195,7 +195,7 @@ async def test_an_export_streams_into_an_atomic_writer(tmp_path: Path) -> None:
 
 def snapshot(**fields: object) -> MetricsSnapshot:
     values: dict[str, object] = {
-        "job": "nightly",
+        "migration": "nightly",
         "command": "run",
         "items_by_state": {"done": 3, "failed": 1},
         "bytes_by_state": {"done": 3000, "failed": 10},
@@ -221,11 +221,11 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_parse_as_prometheus_text() -> None:
     values = samples(render_metrics(snapshot()))
-    job = (("job", "nightly"),)
-    run = (("command", "run"), ("job", "nightly"))
-    assert values["migrator_items", (("job", "nightly"), ("state", "done"))] == 3
-    assert values["migrator_items", (("job", "nightly"), ("state", "failed"))] == 1
-    assert values["migrator_bytes", (("job", "nightly"), ("state", "done"))] == 3000
+    job = (("migration", "nightly"),)
+    run = (("command", "run"), ("migration", "nightly"))
+    assert values["migrator_items", (("migration", "nightly"), ("state", "done"))] == 3
+    assert values["migrator_items", (("migration", "nightly"), ("state", "failed"))] == 1
+    assert values["migrator_bytes", (("migration", "nightly"), ("state", "done"))] == 3000
     assert values["migrator_last_success_timestamp_seconds", job] == UPLOADED
     assert values["migrator_next_expiry_seconds", job] == 3600.5
     assert values["migrator_failures", job] == 1
@@ -255,5 +255,5 @@ def test_metrics_leave_out_unknown_values() -> None:
 
 def test_metrics_escape_label_values() -> None:
     job = 'back\\slash "quoted"\nnewline'
-    values = samples(render_metrics(snapshot(job=job)))
-    assert values["migrator_failures", (("job", job),)] == 1
+    values = samples(render_metrics(snapshot(migration=job)))
+    assert values["migrator_failures", (("migration", job),)] == 1

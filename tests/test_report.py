@@ -81,7 +81,7 @@ def read_outputs(folder: Path) -> Outputs:
 
 
 def items_in_state(outputs: Outputs, state: str) -> float:
-    return outputs.metrics["migrator_items", (("job", "reported"), ("state", state))]
+    return outputs.metrics["migrator_items", (("migration", "reported"), ("state", state))]
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ async def test_a_refresh_rewrites_the_outputs_with_the_new_links(
     outputs = read_outputs(job)
     assert_one_record_per_item(outputs, links)
     command = outputs.metrics[
-        "migrator_last_run_exit_code", (("command", "refresh"), ("job", "reported"))
+        "migrator_last_run_exit_code", (("command", "refresh"), ("migration", "reported"))
     ]
     assert command == 0
 
