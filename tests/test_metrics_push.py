@@ -75,6 +75,11 @@ def manifest(job: Path, emulator: Emulator) -> Path:
     return write_manifest(job, emulator.base_url, [{"glob": "./*.txt"}], name="nightly")
 
 
+def add_outputs(manifest: Path, outputs: dict[str, str]) -> None:
+    document = yaml.safe_load(manifest.read_text())
+    manifest.write_text(yaml.safe_dump({**document, "outputs": outputs}))
+
+
 async def test_the_metrics_file_labels_the_migration_not_the_job(
     manifest: Path, api_key: str, tmp_path: Path
 ) -> None:
@@ -114,8 +119,7 @@ async def test_a_run_pushes_its_metrics_into_its_own_group(
 async def test_outputs_metrics_push_pushes_every_command_into_its_own_group(
     manifest: Path, gateway: Gateway, api_key: str
 ) -> None:
-    document = yaml.safe_load(manifest.read_text())
-    manifest.write_text(yaml.safe_dump({**document, "outputs": {"metrics_push": gateway.url}}))
+    add_outputs(manifest, {"metrics_push": gateway.url})
 
     ran = await run_cli("run", str(manifest), "--no-progress", key=api_key, env=DIRECT)
     refreshed = await run_cli("refresh", str(manifest), "--no-progress", key=api_key, env=DIRECT)
