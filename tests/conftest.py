@@ -2,7 +2,8 @@
 
 Fixtures: `api_key`, `emulator`, `emulator_process`, `origin`, `job`.
 Helpers: `write_file`, `files_below`, `write_manifest`, `load`, `ledger_states`, `ledger_rows`,
-`closed_port`, `run_cli` (and its `Finished`), `start_cli`, `web_server`.
+`closed_port`, `run_cli` (and its `Finished`), `start_cli`, `web_server`, `gateway` (a
+Pushgateway) and `samples_of`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from migrator.emulator import Emulator
 from migrator.ledger import Ledger
@@ -330,3 +332,51 @@ async def run_cli(
         raise
     assert process.returncode is not None
     return Finished(process.returncode, (out or b"").decode(), err.decode())
+
+
+# -- a Prometheus Pushgateway on loopback ----------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples_of(text: str) -> Samples:
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+@dataclass
+class Gateway:
+    """What a Pushgateway was sent: the groups (from the URL path) and their bodies."""
+
+    url: str = ""
+    pushes: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    refuse: bool = False
+
+    def group(self, **labels: str) -> Samples:
+        bodies = [text for _, text, group in self.pushes if group == labels]
+        assert len(bodies) == 1, self.pushes
+        return samples_of(bodies[0])
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    gateway = Gateway()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        parts = request.path.strip("/").split("/")
+        if request.method not in ("PUT", "POST") or parts[:2] != ["metrics", "job"]:
+            return web.Response(status=405 if parts[:1] == ["metrics"] else 404)
+        group = dict(zip(parts[1::2], parts[2::2], strict=True))
+        text = await request.text()
+        if gateway.refuse:
+            return web.Response(status=400, text="pushed metrics are invalid or inconsistent")
+        samples_of(text)  # a body the real gateway could not parse fails the test
+        gateway.pushes.append((request.method, text, group))
+        return web.Response(status=200)
+
+    async with web_server(handle) as url:
+        gateway.url = url
+        yield gateway

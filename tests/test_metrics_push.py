@@ -7,65 +7,16 @@ parse); what arrived is parsed with prometheus_client's own text parser.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
-from aiohttp import web
-from conftest import closed_port, run_cli, web_server, write_file, write_manifest
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import Gateway, closed_port, run_cli, samples_of, write_file, write_manifest
 
 from migrator.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(60)
 DIRECT = {"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def samples_of(text: str) -> Samples:
-    found: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
-    return found
-
-
-@dataclass
-class Gateway:
-    """What a Pushgateway was sent: the groups (from the URL path) and their bodies."""
-
-    url: str = ""
-    pushes: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
-    refuse: bool = False
-
-    def group(self, **labels: str) -> Samples:
-        bodies = [text for _, text, group in self.pushes if group == labels]
-        assert len(bodies) == 1, self.pushes
-        return samples_of(bodies[0])
-
-
-@pytest.fixture
-async def gateway() -> AsyncIterator[Gateway]:
-    gateway = Gateway()
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        parts = request.path.strip("/").split("/")
-        if request.method not in ("PUT", "POST") or parts[:2] != ["metrics", "job"]:
-            return web.Response(status=405 if parts[:1] == ["metrics"] else 404)
-        group = dict(zip(parts[1::2], parts[2::2], strict=True))
-        text = await request.text()
-        if gateway.refuse:
-            return web.Response(status=400, text="pushed metrics are invalid or inconsistent")
-        samples_of(text)  # a body the real gateway could not parse fails the test
-        gateway.pushes.append((request.method, text, group))
-        return web.Response(status=200)
-
-    async with web_server(handle) as url:
-        gateway.url = url
-        yield gateway
 
 
 @pytest.fixture
