@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download_command(commands)
     _add_verify_command(commands)
     _add_emulator_command(commands)
+    _add_init_command(commands)
     return parser
 
 
@@ -628,6 +629,29 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _within(args: argparse.Namespace) -> float | None:
     return _converted("--within", parse_duration, args.within)
+
+
+# -- init ----------------------------------------------------------------------------------
+
+
+def _add_init_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser(
+        "init",
+        help="write a commented starter manifest (never over an existing file)",
+        description="Write a commented starter manifest to PATH (default job.yaml; a folder "
+        "gets job.yaml inside). The job is named after the file. An existing file is "
+        "never replaced (exit 2).",
+    )
+    sub.add_argument("path", nargs="?", type=Path, default=Path("job.yaml"), metavar="PATH")
+    sub.set_defaults(handler=_cmd_init)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from migrator.starter import write_starter
+
+    written = write_starter(args.path)
+    print(f"wrote {written}: edit its target and sources, then: migrator plan {written}")
+    return int(ExitCode.OK)
 
 
 # -- emulator ------------------------------------------------------------------------------

@@ -69,6 +69,13 @@ MAX_PATH_BYTES = 4096  # PATH_MAX: no longer path, pattern or exclude can name a
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_job_name(text: str) -> bool:
+    """Whether `text` may be a manifest's `name` (pure)."""
+    return _NAME_RE.fullmatch(text) is not None
+
+
 _TOP_KEYS = ("version", "name", "target", "ledger", "outputs", "settings", "sources")
 _TARGET_KEYS = ("base_url", "api_key_env", "api_key_file", "upload_path")
 _OUTPUT_FILE_KEYS = ("jsonl", "csv", "json", "metrics")
