@@ -1,8 +1,8 @@
 """`migrator init`: a commented starter manifest, written where asked, never over a file.
 
-The starter is `starter.yaml` among the sample manifests the package ships
-(`migrator/samples`, the repository's `sample_manifests/`), with the job named after
-the file it is written to.
+The starter is `migrator/starter.yaml`, with the job named after the file it is
+written to. The package also ships the sample manifests (`samples()`: the repository's
+`sample_manifests/`, linked as `migrator/samples`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def samples() -> Traversable:
 
 def starter_text(name: str) -> str:
     """The starter manifest for a job called `name` (a valid job name)."""
-    return (samples() / STARTER).read_text(encoding="utf-8").replace(PLACEHOLDER_NAME, name)
+    text = (files("migrator") / STARTER).read_text(encoding="utf-8")
+    return text.replace(PLACEHOLDER_NAME, name)
 
 
 def job_name_for(path: Path) -> str:

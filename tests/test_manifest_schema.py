@@ -19,7 +19,10 @@ from migrator.errors import ManifestError
 from migrator.manifest import MANIFEST_KEYS, load_manifest
 
 SCHEMA_PATH = REPO_ROOT / "migrator" / "manifest.schema.json"
-SAMPLES = sorted((REPO_ROOT / "sample_manifests").glob("*.yaml"))
+SAMPLES = [
+    *sorted((REPO_ROOT / "sample_manifests").glob("*.yaml")),
+    REPO_ROOT / "migrator" / "starter.yaml",
+]
 Document = dict[str, Any]
 
 
@@ -31,7 +34,7 @@ def validator() -> jsonschema.Draft202012Validator:
 
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=[path.name for path in SAMPLES])
-def test_every_sample_manifest_is_valid_under_the_schema(
+def test_every_sample_manifest_and_the_starter_are_valid_under_the_schema(
     validator: jsonschema.Draft202012Validator, sample: Path
 ) -> None:
     validator.validate(yaml.safe_load(sample.read_text()))
