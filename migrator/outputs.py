@@ -283,10 +283,13 @@ def render_metrics(s: MetricsSnapshot, *, without: frozenset[str] = frozenset())
     """The snapshot in the Prometheus text format; None gauges are left out.
 
     The job's name is the `migration` label: a scraped `job` label would be renamed
-    `exported_job`, and a Pushgateway sets `job` itself. Labels named in `without`
-    are left out (a Pushgateway adds its grouping labels to every sample)."""
-    job = {k: v for k, v in {"migration": s.migration}.items() if k not in without}
-    run = {k: v for k, v in {**job, "command": s.command}.items() if k not in without}
+    `exported_job`, and a Pushgateway sets `job` itself. Every sample also carries
+    the `command` that wrote it: the files of run and refresh in one textfile folder
+    must not hold the same series (the node exporter fails on it), and a Pushgateway
+    groups them apart. Labels named in `without` are left out (a Pushgateway adds its
+    grouping labels to every sample)."""
+    labels = {"migration": s.migration, "command": s.command}
+    job = {k: v for k, v in labels.items() if k not in without}
     parts = [
         _gauge(
             "migrator_items",
@@ -322,17 +325,17 @@ def render_metrics(s: MetricsSnapshot, *, without: frozenset[str] = frozenset())
         _gauge(
             "migrator_last_run_duration_seconds",
             "How long the last run took.",
-            [(run, s.duration_seconds)],
+            [(job, s.duration_seconds)],
         ),
         _gauge(
             "migrator_last_run_timestamp_seconds",
             "When the last run finished (POSIX seconds).",
-            [(run, s.finished_at)],
+            [(job, s.finished_at)],
         ),
         _gauge(
             "migrator_last_run_exit_code",
             "Exit status of the last run.",
-            [(run, s.exit_code)],
+            [(job, s.exit_code)],
         ),
     ]
     return "".join(parts)

@@ -42,7 +42,10 @@ async def test_the_metrics_file_labels_the_migration_not_the_job(
 
     assert ran.code == 0, ran.stderr
     values = samples_of(prom.read_text())
-    assert values["migrator_items", (("migration", "nightly"), ("state", "done"))] == 2
+    assert (
+        values["migrator_items", (("command", "run"), ("migration", "nightly"), ("state", "done"))]
+        == 2
+    )
     assert not any("job" in dict(labels) for _, labels in values)
 
 

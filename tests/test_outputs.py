@@ -221,17 +221,23 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_parse_as_prometheus_text() -> None:
     values = samples(render_metrics(snapshot()))
-    job = (("migration", "nightly"),)
-    run = (("command", "run"), ("migration", "nightly"))
-    assert values["migrator_items", (("migration", "nightly"), ("state", "done"))] == 3
-    assert values["migrator_items", (("migration", "nightly"), ("state", "failed"))] == 1
-    assert values["migrator_bytes", (("migration", "nightly"), ("state", "done"))] == 3000
+    job = run = (("command", "run"), ("migration", "nightly"))
+    assert values["migrator_items", (*job, ("state", "done"))] == 3
+    assert values["migrator_items", (*job, ("state", "failed"))] == 1
+    assert values["migrator_bytes", (*job, ("state", "done"))] == 3000
     assert values["migrator_last_success_timestamp_seconds", job] == UPLOADED
     assert values["migrator_next_expiry_seconds", job] == 3600.5
     assert values["migrator_failures", job] == 1
     assert values["migrator_last_run_duration_seconds", run] == 12.25
     assert values["migrator_last_run_timestamp_seconds", run] == UPLOADED + 12.25
     assert values["migrator_last_run_exit_code", run] == 1
+
+
+def test_the_metrics_of_two_commands_share_no_series() -> None:
+    """The node exporter fails on a series found in two files of its textfile folder."""
+    run = samples(render_metrics(snapshot(command="run")))
+    refresh = samples(render_metrics(snapshot(command="refresh")))
+    assert run.keys().isdisjoint(refresh.keys())
 
 
 def test_metrics_have_help_and_type_lines() -> None:
@@ -256,4 +262,4 @@ def test_metrics_leave_out_unknown_values() -> None:
 def test_metrics_escape_label_values() -> None:
     job = 'back\\slash "quoted"\nnewline'
     values = samples(render_metrics(snapshot(migration=job)))
-    assert values["migrator_failures", (("migration", job),)] == 1
+    assert values["migrator_failures", (("command", "run"), ("migration", job))] == 1
