@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -42,6 +43,7 @@ from migrator.progress import BarProgress, LineProgress, StopNotice
 from migrator.refresh import RefreshOptions, refresh
 from migrator.report import build_status, export_to
 from migrator.runner import RunOptions, preview, run_manifest
+from migrator.shard import SHARD_ENV, Shard, chosen_shard, for_shard
 from migrator.units import parse_bandwidth, parse_duration, parse_rate, parse_size
 from migrator.verify import Sample, VerifyOptions, verify
 from migrator.views import (
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refresh_command(commands)
     _add_download_command(commands)
     _add_verify_command(commands)
+    _add_ledger_command(commands)
     _add_emulator_command(commands)
     _add_init_command(commands)
     return parser
@@ -162,14 +165,38 @@ def _os_error_line(err: OSError) -> str:
 # -- shared pieces -------------------------------------------------------------------------
 
 
+LEDGER_HELP = (
+    "ledger file (default: $MIGRATOR_LEDGER_DIR/NAME.sqlite, else the manifest's "
+    "`ledger:`, else .migrator/NAME.sqlite beside the manifest)"
+)
+
+
 def _add_manifest_args(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("manifest", type=Path, help="the job's YAML manifest")
+    sub.add_argument("--ledger", type=Path, default=None, help=LEDGER_HELP)
+
+
+def _add_reading_args(sub: argparse.ArgumentParser) -> None:
+    """status and export: the manifest, and one or several ledgers to read."""
     sub.add_argument("manifest", type=Path, help="the job's YAML manifest")
     sub.add_argument(
         "--ledger",
         type=Path,
+        action="append",
+        dest="ledgers",
         default=None,
-        help="ledger file (default: $MIGRATOR_LEDGER_DIR/NAME.sqlite, else the manifest's "
-        "`ledger:`, else .migrator/NAME.sqlite beside the manifest)",
+        help=f"{LEDGER_HELP}; repeat it to read the union of several, such as the "
+        "ledgers of --shard runs",
+    )
+
+
+def _add_shard_arg(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help=f"handle only shard K of N (K from 0, like JOB_COMPLETION_INDEX), with its own "
+        f"ledger NAME.shard-K-of-N.sqlite (default: ${SHARD_ENV}, else the whole job)",
     )
 
 
@@ -216,7 +243,22 @@ def _add_logging_args(sub: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, *, check_sources: bool = True) -> Manifest:
-    return load_manifest(args.manifest, ledger_override=args.ledger, check_sources=check_sources)
+    """The manifest as this process's shard sees it (the whole job without --shard)."""
+    shard = _shard(args)  # a bad --shard is told before anything is read
+    ledgers = getattr(args, "ledgers", None)
+    override = ledgers[0] if ledgers else getattr(args, "ledger", None)
+    manifest = load_manifest(args.manifest, ledger_override=override, check_sources=check_sources)
+    return for_shard(manifest, shard)
+
+
+def _shard(args: argparse.Namespace) -> Shard | None:
+    """--shard, else $MIGRATOR_SHARD, for the commands that take one."""
+    if "shard" not in vars(args):
+        return None
+    try:
+        return chosen_shard(args.shard, os.environ)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _load_for_ledger_work(args: argparse.Namespace) -> Manifest:
@@ -412,6 +454,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     sub.add_argument(
         "--checksum", action="store_true", help="compare sha256 of local files, not size and mtime"
     )
+    _add_shard_arg(sub)
     _add_command_args(sub)
     sub.set_defaults(handler=_cmd_run)
 
@@ -431,6 +474,7 @@ def _add_plan_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     _add_manifest_args(sub)
     sub.add_argument("--format", choices=("table", "json"), default="table")
     sub.add_argument("--checksum", action="store_true", help="as `run --checksum` would decide")
+    _add_shard_arg(sub)
     sub.set_defaults(handler=_cmd_plan)
 
 
@@ -467,7 +511,7 @@ def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
             "not started, and how many are no longer in the manifest."
         ),
     )
-    _add_manifest_args(sub)
+    _add_reading_args(sub)
     sub.add_argument("--format", choices=("table", "json"), default="table")
     sub.add_argument(
         "--ledger-only",
@@ -479,7 +523,13 @@ def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 def _cmd_status(args: argparse.Namespace) -> int:
     manifest = _load_for_ledger_work(args)
-    report = asyncio.run(build_status(manifest, compare_manifest=not args.ledger_only))
+    report = asyncio.run(
+        build_status(
+            manifest,
+            compare_manifest=not args.ledger_only,
+            ledgers=_ledgers_read(args, manifest),
+        )
+    )
     if args.format == "json":
         _print_json(report.as_dict())
     else:
@@ -489,7 +539,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _add_export_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sub = commands.add_parser("export", help="the mapping of every item to its download URL")
-    _add_manifest_args(sub)
+    _add_reading_args(sub)
     sub.add_argument(
         "--format",
         choices=EXPORT_FORMATS,
@@ -508,15 +558,25 @@ def _add_export_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 def _cmd_export(args: argparse.Namespace) -> int:
     fmt = export_format(args.format, args.output)
     manifest = _load_for_ledger_work(args)
-    _refuse_ledger_paths(manifest, {"--output": args.output})
+    ledgers = _ledgers_read(args, manifest)
+    for ledger in ledgers:
+        _refuse_ledger_paths(replace(manifest, ledger=ledger), {"--output": args.output})
     if args.output is not None:
         check_output_folder(args.output)
-    asyncio.run(_export(manifest, fmt, args.output))
+    asyncio.run(_export(manifest, ledgers, fmt, args.output))
     return int(ExitCode.OK)
 
 
-async def _export(manifest: Manifest, fmt: str, output: Path | None) -> None:
-    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
+def _ledgers_read(args: argparse.Namespace, manifest: Manifest) -> list[Path]:
+    """status, export: the manifest's ledger (the first --ledger), then the other --ledgers."""
+    others = (args.ledgers or [])[1:]
+    return [manifest.ledger, *(path.expanduser().absolute() for path in others)]
+
+
+async def _export(manifest: Manifest, ledgers: list[Path], fmt: str, output: Path | None) -> None:
+    from migrator.ledger_merge import union_of
+
+    async with union_of(ledgers) as path, await Ledger.open(path, readonly=True) as ledger:
         if output is not None:
             await export_to(manifest, ledger, fmt, output, make_parents=False)
         else:
@@ -568,6 +628,7 @@ def _add_refresh_command(commands: argparse._SubParsersAction[argparse.ArgumentP
     sub.add_argument(
         "--within", default=None, help="refresh what expires within this (default: refresh_within)"
     )
+    _add_shard_arg(sub)
     _add_command_args(sub)
     sub.set_defaults(handler=_cmd_refresh)
 
@@ -587,6 +648,7 @@ def _add_download_command(commands: argparse._SubParsersAction[argparse.Argument
     sub.add_argument("--dest", type=Path, required=True, help="folder to download into")
     sub.add_argument("--within", default=None, help="only items that expire within this")
     sub.add_argument("--only-remote", action="store_true", help="only items whose source is a URL")
+    _add_shard_arg(sub)
     _add_command_args(sub)
     sub.set_defaults(handler=_cmd_download)
 
@@ -610,6 +672,7 @@ def _add_verify_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--sample", default=None, help="probe a random sample: a count (500) or a share (5%%)"
     )
     sub.add_argument("--format", choices=("table", "json"), default="table")
+    _add_shard_arg(sub)
     _add_command_args(sub)
     sub.set_defaults(handler=_cmd_verify)
 
@@ -651,6 +714,35 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     written = write_starter(args.path)
     print(f"wrote {written}: edit its target and sources, then: migrator plan {written}")
+    return int(ExitCode.OK)
+
+
+# -- ledger ------------------------------------------------------------------------------------
+
+
+def _add_ledger_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser("ledger", help="work on ledger files: merge the ledgers of shards")
+    actions = sub.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    merge = actions.add_parser(
+        "merge",
+        help="fold ledgers (such as those of --shard runs) into one",
+        description="Write the union of the IN ledgers to OUT (atomically; OUT must be absent "
+        "or a migrator ledger, and is replaced: name it among the INs to fold into it). An "
+        "item in several ledgers keeps the row with its newest attempt; every attempt and "
+        "run is kept, once.",
+    )
+    merge.add_argument("out", type=Path, metavar="OUT", help="the merged ledger to write")
+    merge.add_argument("inputs", type=Path, nargs="+", metavar="IN", help="ledgers to merge")
+    merge.set_defaults(handler=_cmd_ledger_merge)
+
+
+def _cmd_ledger_merge(args: argparse.Namespace) -> int:
+    from migrator.ledger_merge import merge_ledgers
+
+    out = args.out.expanduser().absolute()
+    inputs = [path.expanduser().absolute() for path in args.inputs]
+    counts = asyncio.run(merge_ledgers(out, inputs))
+    print(counts.line(out))
     return int(ExitCode.OK)
 
 

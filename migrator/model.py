@@ -12,6 +12,8 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
+from migrator.shard import Shard
+
 KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
@@ -174,10 +176,15 @@ class Manifest:
     sources: tuple[Source, ...]
     outputs: Outputs = field(default_factory=Outputs)
     version: int = 1
+    shard: Shard | None = None  # --shard K/N: this process's share of the items
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    def holds(self, upload_path: str, file_name: str) -> bool:
+        """Whether the item landing at upload_path/file_name is this process's to handle."""
+        return self.shard is None or self.shard.holds(upload_path, file_name)
 
 
 # -- the plan -------------------------------------------------------------------------------

@@ -249,6 +249,7 @@ class MetricsSnapshot:
     duration_seconds: float
     finished_at: float
     exit_code: int
+    shard: str | None = None  # `2/4` under --shard: each shard's file has its own series
 
 
 def escape_label_value(value: str) -> str:
@@ -287,8 +288,11 @@ def render_metrics(s: MetricsSnapshot, *, without: frozenset[str] = frozenset())
     the `command` that wrote it: the files of run and refresh in one textfile folder
     must not hold the same series (the node exporter fails on it), and a Pushgateway
     groups them apart. Labels named in `without` are left out (a Pushgateway adds its
-    grouping labels to every sample)."""
+    grouping labels to every sample). Under --shard every sample carries its `shard`
+    too: the shards' files hold the same series otherwise."""
     labels = {"migration": s.migration, "command": s.command}
+    if s.shard is not None:
+        labels["shard"] = s.shard
     job = {k: v for k, v in labels.items() if k not in without}
     parts = [
         _gauge(

@@ -484,7 +484,8 @@ def check_plan(manifest: Manifest) -> PlanCheck:
     URL of every list (located in the list file), and collisions: two files landing
     on the same uploadPath + fileName (or on names equal in Unicode NFC), named both.
     Raises ManifestError. What a glob matched but did not take is logged as a
-    warning (`plan.skipped`) and counted in the result's `skipped`.
+    warning (`plan.skipped`) and counted in the result's `skipped`. With a shard, the
+    whole job is checked (every shard refuses the same plan) and the shard's items counted.
     """
     problems = _Problems(str(manifest.path))
     tally = _Tally()
@@ -502,7 +503,8 @@ def check_plan(manifest: Manifest) -> PlanCheck:
                 repeats.append(entry)
         else:
             seen.add(digest)
-        tally.count(entry)
+        if manifest.holds(entry.upload_path, entry.file_name):
+            tally.count(entry)
     for later, first in _first_holders(manifest, repeats):
         message = f"{later.shown} lands on {later.key!r}, as does {first.describe()}"
         _report_entry(expansion, later, message)
@@ -552,11 +554,13 @@ def _first_holders(manifest: Manifest, repeats: list[_Entry]) -> Iterator[tuple[
 
 
 def planned_keys(manifest: Manifest) -> Iterator[tuple[str, str]]:
-    """Every (upload_path, file_name) the manifest's sources name today, offline: no origin
-    is asked anything (a name never depends on a size). A source that cannot be read
-    names nothing, silently; nothing is checked (`check_plan` does that)."""
+    """Every (upload_path, file_name) the manifest's sources name today (its shard's, under
+    --shard), offline: no origin is asked anything (a name never depends on a size). A
+    source that cannot be read names nothing, silently; nothing is checked (`check_plan`
+    does that)."""
     for entry in _Expansion(manifest).entries():
-        yield entry.upload_path, entry.file_name
+        if manifest.holds(entry.upload_path, entry.file_name):
+            yield entry.upload_path, entry.file_name
 
 
 # -- expand ---------------------------------------------------------------------------------
@@ -597,12 +601,14 @@ async def expand(
 
 
 async def _entries_off_the_loop(manifest: Manifest, chunk: int = 512) -> AsyncIterator[_Entry]:
-    """The expansion's entries, walked and stat'ed in a thread a chunk at a time, so a
-    folder of a million files does not stall the uploads sharing the event loop."""
+    """The expansion's entries of this process's shard, walked and stat'ed in a thread
+    a chunk at a time, so a folder of a million files does not stall the uploads sharing
+    the event loop. Other shards' URLs are never probed."""
     entries = _Expansion(manifest).entries()
     while batch := await asyncio.to_thread(lambda: list(itertools.islice(entries, chunk))):
         for entry in batch:
-            yield entry
+            if manifest.holds(entry.upload_path, entry.file_name):
+                yield entry
 
 
 async def _remote_items(

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from migrator.clock import OFFSET_FACT
 from migrator.ledger import BAD_STATES, Ledger, RunRow
+from migrator.ledger_merge import union_of
 from migrator.lifetimes import DEATHS_FACT, Deaths
 from migrator.logs import get_logger
 from migrator.model import HOUR, ItemState, LedgerItem, Manifest
@@ -95,6 +97,7 @@ class StatusReport:
     first_expired: float | None = None  # the earliest expiry of those, when any
     coverage: JobCoverage | None = None  # None: the manifest was not compared
     run_failures: dict[int, tuple[RunFailure, ...]] = field(default_factory=dict)  # run id ->
+    ledgers: tuple[Path, ...] = ()  # all the ledgers read, when several (their union)
 
     @property
     def total(self) -> int:
@@ -115,6 +118,7 @@ class StatusReport:
         return {
             "job": self.job,
             "ledger": str(self.ledger),
+            "ledgers": [str(path) for path in self.ledgers or (self.ledger,)],
             "target": self.target,
             "items": self.total,
             "by_state": {
@@ -151,14 +155,23 @@ def _run_dict(run: RunRow) -> dict[str, Any]:
 
 
 async def build_status(
-    manifest: Manifest, *, now: float | None = None, compare_manifest: bool = True
+    manifest: Manifest,
+    *,
+    now: float | None = None,
+    compare_manifest: bool = True,
+    ledgers: Sequence[Path] = (),
 ) -> StatusReport:
-    """Read the manifest's ledger (never writing it) and sum it up. Expiry is told on
-    the service's clock, as the ledger last measured it. `compare_manifest`: also
-    expand the manifest's sources (offline: no origin or service is asked anything)
-    to count the items not started and those no longer in the manifest."""
+    """Read the manifest's ledger (never writing it) and sum it up; with several
+    `ledgers`, their union (as `ledger merge` would make it). Expiry is told on the
+    service's clock, as the ledger last measured it. `compare_manifest`: also expand
+    the manifest's sources (offline: no origin or service is asked anything) to count
+    the items not started and those no longer in the manifest."""
     target = manifest.target.base_url
-    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
+    read = tuple(ledgers) if len(ledgers) > 1 else ()
+    async with (
+        union_of(read or (manifest.ledger,)) as path,
+        await Ledger.open(path, readonly=True) as ledger,
+    ):
         offset = number_or_none(await ledger.fact(OFFSET_FACT))
         moment = (time.time() + (offset or 0.0)) if now is None else now
         expired = await ledger.count_items(target, states=[ItemState.DONE], expiring_before=moment)
@@ -190,6 +203,7 @@ async def build_status(
             first_expired=await ledger.next_expiry(target) if expired[0] else None,
             coverage=await job_coverage(manifest, ledger) if compare_manifest else None,
             run_failures={run.id: await run_failures(ledger, run) for run in lifecycle},
+            ledgers=read,
         )
 
 
@@ -315,4 +329,5 @@ async def metrics_snapshot(
         duration_seconds=now - result.started_at,
         finished_at=now,
         exit_code=result.exit_code,
+        shard=None if manifest.shard is None else str(manifest.shard),
     )

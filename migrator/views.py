@@ -54,7 +54,8 @@ def expiry_bars(report: StatusReport, width: int = BAR_WIDTH) -> list[str]:
 
 
 def print_status(console: Console, report: StatusReport) -> None:
-    console.print(f"[bold]{report.job}[/bold]  ledger {report.ledger}  target {report.target}")
+    ledgers = " + ".join(str(path) for path in report.ledgers or (report.ledger,))
+    console.print(f"[bold]{report.job}[/bold]  ledger {ledgers}  target {report.target}")
     table = Table(show_edge=False)
     table.add_column("state")
     table.add_column("items", justify="right")
