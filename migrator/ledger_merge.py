@@ -71,6 +71,7 @@ async def merge_ledgers(out: Path, inputs: Sequence[Path]) -> MergeCounts:
     `out` among the inputs to fold the others into it. Raises LedgerError."""
     out = Path(out)
     await _check_out(out)
+    await _check_inputs(inputs)
     with contextlib.ExitStack() as locks:
         locks.enter_context(locked(out))
         for path in inputs:
@@ -89,6 +90,7 @@ async def union_of(ledgers: Sequence[Path]) -> AsyncIterator[Path]:
     if len(ledgers) == 1:
         yield ledgers[0]
         return
+    await _check_inputs(ledgers)
     with tempfile.TemporaryDirectory(prefix="migrator-union-") as folder:
         path = Path(folder) / "union.sqlite"
         await _build(path, ledgers)
@@ -113,13 +115,14 @@ async def _check_out(out: Path) -> None:
         raise LedgerError(refusal) from None
 
 
-async def _check_input(path: Path) -> None:
-    """An input must be an existing ledger of this schema (Ledger.open says why not)."""
-    state = _file_state(path)
-    if state != "file":
-        raise LedgerError(f"ledger {path} {'does not exist' if state == 'absent' else state}")
-    async with await Ledger.open(path, readonly=True):
-        pass
+async def _check_inputs(paths: Sequence[Path]) -> None:
+    """Each input must be an existing ledger of this schema (Ledger.open says why not)."""
+    for path in paths:
+        state = _file_state(path)
+        if state != "file":
+            raise LedgerError(f"ledger {path} {'does not exist' if state == 'absent' else state}")
+        async with await Ledger.open(path, readonly=True):
+            pass
 
 
 def _file_state(path: Path) -> str:
@@ -142,8 +145,6 @@ def _same_file(a: Path, b: Path) -> bool:
 
 async def _build(path: Path, inputs: Sequence[Path]) -> MergeCounts:
     """A new ledger at `path` (absent or empty) holding the union of `inputs`."""
-    for source in inputs:
-        await _check_input(source)
     async with await Ledger.open(path):  # the schema, made as any ledger's is
         pass
     return await asyncio.to_thread(_fold_all, path, list(inputs))
