@@ -74,9 +74,11 @@ async def merge_ledgers(out: Path, inputs: Sequence[Path]) -> MergeCounts:
     await _check_inputs(inputs)
     with contextlib.ExitStack() as locks:
         locks.enter_context(locked(out))
+        held = [out]
         for path in inputs:
-            if not _same_file(path, out) and os.access(path.parent, os.W_OK):
+            if not any(_same_file(path, other) for other in held) and _lockable(path):
                 locks.enter_context(locked(path))
+                held.append(path)
         with _scratch_beside(out) as scratch:
             counts = await _build(scratch, inputs)
             _replace(out, scratch)
@@ -132,6 +134,11 @@ def _file_state(path: Path) -> str:
     if not path.is_file():
         return "is not a file"
     return "is empty" if path.stat().st_size == 0 else "file"
+
+
+def _lockable(path: Path) -> bool:
+    """A ledger on a read-only mount cannot take a lock file, nor be written by a run."""
+    return os.access(path.parent, os.W_OK)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -205,15 +212,24 @@ def _merge_runs(conn: sqlite3.Connection, inputs: list[Path]) -> dict[RunKey, in
             for row in rows:
                 found.setdefault(_run_key(row), row)
     ordered = sorted(found.values(), key=lambda row: row[2] or 0.0)
-    placeholders = ", ".join("?" for _ in _RUN_COLUMNS)
-    sql = f"INSERT INTO runs ({', '.join(_RUN_COLUMNS)}) VALUES ({placeholders})"
     ids: dict[RunKey, int] = {}
     with _transaction(conn):
         for row in ordered:
-            cursor = conn.execute(sql, row)
-            assert cursor.lastrowid is not None
-            ids[_run_key(row)] = cursor.lastrowid
+            _run_id(conn, ids, row)
     return ids
+
+
+def _run_id(conn: sqlite3.Connection, ids: dict[RunKey, int], row: Sequence[Any]) -> int:
+    """The merged id of the run `row` describes, inserted when new (a union of live
+    ledgers may meet a run that started after the runs were gathered)."""
+    key = _run_key(row)
+    if key not in ids:
+        placeholders = ", ".join("?" for _ in _RUN_COLUMNS)
+        sql = f"INSERT INTO main.runs ({', '.join(_RUN_COLUMNS)}) VALUES ({placeholders})"
+        cursor = conn.execute(sql, tuple(row))
+        assert cursor.lastrowid is not None
+        ids[key] = cursor.lastrowid
+    return ids[key]
 
 
 def _run_key(row: Sequence[Any]) -> RunKey:
@@ -224,15 +240,16 @@ def _fold(conn: sqlite3.Connection, runs: dict[RunKey, int]) -> int:
     """Fold the attached `src` into main; returns how many items `src` holds."""
     columns = _item_columns(conn)
     run_query = f"SELECT id, {', '.join(_RUN_COLUMNS)} FROM src.runs"
-    mapping = [(row[0], runs[_run_key(row[1:])]) for row in conn.execute(run_query)]
-    with _transaction(conn):
+    with _transaction(conn):  # one snapshot of src, even of a ledger a run is writing
+        rows = conn.execute(run_query).fetchall()
+        mapping = [(row[0], _run_id(conn, runs, row[1:])) for row in rows]
         conn.execute("DELETE FROM temp.run_map")
         conn.executemany("INSERT INTO temp.run_map (src_id, id) VALUES (?, ?)", mapping)
         conn.execute(_update_winners(columns))
         conn.execute(_insert_new_items(columns))
         conn.execute(_INSERT_ATTEMPTS)
         conn.execute(_MERGE_FACTS)
-    (count,) = conn.execute("SELECT COUNT(*) FROM src.items").fetchone()
+        (count,) = conn.execute("SELECT COUNT(*) FROM src.items").fetchone()
     return int(count)
 
 

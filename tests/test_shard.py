@@ -314,14 +314,25 @@ async def test_merge_refuses_a_ledger_a_run_still_holds(tmp_path: Path) -> None:
     assert not out.exists()
 
 
-async def test_status_of_several_ledgers_counts_their_union(job: Path, tmp_path: Path) -> None:
+async def test_merge_takes_a_ledger_named_twice_once(tmp_path: Path) -> None:
+    a, out = tmp_path / "a.sqlite", tmp_path / "out.sqlite"
+    await ledger_with(a, [("a.bin", "https://l/a", 1.0)])
+    finished = await merge(out, a, a)
+    assert finished.code == 0, finished.stderr
+    assert "1 items, 1 attempts, 1 runs" in finished.stdout
+
+
+async def test_status_of_several_ledgers_counts_their_union_while_a_shard_runs(
+    job: Path, tmp_path: Path
+) -> None:
     manifest = write_manifest(job, TARGET, [{"path": "./a.txt"}])
     a, b = tmp_path / "a.sqlite", tmp_path / "b.sqlite"
     await ledger_with(a, [("a.bin", "https://l/a", 1.0), ("c.bin", "https://l/c", 1.0)])
     await ledger_with(b, [("b.bin", "https://l/b", 2.0)])
-    finished = await run_cli(
-        "status", str(manifest), "--ledger", str(a), "--ledger", str(b), "--format", "json"
-    )
+    with RunLock(a):
+        finished = await run_cli(
+            "status", str(manifest), "--ledger", str(a), "--ledger", str(b), "--format", "json"
+        )
     assert finished.code == 0, finished.stderr
     report = json.loads(finished.stdout)
     assert report["items"] == 3
