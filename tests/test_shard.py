@@ -17,6 +17,7 @@ from conftest import (
     Finished,
     Origin,
     closed_port,
+    files_below,
     run_cli,
     write_file,
     write_manifest,
@@ -141,6 +142,26 @@ async def planned_names(manifest: Path, shard: str) -> set[str]:
     finished = await run_cli("plan", str(manifest), "--format", "json", "--shard", shard)
     assert finished.code == 0, finished.stderr
     return {item["file_name"] for item in json.loads(finished.stdout)["items"]}
+
+
+async def test_a_shard_downloads_from_its_own_ledger_only_its_own_items(
+    job: Path, tmp_path: Path, emulator: Emulator, api_key: str
+) -> None:
+    files = {f"{n}.txt": write_file(job / "data" / f"{n}.txt", 50, seed=n) for n in range(12)}
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./data/*.txt"}])
+    for k in range(2):
+        uploaded = await run_cli(
+            "run", str(manifest), "--no-progress", key=api_key, env={SHARD_ENV: f"{k}/2"}
+        )
+        assert uploaded.code == 0, uploaded.stderr
+    dest = tmp_path / "dest"
+    finished = await run_cli(
+        "download", str(manifest), "--no-progress", "--shard", "1/2", "--dest", str(dest)
+    )
+    assert finished.code == 0, finished.stderr
+    mine = {name: data for name, data in files.items() if Shard(1, 2).holds("mig", name)}
+    assert mine and len(mine) < len(files)
+    assert files_below(dest) == {f"mig/{name}": data for name, data in mine.items()}
 
 
 # -- four shards side by side, then merged ---------------------------------------------------
