@@ -128,7 +128,7 @@ async def _check_inputs(paths: Sequence[Path]) -> None:
 
 
 def _file_state(path: Path) -> str:
-    """ "file", "absent", or what else it is, in words."""
+    """`file`, `absent`, or what else the path is, in words for a message."""
     if not path.exists():
         return "absent"
     if not path.is_file():
