@@ -416,7 +416,7 @@ async def test_a_run_that_ends_in_an_unexpected_error_is_recorded_as_an_error(
     async with await Ledger.open(load(manifest).ledger, readonly=True) as ledger:
         last = (await ledger.runs(limit=1))[0]
     assert last.status == "error"
-    assert 'migrator_last_run_exit_code{job="job",command="run"} 70' in metrics.read_text()
+    assert 'migrator_last_run_exit_code{migration="job",command="run"} 70' in metrics.read_text()
 
 
 async def test_the_embedded_target_moves_to_a_free_port_when_its_old_one_is_taken(
