@@ -148,6 +148,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             "WHERE uncertain_at IS NOT NULL",
         ),
     ),
+    Migration(
+        version=4,
+        description="items found by their content (dedup)",
+        statements=(
+            "CREATE INDEX items_content ON items (target, sha256) WHERE sha256 IS NOT NULL",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -811,6 +818,26 @@ class Ledger:
             for item in await self._fetch_items(sql, params):
                 found[item.key] = item
         return found
+
+    async def find_content(
+        self,
+        target: str,
+        size: int,
+        sha256: str,
+        *,
+        alive_at: float,
+        other_than: tuple[str, str],
+    ) -> LedgerItem | None:
+        """A done item, not `other_than` ((upload_path, file_name)), holding bytes of this
+        size and sha256, whose link lives past `alive_at`; the one that lives longest."""
+        sql = (
+            f"SELECT {_ITEM_COLUMNS} FROM items WHERE target = ? AND sha256 = ? AND size = ? "
+            "AND state = ? AND download_url IS NOT NULL AND expires_at > ? "
+            "AND NOT (upload_path = ? AND file_name = ?) ORDER BY expires_at DESC LIMIT 1"
+        )
+        params = [target, sha256, size, ItemState.DONE.value, alive_at, *other_than]
+        rows = await self._fetch_items(sql, params)
+        return rows[0] if rows else None
 
     async def get(self, target: str, upload_path: str, file_name: str) -> LedgerItem | None:
         """One item, or None."""

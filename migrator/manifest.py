@@ -15,7 +15,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,6 +29,7 @@ from migrator.model import (
     BASE64_LIMIT,
     EMBEDDED,
     MIB,
+    PLANNABLE_METHODS,
     URL_LIMIT,
     GlobSource,
     Manifest,
@@ -96,11 +97,13 @@ _SETTING_KEYS = (
     "outage_limit",
     "settle",
     "allow_private_origins",
+    "dedup",
 )
 _SOURCE_KINDS = ("path", "glob", "url", "url_list")
 _OPTION_KEYS = ("file_name", "upload_path", "method")
 _GLOB_ONLY_KEYS = ("exclude", "follow_symlinks")
-_SOURCE_KEYS = (*_SOURCE_KINDS, *_OPTION_KEYS, *_GLOB_ONLY_KEYS)
+_URL_ONLY_KEYS = ("immutable",)
+_SOURCE_KEYS = (*_SOURCE_KINDS, *_OPTION_KEYS, *_GLOB_ONLY_KEYS, *_URL_ONLY_KEYS)
 MANIFEST_KEYS: Mapping[str, tuple[str, ...]] = {
     "": _TOP_KEYS,
     "target": _TARGET_KEYS,
@@ -546,6 +549,7 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
     private = _read_boolean(
         reader, keys.get("allow_private_origins"), "settings.allow_private_origins"
     )
+    dedup = _read_boolean(reader, keys.get("dedup"), "settings.dedup", default=d.dedup)
     settings = Settings(
         concurrency=d.concurrency if concurrency is None else concurrency,
         base64_max=d.base64_max if base64_max is None else base64_max,
@@ -562,6 +566,7 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
         outage_limit=d.outage_limit if outage_limit is None else outage_limit,
         settle=d.settle if settle is None else settle,
         allow_private_origins=private,
+        dedup=dedup,
     )
     valid_ttl = (ttl is not None or "ttl" not in keys) and (
         refresh_within is not None or "refresh_within" not in keys
@@ -745,15 +750,22 @@ def _read_source(
     for key in _GLOB_ONLY_KEYS:
         if key in keys and kind != "glob":
             reader.problem(keys[key], f"{where}.{key}", f"only glob sources take {key}")
+    for key in _URL_ONLY_KEYS:
+        if key in keys and kind not in _REMOTE_KINDS:
+            reader.problem(keys[key], f"{where}.{key}", f"only url and url_list sources take {key}")
+    immutable = _read_boolean(reader, keys.get("immutable"), f"{where}.immutable")
     value = keys[kind]
     if kind == "path":
         return _read_path_source(reader, value, where, options, line, settings)
     if kind == "glob":
         follow = keys.get("follow_symlinks")
         return _read_glob_source(reader, value, keys.get("exclude"), follow, where, options, line)
+    source: UrlSource | UrlListSource | None
     if kind == "url":
-        return _read_url_source(reader, value, where, options, line, embedded=embedded)
-    return _read_url_list_source(reader, value, where, options, line)
+        source = _read_url_source(reader, value, where, options, line, embedded=embedded)
+    else:
+        source = _read_url_list_source(reader, value, where, options, line)
+    return None if source is None else replace(source, immutable=immutable)
 
 
 def _source_kind(reader: _Reader, node: Node, keys: dict[str, Node], where: str) -> str | None:
@@ -798,8 +810,10 @@ def _read_method(reader: _Reader, node: Node | None, where: str, kind: str) -> M
         return Method.AUTO
     try:
         method = Method(value if isinstance(value, str) else repr(value))
+        if method not in PLANNABLE_METHODS:
+            raise ValueError(method)
     except ValueError:
-        choices = ", ".join(m.value for m in Method)
+        choices = ", ".join(m.value for m in PLANNABLE_METHODS)
         reader.problem(node, where, f"{value!r} is not a method; use one of {choices}")
         return Method.AUTO
     source_kind = SourceKind.URL if kind in _REMOTE_KINDS else SourceKind.FILE
@@ -874,16 +888,16 @@ def _read_glob_source(
     )
 
 
-def _read_boolean(reader: _Reader, node: Node | None, where: str) -> bool:
-    """true or false; absent is false."""
+def _read_boolean(reader: _Reader, node: Node | None, where: str, *, default: bool = False) -> bool:
+    """true or false; absent (or unreadable) is `default`."""
     if node is None:
-        return False
+        return default
     value = reader.scalar(node, where)
     if value is _INVALID:
-        return False
+        return default
     if not isinstance(value, bool):
         reader.problem(node, where, f"expected true or false, got {_describe(value)}")
-        return False
+        return default
     return value
 
 

@@ -33,6 +33,11 @@ class Method(StrEnum):
     BASE64 = "base64"
     STREAM = "stream"
     URL = "url"
+    COPY = "copy"  # recorded, never planned: the service copied an identical file's link
+
+
+PLANNABLE_METHODS = (Method.AUTO, Method.BASE64, Method.STREAM, Method.URL)
+"""The methods a manifest may name (COPY is what dedup records, not a choice)."""
 
 
 class SourceKind(StrEnum):
@@ -97,6 +102,7 @@ class Settings:
     outage_limit: float = 600.0  # seconds the service may fail every request before a stop
     settle: float = 15.0  # seconds an upload whose answer never came gets to land
     allow_private_origins: bool = False  # a stream-through may be redirected to private nets
+    dedup: bool = True  # a file identical to one the service holds is copied there, not sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +160,7 @@ class UrlSource:
     url: str
     options: SourceOptions = field(default_factory=SourceOptions)
     line: int | None = None
+    immutable: bool = False  # the file at the URL never changes: what the ledger knows holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +168,7 @@ class UrlListSource:
     path: Path  # absolute
     options: SourceOptions = field(default_factory=SourceOptions)
     line: int | None = None
+    immutable: bool = False  # as UrlSource.immutable, for every URL of the list
 
 
 Source = PathSource | GlobSource | UrlSource | UrlListSource

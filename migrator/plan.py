@@ -8,8 +8,8 @@ Two doors onto the same expansion:
   a glob matches but does not take (symbolic links, FIFOs, devices, sockets) is
   logged as a warning and counted.
 - `expand` yields the items lazily in manifest order for the runner, asking origins
-  for the size of remote files (HEAD, then a one-byte ranged GET) in small bounded
-  batches. It never talks to the service.
+  for the size of remote files (HEAD, then a one-byte ranged GET) in a bounded
+  sliding window, answers put back in order. It never talks to the service.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -60,6 +61,7 @@ from migrator.transfer import plain_length, range_total
 __all__ = [
     "GlobFile",
     "PlanCheck",
+    "Remembered",
     "RemoteInfo",
     "Skipped",
     "check_plan",
@@ -100,6 +102,7 @@ class PlanCheck:
     remote_files: int
     local_bytes: int
     skipped: int = 0  # links not followed, FIFOs, devices, sockets (each logged)
+    shared_sizes: frozenset[int] = frozenset()  # dedup: sizes two local files have
 
 
 class GlobFile(NamedTuple):
@@ -133,6 +136,7 @@ class _Entry:
     mtime_ns: int | None = None
     list_file: str | None = None  # url_list entries: the list and the line
     list_line: int | None = None
+    immutable: bool = False  # a URL whose file never changes
 
     @property
     def key(self) -> str:
@@ -385,6 +389,7 @@ class _Expansion:
             requested=source.options.method,
             list_file=str(source.path) if isinstance(source, UrlListSource) else None,
             list_line=list_line,
+            immutable=isinstance(source, (UrlSource, UrlListSource)) and source.immutable,
         )
 
     def _url_list_entries(self, index: int, source: UrlListSource) -> Iterator[_Entry]:
@@ -456,12 +461,24 @@ class _Tally:
     local_files: int = 0
     local_bytes: int = 0
     skipped: int = 0
+    sizes_above: int | None = None  # dedup: local files larger than this have sizes noted
+    sizes: set[int] = field(default_factory=set)
+    shared: set[int] = field(default_factory=set)
 
     def count(self, entry: _Entry) -> None:
         self.items += 1
         if entry.kind is SourceKind.FILE:
             self.local_files += 1
             self.local_bytes += entry.size or 0
+            self._note_size(entry.size)
+
+    def _note_size(self, size: int | None) -> None:
+        if self.sizes_above is None or size is None or size <= self.sizes_above:
+            return
+        if size in self.sizes:
+            self.shared.add(size)
+        else:
+            self.sizes.add(size)
 
     def skip(self, index: int, skipped: Skipped) -> None:
         """A file a glob did not take: a warning (the first SKIPS_LOGGED), and counted."""
@@ -474,7 +491,14 @@ class _Tally:
         remote = self.items - self.local_files
         if self.skipped > SKIPS_LOGGED:
             log.warning("plan.skipped_more", count=self.skipped - SKIPS_LOGGED)
-        return PlanCheck(self.items, self.local_files, remote, self.local_bytes, self.skipped)
+        return PlanCheck(
+            self.items,
+            self.local_files,
+            remote,
+            self.local_bytes,
+            self.skipped,
+            frozenset(self.shared),
+        )
 
 
 def check_plan(manifest: Manifest) -> PlanCheck:
@@ -486,9 +510,12 @@ def check_plan(manifest: Manifest) -> PlanCheck:
     Raises ManifestError. What a glob matched but did not take is logged as a
     warning (`plan.skipped`) and counted in the result's `skipped`. With a shard, the
     whole job is checked (every shard refuses the same plan) and the shard's items counted.
+    With `settings.dedup`, the sizes that two of its local files above base64_max share
+    are noted (`shared_sizes`): only those files are worth hashing before they are sent.
     """
     problems = _Problems(str(manifest.path))
-    tally = _Tally()
+    settings = manifest.settings
+    tally = _Tally(sizes_above=settings.base64_max if settings.dedup else None)
     expansion = _Expansion(manifest, problems.add, tally.skip)
     seen: set[int] = set()
     repeats: list[_Entry] = []
@@ -566,68 +593,123 @@ def planned_keys(manifest: Manifest) -> Iterator[tuple[str, str]]:
 # -- expand ---------------------------------------------------------------------------------
 
 
+Remembered = Callable[
+    [Sequence[tuple[str, str, str]]], Awaitable[Mapping[tuple[str, str, str], RemoteInfo]]
+]
+"""What is known of remote files, by (upload_path, file_name, URL as written): the ledger's
+record of an `immutable` source's file, which is then not asked again."""
+
+PROBE_WINDOW = 16  # probes in flight when the session does not bound its connections
+PROBE_LOOKAHEAD = 1024  # entries that may wait behind one slow answer while others go on
+
+_Pending = RemoteInfo | asyncio.Task[RemoteInfo]
+
+
 async def expand(
     manifest: Manifest,
     *,
     session: aiohttp.ClientSession | None,
-    probe_concurrency: int = 16,
+    probe_concurrency: int | None = None,
     url_vars: Mapping[str, str] | None = None,
     probe_timeout: float = PROBE_TIMEOUT,
+    remembered: Remembered | None = None,
 ) -> AsyncIterator[PlanItem]:
     """Yield the plan's items lazily, in manifest order.
 
     Local files carry size and mtime from stat. Remote files are probed for their size
-    (and ETag / Last-Modified) through `session`, `probe_concurrency` at a time;
-    without a session, or when the origin tells nothing, their size is None.
+    (and ETag / Last-Modified) through `session` in a sliding window of
+    `probe_concurrency` requests (default: as many as the session may connect at
+    once), so one slow origin holds up no other probe; answers are put back in order.
+    An `immutable` source's file that `remembered` knows is not probed. Without a
+    session, or when the origin tells nothing, a remote file's size is None.
     `url_vars` fills `${NAME}` in URLs (e.g. EMBEDDED_ORIGIN) for probing only: an
     item's source and name keep the URL as written, so a demo origin on a new port
     each run changes neither (the sender substitutes again). Skips what `check_plan`
     refuses; raises ManifestError only for a forced method the file's size forbids.
     """
-    variables = dict(url_vars or {})
-    batch: list[_Entry] = []
-    async for entry in _entries_off_the_loop(manifest):
-        if entry.kind is SourceKind.URL:
-            batch.append(entry)
-            if len(batch) < max(probe_concurrency, 1):
-                continue
-        for item in await _remote_items(manifest, batch, session, variables, probe_timeout):
-            yield item
-        batch = []
+    width = probe_concurrency or _connection_limit(session)
+    window = _ProbeWindow(session, width, dict(url_vars or {}), probe_timeout)
+    pending: deque[tuple[_Entry, _Pending]] = deque()
+    try:
+        async for chunk in _chunks_off_the_loop(manifest):
+            known = await _remembered_infos(chunk, remembered)
+            for entry in chunk:
+                pending.append((entry, window.info(entry, known.get(entry.identity))))
+                while pending and (_ready(pending[0][1]) or len(pending) > PROBE_LOOKAHEAD):
+                    head, info = pending.popleft()
+                    yield _plan_item(manifest, head, await _result(info))
+        while pending:
+            head, info = pending.popleft()
+            yield _plan_item(manifest, head, await _result(info))
+    finally:
+        for _, info in pending:
+            if isinstance(info, asyncio.Task):
+                info.cancel()
+
+
+@dataclass(slots=True)
+class _ProbeWindow:
+    """Probes of remote files, at most `width` in flight; each a task of its own."""
+
+    session: aiohttp.ClientSession | None
+    width: int
+    variables: dict[str, str]
+    timeout: float = PROBE_TIMEOUT
+    _slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(max(self.width, 1))
+
+    def info(self, entry: _Entry, remembered: RemoteInfo | None) -> _Pending:
+        """What is known of the entry's file now, or the probe that will tell."""
         if entry.kind is SourceKind.FILE:
-            yield _plan_item(manifest, entry, RemoteInfo(entry.size))
-    for item in await _remote_items(manifest, batch, session, variables, probe_timeout):
-        yield item
+            return RemoteInfo(entry.size)
+        if remembered is not None:
+            return remembered
+        if self.session is None:
+            return RemoteInfo()
+        url = substitute_url(entry.source, self.variables)
+        return asyncio.create_task(self._probe(self.session, url))
+
+    async def _probe(self, session: aiohttp.ClientSession, url: str) -> RemoteInfo:
+        async with self._slots:
+            return await probe_remote(session, url, probe_timeout=self.timeout)
 
 
-async def _entries_off_the_loop(manifest: Manifest, chunk: int = 512) -> AsyncIterator[_Entry]:
+def _connection_limit(session: aiohttp.ClientSession | None) -> int:
+    limit = 0 if session is None else session.connector.limit if session.connector else 0
+    return limit or PROBE_WINDOW
+
+
+def _ready(info: _Pending) -> bool:
+    return isinstance(info, RemoteInfo) or info.done()
+
+
+async def _result(info: _Pending) -> RemoteInfo:
+    return info if isinstance(info, RemoteInfo) else await info
+
+
+async def _remembered_infos(
+    chunk: list[_Entry], remembered: Remembered | None
+) -> dict[tuple[int, str, int | None], RemoteInfo]:
+    """What `remembered` knows of the chunk's immutable URLs, by entry identity."""
+    wanted = [e for e in chunk if e.immutable and e.kind is SourceKind.URL]
+    if remembered is None or not wanted:
+        return {}
+    found = await remembered([(e.upload_path, e.file_name, e.source) for e in wanted])
+    infos = ((e, found.get((e.upload_path, e.file_name, e.source))) for e in wanted)
+    return {e.identity: info for e, info in infos if info is not None}
+
+
+async def _chunks_off_the_loop(manifest: Manifest, chunk: int = 512) -> AsyncIterator[list[_Entry]]:
     """The expansion's entries of this process's shard, walked and stat'ed in a thread
     a chunk at a time, so a folder of a million files does not stall the uploads sharing
     the event loop. Other shards' URLs are never probed."""
     entries = _Expansion(manifest).entries()
     while batch := await asyncio.to_thread(lambda: list(itertools.islice(entries, chunk))):
-        for entry in batch:
-            if manifest.holds(entry.upload_path, entry.file_name):
-                yield entry
-
-
-async def _remote_items(
-    manifest: Manifest,
-    batch: list[_Entry],
-    session: aiohttp.ClientSession | None,
-    variables: dict[str, str],
-    probe_timeout: float,
-) -> list[PlanItem]:
-    if not batch:
-        return []
-    urls = [substitute_url(entry.source, variables) for entry in batch]
-    if session is None:
-        infos = [RemoteInfo() for _ in urls]
-    else:
-        infos = await asyncio.gather(
-            *(probe_remote(session, u, probe_timeout=probe_timeout) for u in urls)
-        )
-    return [_plan_item(manifest, e, i) for e, i in zip(batch, infos, strict=True)]
+        held = [e for e in batch if manifest.holds(e.upload_path, e.file_name)]
+        if held:
+            yield held
 
 
 def _plan_item(manifest: Manifest, entry: _Entry, info: RemoteInfo) -> PlanItem:

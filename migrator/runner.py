@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from migrator.clock import ServiceClock
@@ -25,6 +25,7 @@ from migrator.command import (
     stored_clock,
 )
 from migrator.connect import open_origins
+from migrator.dedup import Claim, Contents
 from migrator.errors import Interrupted, UploadError
 from migrator.ledger import Ledger
 from migrator.logs import get_logger
@@ -38,9 +39,9 @@ from migrator.model import (
     PlanItem,
     SourceKind,
 )
-from migrator.plan import check_plan, expand
+from migrator.plan import Remembered, RemoteInfo, check_plan, expand
 from migrator.resume import Decision, decide
-from migrator.transfer import Send, Sent, Step, sha256_of, upload_step
+from migrator.transfer import Meter, Send, Sent, Step, sha256_of, upload_step
 
 LOOKUP_BATCH = 256
 log = get_logger("migrator.runner")
@@ -74,18 +75,27 @@ class RunOperation:
         self.manifest = manifest
         self.options = options
         self._totals = Totals(0)
+        self._shared_sizes: frozenset[int] = frozenset()
+        self._contents: Contents | None = None
 
     async def prepare(self) -> None:
         check = await asyncio.to_thread(check_plan, self.manifest)  # ManifestError early
         self._totals = Totals(check.items, check.local_bytes)
+        self._shared_sizes = check.shared_sizes
 
     async def totals(self, ledger: Ledger, clock: ServiceClock) -> Totals:
         return self._totals
 
     async def items(self, session: CommandSession) -> AsyncIterator[Entry]:
         """The plan joined with the ledger; what needs no upload is counted and skipped."""
-        conn, checksum = session.conn, self.options.checksum
-        plan = expand(self.manifest, session=conn.origins, url_vars=conn.url_vars)
+        conn, checksum, ledger = session.conn, self.options.checksum, session.ledger
+        self._contents = Contents(ledger, session.target_id, conn.clock, self._shared_sizes)
+        plan = expand(
+            self.manifest,
+            session=conn.origins,
+            url_vars=conn.url_vars,
+            remembered=remembered_in(ledger, session.target_id),
+        )
         async for entry in decide_items(self.manifest, session.ledger, plan, checksum, conn.clock):
             item, decision, _row = entry
             if decision.needs_upload or decision is Decision.VERIFY:
@@ -99,10 +109,12 @@ class RunOperation:
             session.finish(item.source, Outcome.SKIPPED)
             return
         session.observer.on_item_start(item.source)
-        await _ItemUpload(session, item, row).run()
+        assert self._contents is not None, "items() comes first"
+        await _ItemUpload(session, item, row, self._contents).run()
 
     async def conclude(self, session: CommandSession) -> list[str]:
-        return []
+        note = None if self._contents is None else self._contents.note()
+        return [note] if note else []
 
     async def preview(self, clock: ServiceClock) -> AsyncGenerator[tuple[str, str | None], None]:
         async with contextlib.aclosing(preview(self.manifest, self.options)) as decided:
@@ -142,7 +154,13 @@ async def preview(
         await Ledger.open(manifest.ledger, readonly=True) as ledger,
         open_origins(manifest, concurrency=workers) as origins,
     ):
-        items = expand(manifest, session=origins.session, url_vars=origins.url_vars)
+        target = manifest.target.base_url
+        items = expand(
+            manifest,
+            session=origins.session,
+            url_vars=origins.url_vars,
+            remembered=remembered_in(ledger, target),
+        )
         clock = await stored_clock(ledger)
         async for entry in decide_items(manifest, ledger, items, checksum, clock):
             yield entry
@@ -169,6 +187,26 @@ async def decide_items(
             yield item, decision, row
 
 
+def remembered_in(ledger: Ledger, target: str) -> Remembered:
+    """What the ledger recorded of remote files, for `immutable` sources: a row of the
+    same URL that knows its size (or is done) answers as the origin would."""
+
+    async def remembered(
+        wanted: Sequence[tuple[str, str, str]],
+    ) -> dict[tuple[str, str, str], RemoteInfo]:
+        rows = await ledger.lookup(target, [(path, name) for path, name, _ in wanted])
+        found: dict[tuple[str, str, str], RemoteInfo] = {}
+        for path, name, url in wanted:
+            row = rows.get((path, name))
+            if row is None or row.kind is not SourceKind.URL or row.source != url:
+                continue
+            if row.size is not None or row.state is ItemState.DONE:
+                found[(path, name, url)] = RemoteInfo(row.size, row.etag, row.last_modified)
+        return found
+
+    return remembered
+
+
 async def _batched(items: AsyncIterator[PlanItem], size: int) -> AsyncIterator[list[PlanItem]]:
     batch: list[PlanItem] = []
     async for item in items:
@@ -183,10 +221,13 @@ async def _batched(items: AsyncIterator[PlanItem], size: int) -> AsyncIterator[l
 class _ItemUpload:
     """Takes one item through its ways of sending, and records what each proved."""
 
-    def __init__(self, session: CommandSession, item: PlanItem, row: LedgerItem | None) -> None:
+    def __init__(
+        self, session: CommandSession, item: PlanItem, row: LedgerItem | None, contents: Contents
+    ) -> None:
         self.session = session
         self.item = item
         self.row = row
+        self.contents = contents
         self.attempts = session.attempts(item.upload_path, item.file_name, item.source)
 
     async def run(self) -> None:
@@ -195,8 +236,13 @@ class _ItemUpload:
             # Attempts join their item's row when the ledger writes them: a new item
             # needs one before its first attempt, or that attempt's record is lost.
             session.ledger.put_item(ItemUpdate.pending(session.target_id, item))
+        async with self.contents.claim(item) as claim:
+            await self._upload(claim)
+
+    async def _upload(self, claim: Claim) -> None:
+        session = self.session
         try:
-            step, sent = await self.attempts.first_that_works(self._steps())
+            step, sent = await self.attempts.first_that_works(self._steps(claim))
         except Interrupted as err:
             self._not_done(ItemState.INTERRUPTED, Outcome.INTERRUPTED, str(err))
         except UploadError as err:
@@ -208,15 +254,29 @@ class _ItemUpload:
             self._not_done(ItemState.INTERRUPTED, Outcome.INTERRUPTED, "interrupted")
             raise
         else:
-            self._record_done(Method(step.action), sent)
+            self._record_done(Method(step.action), sent, claim)
 
-    def _steps(self) -> list[Step[Sent]]:
-        """The planned method; for a URL the service could not fetch, a stream-through."""
+    def _steps(self, claim: Claim) -> list[Step[Sent]]:
+        """The planned method; for a URL the service could not fetch, a stream-through;
+        for a file the service holds already, a copy of that link first."""
         item, conn = self.item, self.session.conn
         first = upload_step(conn, self._send(item.method))
         if item.method is Method.URL and item.kind is SourceKind.URL and not item.method_forced:
             return [first, upload_step(conn, self._send(Method.STREAM))]
+        if claim.original is not None and claim.content is not None:
+            return [self._copy_step(claim.original, claim.content.sha256), first]
         return [first]
+
+    def _copy_step(self, link: str, sha256: str) -> Step[Sent]:
+        """A server-side copy of `link`, known to serve the bytes with this sha256."""
+        item = self.item
+        send = Send(link, SourceKind.URL, Method.URL, item.upload_path, item.file_name, item.size)
+        by_url = upload_step(self.session.conn, send)
+
+        async def call(meter: Meter) -> Sent:
+            return replace(await by_url.call(meter), sha256=sha256)
+
+        return Step(str(Method.COPY), link, call, item.size)
 
     def _send(self, method: Method) -> Send:
         item = self.item
@@ -243,9 +303,13 @@ class _ItemUpload:
             log.warning("upload.failed", item=self.item.source, error=error)
         session.finish(self.item.source, outcome, error)
 
-    def _record_done(self, method: Method, sent: Sent) -> None:
+    def _record_done(self, method: Method, sent: Sent, claim: Claim) -> None:
         session, item = self.session, self.item
         upload = sent.uploaded(method, session.manifest.settings.ttl, item.source)
+        if claim.content is not None and sent.sha256 == claim.content.sha256:
+            claim.link = upload.download_url  # others with these bytes may copy it now
+        if method is Method.COPY:
+            self.contents.copied_one(upload.size or 0)
         update = ItemUpdate.done(
             session.target_id,
             item,
