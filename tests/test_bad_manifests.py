@@ -470,6 +470,35 @@ CASES: list[tuple[str, str, str, int, str | None]] = [
         7,
         "sources[0].follow_symlinks",
     ),
+    # dedup is a boolean; immutable is a URL source's, and a boolean; copy is recorded only.
+    (
+        "dedup-not-a-boolean",
+        with_settings("  dedup: sometimes\n"),
+        "expected true or false",
+        8,
+        "settings.dedup",
+    ),
+    (
+        "immutable-on-a-path",
+        with_sources("  - path: ./data/a.txt\n    immutable: true\n"),
+        "only url and url_list sources take immutable",
+        7,
+        "sources[0].immutable",
+    ),
+    (
+        "immutable-not-a-boolean",
+        with_sources("  - url: https://example.com/a.png\n    immutable: 1\n"),
+        "expected true or false",
+        7,
+        "sources[0].immutable",
+    ),
+    (
+        "method-copy",
+        with_sources("  - path: ./data/a.txt\n    method: copy\n"),
+        "'copy' is not a method; use one of auto, base64, stream, url",
+        7,
+        "sources[0].method",
+    ),
     # An output over the ledger would destroy it.
     (
         "output-on-the-ledger",

@@ -228,6 +228,21 @@ def test_globs_do_not_follow_symlinks_unless_told(job: Path) -> None:
     assert (first.follow_symlinks, second.follow_symlinks) == (False, True)
 
 
+def test_dedup_is_on_unless_turned_off(job: Path) -> None:
+    assert load_manifest(write(job, MINIMAL), environ={}).settings.dedup is True
+    manifest = load_manifest(write(job, with_settings("  dedup: false\n")), environ={})
+    assert manifest.settings.dedup is False
+
+
+def test_url_sources_are_taken_as_changing_unless_said_immutable(job: Path) -> None:
+    (job / "urls.txt").write_text("https://example.com/a.png\n")
+    text = MINIMAL + "  - url: https://example.com/b.png\n  - url_list: urls.txt\n"
+    text += "    immutable: true\n"
+    _, url, url_list = load_manifest(write(job, text), environ={}).sources
+    assert isinstance(url, UrlSource) and isinstance(url_list, UrlListSource)
+    assert (url.immutable, url_list.immutable) == (False, True)
+
+
 def test_a_path_source_may_be_a_symlink_leading_anywhere(job: Path, tmp_path: Path) -> None:
     (tmp_path / "elsewhere.pdf").write_bytes(b"%PDF")
     (job / "data" / "linked.pdf").symlink_to(tmp_path / "elsewhere.pdf")

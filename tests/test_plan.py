@@ -317,6 +317,16 @@ def test_check_plan_counts_items_and_local_bytes(tmp_path: Path) -> None:
     )
 
 
+def test_check_plan_notes_the_sizes_large_local_files_share_for_dedup(tmp_path: Path) -> None:
+    for name, size in [("a", 5000), ("b", 5000), ("c", 6000), ("d", 100), ("e", 100)]:
+        (tmp_path / f"{name}.bin").write_bytes(b"x" * size)
+    head = HEAD + "settings:\n  base64_max: 1000\n"
+    check = check_plan(manifest_in(tmp_path, "  - glob: '*.bin'\n", head))
+    assert check.shared_sizes == {5000}  # 100 is below base64_max: sent as it is
+    off = check_plan(manifest_in(tmp_path, "  - glob: '*.bin'\n", head + "  dedup: false\n"))
+    assert off.shared_sizes == frozenset()
+
+
 def test_check_plan_counts_skipped_files_and_logs_a_warning_for_each(tmp_path: Path) -> None:
     make_tree(tmp_path, "p/a.txt")
     os.mkfifo(tmp_path / "p" / "fifo.txt")
@@ -598,7 +608,7 @@ async def test_expand_chooses_methods_from_probed_sizes(
     assert items[0].etag == '"v1"'
 
 
-async def test_expand_probes_in_bounded_batches_keeping_manifest_order(
+async def test_expand_probes_in_a_bounded_window_keeping_manifest_order(
     tmp_path: Path, origin: Origin, session: aiohttp.ClientSession
 ) -> None:
     make_tree(tmp_path, "local.txt")
@@ -609,6 +619,28 @@ async def test_expand_probes_in_bounded_batches_keeping_manifest_order(
     assert names == [f"{n}.bin" for n in range(7)] + ["local.txt", "last.bin"]
     assert origin.most_in_flight == 3
     assert all(i.size == 7 for i in items if i.kind is SourceKind.URL)
+
+
+async def test_one_slow_answer_holds_up_no_other_probe(
+    tmp_path: Path, origin: Origin, session: aiohttp.ClientSession
+) -> None:
+    urls = f"  - url: {origin.base}/hang.bin\n"
+    urls += "".join(f"  - url: {origin.base}/slow/{n}.bin\n" for n in range(12))
+    expansion = asyncio.create_task(
+        collect(manifest_in(tmp_path, urls), session, probe_concurrency=4)
+    )
+    for _ in range(200):  # at most 10 s: 12 answers of 0.2 s, 3 at a time, take 0.8 s
+        others = [r for r in origin.requests if r[1].startswith("/slow/")]
+        if len(others) == 12 and origin.in_flight == 1:
+            break
+        await asyncio.sleep(0.05)
+    # Every other probe was asked and answered while the first still hangs.
+    assert (len(others), origin.in_flight) == (12, 1)
+    assert not expansion.done()
+    origin.release.set()
+    items = await expansion
+    assert [i.file_name for i in items] == ["hang.bin", *(f"{n}.bin" for n in range(12))]
+    assert origin.most_in_flight == 4
 
 
 async def test_a_forced_url_method_over_100_mib_stops_the_expansion(
