@@ -333,6 +333,19 @@ def _listed(text: str, allowed: tuple[str, ...]) -> list[str]:
     return names
 
 
+KEPT_MARK = "<!-- kept: compare.py rewrites what is above this line, never what is below -->"
+
+
+def kept_sections(output: Path) -> str:
+    """What other benchmarks wrote below KEPT_MARK in the file about to be rewritten."""
+    try:
+        old = output.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    at = old.find(KEPT_MARK)
+    return "" if at < 0 else "\n" + old[at:]
+
+
 def main() -> int:
     args = parse_args()
     args.load_at_start = _load()
@@ -379,7 +392,7 @@ def main() -> int:
         return 0
     text = document(results, args)
     text += f"\nThe whole comparison took {time.perf_counter() - started:.0f} s.\n"
-    args.output.write_text(text, encoding="utf-8")
+    args.output.write_text(text + kept_sections(args.output), encoding="utf-8")
     if args.json:
         args.json.write_text(json.dumps(raw(results), indent=1), encoding="utf-8")
     print("\n" + text)

@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -88,8 +89,10 @@ def write_job(folder: Path, base: str, urls: int, concurrency: int) -> Path:
     return manifest
 
 
-def run_plan(manifest: Path) -> float:
+def run_plan(manifest: Path) -> tuple[float, float]:
+    """Wall seconds and CPU seconds of `migrator plan MANIFEST --format json`."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     subprocess.run(
         [sys.executable, "-m", "migrator", "plan", str(manifest), "--format", "json"],
@@ -97,7 +100,10 @@ def run_plan(manifest: Path) -> float:
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    return time.monotonic() - started
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, cpu
 
 
 def main() -> int:
@@ -121,7 +127,7 @@ def main() -> int:
         base = origin.stdout.readline().strip()
         with tempfile.TemporaryDirectory() as folder:
             manifest = write_job(Path(folder), base, args.urls, args.concurrency)
-            seconds = run_plan(manifest)
+            seconds, cpu = run_plan(manifest)
         stats = origin_stats(base)
     finally:
         origin.send_signal(signal.SIGTERM)
@@ -137,7 +143,9 @@ def main() -> int:
     )
     print(
         f"plan took {seconds:.1f} s: {rate:.0f} URLs/s; ceiling window/mean delay "
-        f"{ceiling:.0f}/s; {rate / ceiling:.0%} of it (target {TARGET_SHARE:.0%})"
+        f"{ceiling:.0f}/s; {rate / ceiling:.0%} of it (target {TARGET_SHARE:.0%}); "
+        f"client CPU {cpu:.1f} s ({cpu / args.urls * 1e6:.0f} us a URL); "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     return 0 if rate >= TARGET_SHARE * ceiling else 1
 

@@ -57,7 +57,9 @@ log = get_logger("migrator.command")
 
 
 _DRY_RUN_VERBS = {"run": "upload", "verify": "probe"}
-UPLOAD_ACTIONS = frozenset(str(method) for method in (Method.BASE64, Method.STREAM, Method.URL))
+UPLOAD_ACTIONS = frozenset(
+    str(method) for method in (Method.BASE64, Method.STREAM, Method.URL, Method.COPY)
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,8 @@ from conftest import ledger_rows, load, run_cli, web_server, write_file, write_m
 from migrator.command import CommandSummary, Outcome
 from migrator.emulator import Emulator
 from migrator.model import ItemState, Method
-from migrator.runner import RunOptions, run_manifest
+from migrator.resume import Decision
+from migrator.runner import RunOptions, preview, run_manifest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -242,7 +243,7 @@ class CountingOrigin:
         return web.Response(body=data, content_type="application/octet-stream")
 
 
-async def test_a_rerun_of_a_finished_job_of_immutable_urls_sends_no_probe(
+async def test_a_plan_and_a_rerun_of_a_finished_job_of_immutable_urls_send_no_probe(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
     origin = CountingOrigin()
@@ -256,8 +257,10 @@ async def test_a_rerun_of_a_finished_job_of_immutable_urls_sends_no_probe(
         assert first.count(Outcome.UPLOADED) == 5
         asked = len(origin.requests)
 
+        planned = [decision async for _, decision, _ in preview(load(manifest))]
         again = await run(manifest, api_key)
 
+        assert planned == [Decision.UNCHANGED] * 5
         assert again.count(Outcome.SKIPPED) == 5
         assert len(origin.requests) == asked
 
