@@ -68,6 +68,19 @@ def pairs_tree(folder: Path, pairs: int) -> dict[str, bytes]:
     return files
 
 
+def twins(job: Path, size: int) -> bytes:
+    """a.bin and b.bin in `job`, holding the same `size` bytes; returns them."""
+    data = write_file(job / "a.bin", size)
+    (job / "b.bin").write_bytes(data)
+    return data
+
+
+def bin_job(job: Path, emulator: Emulator, **settings: Any) -> Path:
+    """A manifest uploading job/*.bin, files above 16 KiB streamed (and deduplicated)."""
+    sources = [{"glob": "./*.bin"}]
+    return write_manifest(job, emulator.base_url, sources, base64_max=SMALL, **settings)
+
+
 # -- dedup -------------------------------------------------------------------------------------
 
 
@@ -104,11 +117,8 @@ async def test_half_duplicates_send_at_most_55_percent_of_the_bytes_a_run_withou
 async def test_a_copied_item_records_the_method_copy_with_its_own_size_and_sha256(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
-    data = write_file(job / "a.bin", 40 * KIB)
-    (job / "b.bin").write_bytes(data)
-    manifest = write_manifest(
-        job, emulator.base_url, [{"glob": "./*.bin"}], base64_max=SMALL, concurrency=1
-    )
+    data = twins(job, 40 * KIB)
+    manifest = bin_job(job, emulator, concurrency=1)
     summary = await run(manifest, api_key)
 
     rows = await ledger_rows(load(manifest))
@@ -124,11 +134,8 @@ async def test_a_copied_item_records_the_method_copy_with_its_own_size_and_sha25
 async def test_two_identical_files_in_flight_at_once_send_their_bytes_once(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
-    data = write_file(job / "a.bin", 200 * KIB)
-    (job / "b.bin").write_bytes(data)
-    manifest = write_manifest(
-        job, emulator.base_url, [{"glob": "./*.bin"}], base64_max=SMALL, concurrency=2
-    )
+    data = twins(job, 200 * KIB)
+    manifest = bin_job(job, emulator, concurrency=2)
     emulator.delay_stores(0.5, endpoint="stream")  # the first is in flight while the other looks
     await run(manifest, api_key)
 
@@ -141,7 +148,7 @@ async def test_a_file_identical_to_one_a_previous_run_uploaded_is_copied_from_it
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
     data = write_file(job / "a.bin", 40 * KIB)
-    manifest = write_manifest(job, emulator.base_url, [{"glob": "./*.bin"}], base64_max=SMALL)
+    manifest = bin_job(job, emulator)
     await run(manifest, api_key)
     (job / "b.bin").write_bytes(data)
 
@@ -158,7 +165,7 @@ async def test_a_copy_whose_link_died_falls_back_to_sending_the_bytes(
 ) -> None:
     data = write_file(job / "a.bin", 40 * KIB)
     async with Emulator(tmp_path / "short-lived", api_key, lifetime=60) as emulator:
-        manifest = write_manifest(job, emulator.base_url, [{"glob": "./*.bin"}], base64_max=SMALL)
+        manifest = bin_job(job, emulator)
         await run(manifest, api_key)
         emulator.advance_clock(120)  # a.bin's file is gone; its expiry says 72 h
         (job / "b.bin").write_bytes(data)
@@ -175,11 +182,8 @@ async def test_a_copy_whose_link_died_falls_back_to_sending_the_bytes(
 async def test_with_dedup_off_identical_files_are_each_sent(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
-    data = write_file(job / "a.bin", 40 * KIB)
-    (job / "b.bin").write_bytes(data)
-    manifest = write_manifest(
-        job, emulator.base_url, [{"glob": "./*.bin"}], base64_max=SMALL, dedup=False
-    )
+    twins(job, 40 * KIB)
+    manifest = bin_job(job, emulator, dedup=False)
     await run(manifest, api_key)
     assert endpoints(emulator) == {"a.bin": ["stream"], "b.bin": ["stream"]}
 
@@ -204,7 +208,7 @@ async def test_a_tree_without_shared_sizes_hashes_nothing_before_sending(
 ) -> None:
     for n in range(4):
         write_file(job / f"{n}.bin", 40 * KIB + n, seed=n)
-    manifest = write_manifest(job, emulator.base_url, [{"glob": "./*.bin"}], base64_max=SMALL)
+    manifest = bin_job(job, emulator)
     finished = await run_cli("run", str(manifest), key=api_key)
     assert finished.code == 0, finished.stderr
     assert hashed_events(job / "ledger.log") == []
@@ -217,7 +221,7 @@ async def test_only_files_whose_size_another_file_shares_are_hashed(
     write_file(job / "a.bin", 40 * KIB, seed=1)
     write_file(job / "b.bin", 40 * KIB, seed=2)  # same size, other bytes: both are sent
     write_file(job / "c.bin", 41 * KIB, seed=3)
-    manifest = write_manifest(job, emulator.base_url, [{"glob": "./*.bin"}], base64_max=SMALL)
+    manifest = bin_job(job, emulator)
     finished = await run_cli("run", str(manifest), key=api_key)
     assert finished.code == 0, finished.stderr
     hashed = sorted(Path(event["item"]).name for event in hashed_events(job / "ledger.log"))
