@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -21,7 +21,6 @@ from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
 
-from migrator import __version__
 from migrator.command import CommandSummary, Observer
 from migrator.download import DownloadOptions, download
 from migrator.errors import (
@@ -29,13 +28,21 @@ from migrator.errors import (
     ConfigError,
     DiskError,
     ExitCode,
+    LedgerError,
     ManifestError,
     MigratorError,
     UsageError,
 )
+from migrator.flags import (
+    EnvironmentValueError,
+    VersionAction,
+    apply_environment,
+    bounded_int,
+    typed,
+)
 from migrator.ledger import Ledger
 from migrator.logs import configure_logging, get_logger, open_log_file
-from migrator.manifest import load_manifest, output_clash
+from migrator.manifest import LEDGER_DIR_ENV, load_manifest, output_clash
 from migrator.model import Manifest
 from migrator.outputs import EXPORT_FORMATS, check_output_folder, export_format, write_export
 from migrator.plan import check_plan
@@ -44,7 +51,13 @@ from migrator.refresh import RefreshOptions, refresh
 from migrator.report import build_status, export_to
 from migrator.runner import RunOptions, preview, run_manifest
 from migrator.shard import SHARD_ENV, Shard, chosen_shard, for_shard
-from migrator.units import parse_bandwidth, parse_duration, parse_rate, parse_size
+from migrator.units import (
+    parse_bandwidth,
+    parse_duration,
+    parse_positive_duration,
+    parse_rate,
+    parse_size,
+)
 from migrator.verify import Sample, VerifyOptions, verify
 from migrator.views import (
     PlanJsonPrinter,
@@ -59,19 +72,52 @@ T = TypeVar("T")
 MAX_PROBLEM_LINE = 300  # a 3,000-character URL in a message is noise, not help
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual; text written in lines (the examples) stays as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a bad command line reported in one line instead of usage + error."""
+    """argparse, with a bad command line reported in one line instead of usage + error,
+    no abbreviated flags (`--dry` is not `--dry-run`), and each flag's MIGRATOR_*
+    environment variable as its default (`env_defaults=False`: none)."""
+
+    def __init__(self, *args: Any, env_defaults: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.env_defaults = env_defaults
 
     def error(self, message: str) -> NoReturn:
+        message = message.removeprefix("argument ")  # `--within: 'soon' is not a duration`
         self.exit(int(ExitCode.USAGE), f"{self.prog}: {message} (see: {self.prog} --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        try:
+            from_env = apply_environment(self, os.environ) if self.env_defaults else {}
+        except EnvironmentValueError as err:
+            self.exit(int(ExitCode.USAGE), f"{self.prog}: {err}\n")
+        parsed, rest = super().parse_known_args(args, namespace)
+        # {dest: variable} of the values the environment gave (a subcommand's included).
+        parsed.from_env = {**getattr(parsed, "from_env", {}), **from_env}
+        return parsed, rest
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = _Parser(
         prog="migrator",
         description="Batch migration job runner for the kie.ai File Upload API.",
+        epilog=_examples(""),
     )
-    parser.add_argument("--version", action="version", version=f"migrator {__version__}")
+    parser.add_argument(
+        "--version", action=VersionAction, help="show the migrator, Python and aiohttp versions"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_command(commands)
     _add_plan_command(commands)
@@ -84,7 +130,66 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ledger_command(commands)
     _add_emulator_command(commands)
     _add_init_command(commands)
+    _add_completion_command(commands)
+    for name, sub in commands.choices.items():
+        sub.epilog = sub.epilog or _examples(name)
     return parser
+
+
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "": (
+        "migrator plan job.yaml",
+        "migrator run job.yaml",
+        "migrator status job.yaml",
+        "migrator run --help",
+    ),
+    "run": (
+        "migrator run job.yaml",
+        "migrator run job.yaml -n                     # what would be sent; sends nothing",
+        "migrator run job.yaml -c 16 --tps-limit 10 --bwlimit 8MiB",
+        "migrator run job.yaml -q --ledger /srv/migrator/job.sqlite   # under cron",
+        "MIGRATOR_CONCURRENCY=4 migrator run job.yaml -v --retries 8 --timeout 5m",
+    ),
+    "plan": (
+        "migrator plan job.yaml",
+        "migrator plan job.yaml --format json --checksum",
+    ),
+    "status": (
+        "migrator status job.yaml",
+        "migrator status job.yaml --format json --ledger /srv/migrator/job.sqlite",
+    ),
+    "export": (
+        "migrator export job.yaml > links.jsonl",
+        "migrator export job.yaml --format csv --output links.csv",
+    ),
+    "refresh": (
+        "migrator refresh job.yaml",
+        "migrator refresh job.yaml --within 24h -n",
+    ),
+    "download": (
+        "migrator download job.yaml --dest ./copy",
+        "migrator download job.yaml --dest ./copy --only-remote --within 6h",
+    ),
+    "verify": (
+        "migrator verify job.yaml",
+        "migrator verify job.yaml --sample 5% --format json",
+    ),
+    "emulator": (
+        "migrator emulator --data-dir /tmp/kie --api-key test-key --port 8080",
+        "migrator emulator --data-dir /tmp/kie --port 0 --fault-rate 0.2 --fault-seed 7",
+    ),
+    "completion": (
+        "migrator completion bash > ~/.local/share/bash-completion/completions/migrator",
+        "migrator completion zsh > ~/.zfunc/_migrator      # with fpath+=(~/.zfunc)",
+        "migrator completion fish > ~/.config/fish/completions/migrator.fish",
+    ),
+}
+"""Examples shown at the end of each command's --help (the key "" is `migrator --help`)."""
+
+
+def _examples(command: str) -> str | None:
+    lines = EXAMPLES.get(command)
+    return None if lines is None else "examples:\n" + "".join(f"  {line}\n" for line in lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,6 +306,19 @@ def _add_shard_arg(sub: argparse.ArgumentParser) -> None:
 
 
 def _add_logging_args(sub: argparse.ArgumentParser) -> None:
+    loudness = sub.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing when all went well: no progress, no summary, only errors",
+    )
+    loudness.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every event on the console: each attempt, retry and item",
+    )
     sub.add_argument(
         "--log-format",
         choices=("console", "json"),
@@ -243,12 +361,13 @@ def _add_logging_args(sub: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, *, check_sources: bool = True) -> Manifest:
-    """The manifest as this process's shard sees it (the whole job without --shard)."""
+    """The manifest as this process's shard sees it (the whole job without --shard), with
+    the flags that stand for settings applied."""
     shard = _shard(args)  # a bad --shard is told before anything is read
     ledgers = getattr(args, "ledgers", None)
     override = ledgers[0] if ledgers else getattr(args, "ledger", None)
     manifest = load_manifest(args.manifest, ledger_override=override, check_sources=check_sources)
-    return for_shard(manifest, shard)
+    return for_shard(_with_setting_flags(manifest, args), shard)
 
 
 def _shard(args: argparse.Namespace) -> Shard | None:
@@ -261,10 +380,46 @@ def _shard(args: argparse.Namespace) -> Shard | None:
         raise UsageError(str(err)) from None
 
 
+SETTING_FLAGS = ("timeout", "connect_timeout", "retries")
+"""Flags that stand for the manifest setting of the same name (flag > env > manifest)."""
+
+
+def _with_setting_flags(manifest: Manifest, args: argparse.Namespace) -> Manifest:
+    given = {name: getattr(args, name, None) for name in SETTING_FLAGS}
+    overrides = {name: value for name, value in given.items() if value is not None}
+    if not overrides:
+        return manifest
+    return dataclasses.replace(
+        manifest, settings=dataclasses.replace(manifest.settings, **overrides)
+    )
+
+
 def _load_for_ledger_work(args: argparse.Namespace) -> Manifest:
-    """status, export, refresh, download: they work from the ledger, and must work
-    when sources are gone (that is what refresh and download are for)."""
-    return _load(args, check_sources=False)
+    """status, export, refresh, download, verify: they work from the ledger, and must
+    work when sources are gone (that is what refresh and download are for). A ledger
+    that is not there is a mistyped path, not an empty job: exit 2."""
+    manifest = _load(args, check_sources=False)
+    _require_ledger(manifest.ledger, _ledger_origin(args))
+    return manifest
+
+
+def _require_ledger(path: Path, origin: str) -> None:
+    if not path.exists():
+        raise LedgerError(
+            f"no ledger at {path} (from {origin}); is the path right? `migrator run` creates it"
+        )
+
+
+def _ledger_origin(args: argparse.Namespace) -> str:
+    """Where the ledger's path came from, for a message: --ledger (or its variable),
+    $MIGRATOR_LEDGER_DIR, or the manifest."""
+    for dest in ("ledger", "ledgers"):  # status and export take several
+        if getattr(args, dest, None):
+            origin: str = args.from_env.get(dest, "--ledger")
+            return origin
+    if os.environ.get(LEDGER_DIR_ENV, "").strip():
+        return LEDGER_DIR_ENV
+    return "the manifest"
 
 
 def _setup_logging(
@@ -273,9 +428,7 @@ def _setup_logging(
     """`default_file=False`: no log file unless --log-file names one (a dry run writes nothing)."""
     default = manifest.ledger.with_suffix(".log") if default_file else None
     log_file: Path | None = args.log_file or default
-    # By default the console shows warnings only, readable on a terminal (beside the
-    # progress bar) and key=value under cron; every event goes to the log file.
-    console = args.log_format or ("warnings" if sys.stderr.isatty() else "auto")
+    console = _console_mode(args)
     _refuse_ledger_paths(
         manifest,
         {
@@ -291,6 +444,25 @@ def _setup_logging(
         log_file=log_file, console=console, level=args.log_level, max_bytes=max_bytes or 0
     )
     args.log_path = log_file
+
+
+def _console_mode(args: argparse.Namespace) -> str:
+    """By default the console shows warnings only, readable on a terminal (beside the
+    progress bar) and key=value under cron; every event goes to the log file."""
+    if args.log_format:
+        return str(args.log_format)
+    if _is_quiet(args):
+        return "errors"
+    if args.verbose:
+        return "console"
+    return "warnings" if sys.stderr.isatty() else "auto"
+
+
+def _is_quiet(args: argparse.Namespace) -> bool:
+    """-q, unless a -v on the command line beats a MIGRATOR_QUIET from the environment."""
+    quiet = bool(getattr(args, "quiet", False))
+    verbose = bool(getattr(args, "verbose", False))
+    return quiet and not (verbose and "quiet" in args.from_env)
 
 
 def _refuse_ledger_paths(manifest: Manifest, files: dict[str, Path | None]) -> None:
@@ -335,23 +507,39 @@ def _print_json(value: object) -> None:
 
 def _add_command_args(sub: argparse.ArgumentParser) -> None:
     """What every command on the command core takes."""
-    sub.add_argument("--concurrency", type=int, default=None, help="workers (default: manifest)")
     sub.add_argument(
-        "--dry-run", action="store_true", help="decide and count; write and send nothing"
+        "-c",
+        "--concurrency",
+        metavar="N",
+        type=bounded_int(1, 256),
+        default=None,
+        help="workers, 1-256 (default: settings.concurrency)",
     )
     sub.add_argument(
-        "--grace", type=float, default=30.0, help="seconds in-flight items get after a signal"
+        "-n", "--dry-run", action="store_true", help="decide and count; write and send nothing"
+    )
+    sub.add_argument(
+        "--grace",
+        metavar="DURATION",
+        type=typed(parse_duration),
+        default=30.0,
+        help="how long items in flight get to finish after a signal, e.g. 5s (default 30s)",
     )
     sub.add_argument(
         "--tps-limit",
+        metavar="N",
+        type=typed(parse_rate),
         default=None,
         help="at most this many requests per second to the service (default: settings.tps_limit)",
     )
     sub.add_argument(
         "--bwlimit",
+        metavar="RATE",
+        type=typed(parse_bandwidth),
         default=None,
         help="at most this many bytes per second, e.g. 8MiB (default: settings.bwlimit)",
     )
+    _add_network_args(sub)
     sub.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     sub.add_argument(
         "--summary-format",
@@ -361,18 +549,42 @@ def _add_command_args(sub: argparse.ArgumentParser) -> None:
     )
     sub.add_argument(
         "--stats",
-        default="10s",
+        metavar="DURATION",
+        type=typed(parse_positive_duration),
+        default=10.0,
         help="without a terminal, print a progress line this often (default 10s)",
     )
     _add_logging_args(sub)
 
 
+def _add_network_args(sub: argparse.ArgumentParser) -> None:
+    """The SETTING_FLAGS: each stands for the manifest setting of its name."""
+    sub.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=typed(parse_positive_duration),
+        default=None,
+        help="how long a read may wait for the next bytes of an answer (default: "
+        "settings.timeout, 120s)",
+    )
+    sub.add_argument(
+        "--connect-timeout",
+        metavar="DURATION",
+        type=typed(parse_positive_duration),
+        default=None,
+        help="how long opening a connection may take (default: settings.connect_timeout, 15s)",
+    )
+    sub.add_argument(
+        "--retries",
+        metavar="N",
+        type=bounded_int(0, 50),
+        default=None,
+        help="retries after the first attempt of a request, 0-50 (default: settings.retries, 5)",
+    )
+
+
 def _command_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The CommandOptions fields every command's options share, checked."""
-    if args.concurrency is not None and not 1 <= args.concurrency <= 256:
-        raise UsageError("--concurrency: must be between 1 and 256")
-    if not (math.isfinite(args.grace) and args.grace >= 0):
-        raise UsageError("--grace: must be a number of seconds, 0 or more")
+    """The CommandOptions fields every command's options share."""
     return {
         "concurrency": args.concurrency,
         "dry_run": args.dry_run,
@@ -380,8 +592,8 @@ def _command_options(args: argparse.Namespace) -> dict[str, Any]:
         "handle_signals": True,
         "metrics_file": args.metrics_file,
         "metrics_push": _push_url(args.metrics_push),
-        "tps_limit": _converted("--tps-limit", parse_rate, args.tps_limit),
-        "bwlimit": _converted("--bwlimit", parse_bandwidth, args.bwlimit),
+        "tps_limit": args.tps_limit,
+        "bwlimit": args.bwlimit,
     }
 
 
@@ -410,17 +622,20 @@ def _execute(
     *,
     as_json: bool = False,
 ) -> int:
-    """Run one command with the display that suits where it runs, print its summary."""
-    interval = _converted("--stats", parse_duration, args.stats)
-    if not interval or interval <= 0:
-        raise UsageError("--stats: must be a duration above 0, such as 10s or 1m")
-    summary = asyncio.run(_with_display(command, noun, interval, quiet=args.no_progress))
+    """Run one command with the display that suits where it runs, print its summary.
+    -q: nothing on success; otherwise the summary and its notes go to stderr."""
+    quiet = _is_quiet(args)
+    hide = quiet or args.no_progress
+    summary = asyncio.run(_with_display(command, noun, args.stats, quiet=hide))
     if as_json or args.summary_format == "json":
         _print_json(summary_dict(summary))
-    else:
+    elif not quiet:
         print(summary.line())
         for note in summary.notes:
             print(note)
+    elif summary.exit_code != ExitCode.OK:
+        for line in (summary.line(), *summary.notes):
+            print(f"migrator: {line}", file=sys.stderr)
     if summary.message:
         print(f"migrator: {summary.message}", file=sys.stderr)
     return int(summary.exit_code)
@@ -569,8 +784,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _ledgers_read(args: argparse.Namespace, manifest: Manifest) -> list[Path]:
     """status, export: the manifest's ledger (the first --ledger), then the other --ledgers."""
-    others = (args.ledgers or [])[1:]
-    return [manifest.ledger, *(path.expanduser().absolute() for path in others)]
+    others = [path.expanduser().absolute() for path in (args.ledgers or [])[1:]]
+    for path in others:
+        _require_ledger(path, "--ledger")
+    return [manifest.ledger, *others]
 
 
 async def _export(manifest: Manifest, ledgers: list[Path], fmt: str, output: Path | None) -> None:
@@ -626,7 +843,10 @@ def _add_refresh_command(commands: argparse._SubParsersAction[argparse.ArgumentP
     )
     _add_manifest_args(sub)
     sub.add_argument(
-        "--within", default=None, help="refresh what expires within this (default: refresh_within)"
+        "--within",
+        type=typed(parse_duration),
+        default=None,
+        help="refresh what expires within this, e.g. 24h (default: settings.refresh_within)",
     )
     _add_shard_arg(sub)
     _add_command_args(sub)
@@ -634,7 +854,7 @@ def _add_refresh_command(commands: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
-    options = RefreshOptions(within=_within(args), **_command_options(args))
+    options = RefreshOptions(within=args.within, **_command_options(args))
     manifest = _load_for_ledger_work(args)
     _setup_logging(args, manifest, default_file=not args.dry_run)
     return _execute(args, "uploads", lambda shown: refresh(manifest, options, shown))
@@ -646,7 +866,12 @@ def _add_download_command(commands: argparse._SubParsersAction[argparse.Argument
     )
     _add_manifest_args(sub)
     sub.add_argument("--dest", type=Path, required=True, help="folder to download into")
-    sub.add_argument("--within", default=None, help="only items that expire within this")
+    sub.add_argument(
+        "--within",
+        type=typed(parse_duration),
+        default=None,
+        help="only items that expire within this",
+    )
     sub.add_argument("--only-remote", action="store_true", help="only items whose source is a URL")
     _add_shard_arg(sub)
     _add_command_args(sub)
@@ -655,7 +880,7 @@ def _add_download_command(commands: argparse._SubParsersAction[argparse.Argument
 
 def _cmd_download(args: argparse.Namespace) -> int:
     options = DownloadOptions(
-        within=_within(args), only_remote=args.only_remote, **_command_options(args)
+        within=args.within, only_remote=args.only_remote, **_command_options(args)
     )
     manifest = _load_for_ledger_work(args)
     _setup_logging(args, manifest, default_file=not args.dry_run)
@@ -667,9 +892,17 @@ def _add_verify_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "verify", help="ask every recorded link whether it still serves its bytes; upload nothing"
     )
     _add_manifest_args(sub)
-    sub.add_argument("--within", default=None, help="only links that expire within this")
     sub.add_argument(
-        "--sample", default=None, help="probe a random sample: a count (500) or a share (5%%)"
+        "--within",
+        type=typed(parse_duration),
+        default=None,
+        help="only links that expire within this",
+    )
+    sub.add_argument(
+        "--sample",
+        type=typed(Sample.parse),
+        default=None,
+        help="probe a random sample: a count (500) or a share (5%%)",
     )
     sub.add_argument("--format", choices=("table", "json"), default="table")
     _add_shard_arg(sub)
@@ -678,8 +911,7 @@ def _add_verify_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    sample = _converted("--sample", Sample.parse, args.sample)
-    options = VerifyOptions(within=_within(args), sample=sample, **_command_options(args))
+    options = VerifyOptions(within=args.within, sample=args.sample, **_command_options(args))
     manifest = _load_for_ledger_work(args)
     _setup_logging(args, manifest, default_file=not args.dry_run)
     return _execute(
@@ -688,10 +920,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         lambda shown: verify(manifest, options, shown),
         as_json=args.format == "json",
     )
-
-
-def _within(args: argparse.Namespace) -> float | None:
-    return _converted("--within", parse_duration, args.within)
 
 
 # -- init ----------------------------------------------------------------------------------
@@ -752,6 +980,7 @@ def _cmd_ledger_merge(args: argparse.Namespace) -> int:
 def _add_emulator_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sub = commands.add_parser(
         "emulator",
+        env_defaults=False,  # the service's side: its flags are not the job's settings
         help="serve a local emulator of the File Upload API",
         description=(
             "Serve a local emulator of the kie.ai File Upload API. Prints one line, "
@@ -881,6 +1110,23 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         fault_stall=convert("--fault-stall", parse_duration, args.fault_stall),
     )
     asyncio.run(serve(config, lambda url: print(f"emulator listening on {url}", flush=True)))
+    return int(ExitCode.OK)
+
+
+def _add_completion_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh or fish)",
+        description="Print a completion script for SHELL, generated from migrator's own flags.",
+    )
+    sub.add_argument("shell", choices=("bash", "zsh", "fish"), help="the shell to complete in")
+    sub.set_defaults(handler=_cmd_completion)
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from migrator.completion import script
+
+    print(script(build_parser(), args.shell), end="")
     return int(ExitCode.OK)
 
 

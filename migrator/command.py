@@ -26,12 +26,12 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
 from migrator.clock import OFFSET_FACT, SKEW_WARNING, ServiceClock
-from migrator.connect import connect, read_api_key
+from migrator.connect import connect, key_source, read_api_key
 from migrator.errors import (
     ExitCode,
     StopReason,
@@ -100,6 +100,16 @@ def workers_the_fd_limit_allows(soft_limit: int | None = None) -> int:
     if soft_limit == resource.RLIM_INFINITY:
         return 1 << 20
     return max(1, (soft_limit - FILES_KEPT_BACK) // FILES_PER_WORKER)
+
+
+QUIET_RETRIES = 2
+"""Failed attempts of one item logged as info; from the next retry on, each is a warning
+that reaches the console: a service that keeps failing must not look like silence."""
+
+
+def retrying_for_long(report: AttemptReport) -> bool:
+    """A retry after more than QUIET_RETRIES failed attempts of the same item (pure)."""
+    return report.outcome == "retry" and report.number > QUIET_RETRIES
 
 
 class Observer:
@@ -264,7 +274,8 @@ class CommandSession:
                     self.target_id, upload_path, file_name, self.clock.now()
                 )
                 self.ledger.put_item(update)
-            log.info(f"{self.name}.attempt", item=label, **report.log_fields())
+            event = log.warning if retrying_for_long(report) else log.info
+            event(f"{self.name}.attempt", item=label, **report.log_fields())
 
         return Attempts(
             upload_path=upload_path,
@@ -429,7 +440,11 @@ async def execute(
         api_key = read_api_key(manifest.target, environ)  # ConfigError before any write
     with locked(manifest.ledger):
         async with await Ledger.open(manifest.ledger) as ledger:
-            return await _with_ledger(operation, manifest, options, watcher, ledger, api_key)
+            summary = await _with_ledger(operation, manifest, options, watcher, ledger, api_key)
+    if summary.stop_reason is StopReason.AUTH and api_key is not None:
+        where = key_source(manifest.target, environ)
+        summary = replace(summary, message=f"{summary.message} (the key came from {where})")
+    return summary
 
 
 async def _with_ledger(

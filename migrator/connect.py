@@ -44,18 +44,30 @@ EMBEDDED_REQUESTS_KEPT = 100  # nobody reads the embedded emulator's request log
 
 
 def read_api_key(target: Target, environ: Mapping[str, str] | None = None) -> str:
-    """The key from target.api_key_file, or else the environment variable it names.
+    """The key from the environment variable target.api_key_env names, or else from
+    target.api_key_file: the environment wins over the manifest, as for every flag.
     Every key read is registered for redaction: no log line ever carries it."""
-    env = os.environ if environ is None else environ
+    key = _env_key(target, environ)
+    if key:
+        return register_secret(_checked_key(key, key_source(target, environ)))
     if target.api_key_file is not None:
         return register_secret(_read_key_file(target.api_key_file))
-    key = env.get(target.api_key_env, "").strip()
-    if not key:
-        raise ConfigError(
-            f"no API key: set the environment variable {target.api_key_env} "
-            "or target.api_key_file in the manifest"
-        )
-    return register_secret(_checked_key(key, f"the environment variable {target.api_key_env}"))
+    raise ConfigError(
+        f"no API key: set the environment variable {target.api_key_env} "
+        "or target.api_key_file in the manifest"
+    )
+
+
+def key_source(target: Target, environ: Mapping[str, str] | None = None) -> str:
+    """Where `read_api_key` takes the key from, for messages (never the key itself)."""
+    if _env_key(target, environ) or target.api_key_file is None:
+        return f"the environment variable {target.api_key_env}"
+    return f"the API key file {target.api_key_file}"
+
+
+def _env_key(target: Target, environ: Mapping[str, str] | None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get(target.api_key_env, "").strip()
 
 
 def _read_key_file(path: Path) -> str:

@@ -22,6 +22,7 @@ Sinks:
   - "console": human-readable lines (colours only on a TTY), every event >= level;
   - "json": the same JSON lines as the file;
   - "warnings": human-readable, warnings and errors only (beside a progress bar);
+  - "errors": the same, errors only (`-q`: nothing when all goes well);
   - "none": nothing;
   - "auto": "console" when the stream is a TTY; otherwise (cron, CI, a pipe) only
     warnings and errors, as one `key=value` line each with the exception reduced
@@ -52,7 +53,7 @@ from migrator.errors import ConfigError
 from migrator.naming import hide_credentials
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}
-CONSOLE_MODES = ("auto", "console", "warnings", "json", "none")
+CONSOLE_MODES = ("auto", "console", "warnings", "errors", "json", "none")
 REDACTED = "***"
 SENSITIVE_KEYS = frozenset(
     {"authorization", "api_key", "apikey", "x_api_key", "token", "access_token", "password"}
@@ -406,8 +407,8 @@ def _console_sink(console: str, stream: TextIO, min_level: int, redact: Processo
         return None
     if console == "json":
         return _Sink(stream, min_level, (_dict_tracebacks, redact), _json_line)
-    if console == "warnings":
-        quiet = max(min_level, LEVELS["warning"])
+    if console in ("warnings", "errors"):
+        quiet = max(min_level, LEVELS[console.removesuffix("s")])
         return _Sink(stream, quiet, (_plain_exception, redact), _console_renderer(stream))
     if console == "console" or _is_tty(stream):
         return _Sink(stream, min_level, (_plain_exception, redact), _console_renderer(stream))

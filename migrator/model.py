@@ -109,7 +109,7 @@ class Settings:
 class Target:
     base_url: str  # an http(s) URL, or EMBEDDED
     api_key_env: str = "KIE_API_KEY"
-    api_key_file: Path | None = None  # absolute; wins over the environment when set
+    api_key_file: Path | None = None  # absolute; used when api_key_env's variable is unset
     upload_path: str = ""  # prefix of every uploadPath, no leading/trailing '/'
 
     @property

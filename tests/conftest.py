@@ -295,10 +295,9 @@ async def start_cli(
     stderr: Any = asyncio.subprocess.PIPE,
 ) -> asyncio.subprocess.Process:
     """`python -m migrator ARGS` started, not awaited: KIE_API_KEY set to `key` (or unset),
-    MIGRATOR_LEDGER_DIR unset, `env` added. For a test that signals or kills the child."""
-    child_env = migrator_env()
+    every MIGRATOR_* variable unset, `env` added. For a test that signals or kills the child."""
+    child_env = {k: v for k, v in migrator_env().items() if not k.startswith("MIGRATOR_")}
     child_env.pop("KIE_API_KEY", None)
-    child_env.pop("MIGRATOR_LEDGER_DIR", None)
     child_env.update(env or {})
     if key is not None:
         child_env["KIE_API_KEY"] = key

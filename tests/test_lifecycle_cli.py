@@ -153,7 +153,7 @@ async def test_a_bad_within_value_exits_2_with_one_line(
 
     assert done.code == 2
     assert done.stderr.count("\n") == 1
-    assert done.stderr.startswith("migrator: --within: ")
+    assert done.stderr.startswith(f"migrator {command}: --within: ")
     assert "soon" in done.stderr
     assert done.stdout == ""
 
