@@ -193,19 +193,20 @@ def _zsh_case(command: Command) -> str:
 
 
 def _zsh_spec(flag: Flag) -> str:
-    names = flag.names
-    head = f"{{{','.join(names)}}}" if len(names) > 1 else names[0]
-    exclusive = f"({' '.join(names)})" if len(names) > 1 else ""
-    text = f"[{_zsh_text(flag.help)}]"
+    """`'--ledger[help]:path:_files'`; a flag with two names excludes the other:
+    `'(-c --concurrency)'{-c,--concurrency}'[help]:value: '`."""
     if not flag.takes_value:
-        return f"'{exclusive}'{head}'{text}'"
-    if flag.choices:
+        value = ""
+    elif flag.choices:
         value = f":value:({' '.join(flag.choices)})"
     elif flag.is_path:
         value = ":path:_files"
     else:
         value = ":value: "
-    return f"'{exclusive}'{head}'{text}{value}'"
+    rest = f"[{_zsh_text(flag.help)}]{value}"
+    if len(flag.names) == 1:
+        return f"'{flag.names[0]}{rest}'"
+    return f"'({' '.join(flag.names)})'{{{','.join(flag.names)}}}'{rest}'"
 
 
 def _zsh_text(text: str) -> str:
