@@ -22,6 +22,7 @@ from typing import Any, NoReturn, TypeVar
 from rich.console import Console
 
 from migrator.command import CommandSummary, Observer
+from migrator.completion import SHELLS, script
 from migrator.download import DownloadOptions, download
 from migrator.errors import (
     DISK_ERRNOS,
@@ -100,10 +101,14 @@ class _Parser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         try:
-            from_env = apply_environment(self, os.environ) if self.env_defaults else {}
+            given = apply_environment(self, os.environ) if self.env_defaults else None
         except EnvironmentValueError as err:
             self.exit(int(ExitCode.USAGE), f"{self.prog}: {err}\n")
         parsed, rest = super().parse_known_args(args, namespace)
+        from_env = {}
+        if given is not None:
+            given.fill(parsed)
+            from_env = given.names
         # {dest: variable} of the values the environment gave (a subcommand's included).
         parsed.from_env = {**getattr(parsed, "from_env", {}), **from_env}
         return parsed, rest
@@ -453,7 +458,7 @@ def _console_mode(args: argparse.Namespace) -> str:
         return str(args.log_format)
     if _is_quiet(args):
         return "errors"
-    if args.verbose:
+    if getattr(args, "verbose", False):
         return "console"
     return "warnings" if sys.stderr.isatty() else "auto"
 
@@ -1119,13 +1124,11 @@ def _add_completion_command(commands: argparse._SubParsersAction[argparse.Argume
         help="print a shell completion script (bash, zsh or fish)",
         description="Print a completion script for SHELL, generated from migrator's own flags.",
     )
-    sub.add_argument("shell", choices=("bash", "zsh", "fish"), help="the shell to complete in")
+    sub.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     sub.set_defaults(handler=_cmd_completion)
 
 
 def _cmd_completion(args: argparse.Namespace) -> int:
-    from migrator.completion import script
-
     print(script(build_parser(), args.shell), end="")
     return int(ExitCode.OK)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import platform
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TypeVar
 
@@ -40,32 +41,45 @@ def env_name(action: argparse.Action) -> str | None:
     return ENV_PREFIX + longs[0][2:].upper().replace("-", "_")
 
 
+@dataclass(frozen=True, slots=True)
+class FromEnvironment:
+    """What the environment gave a parser: `names` {dest: variable} of every value, and
+    `lists` {dest: (default, [value])} for repeatable flags, which `fill` applies after
+    parsing only where no flag was given (argparse would append flags to a default)."""
+
+    names: dict[str, str] = field(default_factory=dict)
+    lists: dict[str, tuple[object, list[object]]] = field(default_factory=dict)
+
+    def fill(self, namespace: argparse.Namespace) -> None:
+        for dest, (default, values) in self.lists.items():
+            if getattr(namespace, dest, default) == default:
+                setattr(namespace, dest, values)
+
+
 def apply_environment(
     parser: argparse.ArgumentParser, environ: Mapping[str, str]
-) -> dict[str, str]:
-    """Make each flag's variable, when set, the flag's default; return {dest: variable}
-    of those set (an empty one is not set). Raises EnvironmentValueError for a value the
-    flag would refuse."""
-    applied: dict[str, str] = {}
+) -> FromEnvironment:
+    """Make each flag's variable, when set, the flag's default (an empty one is not set).
+    Raises EnvironmentValueError for a value the flag would refuse."""
+    given = FromEnvironment()
     for action in parser._actions:
         name = env_name(action)
         if name is None or not environ.get(name, "").strip():
             continue
-        action.default = _env_value(action, name, environ[name])
+        value = _env_value(action, name, environ[name])
+        if isinstance(action, argparse._AppendAction):
+            given.lists[action.dest] = (action.default, [value])
+        else:
+            action.default = value
         action.required = False  # `--dest` given by MIGRATOR_DEST
-        applied[action.dest] = name
-    return applied
+        given.names[action.dest] = name
+    return given
 
 
 def _env_value(action: argparse.Action, name: str, text: str) -> object:
     if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
         return action.const if switch(text, name) else action.default
-    if isinstance(action, argparse._CountAction):
-        return _converted(action, name, text, bounded_int(0, 10))
-    value = _converted(action, name, text, action.type)
-    if isinstance(action, argparse._AppendAction):
-        return [value]
-    return value
+    return _converted(action, name, text, action.type)
 
 
 def _converted(action: argparse.Action, name: str, text: str, convert: object) -> object:

@@ -4,6 +4,7 @@ the API key's source, no abbreviations, short flags, examples, completion, --ver
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import platform
@@ -17,6 +18,7 @@ from conftest import Finished, run_cli, write_file, write_manifest
 
 from migrator.cli import build_parser
 from migrator.emulator import Emulator
+from migrator.flags import apply_environment
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -432,3 +434,24 @@ async def test_zsh_and_fish_completion_name_every_command_and_long_flag(shell: s
         for flag in flags:
             name = flag if shell == "zsh" else flag.lstrip("-")
             assert name in result.stdout, (command, flag)
+
+
+# -- the environment's rule for repeatable flags (none of today's commands has one) ------
+
+
+def parse_with(environ: dict[str, str], *argv: str) -> list[str] | None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--include", action="append")
+    given = apply_environment(parser, environ)
+    parsed = parser.parse_args(argv)
+    given.fill(parsed)
+    included: list[str] | None = parsed.include
+    return included
+
+
+def test_a_repeatable_flag_takes_its_variable_when_not_given() -> None:
+    assert parse_with({"MIGRATOR_INCLUDE": "*.png"}) == ["*.png"]
+
+
+def test_a_repeatable_flag_given_replaces_its_variable() -> None:
+    assert parse_with({"MIGRATOR_INCLUDE": "*.png"}, "--include", "*.jpg") == ["*.jpg"]
