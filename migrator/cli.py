@@ -179,6 +179,14 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "migrator verify job.yaml",
         "migrator verify job.yaml --sample 5% --format json",
     ),
+    "show": (
+        "migrator show job.yaml ./photos/a.png",
+        "migrator show job.yaml migrations/photos/a.png --format json",
+    ),
+    "init": (
+        "migrator init",
+        "migrator init jobs/nightly.yaml",
+    ),
     "emulator": (
         "migrator emulator --data-dir /tmp/kie --api-key test-key --port 8080",
         "migrator emulator --data-dir /tmp/kie --port 0 --fault-rate 0.2 --fault-seed 7",
