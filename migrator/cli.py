@@ -146,6 +146,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "migrator plan job.yaml",
         "migrator run job.yaml",
         "migrator status job.yaml",
+        "MIGRATOR_DRY_RUN=1 migrator run job.yaml   # every flag has a MIGRATOR_* variable",
         "migrator run --help",
     ),
     "run": (

@@ -212,7 +212,7 @@ async def test_verbose_shows_retries_and_items_on_the_console(
 
     assert result.code == 0, result.stderr
     assert "run.attempt" in result.stderr
-    assert "retry" in result.stderr
+    assert "outcome=retry" in result.stderr
     assert "upload.done" in result.stderr
 
 
