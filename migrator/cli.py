@@ -136,9 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_emulator_command(commands)
     _add_init_command(commands)
     _add_completion_command(commands)
-    for name, sub in commands.choices.items():
-        sub.epilog = sub.epilog or _examples(name)
+    _add_epilogs(parser)
     return parser
+
+
+def _add_epilogs(parser: argparse.ArgumentParser, command: str = "") -> None:
+    """EXAMPLES at the end of each command's --help, subcommands' (`ledger merge`) too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                sub.epilog = sub.epilog or _examples(f"{command} {name}".strip())
+                _add_epilogs(sub, f"{command} {name}".strip())
 
 
 EXAMPLES: dict[str, tuple[str, ...]] = {
@@ -187,6 +195,11 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "init": (
         "migrator init",
         "migrator init jobs/nightly.yaml",
+    ),
+    "ledger": ("migrator ledger merge job.sqlite job.shard-0-of-2.sqlite job.shard-1-of-2.sqlite",),
+    "ledger merge": (
+        "migrator ledger merge job.sqlite job.shard-0-of-2.sqlite job.shard-1-of-2.sqlite",
+        "migrator ledger merge all.sqlite all.sqlite late-shard.sqlite   # fold one more in",
     ),
     "emulator": (
         "migrator emulator --data-dir /tmp/kie --api-key test-key --port 8080",
