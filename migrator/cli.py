@@ -401,8 +401,9 @@ def _shard(args: argparse.Namespace) -> Shard | None:
     """--shard, else $MIGRATOR_SHARD, for the commands that take one."""
     if "shard" not in vars(args):
         return None
+    flag = None if "shard" in args.from_env else args.shard  # chosen_shard reads it there
     try:
-        return chosen_shard(args.shard, os.environ)
+        return chosen_shard(flag, os.environ)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
