@@ -864,12 +864,11 @@ def _add_emulator_command(commands: argparse._SubParsersAction[argparse.Argument
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
-    import asyncio
     import math
     import os
     from pathlib import Path
 
-    from migrator.emulator import RESPONSE_SHAPES, EmulatorConfig, serve
+    from migrator.emulator import RESPONSE_SHAPES, EmulatorConfig, run_emulator
     from migrator.errors import UsageError
     from migrator.units import parse_duration, parse_size
 
@@ -925,7 +924,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         fault_seed=args.fault_seed,
         fault_stall=convert("--fault-stall", parse_duration, args.fault_stall),
     )
-    asyncio.run(serve(config, lambda url: print(f"emulator listening on {url}", flush=True)))
+    run_emulator(config, lambda url: print(f"emulator listening on {url}", flush=True))
     return int(ExitCode.OK)
 
 
