@@ -287,21 +287,29 @@ def _attempt_params(record: AttemptRecord) -> dict[str, object]:
     }
 
 
+# Enum(value) costs a microsecond a call, three a row, and a no-op re-run reads every row;
+# a value not in these maps still goes through the Enum, for its ValueError.
+_KINDS = {kind.value: kind for kind in SourceKind}
+_METHODS = {method.value: method for method in Method}
+_STATES = {state.value: state for state in ItemState}
+
+
 def _row_to_item(row: Sequence[Any]) -> LedgerItem:
+    method = row[11]
     return LedgerItem(
         id=row[0],
         target=row[1],
         upload_path=row[2],
         file_name=row[3],
         source=row[4],
-        kind=SourceKind(row[5]),
+        kind=_KINDS.get(row[5]) or SourceKind(row[5]),
         size=row[6],
         mtime_ns=row[7],
         etag=row[8],
         last_modified=row[9],
         sha256=row[10],
-        method=None if row[11] is None else Method(row[11]),
-        state=ItemState(row[12]),
+        method=None if method is None else _METHODS.get(method) or Method(method),
+        state=_STATES.get(row[12]) or ItemState(row[12]),
         download_url=row[13],
         file_id=row[14],
         uploaded_at=row[15],
