@@ -33,6 +33,7 @@ import aiohttp
 
 from migrator.client import (
     DEFAULT_CHUNK_SIZE,
+    Digest,
     UploadClient,
     check_regular,
     local_read_error,
@@ -207,9 +208,11 @@ class Meter:
         self.on_bytes = on_bytes
         self.total = 0
         self._digest = hashlib.sha256()
+        self._hash_chunks = True
 
     async def __call__(self, chunk: bytes) -> None:
-        self._digest.update(chunk)
+        if self._hash_chunks:
+            self._digest.update(chunk)
         self.total += len(chunk)
         self.on_bytes(len(chunk))
         await self.pacer.transfer(len(chunk), self.sleep)
@@ -217,6 +220,12 @@ class Meter:
     @property
     def sha256(self) -> str:
         return self._digest.hexdigest()
+
+    def reader_digest(self) -> Digest:
+        """The hash, for a reader to update as it reads each chunk (in its thread, beside
+        the sending); the chunks this meter then sees are not hashed twice."""
+        self._hash_chunks = False
+        return self._digest
 
     def rewind(self) -> None:
         """A failed attempt takes its bytes back from the progress shown."""
@@ -270,6 +279,7 @@ async def _send_file(conn: Connection, job: Send, meter: Meter) -> Sent:
         size=size,
         on_chunk=meter,
         chunk_size=meter.chunk_size(),
+        digest=meter.reader_digest(),
     )
     await _unchanged_since(path, meter.total, mtime_ns)
     return Sent(receipt, meter.total, meter.sha256, meter.total, mtime_ns)
