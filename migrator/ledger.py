@@ -258,12 +258,18 @@ def _item_params(update: ItemUpdate, now: float) -> dict[str, object]:
         "attempts_added": update.attempts_added,
         "updated_at": now,
     }
-    for name in ITEM_UPDATE_FIELDS:
+    for name, keep in _KEEP_KEYS:  # two puts an item: the loop is kept plain
         value = getattr(update, name)
-        kept = value is KEEP
-        params[name] = None if kept else _sql_value(value)
-        params[f"keep_{name}"] = int(kept)
+        if value is KEEP:
+            params[name], params[keep] = None, 1
+        else:
+            params[name] = value if type(value) in _PLAIN else _sql_value(value)
+            params[keep] = 0
     return params
+
+
+_KEEP_KEYS = tuple((name, f"keep_{name}") for name in ITEM_UPDATE_FIELDS)
+_PLAIN = frozenset({str, int, float, type(None)})
 
 
 def _sql_value(value: object) -> object:
