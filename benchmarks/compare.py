@@ -145,7 +145,7 @@ def run_workload(
     work: Workload, servers: Servers, env: dict[str, str], args: argparse.Namespace
 ) -> Result:
     runs = []
-    contenders = list(work.contenders)
+    contenders = chosen(work.contenders, args.contenders)
     for rep in range(work.repeat or args.repeat):
         turn = rep % len(contenders)  # each repetition starts with the next contender
         for contender in contenders[turn:] + contenders[:turn]:
@@ -160,6 +160,13 @@ def run_workload(
                 flush=True,
             )
     return Result(work, tuple(runs))
+
+
+def chosen(contenders: tuple[Contender, ...], prefixes: list[str] | None) -> list[Contender]:
+    """The contenders whose name starts with one of `prefixes` (all without --contenders)."""
+    if prefixes is None:
+        return list(contenders)
+    return [c for c in contenders if any(c.name.startswith(p) for p in prefixes)]
 
 
 @contextlib.contextmanager
@@ -304,6 +311,12 @@ def parse_args() -> argparse.Namespace:
         type=functools.partial(_listed, allowed=CONDITIONS),
         default=list(CONDITIONS),
         help="loopback, rtt or both (default); local scenarios run with loopback",
+    )
+    parser.add_argument(
+        "--contenders",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=None,
+        help="comma-separated name prefixes, e.g. 'migrator,bare' (default: every contender)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument("--concurrency", type=int, default=16, help="of every concurrent contender")

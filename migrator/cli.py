@@ -7,7 +7,6 @@ the library so that it can be used from Python just the same.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -17,13 +16,12 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from rich.console import Console
-
-from migrator.command import CommandSummary, Observer
+# Only what parsing the command line needs is imported here: `--version` and `--help`
+# must not pay for aiohttp, aiosqlite, rich or the emulator. Each command imports the
+# library it calls (tests/test_cli_imports.py keeps it so).
 from migrator.completion import SHELLS, script
-from migrator.download import DownloadOptions, download
 from migrator.errors import (
     DISK_ERRNOS,
     ConfigError,
@@ -41,16 +39,7 @@ from migrator.flags import (
     bounded_int,
     typed,
 )
-from migrator.ledger import Ledger
-from migrator.logs import configure_logging, get_logger, open_log_file
-from migrator.manifest import LEDGER_DIR_ENV, load_manifest, output_clash
-from migrator.model import Manifest
-from migrator.outputs import EXPORT_FORMATS, check_output_folder, export_format, write_export
-from migrator.plan import check_plan
-from migrator.progress import BarProgress, LineProgress, StopNotice
-from migrator.refresh import RefreshOptions, refresh
-from migrator.report import build_status, export_to
-from migrator.runner import RunOptions, preview, run_manifest
+from migrator.outputs import EXPORT_FORMATS
 from migrator.shard import SHARD_ENV, Shard, chosen_shard, for_shard
 from migrator.units import (
     parse_bandwidth,
@@ -59,14 +48,13 @@ from migrator.units import (
     parse_rate,
     parse_size,
 )
-from migrator.verify import Sample, VerifyOptions, verify
-from migrator.views import (
-    PlanJsonPrinter,
-    PlanTablePrinter,
-    PlanTotals,
-    print_status,
-    summary_dict,
-)
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from migrator.command import CommandSummary, Observer
+    from migrator.model import Manifest
+    from migrator.verify import Sample
 
 Handler = Callable[[argparse.Namespace], int]
 T = TypeVar("T")
@@ -224,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    from migrator.logs import configure_logging, get_logger
+
     # Until a command sets up its own logging: warnings only, on stderr, never a
     # traceback with local variables on stdout (structlog's default).
     configure_logging(log_file=None, console="warnings" if sys.stderr.isatty() else "auto")
@@ -390,6 +380,8 @@ def _add_logging_args(sub: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace, *, check_sources: bool = True) -> Manifest:
     """The manifest as this process's shard sees it (the whole job without --shard), with
     the flags that stand for settings applied."""
+    from migrator.manifest import load_manifest
+
     shard = _shard(args)  # a bad --shard is told before anything is read
     ledgers = getattr(args, "ledgers", None)
     override = ledgers[0] if ledgers else getattr(args, "ledger", None)
@@ -438,9 +430,17 @@ def _require_ledger(path: Path, origin: str) -> None:
         )
 
 
+def _sample(text: str) -> Sample:
+    from migrator.verify import Sample
+
+    return Sample.parse(text)
+
+
 def _ledger_origin(args: argparse.Namespace) -> str:
     """Where the ledger's path came from, for a message: --ledger (or its variable),
     $MIGRATOR_LEDGER_DIR, or the manifest."""
+    from migrator.manifest import LEDGER_DIR_ENV
+
     for dest in ("ledger", "ledgers"):  # status and export take several
         if getattr(args, dest, None):
             origin: str = args.from_env.get(dest, "--ledger")
@@ -454,6 +454,8 @@ def _setup_logging(
     args: argparse.Namespace, manifest: Manifest, *, default_file: bool = True
 ) -> None:
     """`default_file=False`: no log file unless --log-file names one (a dry run writes nothing)."""
+    from migrator.logs import configure_logging
+
     default = manifest.ledger.with_suffix(".log") if default_file else None
     log_file: Path | None = args.log_file or default
     console = _console_mode(args)
@@ -496,6 +498,8 @@ def _is_quiet(args: argparse.Namespace) -> bool:
 def _refuse_ledger_paths(manifest: Manifest, files: dict[str, Path | None]) -> None:
     """Files a command is told to write (`--log-file`, `--metrics-file`, ...) must not
     be the ledger or one of its own files: refused before anything runs (exit 2)."""
+    from migrator.manifest import output_clash
+
     for what, path in files.items():
         reason = None if path is None else output_clash(path, manifest.ledger)
         if reason is not None:
@@ -505,6 +509,8 @@ def _refuse_ledger_paths(manifest: Manifest, files: dict[str, Path | None]) -> N
 def _check_log_file(log_file: Path) -> None:
     """Its folder exists and it can be opened; a failing disk is exit 74, as for the ledger.
     A folder made for it is 0700 and a new log 0600: the log holds the ledger's links."""
+    from migrator.logs import open_log_file
+
     in_the_way = next((p for p in log_file.parents if p.exists() and not p.is_dir()), None)
     if in_the_way is not None:
         raise ConfigError(f"cannot write the log file {log_file}: {in_the_way} is not a folder")
@@ -515,14 +521,15 @@ def _check_log_file(log_file: Path) -> None:
         raise kind(f"cannot write the log file {log_file}: {err.strerror}") from None
 
 
-class _StdoutConsole(Console):
-    def on_broken_pipe(self) -> None:
-        # rich exits with status 1 here; `migrator status | head` is not a failure.
-        self.quiet = True
-        raise BrokenPipeError
-
-
 def _stdout_console() -> Console:
+    from rich.console import Console
+
+    class _StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits with status 1 here; `migrator status | head` is not a failure.
+            self.quiet = True
+            raise BrokenPipeError
+
     return _StdoutConsole(highlight=False, soft_wrap=True)
 
 
@@ -652,6 +659,10 @@ def _execute(
 ) -> int:
     """Run one command with the display that suits where it runs, print its summary.
     -q: nothing on success; otherwise the summary and its notes go to stderr."""
+    import asyncio
+
+    from migrator.views import summary_dict
+
     quiet = _is_quiet(args)
     hide = quiet or args.no_progress
     summary = asyncio.run(_with_display(command, noun, args.stats, quiet=hide))
@@ -676,6 +687,12 @@ async def _with_display(
     *,
     quiet: bool,
 ) -> CommandSummary:
+    import asyncio
+
+    from rich.console import Console
+
+    from migrator.progress import BarProgress, LineProgress, StopNotice
+
     if quiet:
         return await command(StopNotice(sys.stderr, noun))
     if sys.stderr.isatty():
@@ -703,6 +720,8 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from migrator.runner import RunOptions, run_manifest
+
     options = RunOptions(checksum=args.checksum, **_command_options(args))
     manifest = _load(args)
     _setup_logging(args, manifest, default_file=not args.dry_run)
@@ -722,12 +741,20 @@ def _add_plan_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    import asyncio
+
     manifest = _load(args)
     asyncio.run(_plan(manifest, args.format, args.checksum))
     return int(ExitCode.OK)
 
 
 async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
+    import asyncio
+
+    from migrator.plan import check_plan
+    from migrator.runner import RunOptions, preview
+    from migrator.views import PlanJsonPrinter, PlanTablePrinter, PlanTotals
+
     check = await asyncio.to_thread(check_plan, manifest)
     totals = PlanTotals(skipped=check.skipped)
     printer = PlanJsonPrinter() if fmt == "json" else PlanTablePrinter(_stdout_console())
@@ -765,6 +792,11 @@ def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from migrator.report import build_status
+    from migrator.views import print_status
+
     manifest = _load_for_ledger_work(args)
     report = asyncio.run(
         build_status(
@@ -799,6 +831,10 @@ def _add_export_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from migrator.outputs import check_output_folder, export_format
+
     fmt = export_format(args.format, args.output)
     manifest = _load_for_ledger_work(args)
     ledgers = _ledgers_read(args, manifest)
@@ -819,7 +855,10 @@ def _ledgers_read(args: argparse.Namespace, manifest: Manifest) -> list[Path]:
 
 
 async def _export(manifest: Manifest, ledgers: list[Path], fmt: str, output: Path | None) -> None:
+    from migrator.ledger import Ledger
     from migrator.ledger_merge import union_of
+    from migrator.outputs import write_export
+    from migrator.report import export_to
 
     async with union_of(ledgers) as path, await Ledger.open(path, readonly=True) as ledger:
         if output is not None:
@@ -846,6 +885,8 @@ def _add_show_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    import asyncio
+
     from migrator.history import item_history
     from migrator.naming import without_credentials
     from migrator.views import print_history
@@ -882,6 +923,8 @@ def _add_refresh_command(commands: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
+    from migrator.refresh import RefreshOptions, refresh
+
     options = RefreshOptions(within=args.within, **_command_options(args))
     manifest = _load_for_ledger_work(args)
     _setup_logging(args, manifest, default_file=not args.dry_run)
@@ -907,6 +950,8 @@ def _add_download_command(commands: argparse._SubParsersAction[argparse.Argument
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
+    from migrator.download import DownloadOptions, download
+
     options = DownloadOptions(
         within=args.within, only_remote=args.only_remote, **_command_options(args)
     )
@@ -928,7 +973,7 @@ def _add_verify_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     sub.add_argument(
         "--sample",
-        type=typed(Sample.parse),
+        type=typed(_sample),
         default=None,
         help="probe a random sample: a count (500) or a share (5%%)",
     )
@@ -939,6 +984,8 @@ def _add_verify_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from migrator.verify import VerifyOptions, verify
+
     options = VerifyOptions(within=args.within, sample=args.sample, **_command_options(args))
     manifest = _load_for_ledger_work(args)
     _setup_logging(args, manifest, default_file=not args.dry_run)
@@ -993,6 +1040,8 @@ def _add_ledger_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _cmd_ledger_merge(args: argparse.Namespace) -> int:
+    import asyncio
+
     from migrator.ledger_merge import merge_ledgers
 
     out = args.out.expanduser().absolute()
@@ -1076,14 +1125,13 @@ def _add_emulator_command(commands: argparse._SubParsersAction[argparse.Argument
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
-    import asyncio
     import math
     import os
     from pathlib import Path
 
-    from migrator.emulator import RESPONSE_SHAPES, EmulatorConfig, serve
+    from migrator.emulator import RESPONSE_SHAPES, EmulatorConfig, run_emulator
     from migrator.errors import UsageError
-    from migrator.units import parse_duration, parse_size
+    from migrator.units import parse_duration
 
     def convert(flag: str, parse: Callable[[str], float], value: str) -> float:
         try:
@@ -1137,7 +1185,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         fault_seed=args.fault_seed,
         fault_stall=convert("--fault-stall", parse_duration, args.fault_stall),
     )
-    asyncio.run(serve(config, lambda url: print(f"emulator listening on {url}", flush=True)))
+    run_emulator(config, lambda url: print(f"emulator listening on {url}", flush=True))
     return int(ExitCode.OK)
 
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -55,6 +55,14 @@ STREAM_ENDPOINT = "/api/file-stream-upload"
 URL_ENDPOINT = "/api/file-url-upload"
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
+
+
+class Digest(Protocol):
+    """What `upload_file` updates with the bytes it reads: a hashlib hash."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
 GATEWAY_STATUSES = frozenset({502, 504})  # a proxy's answer: the service may have acted
 MAX_MESSAGE = 300
 MAX_ANSWER_BYTES = 1024 * 1024  # the service answers a small JSON envelope
@@ -437,11 +445,14 @@ class UploadClient:
         size: int,
         on_chunk: OnChunk | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        digest: Digest | None = None,
     ) -> UploadReceipt:
         """Stream a local file as multipart/form-data with an exact Content-Length.
 
         Opens a fresh handle on every call (the runner retries by calling again);
         raises PermanentError if the file's size differs from `size` while reading.
+        `digest` sees every chunk in the thread that reads it, so hashing a large file
+        runs beside the sending of it rather than on the event loop.
         """
         mime = guess_mime_type(file_name) or guess_mime_type(path.name)
         form = build_multipart(
@@ -452,7 +463,7 @@ class UploadClient:
         handle = await _open_source(path)
         trouble = _SourceTrouble()
         try:
-            chunks = _file_chunks(handle, size, max(chunk_size, 1), trouble)
+            chunks = _file_chunks(handle, size, max(chunk_size, 1), trouble, digest)
             body = _multipart_body(form, _watch(chunks, trouble, on_chunk, size))
             receipt = await self._post_multipart(form, body, form.length(size), trouble)
         finally:
@@ -619,15 +630,26 @@ def local_read_error(path: Path, err: OSError) -> UploadError:
 
 
 async def _file_chunks(
-    handle: BinaryIO, size: int, chunk_size: int, trouble: _SourceTrouble
+    handle: BinaryIO,
+    size: int,
+    chunk_size: int,
+    trouble: _SourceTrouble,
+    digest: Digest | None = None,
 ) -> AsyncIterator[bytes]:
     while True:
         # Ask for one byte more than expected so a grown file shows up at once.
         wanted = min(chunk_size, max(size - trouble.sent, 0) + 1)
-        chunk = await asyncio.to_thread(handle.read, wanted)
+        chunk = await asyncio.to_thread(_read_chunk, handle, wanted, digest)
         if not chunk:
             return
         yield chunk
+
+
+def _read_chunk(handle: BinaryIO, wanted: int, digest: Digest | None) -> bytes:
+    chunk = handle.read(wanted)
+    if digest is not None:
+        digest.update(chunk)  # hashlib lets go of the GIL: the loop sends meanwhile
+    return chunk
 
 
 async def _watch(

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from migrator.client import UploadClient
 from migrator.clock import ServiceClock
@@ -150,7 +152,7 @@ async def connect(
         service_clock = clock or ServiceClock()
         settings = manifest.settings
         if api_key is not None:
-            api = await stack.enter_async_context(_api_session(concurrency))
+            api = await stack.enter_async_context(_api_session(concurrency, base_url))
             client = UploadClient(
                 api,
                 base_url,
@@ -174,13 +176,26 @@ async def connect(
         )
 
 
-def _api_session(concurrency: int) -> aiohttp.ClientSession:
+def _api_session(concurrency: int, base_url: str) -> aiohttp.ClientSession:
     # One connection per worker; API calls get their own per-request timeouts.
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
-    # trust_env: HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured, as curl does.
+    # HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured, as curl does. Read once here:
+    # with trust_env, aiohttp reads them (and ~/.netrc) in two threads at every request.
+    proxy, proxy_auth = _env_proxy(base_url)
     return aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=True
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        proxy=proxy,
+        proxy_auth=proxy_auth,
     )
+
+
+def _env_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy the environment names for `url` and its credentials, or (None, None)."""
+    try:
+        return get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None, None
 
 
 def _origin_session(manifest: Manifest, concurrency: int) -> aiohttp.ClientSession:

@@ -35,8 +35,8 @@ and the service's `msg`, never from request headers.
 
 from __future__ import annotations
 
-import asyncio
 import errno
+import sys
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
@@ -286,6 +286,13 @@ def exit_code_of(error: BaseException) -> ExitCode:
     """The exit status a command that ended in `error` reports (pure)."""
     if isinstance(error, MigratorError):
         return error.exit_code
-    if isinstance(error, KeyboardInterrupt | asyncio.CancelledError):
+    if isinstance(error, KeyboardInterrupt) or _is_cancellation(error):
         return ExitCode.INTERRUPTED_INT
     return ExitCode.INTERNAL
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    # Without asyncio loaded nothing can have been cancelled, and importing it costs the
+    # command line a tenth of a second at every start.
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and isinstance(error, asyncio.CancelledError)

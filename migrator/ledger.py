@@ -265,12 +265,18 @@ def _item_params(update: ItemUpdate, now: float) -> dict[str, object]:
         "attempts_added": update.attempts_added,
         "updated_at": now,
     }
-    for name in ITEM_UPDATE_FIELDS:
+    for name, keep in _KEEP_KEYS:  # two puts an item: the loop is kept plain
         value = getattr(update, name)
-        kept = value is KEEP
-        params[name] = None if kept else _sql_value(value)
-        params[f"keep_{name}"] = int(kept)
+        if value is KEEP:
+            params[name], params[keep] = None, 1
+        else:
+            params[name] = value if type(value) in _PLAIN else _sql_value(value)
+            params[keep] = 0
     return params
+
+
+_KEEP_KEYS = tuple((name, f"keep_{name}") for name in ITEM_UPDATE_FIELDS)
+_PLAIN = frozenset({str, int, float, type(None)})
 
 
 def _sql_value(value: object) -> object:
@@ -294,21 +300,29 @@ def _attempt_params(record: AttemptRecord) -> dict[str, object]:
     }
 
 
+# Enum(value) costs a microsecond a call, three a row, and a no-op re-run reads every row;
+# a value not in these maps still goes through the Enum, for its ValueError.
+_KINDS = {kind.value: kind for kind in SourceKind}
+_METHODS = {method.value: method for method in Method}
+_STATES = {state.value: state for state in ItemState}
+
+
 def _row_to_item(row: Sequence[Any]) -> LedgerItem:
+    method = row[11]
     return LedgerItem(
         id=row[0],
         target=row[1],
         upload_path=row[2],
         file_name=row[3],
         source=row[4],
-        kind=SourceKind(row[5]),
+        kind=_KINDS.get(row[5]) or SourceKind(row[5]),
         size=row[6],
         mtime_ns=row[7],
         etag=row[8],
         last_modified=row[9],
         sha256=row[10],
-        method=None if row[11] is None else Method(row[11]),
-        state=ItemState(row[12]),
+        method=None if method is None else _METHODS.get(method) or Method(method),
+        state=_STATES.get(row[12]) or ItemState(row[12]),
         download_url=row[13],
         file_id=row[14],
         uploaded_at=row[15],

@@ -63,6 +63,7 @@ _FIRST_KEYS = ("timestamp", "level", "event")
 _METHOD_LEVELS = {"exception": "error", "warn": "warning", "fatal": "critical", "msg": "info"}
 
 Format = Callable[[EventDict], str]
+_PLAIN_TYPES = frozenset({int, float, bool})
 
 
 # -- redaction ----------------------------------------------------------------------------------
@@ -92,20 +93,27 @@ def redact_secrets(secrets: Sequence[str] = ()) -> Processor:
     longest_first: list[str] = []
     known: set[str] = set()
 
-    def redact_text(text: str) -> str:
+    def learn_new_secrets() -> None:
         if len(known) != len(given) + len(_REGISTERED):  # a key was registered since
             known.clear()
             known.update(given | _REGISTERED)
             longest_first[:] = sorted(known, key=len, reverse=True)
+
+    def redact_text(text: str) -> str:
         for secret in longest_first:
             if secret in text:
                 text = text.replace(secret, REDACTED)
         return hide_credentials(text)  # a source URL's `user:password@` stays in the ledger
 
     def redact_value(value: object) -> object:
+        kind = type(value)
+        if kind is str:
+            return redact_text(cast(str, value))
+        if value is None or kind in _PLAIN_TYPES:  # most fields of most events: cheap
+            return value
         if isinstance(value, str):
             return redact_text(value)
-        if value is None or isinstance(value, bool | int | float):
+        if isinstance(value, bool | int | float):
             return value
         if isinstance(value, Mapping):
             return {
@@ -118,16 +126,16 @@ def redact_secrets(secrets: Sequence[str] = ()) -> Processor:
         return redact_text(str(value))
 
     def processor(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        learn_new_secrets()
         exc_info = event_dict.pop("exc_info", None)
         resolved = _resolve_exc_info(exc_info)
         if resolved is not None and "exception" not in event_dict:
             event_dict["exception"] = _plain_traceback(resolved)
-        for key in list(event_dict):
-            if _is_sensitive_key(key):
-                del event_dict[key]
-            else:
-                event_dict[key] = redact_value(event_dict[key])
-        return event_dict
+        return {
+            key: redact_value(value)
+            for key, value in event_dict.items()
+            if not _is_sensitive_key(key)
+        }
 
     return processor
 

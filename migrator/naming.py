@@ -7,6 +7,7 @@ here is a function of the manifest and the source alone. Nothing here does I/O.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import posixpath
 import re
@@ -37,9 +38,26 @@ def join_upload_path(*parts: str | None) -> str:
     """
     segments: list[str] = []
     for part in parts:
-        if part:
+        if not part:
+            continue
+        if _is_clean(part):  # the common case, a path already joined: taken whole
+            segments.append(part)
+        else:
             segments.extend(s for s in part.split("/") if s not in ("", "."))
     return "/".join(segments)
+
+
+def _is_clean(part: str) -> bool:
+    """No empty or '.' segment, no slash at either end (pure)."""
+    return not (
+        part[0] == "/"
+        or part[-1] == "/"
+        or "//" in part
+        or part == "."
+        or part.startswith("./")
+        or part.endswith("/.")
+        or "/./" in part
+    )
 
 
 def name_from_url(url: str) -> str:
@@ -59,15 +77,23 @@ def name_from_url(url: str) -> str:
 
 def check_name(upload_path: str, file_name: str) -> str | None:
     """Why this uploadPath + fileName cannot be sent, or None when it is fine."""
+    reason = _upload_path_problem(upload_path)
+    if reason:
+        return reason
+    if "/" in file_name:
+        return f"file name {file_name!r} contains '/'; put folders in upload_path"
+    return _check_segment(file_name, "file name")
+
+
+@functools.lru_cache(maxsize=4096)  # every file of a folder shares its upload path
+def _upload_path_problem(upload_path: str) -> str | None:
     if upload_path.startswith("/"):
         return f"upload path {upload_path!r} is absolute; write it without the leading '/'"
     for segment in upload_path.split("/") if upload_path else []:
         reason = _check_segment(segment, "upload path")
         if reason:
             return f"{reason} (in {upload_path!r})"
-    if "/" in file_name:
-        return f"file name {file_name!r} contains '/'; put folders in upload_path"
-    return _check_segment(file_name, "file name")
+    return None
 
 
 def collision_key(upload_path: str, file_name: str) -> str:

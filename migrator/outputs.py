@@ -18,12 +18,14 @@ import tempfile
 from collections.abc import AsyncIterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from migrator.errors import DISK_ERRNOS, ConfigError, DiskError, MigratorError, UsageError
-from migrator.model import LedgerItem
 from migrator.naming import hide_credentials, without_credentials
 from migrator.units import iso_utc
+
+if TYPE_CHECKING:
+    from migrator.model import LedgerItem
 
 OUTPUT_MODE = 0o644
 

@@ -33,6 +33,7 @@ import aiohttp
 
 from migrator.client import (
     DEFAULT_CHUNK_SIZE,
+    Digest,
     UploadClient,
     check_regular,
     local_read_error,
@@ -207,9 +208,11 @@ class Meter:
         self.on_bytes = on_bytes
         self.total = 0
         self._digest = hashlib.sha256()
+        self._hash_chunks = True
 
     async def __call__(self, chunk: bytes) -> None:
-        self._digest.update(chunk)
+        if self._hash_chunks:
+            self._digest.update(chunk)
         self.total += len(chunk)
         self.on_bytes(len(chunk))
         await self.pacer.transfer(len(chunk), self.sleep)
@@ -217,6 +220,12 @@ class Meter:
     @property
     def sha256(self) -> str:
         return self._digest.hexdigest()
+
+    def reader_digest(self) -> Digest:
+        """The hash, for a reader to update as it reads each chunk (in its thread, beside
+        the sending); the chunks this meter then sees are not hashed twice."""
+        self._hash_chunks = False
+        return self._digest
 
     def rewind(self) -> None:
         """A failed attempt takes its bytes back from the progress shown."""
@@ -247,11 +256,12 @@ async def _send_base64(conn: Connection, job: Send, meter: Meter) -> Sent:
     """Read whole and sent as JSON; a file that grew past base64_max since it was
     planned goes by stream instead (never whole in memory)."""
     path = Path(job.source)
-    size, _ = await asyncio.to_thread(_local_stat, path)
-    if size > conn.limits.base64_max:
+    # One trip to a thread for the stat, the read and the check after it: a small file
+    # costs less to read than to hand to a thread, so three trips would triple its cost.
+    whole = await asyncio.to_thread(_read_whole, path, conn.limits.base64_max)
+    if whole is None:
         return replace(await _send_file(conn, job, meter), method=Method.STREAM)
-    data, mtime_ns = await asyncio.to_thread(_read_local, path)
-    await _unchanged_since(path, len(data), mtime_ns)
+    data, mtime_ns = whole
     await meter(data)
     receipt = await conn.api.upload_base64(
         data, upload_path=job.upload_path, file_name=job.file_name
@@ -269,16 +279,20 @@ async def _send_file(conn: Connection, job: Send, meter: Meter) -> Sent:
         size=size,
         on_chunk=meter,
         chunk_size=meter.chunk_size(),
+        digest=meter.reader_digest(),
     )
     await _unchanged_since(path, meter.total, mtime_ns)
     return Sent(receipt, meter.total, meter.sha256, meter.total, mtime_ns)
 
 
 async def _unchanged_since(path: Path, size: int, mtime_ns: int) -> None:
+    await asyncio.to_thread(_check_unchanged, path, size, mtime_ns)
+
+
+def _check_unchanged(path: Path, size: int, mtime_ns: int) -> None:
     """A file rewritten while it was read (same size or not) was sent as a mix of two
     versions: another attempt sends it again, whole, over what the service stored."""
-    now_size, now_mtime_ns = await asyncio.to_thread(_local_stat, path)
-    if (now_size, now_mtime_ns) != (size, mtime_ns):
+    if _local_stat(path) != (size, mtime_ns):
         raise SourceChangedError(f"{path} changed while it was sent; sending it again")
 
 
@@ -485,16 +499,22 @@ def range_total(content_range: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _read_local(path: Path) -> tuple[bytes, int]:
-    """The whole file (a base64 upload), opened with `open_regular`'s care."""
+def _read_whole(path: Path, limit: int) -> tuple[bytes, int] | None:
+    """The whole file and its mtime (a base64 upload), opened with `open_regular`'s
+    care; None when it is now larger than `limit`. A file rewritten while it was read
+    raises SourceChangedError (blocking: run it in a thread)."""
     try:
         with open_regular(path) as handle:
-            mtime_ns = os.fstat(handle.fileno()).st_mtime_ns
-            return handle.read(), mtime_ns
+            opened = os.fstat(handle.fileno())
+            if opened.st_size > limit:
+                return None
+            data = handle.read()
     except FileNotFoundError:
         raise SourceGoneError(f"source file is gone: {path}") from None
     except OSError as err:
         raise local_read_error(path, err) from None
+    _check_unchanged(path, len(data), opened.st_mtime_ns)
+    return data, opened.st_mtime_ns
 
 
 def _local_stat(path: Path) -> tuple[int, int]:

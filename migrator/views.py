@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
-from migrator.command import CommandSummary
 from migrator.history import ItemHistory
 from migrator.ledger import RunRow
 from migrator.model import HOUR, Outcome, PlanItem
@@ -19,6 +18,9 @@ from migrator.naming import hide_credentials, printable, without_credentials
 from migrator.report import JobCoverage, RunFailure, StatusReport
 from migrator.resume import Decision
 from migrator.units import format_duration, format_size, iso_utc, relative_time
+
+if TYPE_CHECKING:  # not at run time: `status` must not load the HTTP stack
+    from migrator.command import CommandSummary
 
 BAR_WIDTH = 30
 _OUTCOME_KEYS = frozenset(str(outcome) for outcome in Outcome)
