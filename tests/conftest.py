@@ -1,6 +1,7 @@
 """Shared fixtures and helpers.
 
-Fixtures: `api_key`, `emulator`, `emulator_process`, `origin`, `job`.
+Fixtures: `api_key`, `emulator`, `emulator_process`, `origin`, `job`, `postgres` (a real
+server for the session, see tests/postgres_server.py), `pg_url` (a fresh database on it per test).
 Helpers: `write_file`, `files_below`, `write_manifest`, `load`, `ledger_states`, `ledger_rows`,
 `closed_port`, `run_cli` (and its `Finished`), `start_cli`, `web_server`, `gateway` (a
 Pushgateway) and `samples_of`.
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
+from postgres_server import PostgresServer, running_postgres
 from prometheus_client.parser import text_string_to_metric_families
 
 from migrator.emulator import Emulator
@@ -187,6 +190,33 @@ async def web_server(handler: Any, **runner_options: Any) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+# -- a real PostgreSQL server for the shared ledger ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on 127.0.0.1 for the whole session; fails loudly without one."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+async def pg_url(postgres: PostgresServer) -> str:
+    """The URL of an empty database of its own on the session's server."""
+    import asyncpg
+
+    name = f"t{os.getpid()}_{next(_DATABASES)}"
+    conn = await asyncpg.connect(postgres.url())
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return postgres.url(name)
+
+
+_DATABASES = itertools.count()
 
 
 # -- a job folder and its files (shared by the run, lifecycle and CLI tests) ---------------
