@@ -20,6 +20,7 @@ every put, flush and close raises LedgerError until a write succeeds.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import aiosqlite
@@ -632,24 +633,21 @@ def locked(path: Path) -> Iterator[RunLock]:
 # -- the ledger -----------------------------------------------------------------------------
 
 
-class Ledger:
-    """The items, attempts and runs of one ledger file. One writer per file."""
+class BaseLedger(abc.ABC):
+    """What every ledger back end shares: buffered item updates and attempt records written
+    by a background flusher in batches, and every query the commands read through.
+
+    A back end gives the transactions (`_write_batch`, `_fetch`, runs and facts) and
+    `where`, the place it names in messages (never a credential)."""
 
     def __init__(
-        self,
-        path: Path,
-        conn: aiosqlite.Connection,
-        *,
-        readonly: bool,
-        batch_size: int,
-        flush_interval: float,
+        self, where: str, *, readonly: bool, batch_size: int, flush_interval: float
     ) -> None:
-        self.path = path
+        self.where = where
         self.readonly = readonly
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.flushes = 0  # committed batch transactions, for tests and stats
-        self._conn = conn
         self._db_lock = asyncio.Lock()
         self._items: list[dict[str, object]] = []
         self._attempts: list[dict[str, object]] = []
@@ -659,30 +657,11 @@ class Ledger:
         self._failure: LedgerError | None = None
         self._flusher: asyncio.Task[None] | None = None
 
-    @classmethod
-    async def open(
-        cls,
-        path: Path,
-        *,
-        readonly: bool = False,
-        batch_size: int = 256,
-        flush_interval: float = 0.2,
-    ) -> Ledger:
-        """Open (or create) the ledger at `path`.
+    def _start_flusher(self) -> None:
+        if not self.readonly:
+            self._flusher = asyncio.create_task(self._flush_loop(), name="ledger-flusher")
 
-        `readonly` opens for status, export and plan: nothing is written, and a
-        missing file yields an empty ledger without creating it.
-        """
-        path = Path(path)
-        conn = await (_open_readonly(path) if readonly else _open_writable(path))
-        ledger = cls(
-            path, conn, readonly=readonly, batch_size=batch_size, flush_interval=flush_interval
-        )
-        if not readonly:
-            ledger._flusher = asyncio.create_task(ledger._flush_loop(), name="ledger-flusher")
-        return ledger
-
-    async def __aenter__(self) -> Ledger:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -693,27 +672,12 @@ class Ledger:
     ) -> None:
         await self.close()
 
+    @abc.abstractmethod
     async def close(self) -> None:
-        """Write what is buffered, stop the background flusher and close the file."""
-        if self._closed:
-            return
-        self._closing = True
-        self._wake.set()
-        try:
-            if self._flusher is not None:
-                await self._flusher
-            if not self.readonly:
-                await self.flush()
-                await self._checkpoint()
-        finally:
-            self._closed = True
-            await self._conn.close()
+        """Write what is buffered, stop the background flusher and close."""
 
     async def _checkpoint(self) -> None:
-        """Fold the WAL into the file and truncate it, so that a run leaves no WAL behind
-        on a disk that may be small; a busy or full disk only leaves it for later."""
-        with contextlib.suppress(sqlite3.Error):
-            await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        """After a failed flush: give back what the back end can (SQLite: its WAL)."""
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -761,43 +725,17 @@ class Ledger:
             if cancelled:
                 raise asyncio.CancelledError
 
+    @abc.abstractmethod
     async def start_run(self, command: str, manifest: str) -> int:
         """Record the start of a run (written at once) and return its id."""
-        self._check_writable()
-        sql = (
-            "INSERT INTO runs (command, manifest, started_at, status, pid) "
-            "VALUES (?, ?, ?, 'running', ?)"
-        )
-        params = (command, manifest, time.time(), os.getpid())
-        async with self._db_lock:
-            with _as_ledger_error(self.path):
-                cursor = await self._conn.execute(sql, params)
-                run_id = cursor.lastrowid
-        if run_id is None:
-            raise LedgerError(f"ledger {self.path}: the run could not be recorded")
-        return run_id
 
+    @abc.abstractmethod
     async def finish_run(self, run_id: int, status: str, summary: Mapping[str, object]) -> None:
         """Write what is buffered, then record the end of the run."""
-        await self.flush()
-        sql = "UPDATE runs SET finished_at = ?, status = ?, summary = ? WHERE id = ?"
-        params = (time.time(), status, json.dumps(dict(summary), default=str), run_id)
-        async with self._db_lock:
-            with _as_ledger_error(self.path):
-                await self._conn.execute(sql, params)
 
+    @abc.abstractmethod
     async def set_fact(self, name: str, value: object) -> None:
         """Remember one fact about the job or the service (JSON), written at once."""
-        self._check_writable()
-        await self.flush()
-        sql = (
-            "INSERT INTO facts (name, value, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
-            "updated_at = excluded.updated_at"
-        )
-        async with self._db_lock:
-            with _as_ledger_error(self.path):
-                await self._conn.execute(sql, (name, json.dumps(value), time.time()))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -913,7 +851,7 @@ class Ledger:
         )
         counts = {state: (0, 0) for state in ItemState}
         for state, count, size in rows:
-            with _as_ledger_error(self.path):
+            with self._errors():
                 counts[ItemState(state)] = (int(count), int(size))
         return counts
 
@@ -936,7 +874,8 @@ class Ledger:
         if not horizons:
             return []
         where, params = _where(target, "state = ?", "expires_at IS NOT NULL")
-        sums = ", ".join("COALESCE(SUM(expires_at <= ?), 0)" for _ in horizons)
+        counted = "COALESCE(SUM(CASE WHEN expires_at <= ? THEN 1 ELSE 0 END), 0)"
+        sums = ", ".join(counted for _ in horizons)
         bounds = [now + horizon for horizon in horizons]
         rows = await self._fetch(
             f"SELECT {sums} FROM items{where}", [*bounds, *params, ItemState.DONE.value]
@@ -997,7 +936,7 @@ class Ledger:
         )
         rows = await self._fetch(sql, [run_id, *besides, limit])
         width = len(_ITEM_COLUMNS.split(","))
-        with _as_ledger_error(self.path):
+        with self._errors():
             return [(_row_to_item(row[:width]), AttemptRow(*row[width:])) for row in rows]
 
     async def runs(self, limit: int = 10) -> list[RunRow]:
@@ -1040,9 +979,9 @@ class Ledger:
 
     def _check_writable(self) -> None:
         if self.readonly:
-            raise LedgerError(f"ledger {self.path} was opened read-only")
+            raise LedgerError(f"ledger {self.where} was opened read-only")
         if self._closed or self._closing:
-            raise LedgerError(f"ledger {self.path} is closed")
+            raise LedgerError(f"ledger {self.where} is closed")
         if self._failure is not None:
             raise type(self._failure)(str(self._failure))
 
@@ -1060,6 +999,127 @@ class Ledger:
             # A failure is kept in self._failure and raised by the next put or flush.
             with contextlib.suppress(LedgerError):
                 await self.flush()
+
+    @abc.abstractmethod
+    async def _write_batch(
+        self, items: list[dict[str, object]], attempts: list[dict[str, object]]
+    ) -> None:
+        """Write one batch in one transaction; LedgerError on failure."""
+
+    @abc.abstractmethod
+    async def _fetch(self, sql: str, params: Sequence[object]) -> list[Sequence[Any]]:
+        """Rows of a query (`?` placeholders), buffered updates included."""
+
+    @abc.abstractmethod
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        """Turns the back end's failures into LedgerError naming this ledger."""
+
+    async def _fetch_items(self, sql: str, params: Sequence[object]) -> list[LedgerItem]:
+        rows = await self._fetch(sql, params)
+        with self._errors():
+            return [_row_to_item(row) for row in rows]
+
+
+class Ledger(BaseLedger):
+    """The SQLite ledger: one file, one writer (the run lock sees to that)."""
+
+    def __init__(
+        self,
+        path: Path,
+        conn: aiosqlite.Connection,
+        *,
+        readonly: bool,
+        batch_size: int,
+        flush_interval: float,
+    ) -> None:
+        super().__init__(
+            str(path), readonly=readonly, batch_size=batch_size, flush_interval=flush_interval
+        )
+        self.path = path
+        self._conn = conn
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        readonly: bool = False,
+        batch_size: int = 256,
+        flush_interval: float = 0.2,
+    ) -> Ledger:
+        """Open (or create) the ledger at `path`.
+
+        `readonly` opens for status, export and plan: nothing is written, and a
+        missing file yields an empty ledger without creating it.
+        """
+        path = Path(path)
+        conn = await (_open_readonly(path) if readonly else _open_writable(path))
+        ledger = cls(
+            path, conn, readonly=readonly, batch_size=batch_size, flush_interval=flush_interval
+        )
+        if not readonly:
+            ledger._flusher = asyncio.create_task(ledger._flush_loop(), name="ledger-flusher")
+        return ledger
+
+    async def close(self) -> None:
+        """Write what is buffered, stop the background flusher and close the file."""
+        if self._closed:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            if self._flusher is not None:
+                await self._flusher
+            if not self.readonly:
+                await self.flush()
+                await self._checkpoint()
+        finally:
+            self._closed = True
+            await self._conn.close()
+
+    async def _checkpoint(self) -> None:
+        """Fold the WAL into the file and truncate it, so that a run leaves no WAL behind
+        on a disk that may be small; a busy or full disk only leaves it for later."""
+        with contextlib.suppress(sqlite3.Error):
+            await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    async def start_run(self, command: str, manifest: str) -> int:
+        """Record the start of a run (written at once) and return its id."""
+        self._check_writable()
+        sql = (
+            "INSERT INTO runs (command, manifest, started_at, status, pid) "
+            "VALUES (?, ?, ?, 'running', ?)"
+        )
+        params = (command, manifest, time.time(), os.getpid())
+        async with self._db_lock:
+            with _as_ledger_error(self.path):
+                cursor = await self._conn.execute(sql, params)
+                run_id = cursor.lastrowid
+        if run_id is None:
+            raise LedgerError(f"ledger {self.path}: the run could not be recorded")
+        return run_id
+
+    async def finish_run(self, run_id: int, status: str, summary: Mapping[str, object]) -> None:
+        """Write what is buffered, then record the end of the run."""
+        await self.flush()
+        sql = "UPDATE runs SET finished_at = ?, status = ?, summary = ? WHERE id = ?"
+        params = (time.time(), status, json.dumps(dict(summary), default=str), run_id)
+        async with self._db_lock:
+            with _as_ledger_error(self.path):
+                await self._conn.execute(sql, params)
+
+    async def set_fact(self, name: str, value: object) -> None:
+        """Remember one fact about the job or the service (JSON), written at once."""
+        self._check_writable()
+        await self.flush()
+        sql = (
+            "INSERT INTO facts (name, value, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+            "updated_at = excluded.updated_at"
+        )
+        async with self._db_lock:
+            with _as_ledger_error(self.path):
+                await self._conn.execute(sql, (name, json.dumps(value), time.time()))
 
     async def _write_batch(
         self, items: list[dict[str, object]], attempts: list[dict[str, object]]
@@ -1088,16 +1148,15 @@ class Ledger:
                 await cursor.close()
         return [tuple(row) for row in rows]
 
-    async def _fetch_items(self, sql: str, params: Sequence[object]) -> list[LedgerItem]:
-        rows = await self._fetch(sql, params)
-        with _as_ledger_error(self.path):
-            return [_row_to_item(row) for row in rows]
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return _as_ledger_error(self.path)
 
 
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "AttemptRow",
+    "BaseLedger",
     "Ledger",
     "Migration",
     "RunRow",
