@@ -1,0 +1,582 @@
+"""The PostgreSQL ledger: one database that any number of worker processes share.
+
+The schema is the SQLite ledger's (the same migrations, with PostgreSQL's types), plus
+one table of its own, `queue`: the work of the current plan, one row per item to
+upload, which workers claim a small batch at a time. A claim sets an owner, a new
+attempt number (the fencing token) and a lease deadline on the database's clock; the
+owner renews the leases of what it still holds, and a result is written only while the
+row still names that owner and attempt. A worker that dies simply stops renewing: its
+rows come back when their leases run out, with no cleanup process.
+
+Each process keeps one connection (asyncpg, imported only here): 50 workers are 50
+connections, under PostgreSQL's default of 100. Writes are buffered and flushed in
+batches as in the SQLite ledger; a flush never waits on a transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from migrator.errors import LedgerError
+from migrator.ledger import (
+    _INSERT_ATTEMPT,
+    _ITEM_COLUMNS,
+    _UPSERT_ITEM,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    BaseLedger,
+)
+from migrator.logs import get_logger, register_secret
+from migrator.model import ITEM_UPDATE_FIELDS, ItemState, LedgerItem
+
+log = get_logger("migrator.ledger")
+
+URL_SCHEMES = ("postgresql", "postgres")
+CONNECT_TIMEOUT = 15.0
+PLAN_LOCK_POLL = 0.2  # seconds between tries for the planning lock
+_NOW = "extract(epoch from clock_timestamp())"
+
+# A claimed item keeps its lease through these states (still being worked on) ...
+_KEEPS_LEASE = frozenset({ItemState.PENDING})
+# ... is handed back to the queue at once through these (another worker may take it) ...
+_RELEASES = frozenset({ItemState.INTERRUPTED})
+# ... and is finished by any other state.
+
+
+def is_postgres_url(text: str) -> bool:
+    """Whether a --ledger (or MIGRATOR_LEDGER, or `ledger:`) names a PostgreSQL database."""
+    return text.split("://", 1)[0].lower() in URL_SCHEMES and "://" in text
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages and logs; the password is registered
+    as a secret so that no log event shows it either."""
+    parts = urlsplit(url)
+    if parts.password:
+        register_secret(parts.password)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit((parts.scheme, user + host, parts.path, "", ""))
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+def _pg_types(statement: str) -> str:
+    """A SQLite migration statement in PostgreSQL's types (pure): the same schema."""
+    statement = statement.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY")
+    statement = re.sub(r"\bINTEGER\b", "BIGINT", statement)
+    return re.sub(r"\bREAL\b", "DOUBLE PRECISION", statement)
+
+
+_QUEUE_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS queue (
+        item_id BIGINT PRIMARY KEY REFERENCES items (id) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        work TEXT NOT NULL,
+        owner TEXT,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        lease_until DOUBLE PRECISION,
+        finished BOOLEAN NOT NULL DEFAULT FALSE
+    )""",
+    "CREATE INDEX IF NOT EXISTS queue_open ON queue (target, item_id) WHERE NOT finished",
+)
+_MIGRATION_LOCK = 0x6D696772  # "migr": one process migrates at a time
+
+
+def _numbered(sql: str) -> str:
+    """`?` placeholders as PostgreSQL's `$1, $2, ...` (pure)."""
+    counter = iter(range(1, 1 << 30))
+    return re.sub(r"\?", lambda _: f"${next(counter)}", sql)
+
+
+def _named(sql: str) -> tuple[str, list[str]]:
+    """`:name` placeholders as `$n`, and the names in their order (pure)."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return re.sub(r"(?<![:\w]):([a-z_][a-z0-9_]*)", number, sql), names
+
+
+_UPSERT_SQL, _UPSERT_NAMES = _named(_UPSERT_ITEM)
+_ATTEMPT_SQL, _ATTEMPT_NAMES = _named(
+    _INSERT_ATTEMPT.replace(":run_id,", ":run_id::bigint,")
+    .replace(":method,", ":method::text,")
+    .replace(":attempt,", ":attempt::bigint,")
+    .replace(":started_at,", ":started_at::float8,")
+    .replace(":duration,", ":duration::float8,")
+    .replace(":http_status,", ":http_status::bigint,")
+    .replace(":outcome,", ":outcome::text,")
+    .replace(":bytes_sent,", ":bytes_sent::bigint,")
+    .replace(":error\n", ":error::text\n")
+)
+# A claimed item's update: written only if the queue row still names this owner and
+# attempt, and in the same statement the row is finished, handed back, or kept.
+_FENCED_SQL, _FENCED_NAMES = _named(
+    f"""
+WITH fence AS (
+    UPDATE queue SET
+        finished = finished OR :finish,
+        owner = CASE WHEN :release THEN NULL ELSE owner END,
+        lease_until = CASE WHEN :release THEN NULL ELSE lease_until END
+    WHERE item_id = :item_id AND owner = :owner AND attempt = :claim_attempt
+    RETURNING item_id
+)
+UPDATE items SET
+    attempts = attempts + :attempts_added,
+    updated_at = :updated_at,
+    {
+        ", ".join(
+            f"{name} = CASE WHEN :keep_{name} THEN {name} ELSE :{name} END"
+            for name in ITEM_UPDATE_FIELDS
+        )
+    }
+WHERE id IN (SELECT item_id FROM fence)
+RETURNING id
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """This process's hold on one queued item: the fencing token of its results."""
+
+    item_id: int
+    attempt: int
+    key: tuple[str, str, str]  # target, upload_path, file_name
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedWork:
+    """One claimed queue row: the work as planned, and the item's row as it is now."""
+
+    claim: Claim
+    work: Mapping[str, Any]
+    row: LedgerItem | None
+    taken_from: str | None  # the previous owner, when its lease ran out
+
+
+def worker_name() -> str:
+    """This process among the workers: host and pid, unique while it lives."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class PgLedger(BaseLedger):
+    """The items, attempts and runs of one job in PostgreSQL, shared by many processes."""
+
+    shared = True  # many processes write it at once: no run lock, leases instead
+
+    def __init__(
+        self,
+        url: str,
+        conn: Any,
+        *,
+        readonly: bool,
+        batch_size: int,
+        flush_interval: float,
+        owner: str,
+    ) -> None:
+        super().__init__(
+            redacted(url), readonly=readonly, batch_size=batch_size, flush_interval=flush_interval
+        )
+        self.owner = owner
+        self.refused = 0  # results refused because another worker holds the item now
+        self._conn = conn
+        self._claims: dict[tuple[str, str, str], Claim] = {}
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        readonly: bool = False,
+        batch_size: int = 256,
+        flush_interval: float = 0.2,
+        owner: str | None = None,
+    ) -> PgLedger:
+        """Connect to the database at `url`, creating or upgrading the schema."""
+        where = redacted(url)
+        conn = await _connect(url, where)
+        ledger = cls(
+            url,
+            conn,
+            readonly=readonly,
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            owner=owner or worker_name(),
+        )
+        try:
+            await ledger._migrate()
+        except BaseException:
+            await conn.close()
+            raise
+        ledger._start_flusher()
+        return ledger
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            if self._flusher is not None:
+                await self._flusher
+            if not self.readonly:
+                await self.flush()
+        finally:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+
+    # -- runs and facts -----------------------------------------------------------------------
+
+    async def start_run(self, command: str, manifest: str) -> int:
+        self._check_writable()
+        sql = (
+            "INSERT INTO runs (command, manifest, started_at, status, pid) "
+            "VALUES ($1, $2, $3, 'running', $4) RETURNING id"
+        )
+        async with self._locked():
+            run_id: int = await self._conn.fetchval(
+                sql, command, manifest, time.time(), os.getpid()
+            )
+        return run_id
+
+    async def finish_run(self, run_id: int, status: str, summary: Mapping[str, object]) -> None:
+        await self.flush()
+        sql = "UPDATE runs SET finished_at = $1, status = $2, summary = $3 WHERE id = $4"
+        text = json.dumps(dict(summary), default=str)
+        async with self._locked():
+            await self._conn.execute(sql, time.time(), status, text, run_id)
+
+    async def set_fact(self, name: str, value: object) -> None:
+        self._check_writable()
+        await self.flush()
+        sql = (
+            "INSERT INTO facts (name, value, updated_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value, "
+            "updated_at = excluded.updated_at"
+        )
+        async with self._locked():
+            await self._conn.execute(sql, name, json.dumps(value), time.time())
+
+    async def lookup(
+        self, target: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], LedgerItem]:
+        if not keys:
+            return {}
+        columns = ", ".join(f"items.{c.strip()}" for c in _ITEM_COLUMNS.split(","))
+        sql = (
+            f"SELECT {columns} FROM unnest(?::text[], ?::text[]) AS keys (upload_path, file_name) "
+            "JOIN items ON items.target = ? AND items.upload_path = keys.upload_path "
+            "AND items.file_name = keys.file_name"
+        )
+        paths, names = [key[0] for key in keys], [key[1] for key in keys]
+        return {item.key: item for item in await self._fetch_items(sql, [paths, names, target])}
+
+    # -- the queue ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def planning(self, target: str) -> Any:
+        """Hold the planning lock of `target`; yields whether the queue has no open work
+        (so this process plans: the first one, or the first after the last plan ended)."""
+        await self.flush()
+        key = f"migrator.plan:{target}"
+        while True:
+            async with self._locked():
+                got = await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+            if got:
+                break
+            await _sleep(PLAN_LOCK_POLL)
+        try:
+            open_items, _wait = await self.open_work(target)
+            yield open_items == 0
+        finally:
+            async with self._locked():
+                await self._conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+    async def enqueue(self, target: str, work: Sequence[tuple[str, str, Mapping[str, Any]]]) -> int:
+        """Queue (upload_path, file_name, work) for items the ledger holds; a row still
+        open is left as it is. Returns how many rows were queued."""
+        await self.flush()
+        sql = (
+            "INSERT INTO queue (item_id, target, work) SELECT id, target, $4 FROM items "
+            "WHERE target = $1 AND upload_path = $2 AND file_name = $3 "
+            "ON CONFLICT (item_id) DO UPDATE SET work = excluded.work, finished = FALSE, "
+            "owner = NULL, lease_until = NULL WHERE queue.finished"
+        )
+        rows = [(target, path, name, json.dumps(dict(w))) for path, name, w in work]
+        async with self._locked():
+            await self._conn.executemany(sql, rows)
+        return len(rows)
+
+    async def claim(self, target: str, limit: int, lease: float) -> list[ClaimedWork]:
+        """Claim up to `limit` open items of `target` that nobody holds (or whose lease ran
+        out), lowest ids first, each with a new attempt number and a lease of `lease`
+        seconds on the database's clock."""
+        await self.flush()
+        sql = f"""
+            UPDATE queue SET owner = $1, attempt = queue.attempt + 1,
+                lease_until = {_NOW} + $2
+            FROM (
+                SELECT item_id, owner AS was FROM queue
+                WHERE target = $3 AND NOT finished
+                    AND (lease_until IS NULL OR lease_until < {_NOW})
+                ORDER BY item_id FOR UPDATE SKIP LOCKED LIMIT $4
+            ) AS picked
+            WHERE queue.item_id = picked.item_id
+            RETURNING queue.item_id, queue.attempt, queue.work, picked.was"""
+        async with self._locked():
+            claimed = await self._conn.fetch(sql, self.owner, lease, target, limit)
+        rows = await self._rows_by_id([record[0] for record in claimed])
+        found: list[ClaimedWork] = []
+        for item_id, attempt, work, was in sorted(claimed, key=lambda r: int(r[0])):
+            row = rows.get(item_id)
+            decoded = json.loads(work)
+            key = (target, decoded["upload_path"], decoded["file_name"])
+            claim = Claim(item_id, attempt, key)
+            self._claims[key] = claim
+            found.append(ClaimedWork(claim, decoded, row, was))
+        return found
+
+    async def renew(self, lease: float) -> list[Claim]:
+        """Extend the leases of every item this process still holds; returns the claims
+        it lost (another worker took the item after the lease ran out)."""
+        held = list(self._claims.values())
+        if not held:
+            return []
+        sql = f"""
+            UPDATE queue SET lease_until = {_NOW} + $2
+            FROM (
+                SELECT item_id FROM queue
+                WHERE (item_id, attempt) IN (SELECT * FROM unnest($3::bigint[], $4::int[]))
+                    AND owner = $1
+                ORDER BY item_id FOR UPDATE
+            ) AS mine
+            WHERE queue.item_id = mine.item_id
+            RETURNING queue.item_id"""
+        ids = [claim.item_id for claim in held]
+        attempts = [claim.attempt for claim in held]
+        async with self._locked():
+            kept = {r[0] for r in await self._conn.fetch(sql, self.owner, lease, ids, attempts)}
+        lost = [claim for claim in held if claim.item_id not in kept]
+        for claim in lost:
+            if self._claims.get(claim.key) == claim:
+                del self._claims[claim.key]
+        return lost
+
+    def holds(self, claim: Claim) -> bool:
+        """Whether this process still believes it holds `claim`."""
+        return self._claims.get(claim.key) == claim
+
+    async def open_work(self, target: str) -> tuple[int, float | None]:
+        """How many queued items of `target` are not finished, and in how many seconds
+        the first lease held on them runs out (None: none is held)."""
+        sql = (
+            f"SELECT COUNT(*), MIN(lease_until) - {_NOW} FROM queue "
+            "WHERE target = ? AND NOT finished"
+        )
+        rows = await self._fetch(sql, [target])
+        count, wait = rows[0]
+        return int(count), None if wait is None else float(wait)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def put_item(self, update: Any) -> None:
+        super().put_item(update)
+        claim = self._claims.get((update.target, update.upload_path, update.file_name))
+        if claim is not None:
+            params = self._items[-1]
+            state = update.state if isinstance(update.state, ItemState) else None
+            params["claim"] = claim
+            params["release"] = state is not None and state not in _KEEPS_LEASE
+            params["finish"] = state is not None and state not in _KEEPS_LEASE | _RELEASES
+
+    async def _migrate(self) -> None:
+        async with self._db_lock, self._transaction():
+            await self._conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, "
+                "description TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            current = await self._conn.fetchval("SELECT MAX(version) FROM schema_migrations")
+            current = int(current or 0)
+            if current > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"ledger {self.where} was written by a newer migrator (schema {current}); "
+                    f"this one knows schema {SCHEMA_VERSION}: upgrade migrator"
+                )
+            for migration in MIGRATIONS:
+                if migration.version <= current:
+                    continue
+                for statement in migration.statements:
+                    await self._conn.execute(_pg_types(statement))
+                await self._conn.execute(
+                    "INSERT INTO schema_migrations VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.description,
+                    time.time(),
+                )
+            for statement in _QUEUE_SCHEMA:
+                await self._conn.execute(statement)
+
+    async def _write_batch(
+        self, items: list[dict[str, object]], attempts: list[dict[str, object]]
+    ) -> None:
+        plain = [p for p in items if "claim" not in p]
+        fenced = sorted((p for p in items if "claim" in p), key=_claim_id)
+        refused: list[dict[str, object]] = []
+        async with self._transaction():
+            if plain:
+                await self._conn.executemany(_UPSERT_SQL, [_args(p, _UPSERT_NAMES) for p in plain])
+            for params in fenced:
+                claim = params["claim"]
+                assert isinstance(claim, Claim)
+                values = {**params, "owner": self.owner, "item_id": claim.item_id}
+                values["claim_attempt"] = claim.attempt
+                if await self._conn.fetchval(_FENCED_SQL, *_args(values, _FENCED_NAMES)) is None:
+                    refused.append(params)
+            records = attempts + _refusals(refused)
+            if records:
+                rows = [_args(p, _ATTEMPT_NAMES) for p in records]
+                await self._conn.executemany(_ATTEMPT_SQL, rows)
+        self._after_write(fenced, refused)
+
+    def _after_write(
+        self, fenced: list[dict[str, object]], refused: list[dict[str, object]]
+    ) -> None:
+        for params in fenced:
+            claim = params["claim"]
+            assert isinstance(claim, Claim)
+            gone = params["release"] or any(params is r for r in refused)
+            if gone and self._claims.get(claim.key) == claim:
+                del self._claims[claim.key]
+        for params in refused:
+            claim = params["claim"]
+            assert isinstance(claim, Claim)
+            self.refused += 1
+            log.warning(
+                "lease.result_refused",
+                item=f"{params['upload_path']}/{params['file_name']}",
+                state=params["state"],
+                attempt=claim.attempt,
+                why="another worker holds the item now: this worker's lease ran out",
+            )
+
+    async def _fetch(self, sql: str, params: Sequence[object]) -> list[Sequence[Any]]:
+        await self.flush()
+        async with self._locked():
+            records = await self._conn.fetch(_numbered(sql), *params)
+        return [tuple(record) for record in records]
+
+    async def _rows_by_id(self, ids: Sequence[int]) -> dict[int, LedgerItem]:
+        if not ids:
+            return {}
+        sql = f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ANY(?::bigint[])"
+        return {item.id: item for item in await self._fetch_items(sql, [list(ids)])}
+
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return _as_ledger_error(self.where)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self) -> AsyncIterator[None]:
+        """The connection to this task alone, its failures as LedgerError."""
+        async with self._db_lock:
+            with self._errors():
+                yield
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        with self._errors():
+            async with self._conn.transaction():
+                yield
+
+
+def _claim_id(params: dict[str, object]) -> int:
+    claim = params["claim"]
+    assert isinstance(claim, Claim)
+    return claim.item_id
+
+
+def _args(params: Mapping[str, object], names: Sequence[str]) -> list[object]:
+    return [bool(params[n]) if n.startswith("keep_") else params.get(n) for n in names]
+
+
+def _refusals(refused: list[dict[str, object]]) -> list[dict[str, object]]:
+    """An attempts row per refused result, so the ledger shows it as the log does."""
+    records: list[dict[str, object]] = []
+    for params in refused:
+        claim = params["claim"]
+        assert isinstance(claim, Claim)
+        records.append(
+            {
+                "run_id": None,
+                "target": params["target"],
+                "upload_path": params["upload_path"],
+                "file_name": params["file_name"],
+                "method": params.get("method"),
+                "attempt": claim.attempt,
+                "started_at": time.time(),
+                "duration": None,
+                "http_status": None,
+                "outcome": "refused",
+                "bytes_sent": None,
+                "error": f"result ({params['state']}) of claim {claim.attempt} refused: "
+                "the lease ran out and another worker holds the item",
+            }
+        )
+    return records
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+async def _connect(url: str, where: str) -> Any:
+    try:
+        import asyncpg
+    except ImportError:
+        raise LedgerError(
+            f"ledger {where} is a PostgreSQL database: install migrator[postgresql] (asyncpg)"
+        ) from None
+    with _as_ledger_error(where):
+        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+
+
+@contextlib.contextmanager
+def _as_ledger_error(where: str) -> Iterator[None]:
+    try:
+        yield
+    except LedgerError:
+        raise
+    except (OSError, TimeoutError) as err:
+        raise LedgerError(f"cannot reach the ledger {where}: {_one_line(err)}") from None
+    except Exception as err:
+        if type(err).__module__.startswith("asyncpg"):
+            raise LedgerError(f"ledger {where}: {_one_line(err)}") from None
+        raise
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+__all__ = ["Claim", "ClaimedWork", "PgLedger", "is_postgres_url", "redacted", "worker_name"]

@@ -1,0 +1,152 @@
+"""The PostgreSQL ledger: the SQLite ledger's reads and writes, plus claims with leases.
+
+Every test runs against a real PostgreSQL server (tests/postgres_server.py), in a
+database of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from migrator.ledger_pg import PgLedger, redacted
+from migrator.model import ItemState, ItemUpdate, Method, SourceKind
+
+TARGET = "http://127.0.0.1:9/api"
+LEASE = 30.0
+
+
+def update(name: str, state: ItemState = ItemState.PENDING, **fields: object) -> ItemUpdate:
+    values: dict[str, object] = {
+        "target": TARGET,
+        "upload_path": "batch",
+        "file_name": name,
+        "source": f"/data/{name}",
+        "kind": SourceKind.FILE,
+        "state": state,
+    }
+    values.update(fields)
+    return ItemUpdate(**values)  # type: ignore[arg-type]
+
+
+def done(name: str) -> ItemUpdate:
+    return update(
+        name,
+        ItemState.DONE,
+        size=10,
+        method=Method.BASE64,
+        download_url=f"https://files.example/{name}",
+        uploaded_at=1_700_000_000.0,
+        expires_at=1_700_259_200.0,
+    )
+
+
+async def queued(ledger: PgLedger, count: int) -> list[str]:
+    """`count` pending items, each queued for upload; returns their names."""
+    names = [f"f{i:04}" for i in range(count)]
+    for name in names:
+        ledger.put_item(update(name))
+    await ledger.enqueue(TARGET, [("batch", name, {"upload_path": "batch", "file_name": name})
+                                  for name in names])  # fmt: skip
+    return names
+
+
+async def test_items_written_are_read_back_as_in_sqlite(pg_url: str) -> None:
+    async with await PgLedger.open(pg_url) as ledger:
+        ledger.put_item(update("a"))
+        ledger.put_item(done("b"))
+        counts = await ledger.state_counts(TARGET)
+        row = await ledger.get(TARGET, "batch", "b")
+        names = [item.file_name async for item in ledger.iter_items(TARGET)]
+    assert counts[ItemState.PENDING] == (1, 0)
+    assert counts[ItemState.DONE] == (1, 10)
+    assert row is not None and row.download_url == "https://files.example/b"
+    assert names == ["a", "b"]
+
+
+async def test_runs_and_facts_are_kept(pg_url: str) -> None:
+    async with await PgLedger.open(pg_url) as ledger:
+        run_id = await ledger.start_run("run", "/jobs/job.yaml")
+        await ledger.set_fact("offset", 1.5)
+        await ledger.finish_run(run_id, "done", {"uploaded": 3})
+    async with await PgLedger.open(pg_url, readonly=True) as ledger:
+        runs = await ledger.runs()
+        fact = await ledger.fact("offset")
+    assert [(r.id, r.status, r.summary) for r in runs] == [(run_id, "done", {"uploaded": 3})]
+    assert fact == 1.5
+
+
+async def test_concurrent_claims_are_disjoint_and_cover_the_queue(pg_url: str) -> None:
+    async with await PgLedger.open(pg_url, owner="planner") as planner:
+        names = await queued(planner, 200)
+    workers = [await PgLedger.open(pg_url, owner=f"w{i}") for i in range(4)]
+    try:
+
+        async def drain(worker: PgLedger) -> list[str]:
+            taken: list[str] = []
+            while batch := await worker.claim(TARGET, 7, LEASE):
+                taken += [work.work["file_name"] for work in batch]
+            return taken
+
+        shares = await asyncio.gather(*(drain(worker) for worker in workers))
+    finally:
+        for worker in workers:
+            await worker.close()
+    everything = [name for share in shares for name in share]
+    assert sorted(everything) == names  # each item claimed once, none left out
+
+
+async def test_an_expired_lease_gives_the_item_to_the_next_claim(pg_url: str) -> None:
+    async with (
+        await PgLedger.open(pg_url, owner="dead") as dead,
+        await PgLedger.open(pg_url, owner="alive") as alive,
+    ):
+        await queued(dead, 3)
+        first = await dead.claim(TARGET, 3, lease=0.2)
+        assert await alive.claim(TARGET, 3, LEASE) == []  # held by a live lease
+        await asyncio.sleep(0.4)
+        again = await alive.claim(TARGET, 3, LEASE)
+    assert [w.claim.item_id for w in again] == [w.claim.item_id for w in first]
+    assert all(w.taken_from == "dead" for w in again)
+    assert all(w.claim.attempt == 2 for w in again)  # a new fencing token
+
+
+async def test_a_stale_result_is_refused_and_recorded(pg_url: str) -> None:
+    async with (
+        await PgLedger.open(pg_url, owner="slow") as slow,
+        await PgLedger.open(pg_url, owner="fast") as fast,
+    ):
+        await queued(slow, 1)
+        await slow.claim(TARGET, 1, lease=0.1)
+        await asyncio.sleep(0.3)
+        await fast.claim(TARGET, 1, LEASE)
+        fast.put_item(done("f0000"))
+        await fast.flush()
+        slow.put_item(update("f0000", ItemState.FAILED, last_error="late"))
+        await slow.flush()
+        row = await fast.get(TARGET, "batch", "f0000")
+        refusals = await fast._fetch("SELECT error FROM attempts WHERE outcome = 'refused'", [])
+        open_items, _wait = await fast.open_work(TARGET)
+    assert slow.refused == 1 and fast.refused == 0
+    assert row is not None and row.state is ItemState.DONE and row.last_error is None
+    assert len(refusals) == 1 and "refused" in refusals[0][0]
+    assert open_items == 0
+
+
+async def test_renewal_keeps_live_leases_and_reports_lost_ones(pg_url: str) -> None:
+    async with (
+        await PgLedger.open(pg_url, owner="a") as a,
+        await PgLedger.open(pg_url, owner="b") as b,
+    ):
+        await queued(a, 2)
+        held = await a.claim(TARGET, 2, lease=0.3)
+        await asyncio.sleep(0.5)
+        taken = await b.claim(TARGET, 1, LEASE)  # the first runs out and is taken
+        lost = await a.renew(LEASE)
+        assert await b.claim(TARGET, 1, LEASE) == []  # the second was renewed in time
+    assert [c.item_id for c in lost] == [taken[0].claim.item_id]
+    assert not a.holds(held[0].claim) and a.holds(held[1].claim)
+
+
+def test_messages_never_show_the_password() -> None:
+    where = redacted("postgresql://jobs:s3cret-pass@db.internal:5432/migrations?sslmode=require")
+    assert where == "postgresql://jobs@db.internal:5432/migrations"
