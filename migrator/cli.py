@@ -288,14 +288,15 @@ def _os_error_line(err: OSError) -> str:
 
 
 LEDGER_HELP = (
-    "ledger file (default: $MIGRATOR_LEDGER_DIR/NAME.sqlite, else the manifest's "
+    "ledger file, or a postgresql:// URL that many processes share (default: "
+    "$MIGRATOR_LEDGER, else $MIGRATOR_LEDGER_DIR/NAME.sqlite, else the manifest's "
     "`ledger:`, else .migrator/NAME.sqlite beside the manifest)"
 )
 
 
 def _add_manifest_args(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("manifest", type=Path, help="the job's YAML manifest")
-    sub.add_argument("--ledger", type=Path, default=None, help=LEDGER_HELP)
+    sub.add_argument("--ledger", default=None, help=LEDGER_HELP)
 
 
 def _add_reading_args(sub: argparse.ArgumentParser) -> None:
@@ -303,7 +304,6 @@ def _add_reading_args(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("manifest", type=Path, help="the job's YAML manifest")
     sub.add_argument(
         "--ledger",
-        type=Path,
         action="append",
         dest="ledgers",
         default=None,
@@ -715,6 +715,12 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "--checksum", action="store_true", help="compare sha256 of local files, not size and mtime"
     )
     _add_shard_arg(sub)
+    sub.add_argument(
+        "--lease",
+        default="60s",
+        help="with a postgresql:// ledger: how long a claimed item stays this process's "
+        "without renewal; a dead worker's items return after it (default 60s)",
+    )
     _add_command_args(sub)
     sub.set_defaults(handler=_cmd_run)
 
@@ -722,7 +728,10 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
 def _cmd_run(args: argparse.Namespace) -> int:
     from migrator.runner import RunOptions, run_manifest
 
-    options = RunOptions(checksum=args.checksum, **_command_options(args))
+    lease = _converted("--lease", parse_duration, args.lease)
+    if lease is None or not 1 <= lease <= 86400:
+        raise UsageError("--lease: must be a duration from 1s to 1d, such as 60s")
+    options = RunOptions(checksum=args.checksum, lease=lease, **_command_options(args))
     manifest = _load(args)
     _setup_logging(args, manifest, default_file=not args.dry_run)
     return _execute(args, "uploads", lambda shown: run_manifest(manifest, options, shown))
@@ -737,6 +746,11 @@ def _add_plan_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     sub.add_argument("--format", choices=("table", "json"), default="table")
     sub.add_argument("--checksum", action="store_true", help="as `run --checksum` would decide")
     _add_shard_arg(sub)
+    sub.add_argument(
+        "--commit",
+        action="store_true",
+        help="with a postgresql:// ledger: queue the plan for the workers to claim",
+    )
     sub.set_defaults(handler=_cmd_plan)
 
 
@@ -744,7 +758,24 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import asyncio
 
     manifest = _load(args)
+    if args.commit:
+        return _commit_plan(manifest, args.checksum)
     asyncio.run(_plan(manifest, args.format, args.checksum))
+    return int(ExitCode.OK)
+
+
+def _commit_plan(manifest: Manifest, checksum: bool) -> int:
+    import asyncio
+
+    from migrator.claims import commit_plan
+
+    if manifest.ledger_url is None:
+        raise UsageError("--commit: needs a shared ledger (--ledger postgresql://...)")
+    queued = asyncio.run(commit_plan(manifest, checksum=checksum))
+    if queued is None:
+        print("plan: workers are still on the queued plan; nothing was queued")
+    else:
+        print(f"plan: {queued} items queued for the workers")
     return int(ExitCode.OK)
 
 
@@ -848,19 +879,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _ledgers_read(args: argparse.Namespace, manifest: Manifest) -> list[Path]:
     """status, export: the manifest's ledger (the first --ledger), then the other --ledgers."""
-    others = [path.expanduser().absolute() for path in (args.ledgers or [])[1:]]
+    others = [Path(path).expanduser().absolute() for path in (args.ledgers or [])[1:]]
     for path in others:
         _require_ledger(path, "--ledger")
     return [manifest.ledger, *others]
 
 
 async def _export(manifest: Manifest, ledgers: list[Path], fmt: str, output: Path | None) -> None:
-    from migrator.ledger import Ledger
-    from migrator.ledger_merge import union_of
     from migrator.outputs import write_export
-    from migrator.report import export_to
+    from migrator.report import export_to, reading_ledger
 
-    async with union_of(ledgers) as path, await Ledger.open(path, readonly=True) as ledger:
+    async with reading_ledger(manifest, ledgers) as ledger:
         if output is not None:
             await export_to(manifest, ledger, fmt, output, make_parents=False)
         else:
@@ -1024,7 +1053,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _add_ledger_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sub = commands.add_parser("ledger", help="work on ledger files: merge the ledgers of shards")
+    sub = commands.add_parser(
+        "ledger", help="work on ledgers: merge the ledgers of shards, import one into PostgreSQL"
+    )
     actions = sub.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
     merge = actions.add_parser(
         "merge",
@@ -1037,6 +1068,7 @@ def _add_ledger_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
     merge.add_argument("out", type=Path, metavar="OUT", help="the merged ledger to write")
     merge.add_argument("inputs", type=Path, nargs="+", metavar="IN", help="ledgers to merge")
     merge.set_defaults(handler=_cmd_ledger_merge)
+    _add_ledger_import(actions)
 
 
 def _cmd_ledger_merge(args: argparse.Namespace) -> int:
@@ -1048,6 +1080,34 @@ def _cmd_ledger_merge(args: argparse.Namespace) -> int:
     inputs = [path.expanduser().absolute() for path in args.inputs]
     counts = asyncio.run(merge_ledgers(out, inputs))
     print(counts.line(out))
+    return int(ExitCode.OK)
+
+
+def _add_ledger_import(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = actions.add_parser(
+        "import", help="copy a job's SQLite ledger into a PostgreSQL ledger (--ledger URL)"
+    )
+    sub.add_argument("sqlite_file", type=Path, help="the SQLite ledger to copy")
+    sub.add_argument(
+        "--ledger",
+        default=os.environ.get("MIGRATOR_LEDGER"),
+        help="the postgresql:// ledger to copy into (default: $MIGRATOR_LEDGER)",
+    )
+    sub.set_defaults(handler=_cmd_ledger_import)
+
+
+def _cmd_ledger_import(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from migrator.ledger_import import import_sqlite
+    from migrator.ledger_pg import redacted
+    from migrator.manifest import is_postgres_url
+
+    if not args.ledger or not is_postgres_url(args.ledger):
+        raise UsageError("ledger import: --ledger must be a postgresql:// URL")
+    where = redacted(args.ledger)
+    imported = asyncio.run(import_sqlite(args.sqlite_file, args.ledger))
+    print(imported.line(args.sqlite_file, where))
     return int(ExitCode.OK)
 
 

@@ -40,7 +40,7 @@ from migrator.errors import (
     stop_message,
     stop_reason_for,
 )
-from migrator.ledger import Ledger, locked
+from migrator.ledger import BaseLedger, locked, open_ledger
 from migrator.logs import get_logger
 from migrator.model import ItemUpdate, Manifest, Method, Settings
 from migrator.model import Outcome as Outcome  # public here too: what counts mean
@@ -236,7 +236,7 @@ class CommandSession:
         name: str,
         manifest: Manifest,
         options: CommandOptions,
-        ledger: Ledger,
+        ledger: BaseLedger,
         run_id: int,
         conn: Connection,
         observer: Observer,
@@ -401,7 +401,7 @@ class Operation(Protocol[T]):
         UsageError, ...)."""
         ...
 
-    async def totals(self, ledger: Ledger, clock: ServiceClock) -> Totals:
+    async def totals(self, ledger: BaseLedger, clock: ServiceClock) -> Totals:
         """How many items the command will look at (for progress and "not started")."""
         ...
 
@@ -438,8 +438,10 @@ async def execute(
     api_key = None
     if operation.uses_api and not manifest.target.is_embedded:
         api_key = read_api_key(manifest.target, environ)  # ConfigError before any write
-    with locked(manifest.ledger):
-        async with await Ledger.open(manifest.ledger) as ledger:
+    # A shared (PostgreSQL) ledger is for many processes at once: leases, not a lock.
+    lock = contextlib.nullcontext() if manifest.ledger_url else locked(manifest.ledger)
+    with lock:
+        async with await open_ledger(manifest) as ledger:
             summary = await _with_ledger(operation, manifest, options, watcher, ledger, api_key)
     if summary.stop_reason is StopReason.AUTH and api_key is not None:
         where = key_source(manifest.target, environ)
@@ -452,7 +454,7 @@ async def _with_ledger(
     manifest: Manifest,
     options: CommandOptions,
     observer: Observer,
-    ledger: Ledger,
+    ledger: BaseLedger,
     api_key: str | None,
 ) -> CommandSummary:
     name = operation.name
@@ -505,19 +507,22 @@ async def _with_ledger(
     return summary
 
 
-async def _previous_was_killed(ledger: Ledger) -> bool:
-    """The last command on this ledger never finished (kill -9, power loss)."""
+async def _previous_was_killed(ledger: BaseLedger) -> bool:
+    """The last command on this ledger never finished (kill -9, power loss). On a shared
+    ledger other processes run meanwhile, and a dead one's items come back by lease."""
+    if ledger.shared:
+        return False
     runs = await ledger.runs(limit=1)
     return bool(runs) and as_seen_now(runs[0]).status == "did not finish"
 
 
-async def stored_clock(ledger: Ledger) -> ServiceClock:
+async def stored_clock(ledger: BaseLedger) -> ServiceClock:
     """The service's clock as the ledger last knew it (its offset from ours)."""
     offset = await ledger.fact(OFFSET_FACT)
     return ServiceClock(number_or_none(offset))
 
 
-async def _remember_clock(ledger: Ledger, clock: ServiceClock, known: float | None) -> None:
+async def _remember_clock(ledger: BaseLedger, clock: ServiceClock, known: float | None) -> None:
     """Keep the offset this command measured; warn when a skew shows up or moves (a
     skew that stays put was said once: cron mail need not repeat it every night)."""
     if not clock.measured or clock.offset is None:
@@ -545,7 +550,7 @@ async def _dry_run(
 ) -> CommandSummary:
     """Decide as the command would, without a lock, a write or a request to the service."""
     started = time.monotonic()
-    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
+    async with await open_ledger(manifest, readonly=True) as ledger:
         clock = await stored_clock(ledger)
         totals = await operation.totals(ledger, clock)
     observer.on_totals(totals.items, totals.local_bytes)

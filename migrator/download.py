@@ -45,7 +45,7 @@ from migrator.errors import (
     UploadError,
     UsageError,
 )
-from migrator.ledger import Ledger
+from migrator.ledger import BaseLedger, open_ledger
 from migrator.logs import get_logger
 from migrator.model import ItemState, ItemUpdate, LedgerItem, Manifest, Outcome, SourceKind
 from migrator.transfer import Meter, Step, body_chunks, check_link_status, describe, sha256_of
@@ -109,7 +109,7 @@ class DownloadOperation:
     async def prepare(self) -> None:
         _check_dest(self.root)
 
-    async def totals(self, ledger: Ledger, clock: ServiceClock) -> Totals:
+    async def totals(self, ledger: BaseLedger, clock: ServiceClock) -> Totals:
         target = self.manifest.target.base_url
         count, size = await ledger.count_items(target, **self._filter(clock))
         return Totals(count, size)
@@ -137,7 +137,7 @@ class DownloadOperation:
 
     async def preview(self, clock: ServiceClock) -> AsyncGenerator[tuple[str, str | None], None]:
         async with (
-            await Ledger.open(self.manifest.ledger, readonly=True) as ledger,
+            await open_ledger(self.manifest, readonly=True) as ledger,
             contextlib.aclosing(self._rows(ledger, clock)) as rows,
         ):
             async for row in rows:
@@ -145,7 +145,9 @@ class DownloadOperation:
                 there = path is not None and await asyncio.to_thread(_already_there, path, row)
                 yield row.source, None if there else "download"
 
-    async def _rows(self, ledger: Ledger, clock: ServiceClock) -> AsyncGenerator[LedgerItem, None]:
+    async def _rows(
+        self, ledger: BaseLedger, clock: ServiceClock
+    ) -> AsyncGenerator[LedgerItem, None]:
         target = self.manifest.target.base_url
         async for row in ledger.iter_items(target, **self._filter(clock)):
             yield row

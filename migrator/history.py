@@ -18,7 +18,7 @@ from typing import Any
 
 from migrator.clock import OFFSET_FACT
 from migrator.errors import UsageError
-from migrator.ledger import AttemptRow, Ledger
+from migrator.ledger import AttemptRow, BaseLedger, open_ledger
 from migrator.model import LedgerItem, Manifest, Method, SourceKind
 from migrator.naming import hide_credentials, join_upload_path, printable, without_credentials
 from migrator.outputs import export_record
@@ -91,7 +91,7 @@ def attempt_record(attempt: AttemptRow, linked: LedgerItem | None = None) -> dic
 async def item_history(manifest: Manifest, name: str) -> list[ItemHistory]:
     """The history of every item `name` names (one, unless a source was named twice).
     UsageError (exit 2) when the ledger holds none, with the closest names it holds."""
-    async with await Ledger.open(manifest.ledger, readonly=True) as ledger:
+    async with await open_ledger(manifest, readonly=True) as ledger:
         items = await find_items(ledger, manifest, name)
         if not items:
             raise UsageError(await _unknown(ledger, manifest, name))
@@ -99,7 +99,7 @@ async def item_history(manifest: Manifest, name: str) -> list[ItemHistory]:
         return [ItemHistory(item, tuple(await ledger.attempts_of(item.id)), now) for item in items]
 
 
-async def find_items(ledger: Ledger, manifest: Manifest, name: str) -> list[LedgerItem]:
+async def find_items(ledger: BaseLedger, manifest: Manifest, name: str) -> list[LedgerItem]:
     """The items `name` stands for: by source first, then by target name."""
     target = manifest.target.base_url
     for source in _source_spellings(manifest, name):
@@ -139,13 +139,13 @@ def _key_spellings(manifest: Manifest, name: str) -> list[tuple[str, str]]:
     return [(posixpath.dirname(k), posixpath.basename(k)) for k in dict.fromkeys(keys)]
 
 
-async def _unknown(ledger: Ledger, manifest: Manifest, name: str) -> str:
+async def _unknown(ledger: BaseLedger, manifest: Manifest, name: str) -> str:
     message = f"no item {printable(without_credentials(name))} in the ledger of {manifest.path}"
     close = await _close_names(ledger, manifest.target.base_url, name)
     return message + (f"; did you mean {' or '.join(close)}?" if close else "")
 
 
-async def _close_names(ledger: Ledger, target: str, name: str) -> list[str]:
+async def _close_names(ledger: BaseLedger, target: str, name: str) -> list[str]:
     """Target names of the ledger close to `name`, when the ledger is small enough to
     compare with all of them cheaply."""
     count, _ = await ledger.count_items(target)

@@ -46,6 +46,7 @@ from migrator.model import (
     ItemState,
     ItemUpdate,
     LedgerItem,
+    Manifest,
     Method,
     SourceKind,
 )
@@ -640,6 +641,8 @@ class BaseLedger(abc.ABC):
     A back end gives the transactions (`_write_batch`, `_fetch`, runs and facts) and
     `where`, the place it names in messages (never a credential)."""
 
+    shared = False  # True: many processes write it at once (leases, not the run lock)
+
     def __init__(
         self, where: str, *, readonly: bool, batch_size: int, flush_interval: float
     ) -> None:
@@ -676,7 +679,7 @@ class BaseLedger(abc.ABC):
     async def close(self) -> None:
         """Write what is buffered, stop the background flusher and close."""
 
-    async def _checkpoint(self) -> None:
+    async def _checkpoint(self) -> None:  # noqa: B027 (most back ends have nothing to do)
         """After a failed flush: give back what the back end can (SQLite: its WAL)."""
 
     # -- writing ----------------------------------------------------------------------------
@@ -1152,6 +1155,15 @@ class Ledger(BaseLedger):
         return _as_ledger_error(self.path)
 
 
+async def open_ledger(manifest: Manifest, *, readonly: bool = False) -> BaseLedger:
+    """The manifest's ledger: its PostgreSQL database when it names one, else its file."""
+    if manifest.ledger_url is not None:
+        from migrator.ledger_pg import PgLedger  # asyncpg only for those who use it
+
+        return await PgLedger.open(manifest.ledger_url, readonly=readonly)
+    return await Ledger.open(manifest.ledger, readonly=readonly)
+
+
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
@@ -1161,4 +1173,5 @@ __all__ = [
     "Migration",
     "RunRow",
     "describe_sqlite_error",
+    "open_ledger",
 ]

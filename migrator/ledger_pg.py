@@ -63,9 +63,7 @@ def redacted(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
         register_secret(parts.password)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]
     user = f"{parts.username}@" if parts.username else ""
     return urlunsplit((parts.scheme, user + host, parts.path, "", ""))
 
@@ -199,6 +197,7 @@ class PgLedger(BaseLedger):
         self.refused = 0  # results refused because another worker holds the item now
         self._conn = conn
         self._claims: dict[tuple[str, str, str], Claim] = {}
+        self._lost: dict[tuple[str, str, str], Claim] = {}  # what is written of them is refused
 
     @classmethod
     async def open(
@@ -352,6 +351,7 @@ class PgLedger(BaseLedger):
             key = (target, decoded["upload_path"], decoded["file_name"])
             claim = Claim(item_id, attempt, key)
             self._claims[key] = claim
+            self._lost.pop(key, None)
             found.append(ClaimedWork(claim, decoded, row, was))
         return found
 
@@ -379,7 +379,30 @@ class PgLedger(BaseLedger):
         for claim in lost:
             if self._claims.get(claim.key) == claim:
                 del self._claims[claim.key]
+                self._lost[claim.key] = claim
         return lost
+
+    async def release_held(self) -> None:
+        """Hand back to the queue, for any worker to claim at once, every item this
+        process holds (claimed, and not finished: never started, or cut short)."""
+        await self.flush()
+        held = list(self._claims.values())
+        if not held:
+            return
+        sql = """
+            UPDATE queue SET owner = NULL, lease_until = NULL
+            FROM (
+                SELECT item_id FROM queue
+                WHERE (item_id, attempt) IN (SELECT * FROM unnest($2::bigint[], $3::int[]))
+                    AND owner = $1
+                ORDER BY item_id FOR UPDATE
+            ) AS mine
+            WHERE queue.item_id = mine.item_id"""
+        ids, attempts = [c.item_id for c in held], [c.attempt for c in held]
+        async with self._locked():
+            await self._conn.execute(sql, self.owner, ids, attempts)
+        for claim in held:
+            self._claims.pop(claim.key, None)
 
     def holds(self, claim: Claim) -> bool:
         """Whether this process still believes it holds `claim`."""
@@ -396,11 +419,19 @@ class PgLedger(BaseLedger):
         count, wait = rows[0]
         return int(count), None if wait is None else float(wait)
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        """The connection, to this task alone, inside one transaction (for bulk copies)."""
+        await self.flush()
+        async with self._db_lock, self._transaction():
+            yield self._conn
+
     # -- internals ----------------------------------------------------------------------------
 
     def put_item(self, update: Any) -> None:
         super().put_item(update)
-        claim = self._claims.get((update.target, update.upload_path, update.file_name))
+        key = (update.target, update.upload_path, update.file_name)
+        claim = self._claims.get(key) or self._lost.get(key)
         if claim is not None:
             params = self._items[-1]
             state = update.state if isinstance(update.state, ItemState) else None
@@ -558,7 +589,10 @@ async def _connect(url: str, where: str) -> Any:
             f"ledger {where} is a PostgreSQL database: install migrator[postgresql] (asyncpg)"
         ) from None
     with _as_ledger_error(where):
-        return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+        try:
+            return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+        except ValueError as err:  # a port out of range, an option asyncpg does not know
+            raise LedgerError(f"ledger {where} is not a usable PostgreSQL URL: {err}") from None
 
 
 @contextlib.contextmanager

@@ -18,12 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from migrator.errors import ManifestError, ManifestProblem
+from migrator.logs import register_secret
 from migrator.methods import forced_method_problem
 from migrator.model import (
     BASE64_LIMIT,
@@ -64,6 +66,7 @@ from migrator.units import (
 )
 
 LEDGER_DIR_ENV = "MIGRATOR_LEDGER_DIR"
+LEDGER_ENV = "MIGRATOR_LEDGER"  # a ledger file, or a postgresql:// URL
 MAX_MANIFEST_BYTES = 4 * MIB  # ~150,000 path sources; more is a job for glob or url_list
 PROBLEM_LIMIT = 100  # problems reported at most; the rest are counted
 MAX_PATH_BYTES = 4096  # PATH_MAX: no longer path, pattern or exclude can name a file
@@ -243,7 +246,7 @@ class _Reader:
 def load_manifest(
     path: Path,
     *,
-    ledger_override: Path | None = None,
+    ledger_override: Path | str | None = None,
     environ: Mapping[str, str] | None = None,
     check_sources: bool = True,
 ) -> Manifest:
@@ -254,9 +257,12 @@ def load_manifest(
     case refresh must handle.
 
     Relative paths in the manifest are relative to its folder. The ledger is, in
-    order: `ledger_override` (the CLI's --ledger), `$MIGRATOR_LEDGER_DIR/<name>.sqlite`,
-    the manifest's `ledger:`, `<manifest folder>/.migrator/<name>.sqlite`. An
-    override or environment path that is relative is taken from the current directory.
+    order: `ledger_override` (the CLI's --ledger), `$MIGRATOR_LEDGER`,
+    `$MIGRATOR_LEDGER_DIR/<name>.sqlite`, the manifest's `ledger:`,
+    `<manifest folder>/.migrator/<name>.sqlite`. An override or environment path that
+    is relative is taken from the current directory. Any of the first, second and
+    fourth may be a `postgresql://` URL instead: a ledger shared by many processes
+    (`Manifest.ledger_url`; `Manifest.ledger` then only places the default log).
     """
     env = os.environ if environ is None else environ
     manifest_path = _absolute(Path.cwd(), path)
@@ -363,7 +369,7 @@ def _read_top(
     reader: _Reader,
     root: Node,
     manifest_path: Path,
-    ledger_override: Path | None,
+    ledger_override: Path | str | None,
     env: Mapping[str, str],
 ) -> Manifest | None:
     keys = reader.mapping(root, "", _TOP_KEYS)
@@ -377,7 +383,10 @@ def _read_top(
     outputs = _read_outputs(reader, keys.get("outputs"))
     embedded = target is not None and target.is_embedded
     sources = _read_sources(reader, keys.get("sources"), settings, embedded=embedded)
-    ledger = _resolve_ledger(reader, keys.get("ledger"), name, ledger_override, env)
+    ledger_url, ledger_node, ledger_override = _ledger_url(
+        reader, keys.get("ledger"), ledger_override, env
+    )
+    ledger = _resolve_ledger(reader, ledger_node, name, ledger_override, env)
     _check_outputs_spare(reader, keys.get("outputs"), outputs, ledger)
     if name is None or target is None:
         return None
@@ -386,6 +395,7 @@ def _read_top(
         name=name,
         target=target,
         ledger=ledger,
+        ledger_url=ledger_url,
         settings=settings,
         sources=sources,
         outputs=outputs,
@@ -682,6 +692,32 @@ def _same_file_as_any(path: Path, ledger: Path) -> bool:
             if path.samefile(file):
                 return True
     return False
+
+
+def is_postgres_url(text: str) -> bool:
+    """Whether a ledger setting names a PostgreSQL database rather than a file (pure)."""
+    scheme, sep, _rest = text.partition("://")
+    return bool(sep) and scheme.lower() in ("postgresql", "postgres")
+
+
+def _ledger_url(
+    reader: _Reader, node: Node | None, override: Path | str | None, env: Mapping[str, str]
+) -> tuple[str | None, Node | None, Path | None]:
+    """A PostgreSQL URL from --ledger, $MIGRATOR_LEDGER or `ledger:` (in that order), and
+    what is left for the file ledger's resolution: the manifest's node, the override."""
+    from_env = env.get(LEDGER_ENV, "").strip()
+    chosen = [str(override) if override is not None else None, from_env or None]
+    written = reader.scalar(node, "ledger") if isinstance(node, ScalarNode) else None
+    if isinstance(written, str) and is_postgres_url(written):
+        chosen.append(written)
+        node = None
+    url = next((text for text in chosen if text is not None), None)
+    if url is None or not is_postgres_url(url):
+        path = Path(url) if url is not None else None
+        return None, node, path
+    if password := urlsplit(url).password:
+        register_secret(password)
+    return url, None, None
 
 
 def _resolve_ledger(

@@ -185,6 +185,7 @@ class Manifest:
     outputs: Outputs = field(default_factory=Outputs)
     version: int = 1
     shard: Shard | None = None  # --shard K/N: this process's share of the items
+    ledger_url: str | None = None  # a PostgreSQL ledger that many processes share
 
     @property
     def base_dir(self) -> Path:

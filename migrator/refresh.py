@@ -37,7 +37,7 @@ from migrator.command import (
     execute,
 )
 from migrator.errors import Interrupted, PermanentError, SourceGoneError, UploadError
-from migrator.ledger import Ledger
+from migrator.ledger import BaseLedger, open_ledger
 from migrator.logs import get_logger
 from migrator.methods import automatic_method
 from migrator.model import (
@@ -153,7 +153,7 @@ class RefreshOperation:
     async def prepare(self) -> None:
         """Nothing to check before the ledger opens: refresh works from the ledger."""
 
-    async def totals(self, ledger: Ledger, clock: ServiceClock) -> Totals:
+    async def totals(self, ledger: BaseLedger, clock: ServiceClock) -> Totals:
         target = self.manifest.target.base_url
         dead = await ledger.count_items(target, states=DEAD_STATES)
         deadline = clock.now() + self.within
@@ -173,7 +173,7 @@ class RefreshOperation:
 
     async def preview(self, clock: ServiceClock) -> AsyncGenerator[tuple[str, str | None], None]:
         async with (
-            await Ledger.open(self.manifest.ledger, readonly=True) as ledger,
+            await open_ledger(self.manifest, readonly=True) as ledger,
             contextlib.aclosing(self._rows(ledger, clock)) as rows,
         ):
             async for row in rows:
@@ -190,7 +190,9 @@ class RefreshOperation:
                 return rung.name
         return "lost"
 
-    async def _rows(self, ledger: Ledger, clock: ServiceClock) -> AsyncGenerator[LedgerItem, None]:
+    async def _rows(
+        self, ledger: BaseLedger, clock: ServiceClock
+    ) -> AsyncGenerator[LedgerItem, None]:
         """Items whose link was found dead, then those that expire within the window."""
         target = self.manifest.target.base_url
         async for row in ledger.iter_items(target, states=DEAD_STATES):

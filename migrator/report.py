@@ -8,15 +8,16 @@ complete mapping from each source to its current download URL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from migrator.clock import OFFSET_FACT
-from migrator.ledger import BAD_STATES, Ledger, RunRow
+from migrator.ledger import BAD_STATES, BaseLedger, Ledger, RunRow, open_ledger
 from migrator.ledger_merge import union_of
 from migrator.lifetimes import DEATHS_FACT, Deaths
 from migrator.logs import get_logger
@@ -154,6 +155,24 @@ def _run_dict(run: RunRow) -> dict[str, Any]:
     }
 
 
+@contextlib.asynccontextmanager
+async def reading_ledger(
+    manifest: Manifest, ledgers: Sequence[Path] = ()
+) -> AsyncIterator[BaseLedger]:
+    """What status and export read, never writing it: the manifest's PostgreSQL ledger,
+    or its ledger file, or the union of several `ledgers` (as `ledger merge` makes it)."""
+    if manifest.ledger_url is not None:
+        async with await open_ledger(manifest, readonly=True) as ledger:
+            yield ledger
+        return
+    read = tuple(ledgers) if len(ledgers) > 1 else ()
+    async with (
+        union_of(read or (manifest.ledger,)) as path,
+        await Ledger.open(path, readonly=True) as ledger,
+    ):
+        yield ledger
+
+
 async def build_status(
     manifest: Manifest,
     *,
@@ -168,10 +187,7 @@ async def build_status(
     the items not started and those no longer in the manifest."""
     target = manifest.target.base_url
     read = tuple(ledgers) if len(ledgers) > 1 else ()
-    async with (
-        union_of(read or (manifest.ledger,)) as path,
-        await Ledger.open(path, readonly=True) as ledger,
-    ):
+    async with reading_ledger(manifest, ledgers) as ledger:
         offset = number_or_none(await ledger.fact(OFFSET_FACT))
         moment = (time.time() + (offset or 0.0)) if now is None else now
         expired = await ledger.count_items(target, states=[ItemState.DONE], expiring_before=moment)
@@ -207,7 +223,7 @@ async def build_status(
         )
 
 
-async def job_coverage(manifest: Manifest, ledger: Ledger) -> JobCoverage:
+async def job_coverage(manifest: Manifest, ledger: BaseLedger) -> JobCoverage:
     """Compare the items the manifest names today with those the ledger holds. Memory:
     one hash per planned item (a million items, some tens of MB), none per ledger row."""
     planned = await asyncio.to_thread(_planned_hashes, manifest)
@@ -222,7 +238,7 @@ def _planned_hashes(manifest: Manifest) -> set[int]:
     return {hash(key) for key in planned_keys(manifest)}
 
 
-async def run_failures(ledger: Ledger, run: RunRow) -> tuple[RunFailure, ...]:
+async def run_failures(ledger: BaseLedger, run: RunRow) -> tuple[RunFailure, ...]:
     """The first items whose last attempt in the run failed, credentials hidden. A probe
     is the work of `verify` only; elsewhere it checks a link on the side (a refresh whose
     copy failed, an uncertain upload), and the item's fate is its last other attempt."""
@@ -259,7 +275,7 @@ def _alive(pid: int) -> bool:
 
 
 async def export_to(
-    manifest: Manifest, ledger: Ledger, fmt: str, path: Path, *, make_parents: bool = True
+    manifest: Manifest, ledger: BaseLedger, fmt: str, path: Path, *, make_parents: bool = True
 ) -> int:
     """Write the mapping of every item of the manifest's target to `path`, atomically
     (its folders made first, unless `make_parents` is False)."""
@@ -278,7 +294,7 @@ class CommandResult:
 
 async def publish_outputs(
     manifest: Manifest,
-    ledger: Ledger,
+    ledger: BaseLedger,
     result: CommandResult,
     *,
     metrics_file: Path | None = None,
@@ -312,7 +328,7 @@ async def _push(gateway: str, snapshot: MetricsSnapshot) -> None:
 
 
 async def metrics_snapshot(
-    manifest: Manifest, ledger: Ledger, result: CommandResult
+    manifest: Manifest, ledger: BaseLedger, result: CommandResult
 ) -> MetricsSnapshot:
     target = manifest.target.base_url
     counts = await ledger.state_counts(target)

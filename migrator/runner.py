@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from migrator.claims import DEFAULT_LEASE, LeaseKeeper, claimed, from_work, plan_once
 from migrator.clock import ServiceClock
 from migrator.command import (
     CommandOptions,
@@ -27,7 +28,8 @@ from migrator.command import (
 from migrator.connect import open_origins
 from migrator.dedup import Claim, Contents
 from migrator.errors import Interrupted, UploadError
-from migrator.ledger import Ledger
+from migrator.ledger import BaseLedger, open_ledger
+from migrator.ledger_pg import Claim, PgLedger
 from migrator.logs import get_logger
 from migrator.model import (
     ItemState,
@@ -52,6 +54,7 @@ Entry = tuple[PlanItem, Decision, LedgerItem | None]
 @dataclass(frozen=True, slots=True)
 class RunOptions(CommandOptions):
     checksum: bool = False  # compare sha256 of local files, not only size and mtime
+    lease: float = DEFAULT_LEASE  # a shared (PostgreSQL) ledger: how long a claim holds
 
 
 async def run_manifest(
@@ -77,17 +80,24 @@ class RunOperation:
         self._totals = Totals(0)
         self._shared_sizes: frozenset[int] = frozenset()
         self._contents: Contents | None = None
+        self._keeper: LeaseKeeper | None = None  # a shared ledger: the leases it holds
+        self._claims: dict[tuple[str, str], Claim] = {}
 
     async def prepare(self) -> None:
         check = await asyncio.to_thread(check_plan, self.manifest)  # ManifestError early
         self._totals = Totals(check.items, check.local_bytes)
         self._shared_sizes = check.shared_sizes
 
-    async def totals(self, ledger: Ledger, clock: ServiceClock) -> Totals:
+    async def totals(self, ledger: BaseLedger, clock: ServiceClock) -> Totals:
         return self._totals
 
     async def items(self, session: CommandSession) -> AsyncIterator[Entry]:
-        """The plan joined with the ledger; what needs no upload is counted and skipped."""
+        """The plan joined with the ledger; what needs no upload is counted and skipped.
+        A shared ledger: the items this process claims from the queue."""
+        if isinstance(session.ledger, PgLedger):
+            async for entry in self._claimed(session, session.ledger):
+                yield entry
+            return
         conn, checksum, ledger = session.conn, self.options.checksum, session.ledger
         self._contents = Contents(ledger, session.target_id, conn.clock, self._shared_sizes)
         plan = expand(
@@ -103,7 +113,37 @@ class RunOperation:
             else:
                 session.finish(item.source, Outcome.SKIPPED)
 
+    async def _claimed(self, session: CommandSession, ledger: PgLedger) -> AsyncIterator[Entry]:
+        """Plan once (the first process to find no open work), then claim with leases."""
+        conn, lease, target = session.conn, self.options.lease, session.target_id
+        self._contents = Contents(ledger, target, conn.clock, self._shared_sizes)
+        remembered = remembered_in(ledger, target)
+        plan = expand(
+            self.manifest, session=conn.origins, url_vars=conn.url_vars, remembered=remembered
+        )
+        decided = decide_items(self.manifest, ledger, plan, self.options.checksum, conn.clock)
+        queued = await plan_once(
+            self.manifest,
+            ledger,
+            decided,
+            lambda item: session.finish(item.source, Outcome.SKIPPED),
+        )
+        log.info("run.queue", planned_here=queued is not None, queued=queued, owner=ledger.owner)
+        self._keeper = LeaseKeeper(ledger, lease)
+        self._keeper.start()
+        async for work in claimed(ledger, self.manifest.target.base_url, session.workers, lease):
+            item, decision = from_work(work.work)
+            self._claims[item.key] = work.claim
+            yield item, decision, work.row
+
     async def handle(self, session: CommandSession, entry: Entry) -> None:
+        claim = self._claims.pop(entry[0].key, None)
+        if claim is None or self._keeper is None:
+            await self._upload(session, entry)
+        else:  # a lost lease cancels the upload: another process does the item now
+            await self._keeper.guard(claim, lambda: self._upload(session, entry))
+
+    async def _upload(self, session: CommandSession, entry: Entry) -> None:
         item, planned, row = entry
         if await verified(item, planned, row) is Decision.UNCHANGED:
             session.finish(item.source, Outcome.SKIPPED)
@@ -113,8 +153,12 @@ class RunOperation:
         await _ItemUpload(session, item, row, self._contents).run()
 
     async def conclude(self, session: CommandSession) -> list[str]:
-        note = None if self._contents is None else self._contents.note()
-        return [note] if note else []
+        notes = [] if self._contents is None else [self._contents.note()]
+        if self._keeper is not None:
+            await self._keeper.stop()
+            if lost := self._keeper.lost:
+                notes.append(f"{lost} items went to other workers after this one's leases ran out")
+        return [note for note in notes if note]
 
     async def preview(self, clock: ServiceClock) -> AsyncGenerator[tuple[str, str | None], None]:
         async with contextlib.aclosing(preview(self.manifest, self.options)) as decided:
@@ -151,7 +195,7 @@ async def preview(
     opts = options or RunOptions()
     workers, checksum = opts.workers(manifest.settings), opts.checksum
     async with (
-        await Ledger.open(manifest.ledger, readonly=True) as ledger,
+        await open_ledger(manifest, readonly=True) as ledger,
         open_origins(manifest, concurrency=workers) as origins,
     ):
         target = manifest.target.base_url
@@ -168,7 +212,7 @@ async def preview(
 
 async def decide_items(
     manifest: Manifest,
-    ledger: Ledger,
+    ledger: BaseLedger,
     items: AsyncIterator[PlanItem],
     checksum: bool,
     clock: ServiceClock,
@@ -187,7 +231,7 @@ async def decide_items(
             yield item, decision, row
 
 
-def remembered_in(ledger: Ledger, target: str) -> Remembered:
+def remembered_in(ledger: BaseLedger, target: str) -> Remembered:
     """What the ledger recorded of remote files, for `immutable` sources: a row of the
     same URL that knows its size (or is done) answers as the origin would."""
 

@@ -29,7 +29,7 @@ from migrator.command import (
     execute,
 )
 from migrator.errors import Interrupted, UploadError
-from migrator.ledger import Ledger
+from migrator.ledger import BaseLedger, open_ledger
 from migrator.lifetimes import DEATHS_FACT, Deaths
 from migrator.logs import get_logger
 from migrator.model import LINKED_STATES, ItemState, ItemUpdate, LedgerItem, Manifest, Outcome
@@ -95,7 +95,7 @@ class VerifyOperation:
     async def prepare(self) -> None:
         """Nothing to check before the ledger opens."""
 
-    async def totals(self, ledger: Ledger, clock: ServiceClock) -> Totals:
+    async def totals(self, ledger: BaseLedger, clock: ServiceClock) -> Totals:
         target = self.manifest.target.base_url
         count, _bytes = await ledger.count_items(target, **self._filter(clock))
         sample = self.options.sample
@@ -128,7 +128,7 @@ class VerifyOperation:
 
     async def preview(self, clock: ServiceClock) -> AsyncGenerator[tuple[str, str | None], None]:
         async with (
-            await Ledger.open(self.manifest.ledger, readonly=True) as ledger,
+            await open_ledger(self.manifest, readonly=True) as ledger,
             contextlib.aclosing(self._rows(ledger, clock)) as rows,
         ):
             async for row in rows:
@@ -169,7 +169,9 @@ class VerifyOperation:
             "expiring_before": None if within is None else clock.now() + within,
         }
 
-    async def _rows(self, ledger: Ledger, clock: ServiceClock) -> AsyncGenerator[LedgerItem, None]:
+    async def _rows(
+        self, ledger: BaseLedger, clock: ServiceClock
+    ) -> AsyncGenerator[LedgerItem, None]:
         rows = ledger.iter_items(self.manifest.target.base_url, **self._filter(clock))
         sample = self.options.sample
         rng = random.Random(self.options.seed)

@@ -1,0 +1,238 @@
+"""Work claiming: how `migrator run` processes share one PostgreSQL ledger.
+
+The first process to find no open work in the queue plans (under the planning lock):
+it joins the plan with the ledger as a single-machine run would, and queues what needs
+an upload. Every process then claims small batches, lowest ids first, each item with a
+lease on the database's clock, and renews the leases of what it holds. A process whose
+lease ran out (it was stopped, or cut off) loses the item: its work on it is cancelled
+and whatever it still writes about it is refused. A process that finds nothing to claim
+while others hold leases waits for them, so the last one standing finishes the work of
+one that died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from migrator.errors import LedgerError
+from migrator.ledger_pg import Claim, ClaimedWork, PgLedger
+from migrator.logs import get_logger
+from migrator.model import ItemUpdate, LedgerItem, Manifest, Method, PlanItem, SourceKind
+from migrator.plan import expand
+from migrator.resume import Decision
+
+DEFAULT_LEASE = 60.0  # seconds; --lease
+RENEWALS_PER_LEASE = 3  # a lease is renewed this often within its length
+IDLE_POLL = 1.0  # the longest wait between looks at a queue others still hold
+ENQUEUE_BATCH = 500
+
+log = get_logger("migrator.claims")
+
+Entry = tuple[PlanItem, Decision, LedgerItem | None]
+
+
+# -- the plan as queued work (pure) ---------------------------------------------------------
+
+
+def as_work(item: PlanItem, decision: Decision) -> dict[str, Any]:
+    """A planned item and its decision, as the queue keeps them (JSON)."""
+    return {
+        "source": item.source,
+        "kind": item.kind.value,
+        "upload_path": item.upload_path,
+        "file_name": item.file_name,
+        "size": item.size,
+        "method": item.method.value,
+        "method_forced": item.method_forced,
+        "mtime_ns": item.mtime_ns,
+        "etag": item.etag,
+        "last_modified": item.last_modified,
+        "decision": decision.value,
+    }
+
+
+def from_work(work: Mapping[str, Any]) -> tuple[PlanItem, Decision]:
+    """The planned item and decision `as_work` queued."""
+    item = PlanItem(
+        source=work["source"],
+        kind=SourceKind(work["kind"]),
+        upload_path=work["upload_path"],
+        file_name=work["file_name"],
+        size=work["size"],
+        method=Method(work["method"]),
+        method_forced=bool(work["method_forced"]),
+        mtime_ns=work["mtime_ns"],
+        etag=work["etag"],
+        last_modified=work["last_modified"],
+    )
+    return item, Decision(work["decision"])
+
+
+def idle_wait(first_lease_ends_in: float | None) -> float:
+    """How long to wait before looking at the queue again when others hold all of it."""
+    if first_lease_ends_in is None:
+        return IDLE_POLL / 4  # open items, none leased: their release is being written
+    return min(IDLE_POLL, max(0.05, first_lease_ends_in + 0.05))
+
+
+# -- planning once --------------------------------------------------------------------------
+
+
+async def plan_once(
+    manifest: Manifest,
+    ledger: PgLedger,
+    decided: AsyncIterator[Entry],
+    on_skipped: Callable[[PlanItem], None] = lambda item: None,
+) -> int | None:
+    """Queue what the plan needs uploaded, if no other process has open work queued;
+    returns how many items were queued, or None when another plan is being worked.
+    `on_skipped` hears of each item that needs nothing."""
+    target = manifest.target.base_url
+    async with ledger.planning(target) as must_plan:
+        if not must_plan:
+            return None
+        queued = 0
+        batch: list[tuple[str, str, Mapping[str, Any]]] = []
+        async for item, decision, row in decided:
+            if not (decision.needs_upload or decision is Decision.VERIFY):
+                on_skipped(item)
+                continue
+            if row is None:  # the queue refers to the item's row: it needs one first
+                ledger.put_item(ItemUpdate.pending(target, item))
+            batch.append((item.upload_path, item.file_name, as_work(item, decision)))
+            if len(batch) >= ENQUEUE_BATCH:
+                queued += await ledger.enqueue(target, batch)
+                batch = []
+        if batch:
+            queued += await ledger.enqueue(target, batch)
+        return queued
+
+
+async def commit_plan(manifest: Manifest, *, checksum: bool = False) -> int | None:
+    """`migrator plan --commit`: queue the plan in the manifest's PostgreSQL ledger (as
+    the first worker would), unless workers are still on a queued plan."""
+    from migrator.command import stored_clock
+    from migrator.connect import open_origins
+    from migrator.runner import decide_items
+
+    assert manifest.ledger_url is not None
+    async with (
+        await PgLedger.open(manifest.ledger_url) as ledger,
+        open_origins(manifest, concurrency=manifest.settings.concurrency) as origins,
+    ):
+        plan = expand(manifest, session=origins.session, url_vars=origins.url_vars)
+        clock = await stored_clock(ledger)
+        return await plan_once(
+            manifest, ledger, decide_items(manifest, ledger, plan, checksum, clock)
+        )
+
+
+# -- claiming -------------------------------------------------------------------------------
+
+
+async def claimed(
+    ledger: PgLedger, target: str, batch: int, lease: float
+) -> AsyncIterator[ClaimedWork]:
+    """Items claimed from the queue, a batch at a time, until no open work is left; when
+    others hold the rest, wait for their leases to run out or their results to land."""
+    while True:
+        found = await ledger.claim(target, batch, lease)
+        for work in found:
+            if work.taken_from is not None:
+                log.warning(
+                    "lease.reclaimed",
+                    item=work.work["source"],
+                    previous_owner=work.taken_from,
+                    attempt=work.claim.attempt,
+                )
+            yield work
+        if found:
+            continue
+        open_items, first_lease_ends_in = await ledger.open_work(target)
+        if open_items == 0:
+            return
+        await asyncio.sleep(idle_wait(first_lease_ends_in))
+
+
+class LeaseKeeper:
+    """Renews this process's leases while it works, and cancels the work on an item
+    whose lease was lost (another process holds it now)."""
+
+    def __init__(self, ledger: PgLedger, lease: float) -> None:
+        self.ledger = ledger
+        self.lease = lease
+        self.lost = 0
+        self._working: dict[int, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._renew_forever(), name="lease-keeper")
+
+    async def stop(self) -> None:
+        """Stop renewing, and hand back what this process holds and did not start."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(LedgerError):
+            await self.ledger.release_held()
+
+    async def guard(self, claim: Claim, work: Callable[[], Awaitable[None]]) -> bool:
+        """Do `work` while the lease of `claim` holds; False when it was lost first (the
+        work was then cancelled, or never started)."""
+        if not self.ledger.holds(claim):
+            return False
+        task = asyncio.ensure_future(work())
+        self._working[claim.item_id] = task
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise
+        finally:
+            self._working.pop(claim.item_id, None)
+        if task.cancelled():
+            return False
+        task.result()
+        return True
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / RENEWALS_PER_LEASE)
+            try:
+                lost = await self.ledger.renew(self.lease)
+            except LedgerError as err:
+                log.warning("lease.renew_failed", error=str(err))
+                continue
+            for claim in lost:
+                self._lose(claim)
+
+    def _lose(self, claim: Claim) -> None:
+        self.lost += 1
+        log.warning(
+            "lease.lost",
+            item=f"{claim.key[1]}/{claim.key[2]}",
+            attempt=claim.attempt,
+            why="the lease ran out and another worker took the item: work on it stops",
+        )
+        task = self._working.get(claim.item_id)
+        if task is not None:
+            task.cancel()
+
+
+__all__ = [
+    "DEFAULT_LEASE",
+    "LeaseKeeper",
+    "as_work",
+    "claimed",
+    "from_work",
+    "idle_wait",
+    "plan_once",
+]

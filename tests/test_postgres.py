@@ -1,0 +1,133 @@
+"""Many `migrator run` processes on one PostgreSQL ledger, through the real CLI.
+
+A real PostgreSQL server (tests/postgres_server.py) and the emulator on loopback; the
+workers are `python -m migrator` children that the tests start, stop, resume and kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from pathlib import Path
+
+import asyncpg
+import pytest
+from conftest import Finished, closed_port, run_cli, start_cli, write_file, write_manifest
+from test_run import fetch
+
+from migrator.emulator import Emulator
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def files(folder: Path, count: int) -> dict[str, bytes]:
+    """`count` small files of mixed sizes under `folder`, by name."""
+    return {
+        f"f{i:05}.bin": write_file(folder / f"f{i:05}.bin", 64 + (i * 37) % 2000, seed=i)
+        for i in range(count)
+    }
+
+
+def manifest_for(job: Path, emulator: Emulator, count: int) -> tuple[Path, dict[str, bytes]]:
+    data = files(job / "src", count)
+    path = write_manifest(
+        job, emulator.base_url, [{"glob": str(job / "src" / "*.bin")}], concurrency=8, settle="0s"
+    )
+    return path, data
+
+
+async def start_worker(
+    manifest: Path, url: str, api_key: str, out: Path, *extra: str
+) -> asyncio.subprocess.Process:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "stdout").open("wb") as stdout, (out / "stderr").open("wb") as stderr:
+        return await start_cli(
+            "run", str(manifest), "--no-progress", "--ledger", url, "--log-file",
+            str(out / "log.jsonl"), *extra, key=api_key, stdout=stdout, stderr=stderr,
+        )  # fmt: skip
+
+
+async def finished(process: asyncio.subprocess.Process, out: Path, limit: float) -> Finished:
+    code = await asyncio.wait_for(process.wait(), limit)
+    stdout = (out / "stdout").read_text(encoding="utf-8")
+    return Finished(code, stdout, (out / "stderr").read_text(encoding="utf-8"))
+
+
+async def item_states(url: str) -> dict[str, tuple[str, str | None]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT file_name, state, download_url FROM items")
+    finally:
+        await conn.close()
+    return {row[0]: (row[1], row[2]) for row in rows}
+
+
+async def scalar(url: str, sql: str) -> object:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+async def assert_all_done_and_served(url: str, data: dict[str, bytes]) -> None:
+    states = await item_states(url)
+    assert sorted(states) == sorted(data)
+    assert Counter(state for state, _link in states.values()) == {"done": len(data)}
+    for name, (_state, link) in states.items():
+        assert link is not None
+        assert await fetch(link) == data[name], name
+
+
+async def test_two_workers_share_the_work_and_upload_each_item_once(
+    job: Path, emulator: Emulator, api_key: str, pg_url: str
+) -> None:
+    manifest, data = manifest_for(job, emulator, 120)
+    outs = [job / f"w{i}" for i in range(2)]
+    workers = [await start_worker(manifest, pg_url, api_key, out) for out in outs]
+    results = [await finished(w, out, 60) for w, out in zip(workers, outs, strict=True)]
+    assert [r.code for r in results] == [0, 0], [r.stderr for r in results]
+    await assert_all_done_and_served(pg_url, data)
+    uploads = Counter(request.file_name for request in emulator.requests)
+    assert set(uploads.values()) == {1}  # nobody uploaded an item another one did
+    assert await scalar(pg_url, "SELECT COUNT(*) FROM queue WHERE NOT finished") == 0
+
+
+async def test_a_second_run_after_the_first_uploads_nothing(
+    job: Path, emulator: Emulator, api_key: str, pg_url: str
+) -> None:
+    manifest, data = manifest_for(job, emulator, 20)
+    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
+    assert first.code == 0, first.stderr
+    again = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
+    assert again.code == 0, again.stderr
+    assert len(emulator.requests) == len(data)
+    assert "0 uploaded, 20 skipped" in again.stdout
+
+
+async def test_a_source_changed_after_the_run_is_uploaded_again_by_the_next_plan(
+    job: Path, emulator: Emulator, api_key: str, pg_url: str
+) -> None:
+    manifest, data = manifest_for(job, emulator, 5)
+    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
+    assert first.code == 0, first.stderr
+    data["f00002.bin"] = write_file(job / "src" / "f00002.bin", 999, seed=77)
+    planned = await run_cli("plan", str(manifest), "--commit", "--ledger", pg_url)
+    assert planned.code == 0 and "1 items queued" in planned.stdout, planned.stdout
+    again = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
+    assert again.code == 0, again.stderr
+    assert "1 uploaded" in again.stdout
+    await assert_all_done_and_served(pg_url, data)
+
+
+async def test_the_password_of_the_ledger_url_never_shows(
+    job: Path, emulator: Emulator, api_key: str, pg_url: str
+) -> None:
+    manifest, _data = manifest_for(job, emulator, 2)
+    wrong = f"postgresql://migrator:pw-not-shown-1234@127.0.0.1:{closed_port()}/jobs"
+    result = await run_cli("run", str(manifest), "--no-progress", "--ledger", wrong, key=api_key)
+    assert result.code != 0
+    line = result.one_error_line()
+    assert "pw-not-shown-1234" not in result.stderr + result.stdout
+    assert "cannot reach the ledger postgresql://migrator@127.0.0.1:" in line
