@@ -11,6 +11,7 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 from conftest import Finished, closed_port, run_cli, start_cli, write_file, write_manifest
@@ -40,7 +41,7 @@ def manifest_for(job: Path, emulator: Emulator, count: int) -> tuple[Path, dict[
 async def start_worker(
     manifest: Path, url: str, api_key: str, out: Path, *extra: str
 ) -> asyncio.subprocess.Process:
-    out.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     with (out / "stdout").open("wb") as stdout, (out / "stderr").open("wb") as stderr:
         return await start_cli(
             "run", str(manifest), "--no-progress", "--ledger", url, "--log-file",
@@ -131,3 +132,70 @@ async def test_the_password_of_the_ledger_url_never_shows(
     line = result.one_error_line()
     assert "pw-not-shown-1234" not in result.stderr + result.stdout
     assert "cannot reach the ledger postgresql://migrator@127.0.0.1:" in line
+
+
+# -- the acceptance run: four workers, one killed, one stopped past its lease ---------------
+
+ITEMS = 2000  # 5,000 takes minutes on a loaded two-core box: the emulator is one process
+LEASE = "2s"
+
+
+async def fetch_all(links: dict[str, str]) -> dict[str, bytes]:
+    """name -> the bytes its link serves, 16 requests at a time on one session."""
+    gate = asyncio.Semaphore(16)
+    async with aiohttp.ClientSession() as session:
+
+        async def one(name: str, link: str) -> tuple[str, bytes]:
+            async with gate, session.get(link) as response:
+                assert response.status == 200, link
+                return name, await response.read()
+
+        return dict(await asyncio.gather(*(one(n, link) for n, link in links.items())))
+
+
+async def wait_for_done(url: str, at_least: int, limit: float = 60) -> None:
+    async def enough() -> bool:
+        try:
+            done = await scalar(url, "SELECT COUNT(*) FROM items WHERE state = 'done'")
+        except asyncpg.UndefinedTableError:  # the first worker has not made the schema yet
+            return False
+        return isinstance(done, int) and done >= at_least
+
+    deadline = asyncio.get_running_loop().time() + limit
+    while not await enough():
+        assert asyncio.get_running_loop().time() < deadline, f"fewer than {at_least} done"
+        await asyncio.sleep(0.1)
+
+
+async def test_four_workers_survive_a_kill_and_a_stop_past_the_lease(
+    job: Path, emulator: Emulator, api_key: str, pg_url: str
+) -> None:
+    data = files(job / "src", ITEMS)
+    manifest = write_manifest(
+        job, emulator.base_url, [{"glob": str(job / "src" / "*.bin")}],
+        concurrency=8, settle="0s", base64_max="1KiB",
+    )  # fmt: skip
+    outs = [job / f"w{i}" for i in range(4)]
+    workers = [await start_worker(manifest, pg_url, api_key, out, "--lease", LEASE) for out in outs]
+    killed, stopped = workers[0], workers[1]
+
+    await wait_for_done(pg_url, ITEMS // 10)
+    killed.send_signal(signal.SIGKILL)  # mid-batch: it holds claims and uploads in flight
+    await wait_for_done(pg_url, ITEMS // 5)
+    stopped.send_signal(signal.SIGSTOP)
+    await asyncio.sleep(5)  # its 2 s leases run out; the others take its items
+    stopped.send_signal(signal.SIGCONT)
+
+    assert await asyncio.wait_for(killed.wait(), 5) == -signal.SIGKILL
+    results = [await finished(w, out, 120) for w, out in zip(workers[1:], outs[1:], strict=True)]
+    assert [r.code for r in results] == [0, 0, 0], [r.stderr for r in results]
+
+    states = await item_states(pg_url)
+    assert Counter(state for state, _link in states.values()) == {"done": ITEMS}
+    served = await fetch_all({name: link for name, (_s, link) in states.items() if link})
+    assert served == data  # every item's link serves its bytes exactly
+    refused = await scalar(pg_url, "SELECT COUNT(*) FROM attempts WHERE outcome = 'refused'")
+    assert isinstance(refused, int) and refused >= 1  # the resumed worker's late results
+    stopped_log = (outs[1] / "log.jsonl").read_text(encoding="utf-8")
+    assert "lease.result_refused" in stopped_log
+    assert await scalar(pg_url, "SELECT COUNT(*) FROM queue WHERE NOT finished") == 0
