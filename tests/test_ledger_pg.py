@@ -7,9 +7,18 @@ database of its own.
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
 
+import pytest
+from conftest import run_cli
+
+from migrator.claims import IDLE_POLL, as_work, from_work, idle_wait
+from migrator.ledger import Ledger
 from migrator.ledger_pg import PgLedger, redacted
-from migrator.model import ItemState, ItemUpdate, Method, SourceKind
+from migrator.model import AttemptRecord, ItemState, ItemUpdate, Method, PlanItem, SourceKind
+from migrator.resume import Decision
 
 TARGET = "http://127.0.0.1:9/api"
 LEASE = 30.0
@@ -150,3 +159,71 @@ async def test_renewal_keeps_live_leases_and_reports_lost_ones(pg_url: str) -> N
 def test_messages_never_show_the_password() -> None:
     where = redacted("postgresql://jobs:s3cret-pass@db.internal:5432/migrations?sslmode=require")
     assert where == "postgresql://jobs@db.internal:5432/migrations"
+
+
+async def test_ledger_import_moves_a_sqlite_ledger_in_once(tmp_path: Path, pg_url: str) -> None:
+    source = tmp_path / "job.sqlite"
+    async with await Ledger.open(source) as sqlite_ledger:
+        run_id = await sqlite_ledger.start_run("run", "/jobs/job.yaml")
+        sqlite_ledger.put_item(done("a"))
+        sqlite_ledger.put_item(update("b", ItemState.FAILED, last_error="HTTP 500"))
+        sqlite_ledger.put_attempt(attempt_of("a", run_id))
+        await sqlite_ledger.set_fact("offset", 2.0)
+        await sqlite_ledger.finish_run(run_id, "done", {"uploaded": 1})
+        expected = {item.file_name: item async for item in sqlite_ledger.iter_items()}
+
+    first = await run_cli("ledger", "import", str(source), "--ledger", pg_url)
+    again = await run_cli("ledger", "import", str(source), "--ledger", pg_url)
+
+    assert first.code == 0, first.stderr
+    assert "imported 2 items, 1 attempts, 1 runs and 1 facts" in first.stdout
+    assert again.code != 0 and "was already imported" in again.one_error_line()
+    async with await PgLedger.open(pg_url, readonly=True) as ledger:
+        moved = {item.file_name: item async for item in ledger.iter_items()}
+        runs = await ledger.runs()
+        fact = await ledger.fact("offset")
+        attempts = await ledger._fetch("SELECT outcome FROM attempts", [])
+    assert {n: replace(i, id=0) for n, i in moved.items()} == {
+        n: replace(i, id=0) for n, i in expected.items()
+    }
+    assert [(r.command, r.status, r.summary) for r in runs] == [("run", "done", {"uploaded": 1})]
+    assert fact == 2.0 and attempts == [("ok",)]
+
+
+def attempt_of(name: str, run_id: int) -> AttemptRecord:
+    return AttemptRecord(
+        run_id=run_id,
+        target=TARGET,
+        upload_path="batch",
+        file_name=name,
+        method=Method.BASE64,
+        attempt=1,
+        started_at=1_700_000_000.0,
+        duration=0.25,
+        outcome="ok",
+        http_status=200,
+        bytes_sent=10,
+    )
+
+
+def test_queued_work_reads_back_as_the_planned_item_and_decision() -> None:
+    item = PlanItem(
+        source="https://origin.example/a.bin",
+        kind=SourceKind.URL,
+        upload_path="mig/x",
+        file_name="a.bin",
+        size=None,
+        method=Method.URL,
+        method_forced=True,
+        etag='"abc"',
+    )
+    assert from_work(json.loads(json.dumps(as_work(item, Decision.CHANGED)))) == (
+        item,
+        Decision.CHANGED,
+    )
+
+
+def test_an_idle_worker_looks_again_soon_after_the_first_lease_ends() -> None:
+    assert idle_wait(0.3) == pytest.approx(0.35)
+    assert idle_wait(45.0) == IDLE_POLL  # and never sleeps through a whole lease
+    assert idle_wait(-2.0) == 0.05  # a lease already ran out: its item is claimable
