@@ -12,11 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, write_file, write_manifest
 
 from migrator.claims import IDLE_POLL, as_work, from_work, idle_wait
 from migrator.ledger import Ledger
 from migrator.ledger_pg import PgLedger, redacted
+from migrator.manifest import load_manifest
 from migrator.model import AttemptRecord, ItemState, ItemUpdate, Method, PlanItem, SourceKind
 from migrator.resume import Decision
 
@@ -227,3 +228,40 @@ def test_an_idle_worker_looks_again_soon_after_the_first_lease_ends() -> None:
     assert idle_wait(0.3) == pytest.approx(0.35)
     assert idle_wait(45.0) == IDLE_POLL  # and never sleeps through a whole lease
     assert idle_wait(-2.0) == 0.05  # a lease already ran out: its item is claimable
+
+
+# -- choosing the ledger -------------------------------------------------------------------
+
+URL = "postgresql://jobs:secret-pw-77@db.internal/migrations"
+
+
+def manifest_file(job: Path, ledger: str | None = None) -> Path:
+    write_file(job / "a.bin", 10)
+    path = write_manifest(job, "http://127.0.0.1:9/api", [{"path": str(job / "a.bin")}])
+    if ledger is not None:
+        text = path.read_text(encoding="utf-8").replace("ledger.sqlite", ledger)
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_postgresql_url_in_ledger_names_the_shared_ledger(job: Path) -> None:
+    manifest = load_manifest(manifest_file(job, URL), environ={})
+    assert manifest.ledger_url == URL
+
+
+def test_migrator_ledger_in_the_environment_names_it_too(job: Path) -> None:
+    manifest = load_manifest(manifest_file(job), environ={"MIGRATOR_LEDGER": URL})
+    assert manifest.ledger_url == URL
+
+
+def test_a_ledger_file_on_the_command_line_wins_over_the_environment(job: Path) -> None:
+    manifest = load_manifest(
+        manifest_file(job), ledger_override="mine.sqlite", environ={"MIGRATOR_LEDGER": URL}
+    )
+    assert manifest.ledger_url is None
+    assert manifest.ledger == Path.cwd() / "mine.sqlite"
+
+
+def test_without_a_url_the_sqlite_ledger_is_unchanged(job: Path) -> None:
+    manifest = load_manifest(manifest_file(job), environ={})
+    assert manifest.ledger_url is None and manifest.ledger == job / "ledger.sqlite"
