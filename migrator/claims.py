@@ -21,6 +21,7 @@ from migrator.errors import LedgerError
 from migrator.ledger_pg import Claim, ClaimedWork, PgLedger
 from migrator.logs import get_logger
 from migrator.model import ItemUpdate, LedgerItem, Manifest, Method, PlanItem, SourceKind
+from migrator.pacer import Pacer
 from migrator.plan import expand
 from migrator.resume import Decision
 
@@ -157,18 +158,50 @@ async def claimed(
         await asyncio.sleep(idle_wait(first_lease_ends_in))
 
 
+def share_of(limit: float | None, live_workers: int) -> float | None:
+    """One worker's share of a limit all workers of a shared ledger keep together (pure)."""
+    return None if limit is None else limit / max(1, live_workers)
+
+
+class SharedLimits:
+    """--tps-limit and --bwlimit as totals for all workers of a shared ledger: each live
+    worker paces itself to its share, and the shares follow workers that come and go."""
+
+    def __init__(self, pacer: Pacer) -> None:
+        self.pacer = pacer
+        self.tps_limit = pacer.tps_limit
+        self.bwlimit = pacer.bwlimit
+        self.live = 1
+
+    def divide(self, live_workers: int) -> None:
+        if live_workers == self.live:
+            return
+        self.live = live_workers
+        self.pacer.tps_limit = share_of(self.tps_limit, live_workers)
+        self.pacer.bwlimit = share_of(self.bwlimit, live_workers)
+        if self.tps_limit is not None or self.bwlimit is not None:
+            log.info("limits.shared", workers=live_workers, tps_limit=self.pacer.tps_limit,
+                     bwlimit=self.pacer.bwlimit)  # fmt: skip
+
+
 class LeaseKeeper:
     """Renews this process's leases while it works, and cancels the work on an item
-    whose lease was lost (another process holds it now)."""
+    whose lease was lost (another process holds it now). Its heartbeat also tells the
+    shared limits how many workers are alive."""
 
-    def __init__(self, ledger: PgLedger, lease: float) -> None:
+    def __init__(
+        self, ledger: PgLedger, target: str, lease: float, limits: SharedLimits | None = None
+    ) -> None:
         self.ledger = ledger
+        self.target = target
         self.lease = lease
+        self.limits = limits
         self.lost = 0
         self._working: dict[int, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self._beat()
         if self._task is None:
             self._task = asyncio.create_task(self._renew_forever(), name="lease-keeper")
 
@@ -181,6 +214,7 @@ class LeaseKeeper:
             self._task = None
         with contextlib.suppress(LedgerError):
             await self.ledger.release_held()
+            await self.ledger.sign_off()
 
     async def guard(self, claim: Claim, work: Callable[[], Awaitable[None]]) -> bool:
         """Do `work` while the lease of `claim` holds; False when it was lost first (the
@@ -208,11 +242,17 @@ class LeaseKeeper:
             await asyncio.sleep(self.lease / RENEWALS_PER_LEASE)
             try:
                 lost = await self.ledger.renew(self.lease)
+                await self._beat()
             except LedgerError as err:
                 log.warning("lease.renew_failed", error=str(err))
                 continue
             for claim in lost:
                 self._lose(claim)
+
+    async def _beat(self) -> None:
+        live = await self.ledger.heartbeat(self.target, self.lease)
+        if self.limits is not None:
+            self.limits.divide(live)
 
     def _lose(self, claim: Claim) -> None:
         self.lost += 1
@@ -230,9 +270,11 @@ class LeaseKeeper:
 __all__ = [
     "DEFAULT_LEASE",
     "LeaseKeeper",
+    "SharedLimits",
     "as_work",
     "claimed",
     "from_work",
     "idle_wait",
     "plan_once",
+    "share_of",
 ]

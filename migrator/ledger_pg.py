@@ -89,6 +89,11 @@ _QUEUE_SCHEMA = (
         finished BOOLEAN NOT NULL DEFAULT FALSE
     )""",
     "CREATE INDEX IF NOT EXISTS queue_open ON queue (target, item_id) WHERE NOT finished",
+    """CREATE TABLE IF NOT EXISTS workers (
+        owner TEXT PRIMARY KEY,
+        target TEXT NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL
+    )""",
 )
 _MIGRATION_LOCK = 0x6D696772  # "migr": one process migrates at a time
 
@@ -403,6 +408,29 @@ class PgLedger(BaseLedger):
             await self._conn.execute(sql, self.owner, ids, attempts)
         for claim in held:
             self._claims.pop(claim.key, None)
+
+    async def heartbeat(self, target: str, lease: float) -> int:
+        """Say this worker is alive; returns how many workers of `target` are (itself
+        included): those seen within the last `lease` seconds."""
+        async with self._locked():
+            await self._conn.execute(
+                f"INSERT INTO workers (owner, target, seen_at) VALUES ($1, $2, {_NOW}) "
+                "ON CONFLICT (owner) DO UPDATE SET target = excluded.target, "
+                "seen_at = excluded.seen_at",
+                self.owner,
+                target,
+            )
+            live: int = await self._conn.fetchval(
+                f"SELECT COUNT(*) FROM workers WHERE target = $1 AND seen_at > {_NOW} - $2",
+                target,
+                lease,
+            )
+        return max(1, live)
+
+    async def sign_off(self) -> None:
+        """This worker is done: the others take its share of the limits at once."""
+        async with self._locked():
+            await self._conn.execute("DELETE FROM workers WHERE owner = $1", self.owner)
 
     def holds(self, claim: Claim) -> bool:
         """Whether this process still believes it holds `claim`."""

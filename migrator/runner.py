@@ -14,7 +14,14 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from migrator.claims import DEFAULT_LEASE, LeaseKeeper, claimed, from_work, plan_once
+from migrator.claims import (
+    DEFAULT_LEASE,
+    LeaseKeeper,
+    SharedLimits,
+    claimed,
+    from_work,
+    plan_once,
+)
 from migrator.clock import ServiceClock
 from migrator.command import (
     CommandOptions,
@@ -129,8 +136,9 @@ class RunOperation:
             lambda item: session.finish(item.source, Outcome.SKIPPED),
         )
         log.info("run.queue", planned_here=queued is not None, queued=queued, owner=ledger.owner)
-        self._keeper = LeaseKeeper(ledger, lease)
-        self._keeper.start()
+        limits = SharedLimits(conn.pacer)
+        self._keeper = LeaseKeeper(ledger, self.manifest.target.base_url, lease, limits)
+        await self._keeper.start()
         async for work in claimed(ledger, self.manifest.target.base_url, session.workers, lease):
             item, decision = from_work(work.work)
             self._claims[item.key] = work.claim

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_file, write_manifest
 
-from migrator.claims import IDLE_POLL, as_work, from_work, idle_wait
+from migrator.claims import IDLE_POLL, SharedLimits, as_work, from_work, idle_wait, share_of
 from migrator.ledger import Ledger
 from migrator.ledger_pg import PgLedger, redacted
 from migrator.manifest import load_manifest
 from migrator.model import AttemptRecord, ItemState, ItemUpdate, Method, PlanItem, SourceKind
+from migrator.pacer import Pacer
 from migrator.resume import Decision
 
 TARGET = "http://127.0.0.1:9/api"
@@ -265,3 +266,40 @@ def test_a_ledger_file_on_the_command_line_wins_over_the_environment(job: Path) 
 def test_without_a_url_the_sqlite_ledger_is_unchanged(job: Path) -> None:
     manifest = load_manifest(manifest_file(job), environ={})
     assert manifest.ledger_url is None and manifest.ledger == job / "ledger.sqlite"
+
+
+# -- limits that stay global ---------------------------------------------------------------
+
+
+async def test_each_live_worker_takes_its_share_of_the_limits(pg_url: str) -> None:
+    pacer = Pacer(tps_limit=30.0, bwlimit=9_000_000)
+    limits = SharedLimits(pacer)
+    async with (
+        await PgLedger.open(pg_url, owner="a") as a,
+        await PgLedger.open(pg_url, owner="b") as b,
+        await PgLedger.open(pg_url, owner="c") as c,
+    ):
+        await b.heartbeat(TARGET, LEASE)
+        await c.heartbeat(TARGET, LEASE)
+        limits.divide(await a.heartbeat(TARGET, LEASE))
+        assert (pacer.tps_limit, pacer.bwlimit) == (10.0, 3_000_000)
+        await b.sign_off()
+        await c.sign_off()
+        limits.divide(await a.heartbeat(TARGET, LEASE))
+        assert (pacer.tps_limit, pacer.bwlimit) == (30.0, 9_000_000)
+
+
+async def test_a_worker_that_stopped_beating_no_longer_counts(pg_url: str) -> None:
+    async with (
+        await PgLedger.open(pg_url, owner="a") as a,
+        await PgLedger.open(pg_url, owner="gone") as gone,
+    ):
+        await gone.heartbeat(TARGET, LEASE)
+        assert await a.heartbeat(TARGET, LEASE) == 2
+        await asyncio.sleep(0.3)
+        assert await a.heartbeat(TARGET, 0.2) == 1
+
+
+def test_no_limit_stays_no_limit_whatever_the_workers() -> None:
+    assert share_of(None, 8) is None
+    assert share_of(12.0, 0) == 12.0
