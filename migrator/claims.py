@@ -135,10 +135,11 @@ async def commit_plan(manifest: Manifest, *, checksum: bool = False) -> int | No
 
 
 async def claimed(
-    ledger: PgLedger, target: str, batch: int, lease: float
+    ledger: PgLedger, target: str, batch: int, lease: float, busy: Callable[[], bool]
 ) -> AsyncIterator[ClaimedWork]:
-    """Items claimed from the queue, a batch at a time, until no open work is left; when
-    others hold the rest, wait for their leases to run out or their results to land."""
+    """Items claimed from the queue, a batch at a time, until no open work is left and
+    this process is not `busy` (its results may yet reopen an item); when others hold
+    the rest, wait for their leases to run out or their results to land."""
     while True:
         found = await ledger.claim(target, batch, lease)
         for work in found:
@@ -153,7 +154,7 @@ async def claimed(
         if found:
             continue
         open_items, first_lease_ends_in = await ledger.open_work(target)
-        if open_items == 0:
+        if open_items == 0 and not busy():
             return
         await asyncio.sleep(idle_wait(first_lease_ends_in))
 
@@ -218,9 +219,15 @@ class LeaseKeeper:
 
     async def guard(self, claim: Claim, work: Callable[[], Awaitable[None]]) -> bool:
         """Do `work` while the lease of `claim` holds; False when it was lost first (the
-        work was then cancelled, or never started)."""
+        work was then cancelled, or never started). A lease that ran out by our clock
+        (this process was stopped, or starved) is renewed first, or the item is left:
+        an upload started after another worker took the item would replace its file."""
         if not self.ledger.holds(claim):
-            return False
+            if not self.ledger.claimed(claim):
+                return False
+            await self._renew()
+            if not self.ledger.holds(claim):
+                return False
         task = asyncio.ensure_future(work())
         self._working[claim.item_id] = task
         try:
@@ -241,13 +248,14 @@ class LeaseKeeper:
         while True:
             await asyncio.sleep(self.lease / RENEWALS_PER_LEASE)
             try:
-                lost = await self.ledger.renew(self.lease)
+                await self._renew()
                 await self._beat()
             except LedgerError as err:
                 log.warning("lease.renew_failed", error=str(err))
-                continue
-            for claim in lost:
-                self._lose(claim)
+
+    async def _renew(self) -> None:
+        for claim in await self.ledger.renew(self.lease):
+            self._lose(claim)
 
     async def _beat(self) -> None:
         live = await self.ledger.heartbeat(self.target, self.lease)

@@ -86,7 +86,8 @@ _QUEUE_SCHEMA = (
         owner TEXT,
         attempt INTEGER NOT NULL DEFAULT 0,
         lease_until DOUBLE PRECISION,
-        finished BOOLEAN NOT NULL DEFAULT FALSE
+        finished BOOLEAN NOT NULL DEFAULT FALSE,
+        redo BOOLEAN NOT NULL DEFAULT FALSE
     )""",
     "CREATE INDEX IF NOT EXISTS queue_open ON queue (target, item_id) WHERE NOT finished",
     """CREATE TABLE IF NOT EXISTS workers (
@@ -129,18 +130,16 @@ _ATTEMPT_SQL, _ATTEMPT_NAMES = _named(
     .replace(":bytes_sent,", ":bytes_sent::bigint,")
     .replace(":error\n", ":error::text\n")
 )
-# A claimed item's update: written only if the queue row still names this owner and
-# attempt, and in the same statement the row is finished, handed back, or kept.
-_FENCED_SQL, _FENCED_NAMES = _named(
+# A claimed item's results are written in three statements per batch, whatever its size:
+# lock the queue rows still held by this owner and attempt (in id order), update those
+# items, then finish or hand back their queue rows. What is not held is refused.
+_HOLD_SQL = """
+SELECT item_id FROM queue
+WHERE (item_id, attempt) IN (SELECT * FROM unnest($2::bigint[], $3::int[])) AND owner = $1
+ORDER BY item_id FOR UPDATE
+"""
+_HELD_ITEM_SQL, _HELD_ITEM_NAMES = _named(
     f"""
-WITH fence AS (
-    UPDATE queue SET
-        finished = finished OR :finish,
-        owner = CASE WHEN :release THEN NULL ELSE owner END,
-        lease_until = CASE WHEN :release THEN NULL ELSE lease_until END
-    WHERE item_id = :item_id AND owner = :owner AND attempt = :claim_attempt
-    RETURNING item_id
-)
 UPDATE items SET
     attempts = attempts + :attempts_added,
     updated_at = :updated_at,
@@ -150,10 +149,31 @@ UPDATE items SET
             for name in ITEM_UPDATE_FIELDS
         )
     }
-WHERE id IN (SELECT item_id FROM fence)
-RETURNING id
+WHERE id = :item_id
 """
 )
+_SETTLE_QUEUE_SQL = """
+UPDATE queue SET
+    finished = (finished OR $2) AND NOT redo,
+    redo = FALSE,
+    owner = CASE WHEN $3 THEN NULL ELSE owner END,
+    lease_until = CASE WHEN $3 THEN NULL ELSE lease_until END
+WHERE item_id = $1
+"""
+# A refused final result means a stale worker's upload may have landed after the current
+# owner's, replacing its file: the item is done again. A finished row reopens; a held one
+# is marked `redo`, so that its holder's result reopens it (its upload may have landed
+# first); a fresh claim clears the mark, its upload starting after the stale one ended.
+_REDO_SQL = """
+UPDATE queue SET
+    redo = NOT finished AND owner IS NOT NULL,
+    finished = FALSE,
+    owner = CASE WHEN finished THEN NULL ELSE owner END,
+    lease_until = CASE WHEN finished THEN NULL ELSE lease_until END
+FROM (SELECT item_id FROM queue WHERE item_id = ANY($1::bigint[]) ORDER BY item_id FOR UPDATE)
+    AS stale
+WHERE queue.item_id = stale.item_id
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +223,7 @@ class PgLedger(BaseLedger):
         self._conn = conn
         self._claims: dict[tuple[str, str, str], Claim] = {}
         self._lost: dict[tuple[str, str, str], Claim] = {}  # what is written of them is refused
+        self._until: dict[int, float] = {}  # item id -> when its lease ends, on our monotonic clock
 
     @classmethod
     async def open(
@@ -336,7 +357,7 @@ class PgLedger(BaseLedger):
         seconds on the database's clock."""
         await self.flush()
         sql = f"""
-            UPDATE queue SET owner = $1, attempt = queue.attempt + 1,
+            UPDATE queue SET owner = $1, attempt = queue.attempt + 1, redo = FALSE,
                 lease_until = {_NOW} + $2
             FROM (
                 SELECT item_id, owner AS was FROM queue
@@ -346,6 +367,7 @@ class PgLedger(BaseLedger):
             ) AS picked
             WHERE queue.item_id = picked.item_id
             RETURNING queue.item_id, queue.attempt, queue.work, picked.was"""
+        sent = time.monotonic()  # the lease ends no sooner than `lease` after this
         async with self._locked():
             claimed = await self._conn.fetch(sql, self.owner, lease, target, limit)
         rows = await self._rows_by_id([record[0] for record in claimed])
@@ -356,6 +378,7 @@ class PgLedger(BaseLedger):
             key = (target, decoded["upload_path"], decoded["file_name"])
             claim = Claim(item_id, attempt, key)
             self._claims[key] = claim
+            self._until[item_id] = sent + lease
             self._lost.pop(key, None)
             found.append(ClaimedWork(claim, decoded, row, was))
         return found
@@ -378,13 +401,17 @@ class PgLedger(BaseLedger):
             RETURNING queue.item_id"""
         ids = [claim.item_id for claim in held]
         attempts = [claim.attempt for claim in held]
+        sent = time.monotonic()
         async with self._locked():
             kept = {r[0] for r in await self._conn.fetch(sql, self.owner, lease, ids, attempts)}
-        lost = [claim for claim in held if claim.item_id not in kept]
+        for item_id in kept:
+            self._until[item_id] = sent + lease
+        # Another renewal may have run meanwhile: report each loss once.
+        lost = [c for c in held if c.item_id not in kept and self._claims.get(c.key) == c]
         for claim in lost:
-            if self._claims.get(claim.key) == claim:
-                del self._claims[claim.key]
-                self._lost[claim.key] = claim
+            self._until.pop(claim.item_id, None)
+            del self._claims[claim.key]
+            self._lost[claim.key] = claim
         return lost
 
     async def release_held(self) -> None:
@@ -433,7 +460,14 @@ class PgLedger(BaseLedger):
             await self._conn.execute("DELETE FROM workers WHERE owner = $1", self.owner)
 
     def holds(self, claim: Claim) -> bool:
-        """Whether this process still believes it holds `claim`."""
+        """Whether this process surely still holds `claim`: it has not lost it, and the
+        lease has not run out by our clock (a process stopped for longer than its lease
+        cannot know without asking: `renew` tells)."""
+        live = time.monotonic() < self._until.get(claim.item_id, 0.0)
+        return live and self.claimed(claim)
+
+    def claimed(self, claim: Claim) -> bool:
+        """Whether `claim` is among what this process claimed and did not lose."""
         return self._claims.get(claim.key) == claim
 
     async def open_work(self, target: str) -> tuple[int, float | None]:
@@ -504,18 +538,34 @@ class PgLedger(BaseLedger):
         async with self._transaction():
             if plain:
                 await self._conn.executemany(_UPSERT_SQL, [_args(p, _UPSERT_NAMES) for p in plain])
-            for params in fenced:
-                claim = params["claim"]
-                assert isinstance(claim, Claim)
-                values = {**params, "owner": self.owner, "item_id": claim.item_id}
-                values["claim_attempt"] = claim.attempt
-                if await self._conn.fetchval(_FENCED_SQL, *_args(values, _FENCED_NAMES)) is None:
-                    refused.append(params)
+            if fenced:
+                refused = await self._write_held(fenced)
+                redo = sorted({_claim(p).item_id for p in refused if p["release"]})
+                if redo:
+                    await self._conn.execute(_REDO_SQL, redo)
             records = attempts + _refusals(refused)
             if records:
                 rows = [_args(p, _ATTEMPT_NAMES) for p in records]
                 await self._conn.executemany(_ATTEMPT_SQL, rows)
         self._after_write(fenced, refused)
+
+    async def _write_held(self, fenced: list[dict[str, object]]) -> list[dict[str, object]]:
+        """Write the results of claims this process still holds; returns the refused."""
+        claims = {_claim(p) for p in fenced}
+        ids, attempts = [c.item_id for c in claims], [c.attempt for c in claims]
+        held = {r[0] for r in await self._conn.fetch(_HOLD_SQL, self.owner, ids, attempts)}
+        written = [p for p in fenced if _claim(p).item_id in held]
+        if written:
+            rows = [_args({**p, "item_id": _claim(p).item_id}, _HELD_ITEM_NAMES) for p in written]
+            await self._conn.executemany(_HELD_ITEM_SQL, rows)
+            settled = [
+                (_claim(p).item_id, p["finish"], p["release"])
+                for p in written
+                if p["finish"] or p["release"]
+            ]
+            if settled:
+                await self._conn.executemany(_SETTLE_QUEUE_SQL, settled)
+        return [p for p in fenced if _claim(p).item_id not in held]
 
     def _after_write(
         self, fenced: list[dict[str, object]], refused: list[dict[str, object]]
@@ -536,6 +586,9 @@ class PgLedger(BaseLedger):
                 state=params["state"],
                 attempt=claim.attempt,
                 why="another worker holds the item now: this worker's lease ran out",
+                then="queued again, in case this worker's upload replaced the other's"
+                if params["release"]
+                else None,
             )
 
     async def _fetch(self, sql: str, params: Sequence[object]) -> list[Sequence[Any]]:
@@ -567,10 +620,14 @@ class PgLedger(BaseLedger):
                 yield
 
 
-def _claim_id(params: dict[str, object]) -> int:
+def _claim(params: Mapping[str, object]) -> Claim:
     claim = params["claim"]
     assert isinstance(claim, Claim)
-    return claim.item_id
+    return claim
+
+
+def _claim_id(params: dict[str, object]) -> int:
+    return _claim(params).item_id
 
 
 def _args(params: Mapping[str, object], names: Sequence[str]) -> list[object]:

@@ -89,6 +89,7 @@ class RunOperation:
         self._contents: Contents | None = None
         self._keeper: LeaseKeeper | None = None  # a shared ledger: the leases it holds
         self._claims: dict[tuple[str, str], Claim] = {}
+        self._in_flight = 0
 
     async def prepare(self) -> None:
         check = await asyncio.to_thread(check_plan, self.manifest)  # ManifestError early
@@ -139,7 +140,9 @@ class RunOperation:
         limits = SharedLimits(conn.pacer)
         self._keeper = LeaseKeeper(ledger, self.manifest.target.base_url, lease, limits)
         await self._keeper.start()
-        async for work in claimed(ledger, self.manifest.target.base_url, session.workers, lease):
+        target = self.manifest.target.base_url
+        busy = lambda: bool(self._claims) or self._in_flight > 0  # noqa: E731
+        async for work in claimed(ledger, target, session.workers, lease, busy):
             item, decision = from_work(work.work)
             self._claims[item.key] = work.claim
             yield item, decision, work.row
@@ -148,8 +151,12 @@ class RunOperation:
         claim = self._claims.pop(entry[0].key, None)
         if claim is None or self._keeper is None:
             await self._upload(session, entry)
-        else:  # a lost lease cancels the upload: another process does the item now
+            return
+        self._in_flight += 1
+        try:  # a lost lease cancels the upload: another process does the item now
             await self._keeper.guard(claim, lambda: self._upload(session, entry))
+        finally:
+            self._in_flight -= 1
 
     async def _upload(self, session: CommandSession, entry: Entry) -> None:
         item, planned, row = entry

@@ -1,0 +1,214 @@
+"""Benchmark: the PostgreSQL ledger's work claiming, and `migrator run` on it.
+
+    python benchmarks/pg_claims.py [--items 20000] [--workers 4 16] [--run-items 2000]
+                                   [--processes 1 2 4] [--url postgresql://...]
+
+1. Claims: `--items` queued items; each of W worker processes (one connection each)
+   claims batches of 16 with leases and records each item done (a fenced write), until
+   the queue is empty. Prints items/s from the first claim to the last result.
+2. Runs: `--run-items` small files, uploaded to the emulator (a `migrator emulator`
+   process) by 1, 2 and 4 `migrator run` processes sharing one ledger. Prints items/s.
+
+Without `--url` a throwaway PostgreSQL server is started from the system's binaries
+(as the tests do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from postgres_server import running_postgres  # noqa: E402
+
+from migrator.ledger_pg import PgLedger  # noqa: E402
+from migrator.model import ItemState, ItemUpdate, SourceKind  # noqa: E402
+
+TARGET = "http://127.0.0.1:9/api"
+BATCH = 16
+API_KEY = "bench-key-0123456789abcdef"
+
+
+@contextlib.contextmanager
+def database(url: str | None) -> Iterator[str]:
+    if url is not None:
+        yield url
+        return
+    with running_postgres() as server:
+        yield server.url()
+
+
+async def fresh(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "DROP TABLE IF EXISTS queue, workers, attempts, items, runs, facts, "
+            "schema_migrations CASCADE"
+        )
+    finally:
+        await conn.close()
+
+
+async def queue_items(url: str, count: int) -> None:
+    await fresh(url)
+    async with await PgLedger.open(url, owner="planner") as ledger:
+        for start in range(0, count, 1000):
+            names = [f"f{i:07}" for i in range(start, min(count, start + 1000))]
+            for name in names:
+                ledger.put_item(
+                    ItemUpdate(
+                        TARGET,
+                        "bench",
+                        name,
+                        ItemState.PENDING,
+                        source=f"/data/{name}",
+                        kind=SourceKind.FILE,
+                    )
+                )
+            work = [("bench", n, {"upload_path": "bench", "file_name": n}) for n in names]
+            await ledger.enqueue(TARGET, work)
+
+
+async def drain(url: str, owner: str) -> int:
+    done = 0
+    async with await PgLedger.open(url, owner=owner) as ledger:
+        while batch := await ledger.claim(TARGET, BATCH, 60.0):
+            for work in batch:
+                name = work.work["file_name"]
+                ledger.put_item(
+                    ItemUpdate(
+                        TARGET,
+                        "bench",
+                        name,
+                        ItemState.DONE,
+                        download_url=f"https://files.example/{name}",
+                    )
+                )
+            done += len(batch)
+    return done
+
+
+def drain_process(url: str, owner: str) -> int:
+    return asyncio.run(drain(url, owner))
+
+
+def claims_per_second(url: str, items: int, workers: int) -> float:
+    asyncio.run(queue_items(url, items))
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        started = time.perf_counter()
+        done = sum(pool.starmap(drain_process, [(url, f"w{i}") for i in range(workers)]))
+        took = time.perf_counter() - started
+    assert done == items, (done, items)
+    return items / took
+
+
+def run_throughput(url: str, items: int, processes: int, folder: Path) -> float:
+    asyncio.run(fresh(url))
+    src = folder / "src"
+    src.mkdir(exist_ok=True)
+    for i in range(items):
+        path = src / f"f{i:06}.bin"
+        if not path.exists():
+            path.write_bytes(os.urandom(256 + i % 4096))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KIE_API_KEY": API_KEY}
+    emulator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "migrator",
+            "emulator",
+            "--port",
+            "0",
+            "--data-dir",
+            str(folder / f"emu-{processes}"),
+            "--api-key",
+            API_KEY,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    try:
+        assert emulator.stdout is not None
+        line = emulator.stdout.readline()
+        base_url = line.split("listening on ", 1)[1].split()[0]
+        manifest = folder / "job.yaml"
+        manifest.write_text(
+            yaml.safe_dump(
+                {
+                    "version": 1,
+                    "name": "bench",
+                    "target": {"base_url": base_url, "upload_path": "b"},
+                    "settings": {"concurrency": 16},
+                    "sources": [{"glob": str(src / "*.bin")}],
+                }
+            )
+        )
+        started = time.perf_counter()
+        workers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "migrator",
+                    "run",
+                    str(manifest),
+                    "--no-progress",
+                    "--ledger",
+                    url,
+                    "--log-file",
+                    str(folder / f"log-{processes}-{i}.jsonl"),
+                ],
+                stdout=subprocess.DEVNULL,
+                env=env,
+            )
+            for i in range(processes)
+        ]
+        codes = [worker.wait() for worker in workers]
+        took = time.perf_counter() - started
+        assert codes == [0] * processes, codes
+    finally:
+        emulator.terminate()
+        emulator.wait()
+    return items / took
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--run-items", type=int, default=2000)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--url", default=None)
+    args = parser.parse_args()
+    with database(args.url) as url:
+        for workers in args.workers:
+            rate = claims_per_second(url, args.items, workers)
+            print(f"claims: {args.items} items, {workers} workers: {rate:,.0f} items/s", flush=True)
+        with tempfile.TemporaryDirectory(prefix="pg-bench-") as folder:
+            for processes in args.processes:
+                rate = run_throughput(url, args.run_items, processes, Path(folder))
+                print(
+                    f"run: {args.run_items} items, {processes} processes: {rate:,.0f} items/s",
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
