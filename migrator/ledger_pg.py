@@ -29,11 +29,12 @@ from urllib.parse import urlsplit, urlunsplit
 from migrator.errors import LedgerError
 from migrator.ledger import (
     _INSERT_ATTEMPT,
-    _ITEM_COLUMNS,
+    _QUALIFIED_ITEM_COLUMNS,
     _UPSERT_ITEM,
     MIGRATIONS,
     SCHEMA_VERSION,
     BaseLedger,
+    _row_to_item,
 )
 from migrator.logs import get_logger, register_secret
 from migrator.model import ITEM_UPDATE_FIELDS, ItemState, LedgerItem
@@ -306,9 +307,9 @@ class PgLedger(BaseLedger):
     ) -> dict[tuple[str, str], LedgerItem]:
         if not keys:
             return {}
-        columns = ", ".join(f"items.{c.strip()}" for c in _ITEM_COLUMNS.split(","))
         sql = (
-            f"SELECT {columns} FROM unnest(?::text[], ?::text[]) AS keys (upload_path, file_name) "
+            f"SELECT {_QUALIFIED_ITEM_COLUMNS} "
+            "FROM unnest(?::text[], ?::text[]) AS keys (upload_path, file_name) "
             "JOIN items ON items.target = ? AND items.upload_path = keys.upload_path "
             "AND items.file_name = keys.file_name"
         )
@@ -357,22 +358,28 @@ class PgLedger(BaseLedger):
         seconds on the database's clock."""
         await self.flush()
         sql = f"""
-            UPDATE queue SET owner = $1, attempt = queue.attempt + 1, redo = FALSE,
-                lease_until = {_NOW} + $2
-            FROM (
-                SELECT item_id, owner AS was FROM queue
-                WHERE target = $3 AND NOT finished
-                    AND (lease_until IS NULL OR lease_until < {_NOW})
-                ORDER BY item_id FOR UPDATE SKIP LOCKED LIMIT $4
-            ) AS picked
-            WHERE queue.item_id = picked.item_id
-            RETURNING queue.item_id, queue.attempt, queue.work, picked.was"""
+            WITH claimed AS (
+                UPDATE queue SET owner = $1, attempt = queue.attempt + 1, redo = FALSE,
+                    lease_until = {_NOW} + $2
+                FROM (
+                    SELECT item_id, owner AS was FROM queue
+                    WHERE target = $3 AND NOT finished
+                        AND (lease_until IS NULL OR lease_until < {_NOW})
+                    ORDER BY item_id FOR UPDATE SKIP LOCKED LIMIT $4
+                ) AS picked
+                WHERE queue.item_id = picked.item_id
+                RETURNING queue.item_id, queue.attempt, queue.work, picked.was
+            )
+            SELECT claimed.item_id, claimed.attempt, claimed.work, claimed.was,
+                {_QUALIFIED_ITEM_COLUMNS}
+            FROM claimed LEFT JOIN items ON items.id = claimed.item_id"""
         sent = time.monotonic()  # the lease ends no sooner than `lease` after this
         async with self._locked():
             claimed = await self._conn.fetch(sql, self.owner, lease, target, limit)
-        rows = await self._rows_by_id([record[0] for record in claimed])
+        with self._errors():
+            rows = {r[0]: _row_to_item(tuple(r)[4:]) for r in claimed if r[4] is not None}
         found: list[ClaimedWork] = []
-        for item_id, attempt, work, was in sorted(claimed, key=lambda r: int(r[0])):
+        for item_id, attempt, work, was, *_row in sorted(claimed, key=lambda r: int(r[0])):
             row = rows.get(item_id)
             decoded = json.loads(work)
             key = (target, decoded["upload_path"], decoded["file_name"])
@@ -596,12 +603,6 @@ class PgLedger(BaseLedger):
         async with self._locked():
             records = await self._conn.fetch(_numbered(sql), *params)
         return [tuple(record) for record in records]
-
-    async def _rows_by_id(self, ids: Sequence[int]) -> dict[int, LedgerItem]:
-        if not ids:
-            return {}
-        sql = f"SELECT {_ITEM_COLUMNS} FROM items WHERE id = ANY(?::bigint[])"
-        return {item.id: item for item in await self._fetch_items(sql, [list(ids)])}
 
     def _errors(self) -> contextlib.AbstractContextManager[None]:
         return _as_ledger_error(self.where)
