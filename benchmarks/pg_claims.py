@@ -197,7 +197,7 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--run-items", type=int, default=2000)
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--url", default=None)
     args = parser.parse_args()
     with database(args.url) as url:
