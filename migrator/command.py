@@ -41,6 +41,7 @@ from migrator.errors import (
     stop_reason_for,
 )
 from migrator.ledger import BaseLedger, locked, open_ledger
+from migrator.ledger_pg import PgLedger
 from migrator.logs import get_logger
 from migrator.model import ItemUpdate, Manifest, Method, Settings
 from migrator.model import Outcome as Outcome  # public here too: what counts mean
@@ -441,12 +442,26 @@ async def execute(
     # A shared (PostgreSQL) ledger is for many processes at once: leases, not a lock.
     lock = contextlib.nullcontext() if manifest.ledger_url else locked(manifest.ledger)
     with lock:
-        async with await open_ledger(manifest) as ledger:
+        async with (
+            await open_ledger(manifest) as ledger,
+            _one_at_a_time(ledger, operation.name, manifest.target.base_url),
+        ):
             summary = await _with_ledger(operation, manifest, options, watcher, ledger, api_key)
     if summary.stop_reason is StopReason.AUTH and api_key is not None:
         where = key_source(manifest.target, environ)
         summary = replace(summary, message=f"{summary.message} (the key came from {where})")
     return summary
+
+
+def _one_at_a_time(
+    ledger: BaseLedger, command: str, target: str
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """On a shared ledger, `run` processes share their work by claims; any other command
+    holds the ledger's command lock, one at a time, as the file lock makes them on one
+    machine."""
+    if isinstance(ledger, PgLedger) and command != "run":
+        return ledger.command_lock(target, command)
+    return contextlib.nullcontext()
 
 
 async def _with_ledger(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from migrator.errors import LedgerError
+from migrator.errors import LedgerError, LockHeldError
 from migrator.ledger import (
     _INSERT_ATTEMPT,
     _QUALIFIED_ITEM_COLUMNS,
@@ -333,6 +333,25 @@ class PgLedger(BaseLedger):
         try:
             open_items, _wait = await self.open_work(target)
             yield open_items == 0
+        finally:
+            async with self._locked():
+                await self._conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+    @contextlib.asynccontextmanager
+    async def command_lock(self, target: str, command: str) -> AsyncIterator[None]:
+        """Hold the lock that lets one refresh, download or verify at a time work on
+        `target` (as the file lock does for a SQLite ledger); LockHeldError when another
+        process holds it. Workers of `run` share their work by claims instead."""
+        key = f"migrator.command:{target}"
+        async with self._locked():
+            got = await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+        if not got:
+            raise LockHeldError(
+                f"another refresh, download or verify is working on the ledger {self.where}; "
+                f"this {command} did nothing: run it again once that one has finished"
+            )
+        try:
+            yield
         finally:
             async with self._locked():
                 await self._conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)

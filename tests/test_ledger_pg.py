@@ -15,6 +15,7 @@ import pytest
 from conftest import run_cli, write_file, write_manifest
 
 from migrator.claims import IDLE_POLL, SharedLimits, as_work, from_work, idle_wait, share_of
+from migrator.errors import LockHeldError
 from migrator.ledger import Ledger
 from migrator.ledger_pg import PgLedger, redacted
 from migrator.manifest import load_manifest
@@ -323,3 +324,16 @@ async def test_a_worker_that_stopped_beating_no_longer_counts(pg_url: str) -> No
 def test_no_limit_stays_no_limit_whatever_the_workers() -> None:
     assert share_of(None, 8) is None
     assert share_of(12.0, 0) == 12.0
+
+
+async def test_one_refresh_download_or_verify_at_a_time_on_a_shared_ledger(pg_url: str) -> None:
+    async with (
+        await PgLedger.open(pg_url, owner="first") as first,
+        await PgLedger.open(pg_url, owner="second") as second,
+    ):
+        async with first.command_lock(TARGET, "refresh"):
+            with pytest.raises(LockHeldError, match="another refresh, download or verify"):
+                async with second.command_lock(TARGET, "verify"):
+                    pass
+        async with second.command_lock(TARGET, "verify"):
+            pass  # free again once the first let go
