@@ -15,6 +15,7 @@ batches as in the SQLite ledger; a flush never waits on a transfer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -41,7 +42,6 @@ from migrator.model import ITEM_UPDATE_FIELDS, ItemState, LedgerItem
 
 log = get_logger("migrator.ledger")
 
-URL_SCHEMES = ("postgresql", "postgres")
 CONNECT_TIMEOUT = 15.0
 PLAN_LOCK_POLL = 0.2  # seconds between tries for the planning lock
 _NOW = "extract(epoch from clock_timestamp())"
@@ -51,11 +51,6 @@ _KEEPS_LEASE = frozenset({ItemState.PENDING})
 # ... is handed back to the queue at once through these (another worker may take it) ...
 _RELEASES = frozenset({ItemState.INTERRUPTED})
 # ... and is finished by any other state.
-
-
-def is_postgres_url(text: str) -> bool:
-    """Whether a --ledger (or MIGRATOR_LEDGER, or `ledger:`) names a PostgreSQL database."""
-    return text.split("://", 1)[0].lower() in URL_SCHEMES and "://" in text
 
 
 def redacted(url: str) -> str:
@@ -329,7 +324,7 @@ class PgLedger(BaseLedger):
                 got = await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
             if got:
                 break
-            await _sleep(PLAN_LOCK_POLL)
+            await asyncio.sleep(PLAN_LOCK_POLL)
         try:
             open_items, _wait = await self.open_work(target)
             yield open_items == 0
@@ -680,12 +675,6 @@ def _refusals(refused: list[dict[str, object]]) -> list[dict[str, object]]:
     return records
 
 
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
-
-
 async def _connect(url: str, where: str) -> Any:
     try:
         import asyncpg
@@ -718,4 +707,4 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-__all__ = ["Claim", "ClaimedWork", "PgLedger", "is_postgres_url", "redacted", "worker_name"]
+__all__ = ["Claim", "ClaimedWork", "PgLedger", "redacted", "worker_name"]
