@@ -680,7 +680,7 @@ async def _connect(url: str, where: str) -> Any:
         import asyncpg
     except ImportError:
         raise LedgerError(
-            f"ledger {where} is a PostgreSQL database: install migrator[postgresql] (asyncpg)"
+            f"ledger {where} is a PostgreSQL database: install kie-migrator[postgresql] (asyncpg)"
         ) from None
     with _as_ledger_error(where):
         try:
