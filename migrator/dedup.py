@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migrator.clock import ServiceClock
-from migrator.ledger import Ledger
+from migrator.ledger import BaseLedger
 from migrator.logs import get_logger
 from migrator.model import Method, PlanItem, SourceKind
 from migrator.transfer import sha256_of
@@ -64,7 +64,7 @@ class Contents:
     """One run's knowledge of the bytes the service holds, by content."""
 
     def __init__(
-        self, ledger: Ledger, target: str, clock: ServiceClock, shared_sizes: frozenset[int]
+        self, ledger: BaseLedger, target: str, clock: ServiceClock, shared_sizes: frozenset[int]
     ) -> None:
         self.ledger = ledger
         self.target = target

@@ -36,7 +36,8 @@ from migrator.connect import open_origins
 from migrator.dedup import Claim, Contents
 from migrator.errors import Interrupted, UploadError
 from migrator.ledger import BaseLedger, open_ledger
-from migrator.ledger_pg import Claim, PgLedger
+from migrator.ledger_pg import Claim as QueueClaim
+from migrator.ledger_pg import PgLedger
 from migrator.logs import get_logger
 from migrator.model import (
     ItemState,
@@ -88,7 +89,7 @@ class RunOperation:
         self._shared_sizes: frozenset[int] = frozenset()
         self._contents: Contents | None = None
         self._keeper: LeaseKeeper | None = None  # a shared ledger: the leases it holds
-        self._claims: dict[tuple[str, str], Claim] = {}
+        self._claims: dict[tuple[str, str], QueueClaim] = {}  # claimed, not started
         self._in_flight = 0
 
     async def prepare(self) -> None:
