@@ -386,7 +386,10 @@ def _load(args: argparse.Namespace, *, check_sources: bool = True) -> Manifest:
     ledgers = getattr(args, "ledgers", None)
     override = ledgers[0] if ledgers else getattr(args, "ledger", None)
     manifest = load_manifest(args.manifest, ledger_override=override, check_sources=check_sources)
-    return for_shard(_with_setting_flags(manifest, args), shard)
+    try:
+        return for_shard(_with_setting_flags(manifest, args), shard)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _shard(args: argparse.Namespace) -> Shard | None:

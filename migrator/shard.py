@@ -97,6 +97,11 @@ def for_shard(manifest: Manifest, shard: Shard | None) -> Manifest:
     own ledger (and so its own lock and log) and its own output files."""
     if shard is None:
         return manifest
+    if manifest.ledger_url is not None:
+        raise ValueError(
+            "--shard: a postgresql:// ledger needs no shards; its workers claim the items "
+            "(drop --shard, or use a ledger file per shard)"
+        )
     outputs = manifest.outputs
     return replace(
         manifest,

@@ -126,6 +126,15 @@ async def test_a_bad_shard_is_a_usage_error_in_one_line_and_writes_nothing(
     assert names_in(job) == before
 
 
+async def test_a_shard_of_a_postgresql_ledger_is_refused_in_one_line(job: Path) -> None:
+    manifest = write_manifest(job, f"http://127.0.0.1:{closed_port()}", [{"path": "./a.txt"}])
+    write_file(job / "a.txt", 10)
+    ledger = f"postgresql://migrator@127.0.0.1:{closed_port()}/job"
+    finished = await run_cli("run", str(manifest), "--shard", "0/2", "--ledger", ledger)
+    assert finished.code == 2
+    assert "needs no shards" in finished.one_error_line()
+
+
 async def test_adding_files_moves_no_planned_item_to_another_shard(job: Path) -> None:
     manifest = write_manifest(job, "embedded", [{"glob": "./data/*.txt"}])
     for n in range(20):
