@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from migrator.errors import (
     MigratorError,
     UsageError,
 )
+from migrator.filters import Filters
 from migrator.flags import (
     EnvironmentValueError,
     VersionAction,
@@ -417,6 +419,43 @@ def _with_setting_flags(manifest: Manifest, args: argparse.Namespace) -> Manifes
     )
 
 
+def _add_filter_args(sub: argparse.ArgumentParser) -> None:
+    """rclone's filters; see migrator.filters for how a pattern matches."""
+    sub.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only local files whose path below their source's root matches (repeatable; "
+        "'*.jpg' matches at any depth, '/top/*.jpg' from the root; excludes win)",
+    )
+    sub.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out local files whose path matches (repeatable; wins over --include)",
+    )
+    sub.add_argument("--min-size", default=None, help="only files of at least this size: 10M")
+    sub.add_argument("--max-size", default=None, help="only files of at most this size: 1GiB")
+    sub.add_argument(
+        "--max-age", default=None, help="only files modified within this duration: 36h, 7d"
+    )
+
+
+def _load_filtered(args: argparse.Namespace) -> Manifest:
+    """The manifest, with the selection the command line's filters ask for."""
+    max_age = _converted("--max-age", parse_duration, args.max_age)
+    filters = Filters(
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        min_size=_converted("--min-size", parse_size, args.min_size),
+        max_size=_converted("--max-size", parse_size, args.max_size),
+        modified_since=None if max_age is None else time.time() - max_age,
+    )
+    return replace(_load(args), filters=filters)
+
+
 def _load_for_ledger_work(args: argparse.Namespace) -> Manifest:
     """status, export, refresh, download, verify: they work from the ledger, and must
     work when sources are gone (that is what refresh and download are for). A ledger
@@ -724,6 +763,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="with a postgresql:// ledger: how long a claimed item stays this process's "
         "without renewal; a dead worker's items return after it (default 60s)",
     )
+    _add_filter_args(sub)
     _add_command_args(sub)
     sub.set_defaults(handler=_cmd_run)
 
@@ -735,7 +775,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if lease is None or not 1 <= lease <= 86400:
         raise UsageError("--lease: must be a duration from 1s to 1d, such as 60s")
     options = RunOptions(checksum=args.checksum, lease=lease, **_command_options(args))
-    manifest = _load(args)
+    manifest = _load_filtered(args)
     _setup_logging(args, manifest, default_file=not args.dry_run)
     return _execute(args, "uploads", lambda shown: run_manifest(manifest, options, shown))
 
@@ -754,13 +794,14 @@ def _add_plan_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         action="store_true",
         help="with a postgresql:// ledger: queue the plan for the workers to claim",
     )
+    _add_filter_args(sub)
     sub.set_defaults(handler=_cmd_plan)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     import asyncio
 
-    manifest = _load(args)
+    manifest = _load_filtered(args)
     if args.commit:
         return _commit_plan(manifest, args.checksum)
     asyncio.run(_plan(manifest, args.format, args.checksum))
@@ -790,7 +831,7 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     from migrator.views import PlanJsonPrinter, PlanTablePrinter, PlanTotals
 
     check = await asyncio.to_thread(check_plan, manifest)
-    totals = PlanTotals(skipped=check.skipped)
+    totals = PlanTotals(skipped=check.skipped, unreadable=check.unreadable_count)
     printer = PlanJsonPrinter() if fmt == "json" else PlanTablePrinter(_stdout_console())
     # aclosing: a reader gone mid-plan (`plan | head`) must close the preview's sessions
     # inside this loop, not in asyncio.run's shutdown (which prints a traceback).

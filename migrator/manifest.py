@@ -67,6 +67,7 @@ from migrator.units import (
 
 LEDGER_DIR_ENV = "MIGRATOR_LEDGER_DIR"
 LEDGER_ENV = "MIGRATOR_LEDGER"  # a ledger file, or a postgresql:// URL
+CA_BUNDLE_ENV = "MIGRATOR_CA_BUNDLE"
 MAX_MANIFEST_BYTES = 4 * MIB  # ~150,000 path sources; more is a job for glob or url_list
 PROBLEM_LIMIT = 100  # problems reported at most; the rest are counted
 MAX_PATH_BYTES = 4096  # PATH_MAX: no longer path, pattern or exclude can name a file
@@ -81,7 +82,7 @@ def is_job_name(text: str) -> bool:
 
 
 _TOP_KEYS = ("version", "name", "target", "ledger", "outputs", "settings", "sources")
-_TARGET_KEYS = ("base_url", "api_key_env", "api_key_file", "upload_path")
+_TARGET_KEYS = ("base_url", "api_key_env", "api_key_file", "upload_path", "ca_bundle")
 _OUTPUT_FILE_KEYS = ("jsonl", "csv", "json", "metrics")
 _OUTPUT_KEYS = (*_OUTPUT_FILE_KEYS, "metrics_push")
 _SETTING_KEYS = (
@@ -104,7 +105,7 @@ _SETTING_KEYS = (
 )
 _SOURCE_KINDS = ("path", "glob", "url", "url_list")
 _OPTION_KEYS = ("file_name", "upload_path", "method")
-_GLOB_ONLY_KEYS = ("exclude", "follow_symlinks")
+_GLOB_ONLY_KEYS = ("exclude", "follow_symlinks", "require_match")
 _URL_ONLY_KEYS = ("immutable",)
 _SOURCE_KEYS = (*_SOURCE_KINDS, *_OPTION_KEYS, *_GLOB_ONLY_KEYS, *_URL_ONLY_KEYS)
 MANIFEST_KEYS: Mapping[str, tuple[str, ...]] = {
@@ -378,7 +379,7 @@ def _read_top(
     _require(reader, root, keys, ("version", "name", "target", "sources"))
     _read_version(reader, keys.get("version"))
     name = _read_name(reader, keys.get("name"))
-    target = _read_target(reader, keys.get("target"))
+    target = _read_target(reader, keys.get("target"), env)
     settings = _read_settings(reader, keys.get("settings"))
     outputs = _read_outputs(reader, keys.get("outputs"))
     embedded = target is not None and target.is_embedded
@@ -435,7 +436,7 @@ def _read_name(reader: _Reader, node: Node | None) -> str | None:
     return name
 
 
-def _read_target(reader: _Reader, node: Node | None) -> Target | None:
+def _read_target(reader: _Reader, node: Node | None, env: Mapping[str, str]) -> Target | None:
     if node is None:
         return None
     keys = reader.mapping(node, "target", _TARGET_KEYS)
@@ -446,6 +447,7 @@ def _read_target(reader: _Reader, node: Node | None) -> Target | None:
     key_file = keys.get("api_key_file")
     api_key_file = reader.local_path(key_file, "target.api_key_file") if key_file else None
     upload_path = _read_upload_path(reader, keys.get("upload_path"), "target.upload_path")
+    ca_bundle = _read_ca_bundle(reader, keys.get("ca_bundle"), env)
     if base_url is None:
         return None
     return Target(
@@ -453,7 +455,16 @@ def _read_target(reader: _Reader, node: Node | None) -> Target | None:
         api_key_env=env_name,
         api_key_file=api_key_file,
         upload_path=upload_path or "",
+        ca_bundle=ca_bundle,
     )
+
+
+def _read_ca_bundle(reader: _Reader, node: Node | None, env: Mapping[str, str]) -> Path | None:
+    """$MIGRATOR_CA_BUNDLE (from the current directory), else target.ca_bundle. The file
+    is read when a connection is made: status and export never need it."""
+    written = reader.local_path(node, "target.ca_bundle") if node is not None else None
+    from_env = env.get(CA_BUNDLE_ENV, "").strip()
+    return _outside_path(reader, Path(from_env), f"${CA_BUNDLE_ENV}") if from_env else written
 
 
 def _read_base_url(reader: _Reader, node: Node | None) -> str | None:
@@ -794,8 +805,7 @@ def _read_source(
     if kind == "path":
         return _read_path_source(reader, value, where, options, line, settings)
     if kind == "glob":
-        follow = keys.get("follow_symlinks")
-        return _read_glob_source(reader, value, keys.get("exclude"), follow, where, options, line)
+        return _read_glob_source(reader, value, keys, where, options, line)
     source: UrlSource | UrlListSource | None
     if kind == "url":
         source = _read_url_source(reader, value, where, options, line, embedded=embedded)
@@ -884,15 +894,15 @@ def _read_path_source(
 def _read_glob_source(
     reader: _Reader,
     node: Node,
-    exclude_node: Node | None,
-    follow_node: Node | None,
+    keys: dict[str, Node],
     where: str,
     options: SourceOptions,
     line: int,
 ) -> GlobSource | None:
     pattern = reader.string(node, f"{where}.glob")
-    exclude = _read_exclude(reader, exclude_node, f"{where}.exclude")
-    follow = _read_boolean(reader, follow_node, f"{where}.follow_symlinks")
+    exclude = _read_exclude(reader, keys.get("exclude"), f"{where}.exclude")
+    follow = _read_boolean(reader, keys.get("follow_symlinks"), f"{where}.follow_symlinks")
+    require = _read_boolean(reader, keys.get("require_match"), f"{where}.require_match")
     if pattern is None:
         return None
     if len(pattern.encode()) > MAX_PATH_BYTES:
@@ -921,6 +931,7 @@ def _read_glob_source(
         options=options,
         line=line,
         follow_symlinks=follow,
+        require_match=require,
     )
 
 

@@ -12,6 +12,7 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
+from migrator.filters import Filters
 from migrator.shard import Shard
 
 KIB = 1024
@@ -111,6 +112,7 @@ class Target:
     api_key_env: str = "KIE_API_KEY"
     api_key_file: Path | None = None  # absolute; used when api_key_env's variable is unset
     upload_path: str = ""  # prefix of every uploadPath, no leading/trailing '/'
+    ca_bundle: Path | None = None  # PEM certificates trusted besides the system's
 
     @property
     def is_embedded(self) -> bool:
@@ -153,6 +155,7 @@ class GlobSource:
     options: SourceOptions = field(default_factory=SourceOptions)
     line: int | None = None
     follow_symlinks: bool = False  # links to files that stay inside root are taken
+    require_match: bool = False  # matching nothing is an error, not a warning
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +189,7 @@ class Manifest:
     version: int = 1
     shard: Shard | None = None  # --shard K/N: this process's share of the items
     ledger_url: str | None = None  # a PostgreSQL ledger that many processes share
+    filters: Filters = field(default_factory=Filters)  # the command line's selection
 
     @property
     def base_dir(self) -> Path:

@@ -21,7 +21,7 @@ EMBEDDED_ORIGIN = "${EMBEDDED_ORIGIN}"
 """Stands for the embedded demo origin (loopback, serving the manifest's folder)."""
 _EMBEDDED_ORIGIN_STAND_IN = "http://127.0.0.1:1"
 _VARIABLE_RE = re.compile(r"\$\{([^}]*)\}")
-_WILDCARDS = frozenset("*?[")
+_WILDCARDS = frozenset("*?[{")
 _SAFE_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, exactly
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")  # a byte of a name that is not UTF-8
@@ -265,8 +265,9 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
     """A regular expression that fully matches the '/'-separated paths the glob names.
 
     `*` matches within one segment (dot files included, as rsync does), `?` one
-    character, `[abc]` / `[!abc]` a class, and a `**` segment any number of
-    directories, zero included (`a/**/b` matches `a/b`). Use `fullmatch`.
+    character, `[abc]` / `[!abc]` a class, `{jpg,png}` one of the alternatives (each
+    a pattern itself, within one segment; nested braces work), and a `**` segment any
+    number of directories, zero included (`a/**/b` matches `a/b`). Use `fullmatch`.
     """
     segments = [s for s in pattern.strip("/").split("/") if s not in ("", ".")]
     parts: list[str] = []
@@ -299,10 +300,34 @@ def _segment_regex(segment: str) -> str:
         elif ch == "[" and (end := _class_end(segment, i)) > 0:
             out.append(_class_regex(segment[i + 1 : end]))
             i = end
+        elif ch == "{" and (alternatives := _brace_alternatives(segment, i)) is not None:
+            end, choices = alternatives
+            out.append("(?:" + "|".join(_segment_regex(c) for c in choices) + ")")
+            i = end
         else:
             out.append(re.escape(ch))
         i += 1
     return "".join(out)
+
+
+def _brace_alternatives(segment: str, start: int) -> tuple[int, list[str]] | None:
+    """For the '{' at `start`: the index of its '}' and the alternatives between, split at
+    top-level commas; None when it closes nowhere or holds no comma (then it is literal,
+    as in the shell: `{x}` names a file called `{x}`)."""
+    depth, begin = 0, start + 1
+    choices: list[str] = []
+    for i in range(start, len(segment)):
+        ch = segment[i]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return (i, [*choices, segment[begin:i]]) if choices else None
+        elif ch == "," and depth == 1:
+            choices.append(segment[begin:i])
+            begin = i + 1
+    return None
 
 
 def _class_end(segment: str, start: int) -> int:

@@ -3,10 +3,11 @@
 Two doors onto the same expansion:
 
 - `check_plan` walks everything once, offline, and refuses a plan with bad names,
-  empty globs, bad URLs in lists or two files landing on the same name. Its memory
-  does not grow with the strings it sees: it keeps one 8-byte digest per item. What
-  a glob matches but does not take (symbolic links, FIFOs, devices, sockets) is
-  logged as a warning and counted.
+  bad URLs in lists, a `require_match` glob that matches nothing or two files landing
+  on the same name. Its memory does not grow with the strings it sees: it keeps one
+  8-byte digest per item. What a glob matches but does not take (symbolic links,
+  FIFOs, devices, sockets), a glob that matches nothing and a folder that cannot be
+  read are logged as warnings and counted; the run counts each such folder as failed.
 - `expand` yields the items lazily in manifest order for the runner, asking origins
   for the size of remote files (HEAD, then a one-byte ranged GET) in a bounded
   sliding window, answers put back in order. It never talks to the service.
@@ -101,6 +102,8 @@ class PlanCheck:
     local_bytes: int
     skipped: int = 0  # links not followed, FIFOs, devices, sockets (each logged)
     shared_sizes: frozenset[int] = frozenset()  # dedup: sizes two local files have
+    unreadable: tuple[Skipped, ...] = ()  # folders globs could not read, the first ones
+    unreadable_count: int = 0  # all of them
 
 
 class GlobFile(NamedTuple):
@@ -298,6 +301,7 @@ class _Expansion:
     manifest: Manifest
     on_problem: OnProblem | None = None
     on_skip: Callable[[int, Skipped], None] | None = None  # (source index, what)
+    on_unreadable: Callable[[int, Skipped], None] | None = None  # a folder, and why
     _file: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -313,13 +317,20 @@ class _Expansion:
 
     def _source_entries(self, index: int, source: Source) -> Iterator[_Entry]:
         if isinstance(source, PathSource):
-            yield self._path_entry(index, source)
+            entry = self._path_entry(index, source)
+            if self._takes(source.path.name, entry):
+                yield entry
         elif isinstance(source, GlobSource):
             yield from self._glob_entries(index, source)
         elif isinstance(source, UrlSource):
             yield self._url_entry(index, source, source.url)
         else:
             yield from self._url_list_entries(index, source)
+
+    def _takes(self, relative: str, entry: _Entry) -> bool:
+        """Whether the command line's filters take the file (see migrator.filters)."""
+        filters = self.manifest.filters
+        return filters.takes_path(relative) and filters.takes_stat(entry.size, entry.mtime_ns)
 
     def _upload_path(self, source: Source, relative_dir: str = "") -> str:
         prefix = self.manifest.target.upload_path
@@ -341,7 +352,8 @@ class _Expansion:
 
     def _glob_entries(self, index: int, source: GlobSource) -> Iterator[_Entry]:
         def walk_error(path: str, err: OSError) -> None:
-            self.report(self._file, source.line, f"sources[{index}].glob", _walk_message(path, err))
+            if self.on_unreadable is not None:
+                self.on_unreadable(index, Skipped(path, _walk_message(path, err)))
 
         def skipped(skip: Skipped) -> None:
             if self.on_skip is not None:
@@ -359,7 +371,11 @@ class _Expansion:
         folder, upload_path = None, ""
         for relative, path in walk:
             found = True
+            if not self.manifest.filters.takes_path(relative):
+                continue
             size, mtime_ns = _stat(path)
+            if not self.manifest.filters.takes_stat(size, mtime_ns):
+                continue
             here, _, name = relative.rpartition("/")
             if here != folder:  # files come folder by folder: join once per folder
                 folder, upload_path = here, self._upload_path(source, here)
@@ -374,9 +390,11 @@ class _Expansion:
                 size=size,
                 mtime_ns=mtime_ns,
             )
-        if not found:
-            message = f"{source.pattern!r} matches no files"
+        if not found and source.require_match:
+            message = f"{source.pattern!r} matches no files (require_match is set)"
             self.report(self._file, source.line, f"sources[{index}].glob", message)
+        elif not found and self.on_problem is not None:  # check_plan's walk says it, once
+            log.warning("plan.no_match", source=f"sources[{index}]", glob=printable(source.pattern))
 
     def _url_entry(
         self, index: int, source: Source, url: str, list_line: int | None = None
@@ -466,6 +484,8 @@ class _Tally:
     sizes_above: int | None = None  # dedup: local files larger than this have sizes noted
     sizes: set[int] = field(default_factory=set)
     shared: set[int] = field(default_factory=set)
+    unreadable: list[Skipped] = field(default_factory=list)
+    unreadable_count: int = 0
 
     def count(self, entry: _Entry) -> None:
         self.items += 1
@@ -489,6 +509,13 @@ class _Tally:
             path = printable(skipped.path)
             log.warning("plan.skipped", source=f"sources[{index}]", path=path, why=skipped.reason)
 
+    def cannot_read(self, index: int, folder: Skipped) -> None:
+        """A folder a glob could not read: a warning (the first PROBLEM_LIMIT), counted."""
+        self.unreadable_count += 1
+        if len(self.unreadable) < PROBLEM_LIMIT:
+            self.unreadable.append(folder)
+            log.warning("plan.unreadable", source=f"sources[{index}]", why=folder.reason)
+
     def result(self) -> PlanCheck:
         remote = self.items - self.local_files
         if self.skipped > SKIPS_LOGGED:
@@ -500,25 +527,35 @@ class _Tally:
             self.local_bytes,
             self.skipped,
             frozenset(self.shared),
+            tuple(self.unreadable),
+            self.unreadable_count,
         )
 
 
 def check_plan(manifest: Manifest) -> PlanCheck:
     """Expand every source offline and refuse the plan if anything is wrong.
 
-    Checks each target name, forced methods against local sizes, empty globs, every
-    URL of every list (located in the list file), and collisions: two files landing
-    on the same uploadPath + fileName (or on names equal in Unicode NFC), named both.
-    Raises ManifestError. What a glob matched but did not take is logged as a
-    warning (`plan.skipped`) and counted in the result's `skipped`. With a shard, the
-    whole job is checked (every shard refuses the same plan) and the shard's items counted.
+    Checks each target name, forced methods against local sizes, `require_match`
+    globs, every URL of every list (located in the list file), and collisions: two
+    files landing on the same uploadPath + fileName (or on names equal in Unicode
+    NFC), named both. Raises ManifestError. Logged as warnings, not refused: what a
+    glob matched but did not take (`plan.skipped`, counted in `skipped`), a glob that
+    matches nothing (`plan.no_match`), a folder that cannot be read (`plan.unreadable`,
+    in `unreadable`). Files the manifest's `filters` set aside are left out quietly.
+    With a shard, the whole job is checked (every shard refuses the same plan) and the
+    shard's items counted.
     With `settings.dedup`, the sizes that two of its local files above base64_max share
     are noted (`shared_sizes`): only those files are worth hashing before they are sent.
     """
     problems = _Problems(str(manifest.path))
     settings = manifest.settings
     tally = _Tally(sizes_above=settings.base64_max if settings.dedup else None)
-    expansion = _Expansion(manifest, problems.add, tally.skip)
+
+    def cannot_read(index: int, folder: Skipped) -> None:
+        if manifest.holds(folder.path, ""):  # one shard fails it; no file is named ""
+            tally.cannot_read(index, folder)
+
+    expansion = _Expansion(manifest, problems.add, tally.skip, cannot_read)
     seen: set[int] = set()
     repeats: list[_Entry] = []
     for entry in expansion.entries():

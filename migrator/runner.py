@@ -49,7 +49,8 @@ from migrator.model import (
     PlanItem,
     SourceKind,
 )
-from migrator.plan import Remembered, RemoteInfo, check_plan, expand
+from migrator.naming import printable
+from migrator.plan import PlanCheck, Remembered, RemoteInfo, Skipped, check_plan, expand
 from migrator.resume import Decision, decide
 from migrator.transfer import Meter, Send, Sent, Step, sha256_of, upload_step
 
@@ -86,7 +87,7 @@ class RunOperation:
         self.manifest = manifest
         self.options = options
         self._totals = Totals(0)
-        self._shared_sizes: frozenset[int] = frozenset()
+        self._check = PlanCheck(0, 0, 0, 0)
         self._contents: Contents | None = None
         self._keeper: LeaseKeeper | None = None  # a shared ledger: the leases it holds
         self._claims: dict[tuple[str, str], QueueClaim] = {}  # claimed, not started
@@ -94,8 +95,8 @@ class RunOperation:
 
     async def prepare(self) -> None:
         check = await asyncio.to_thread(check_plan, self.manifest)  # ManifestError early
-        self._totals = Totals(check.items, check.local_bytes)
-        self._shared_sizes = check.shared_sizes
+        self._check = check
+        self._totals = Totals(check.items + check.unreadable_count, check.local_bytes)
 
     async def totals(self, ledger: BaseLedger, clock: ServiceClock) -> Totals:
         return self._totals
@@ -107,8 +108,9 @@ class RunOperation:
             async for entry in self._claimed(session, session.ledger):
                 yield entry
             return
+        _fail_unreadable_folders(session, self._check)
         conn, checksum, ledger = session.conn, self.options.checksum, session.ledger
-        self._contents = Contents(ledger, session.target_id, conn.clock, self._shared_sizes)
+        self._contents = Contents(ledger, session.target_id, conn.clock, self._check.shared_sizes)
         plan = expand(
             self.manifest,
             session=conn.origins,
@@ -181,6 +183,15 @@ class RunOperation:
             async for item, planned, row in decided:
                 decision = await verified(item, planned, row)
                 yield item.source, (str(decision) if decision.needs_upload else None)
+
+
+def _fail_unreadable_folders(session: CommandSession, check: PlanCheck) -> None:
+    """A folder a glob could not read counts as one failed item (rsync and rclone exit
+    non-zero too); what the rest of the tree holds is uploaded all the same."""
+    for number in range(check.unreadable_count):
+        known = number < len(check.unreadable)
+        folder = check.unreadable[number] if known else Skipped("a folder", "cannot be read")
+        session.finish(printable(folder.path), Outcome.FAILED, folder.reason)
 
 
 async def verified(item: PlanItem, decision: Decision, row: LedgerItem | None) -> Decision:

@@ -221,6 +221,7 @@ class PlanTotals:
     by_method: dict[str, tuple[int, int]] = field(default_factory=dict)
     by_decision: dict[str, int] = field(default_factory=dict)
     skipped: int = 0  # files globs matched but did not take (check_plan's count)
+    unreadable: int = 0  # folders globs could not read
 
     def add(self, item: PlanItem, decision: Decision) -> None:
         count, size = self.by_method.get(item.method, (0, 0))
@@ -234,6 +235,15 @@ def skipped_line(count: int) -> str:
     return (
         f"skipped: {count} {files} matched but not taken (symbolic links, FIFOs, devices, "
         "sockets); each is a plan.skipped warning"
+    )
+
+
+def unreadable_line(count: int) -> str:
+    """What `plan` says of the folders globs could not read (pure)."""
+    folders = "folder" if count == 1 else "folders"
+    return (
+        f"unreadable: {count} {folders} could not be read; each is a plan.unreadable "
+        "warning, and a run counts each as failed"
     )
 
 
@@ -265,6 +275,8 @@ class PlanTablePrinter:
         self.console.print(f"ledger: {ledger or 'no items'}")
         if totals.skipped:
             self.console.print(skipped_line(totals.skipped), markup=False)
+        if totals.unreadable:
+            self.console.print(unreadable_line(totals.unreadable), markup=False)
 
 
 class PlanJsonPrinter:
@@ -293,5 +305,6 @@ class PlanJsonPrinter:
             "\n],\n"
             f'"totals": {json.dumps(by_method)},\n'
             f'"ledger": {json.dumps(totals.by_decision)},\n'
-            f'"skipped": {totals.skipped}}}\n'
+            f'"skipped": {totals.skipped},\n'
+            f'"unreadable": {totals.unreadable}}}\n'
         )
