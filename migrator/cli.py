@@ -707,8 +707,22 @@ def _execute(
 
     quiet = _is_quiet(args)
     hide = quiet or args.no_progress
-    summary = asyncio.run(_with_display(command, noun, args.stats, quiet=hide))
-    if as_json or args.summary_format == "json":
+    as_json = as_json or args.summary_format == "json"
+    try:
+        summary = asyncio.run(_with_display(command, noun, args.stats, quiet=hide))
+    except MigratorError:
+        # Stopped before its first item (an output that cannot be written, the lock,
+        # the key): scripts still find the summary they read, then the reason.
+        _print_summary(CommandSummary(args.command, {}, 0, 0.0), as_json=as_json, quiet=quiet)
+        raise
+    _print_summary(summary, as_json=as_json, quiet=quiet)
+    if summary.message:
+        print(f"migrator: {summary.message}", file=sys.stderr)
+    return int(summary.exit_code)
+
+
+def _print_summary(summary: CommandSummary, *, as_json: bool, quiet: bool) -> None:
+    if as_json:
         _print_json(summary_dict(summary))
     elif not quiet:
         print(summary.line())
@@ -717,9 +731,6 @@ def _execute(
     elif summary.exit_code != ExitCode.OK:
         for line in (summary.line(), *summary.notes):
             print(f"migrator: {line}", file=sys.stderr)
-    if summary.message:
-        print(f"migrator: {summary.message}", file=sys.stderr)
-    return int(summary.exit_code)
 
 
 async def _with_display(

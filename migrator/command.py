@@ -34,6 +34,7 @@ from migrator.clock import OFFSET_FACT, SKEW_WARNING, ServiceClock
 from migrator.connect import connect, key_source, read_api_key
 from migrator.errors import (
     ExitCode,
+    MigratorError,
     StopReason,
     UploadError,
     exit_code_of,
@@ -45,9 +46,10 @@ from migrator.ledger_pg import PgLedger
 from migrator.logs import get_logger
 from migrator.model import ItemUpdate, Manifest, Method, Settings
 from migrator.model import Outcome as Outcome  # public here too: what counts mean
+from migrator.outputs import check_writable
 from migrator.pacer import Pacer, plain_sleep
 from migrator.pool import WorkPool, stop_on_signals
-from migrator.report import CommandResult, as_seen_now, publish_outputs
+from migrator.report import CommandResult, as_seen_now, output_paths, publish_outputs
 from migrator.retry import RetryPolicy
 from migrator.settle import settle_uncertain
 from migrator.transfer import AttemptReport, Attempts, Connection, read_service_clock
@@ -167,11 +169,14 @@ class CommandSummary:
     would: Mapping[str, int] = field(default_factory=dict)  # dry run: decision -> items
     notes: tuple[str, ...] = ()  # what the command learnt that the operator should read
     problems: tuple[Problem, ...] = ()  # the first items with a bad outcome
+    outputs_failed: ExitCode | None = None  # writing the outputs afterwards failed so
 
     @property
     def exit_code(self) -> ExitCode:
         if self.stop_reason is not None:
             return self.stop_reason.exit_code
+        if self.outputs_failed is not None:
+            return self.outputs_failed
         bad = any(outcome.is_bad and n for outcome, n in self.counts.items())
         return ExitCode.ITEMS_FAILED if bad else ExitCode.OK
 
@@ -436,6 +441,8 @@ async def execute(
     await operation.prepare()
     if options.dry_run:
         return await _dry_run(operation, manifest, watcher)
+    for path in output_paths(manifest, options.metrics_file):
+        check_writable(path)  # ConfigError (exit 2) or DiskError before anything is sent
     api_key = None
     if operation.uses_api and not manifest.target.is_embedded:
         api_key = read_api_key(manifest.target, environ)  # ConfigError before any write
@@ -512,6 +519,19 @@ async def _with_ledger(
         log.info(f"{name}.summary", job=manifest.name, run_id=run_id, **summary.as_dict())
         code = summary.exit_code if error is None else exit_code_of(error)
         result = CommandResult(name, started_wall, int(code))
+        failure = await _published(manifest, ledger, result, options)
+    if failure is None:
+        return summary
+    message = "; ".join(filter(None, [summary.message, str(failure)]))
+    return replace(summary, message=message, outputs_failed=failure.exit_code)
+
+
+async def _published(
+    manifest: Manifest, ledger: Ledger, result: CommandResult, options: CommandOptions
+) -> MigratorError | None:
+    """Rewrite the outputs; an output that cannot be written now (a disk filled during
+    the run) is the command's failure, told after its summary, not a lost summary."""
+    try:
         await publish_outputs(
             manifest,
             ledger,
@@ -519,7 +539,10 @@ async def _with_ledger(
             metrics_file=options.metrics_file,
             metrics_push=options.metrics_push,
         )
-    return summary
+    except MigratorError as err:
+        log.error("outputs.failed", error=str(err))
+        return err
+    return None
 
 
 async def _previous_was_killed(ledger: BaseLedger) -> bool:

@@ -102,6 +102,7 @@ _SETTING_KEYS = (
     "settle",
     "allow_private_origins",
     "dedup",
+    "checksum",
 )
 _SOURCE_KINDS = ("path", "glob", "url", "url_list")
 _OPTION_KEYS = ("file_name", "upload_path", "method")
@@ -571,6 +572,7 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
         reader, keys.get("allow_private_origins"), "settings.allow_private_origins"
     )
     dedup = _read_boolean(reader, keys.get("dedup"), "settings.dedup", default=d.dedup)
+    checksum = _read_boolean(reader, keys.get("checksum"), "settings.checksum")
     settings = Settings(
         concurrency=d.concurrency if concurrency is None else concurrency,
         base64_max=d.base64_max if base64_max is None else base64_max,
@@ -588,6 +590,7 @@ def _read_settings(reader: _Reader, node: Node | None) -> Settings:
         settle=d.settle if settle is None else settle,
         allow_private_origins=private,
         dedup=dedup,
+        checksum=checksum,
     )
     valid_ttl = (ttl is not None or "ttl" not in keys) and (
         refresh_within is not None or "refresh_within" not in keys

@@ -104,6 +104,7 @@ class Settings:
     settle: float = 15.0  # seconds an upload whose answer never came gets to land
     allow_private_origins: bool = False  # a stream-through may be redirected to private nets
     dedup: bool = True  # a file identical to one the service holds is copied there, not sent
+    checksum: bool = False  # local files are compared by sha256 (as --checksum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +450,12 @@ class ItemUpdate:
             last_error=error,
             attempts_added=attempts,
         )
+
+    @classmethod
+    def touched(cls, row: LedgerItem, mtime_ns: int | None) -> ItemUpdate:
+        """--checksum found the row's bytes under a new mtime: the row takes it, so the
+        next run judges by size and mtime again instead of hashing the file."""
+        return cls(row.target, row.upload_path, row.file_name, KEEP, mtime_ns=mtime_ns)
 
     @classmethod
     def tried(

@@ -125,6 +125,25 @@ def atomic_writer(path: Path, *, make_parents: bool = True) -> Iterator[TextIO]:
     _fsync_dir(path.parent)
 
 
+def check_writable(path: Path) -> None:
+    """Raise the error `atomic_writer(path)` would meet, without writing `path`: a
+    command checks its outputs before it sends anything. Creates and removes a
+    temporary file in the nearest folder that exists (the writer would make the rest)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a folder")
+    folder = next((p for p in path.parents if p.exists()), Path(path.anchor or "."))
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write {path}: {folder} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=folder)
+    except OSError as err:
+        raise write_error(path, err) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        Path(name).unlink()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` atomically (see atomic_writer)."""
     with atomic_writer(path) as handle:

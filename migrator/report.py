@@ -21,7 +21,7 @@ from migrator.ledger import BAD_STATES, BaseLedger, Ledger, RunRow, open_ledger
 from migrator.ledger_merge import union_of
 from migrator.lifetimes import DEATHS_FACT, Deaths
 from migrator.logs import get_logger
-from migrator.model import HOUR, ItemState, LedgerItem, Manifest
+from migrator.model import HOUR, ItemState, LedgerItem, Manifest, Outputs
 from migrator.naming import hide_credentials, without_credentials
 from migrator.outputs import (
     MetricsSnapshot,
@@ -305,11 +305,10 @@ async def publish_outputs(
     await ledger.flush()
     written: list[Path] = []
     outputs = manifest.outputs
-    for fmt, path in (("jsonl", outputs.jsonl), ("csv", outputs.csv), ("json", outputs.json)):
-        if path is not None:
-            await export_to(manifest, ledger, fmt, path)
-            written.append(path)
-    for path in {p for p in (outputs.metrics, metrics_file) if p is not None}:
+    for fmt, path in _exports(outputs):
+        await export_to(manifest, ledger, fmt, path)
+        written.append(path)
+    for path in _metrics_files(outputs, metrics_file):
         snapshot = await metrics_snapshot(manifest, ledger, result)
         atomic_write_text(path, render_metrics(snapshot))
         written.append(path)
@@ -325,6 +324,21 @@ async def _push(gateway: str, snapshot: MetricsSnapshot) -> None:
         await push_metrics(gateway, snapshot.migration, snapshot.command, text)
     except PushError as err:
         log.warning("metrics.push_failed", error=str(err))
+
+
+def output_paths(manifest: Manifest, metrics_file: Path | None = None) -> list[Path]:
+    """Every file `publish_outputs` writes for this manifest (pure)."""
+    outputs = manifest.outputs
+    return [path for _, path in _exports(outputs)] + _metrics_files(outputs, metrics_file)
+
+
+def _exports(outputs: Outputs) -> list[tuple[str, Path]]:
+    named = (("jsonl", outputs.jsonl), ("csv", outputs.csv), ("json", outputs.json))
+    return [(fmt, path) for fmt, path in named if path is not None]
+
+
+def _metrics_files(outputs: Outputs, metrics_file: Path | None) -> list[Path]:
+    return list(dict.fromkeys(p for p in (outputs.metrics, metrics_file) if p is not None))
 
 
 async def metrics_snapshot(

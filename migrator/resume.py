@@ -20,7 +20,7 @@ class Decision(StrEnum):
     LOST = "lost"  # gone from the service with no source left, and now a source is back
     CHANGED = "changed"  # done, but the source is not what was uploaded
     EXPIRING = "expiring"  # done and unchanged, but expires within refresh_within
-    VERIFY = "verify"  # done by size and mtime; --checksum asks to compare sha256 first
+    VERIFY = "verify"  # done, same size; --checksum: compare sha256 (mtime may differ)
     UNCHANGED = "unchanged"  # done, unchanged, alive: nothing to do
 
     @property
@@ -45,13 +45,24 @@ def decide(
         return Decision.LOST
     if row.state is not ItemState.DONE:
         return Decision.RETRY
-    if source_changed(item, row):
+    by_bytes = checksum and item.kind is SourceKind.FILE and row.sha256 is not None
+    if source_changed(item, row) and not (by_bytes and only_mtime_changed(item, row)):
         return Decision.CHANGED
     if row.expires_at is None or row.expires_at - now <= refresh_within:
         return Decision.EXPIRING
-    if checksum and item.kind is SourceKind.FILE and row.sha256:
-        return Decision.VERIFY
-    return Decision.UNCHANGED
+    return Decision.VERIFY if by_bytes else Decision.UNCHANGED
+
+
+def only_mtime_changed(item: PlanItem, row: LedgerItem) -> bool:
+    """The same local file at the same size, touched (a `cp` without `-p`, a restore,
+    a checkout): with --checksum its bytes decide, as in rsync and rclone."""
+    return (
+        item.kind is SourceKind.FILE
+        and item.source == row.source
+        and row.kind is SourceKind.FILE
+        and item.size == row.size
+        and item.mtime_ns != row.mtime_ns
+    )
 
 
 def source_changed(item: PlanItem, row: LedgerItem) -> bool:

@@ -47,6 +47,7 @@ from migrator.model import (
     Method,
     Outcome,
     PlanItem,
+    Settings,
     SourceKind,
 )
 from migrator.naming import printable
@@ -64,6 +65,10 @@ Entry = tuple[PlanItem, Decision, LedgerItem | None]
 class RunOptions(CommandOptions):
     checksum: bool = False  # compare sha256 of local files, not only size and mtime
     lease: float = DEFAULT_LEASE  # a shared (PostgreSQL) ledger: how long a claim holds
+
+    def by_checksum(self, settings: Settings) -> bool:
+        """--checksum, or the manifest's settings.checksum."""
+        return self.checksum or settings.checksum
 
 
 async def run_manifest(
@@ -109,7 +114,8 @@ class RunOperation:
                 yield entry
             return
         _fail_unreadable_folders(session, self._check)
-        conn, checksum, ledger = session.conn, self.options.checksum, session.ledger
+        conn, ledger = session.conn, session.ledger
+        checksum = self.options.by_checksum(self.manifest.settings)
         self._contents = Contents(ledger, session.target_id, conn.clock, self._check.shared_sizes)
         plan = expand(
             self.manifest,
@@ -164,6 +170,9 @@ class RunOperation:
     async def _upload(self, session: CommandSession, entry: Entry) -> None:
         item, planned, row = entry
         if await verified(item, planned, row) is Decision.UNCHANGED:
+            if row is not None and row.mtime_ns != item.mtime_ns:
+                # Same bytes, touched: remember the new mtime, or every run hashes again.
+                session.ledger.put_item(ItemUpdate.touched(row, item.mtime_ns))
             session.finish(item.source, Outcome.SKIPPED)
             return
         session.observer.on_item_start(item.source)
@@ -220,7 +229,7 @@ async def preview(
     """The plan joined with the ledger, read-only: what `plan` shows and `--dry-run` counts.
     Origins may be asked for sizes; the service is not contacted."""
     opts = options or RunOptions()
-    workers, checksum = opts.workers(manifest.settings), opts.checksum
+    workers, checksum = opts.workers(manifest.settings), opts.by_checksum(manifest.settings)
     async with (
         await open_ledger(manifest, readonly=True) as ledger,
         open_origins(manifest, concurrency=workers) as origins,
