@@ -703,8 +703,6 @@ def _execute(
     -q: nothing on success; otherwise the summary and its notes go to stderr."""
     import asyncio
 
-    from migrator.views import summary_dict
-
     quiet = _is_quiet(args)
     hide = quiet or args.no_progress
     as_json = as_json or args.summary_format == "json"

@@ -44,6 +44,7 @@ from migrator.errors import (
     PermanentError,
     RetryableError,
     SourceChangedError,
+    UntrustedCertificateError,
     UploadError,
 )
 from migrator.model import UploadReceipt
@@ -743,6 +744,8 @@ def _transport_error(err: BaseException, base_url: str, read_timeout: float) -> 
         return RetryableError(
             f"timed out waiting for the service at {base_url} ({waited})", uncertain=True
         )
+    if isinstance(err, aiohttp.ClientConnectorCertificateError):
+        return UntrustedCertificateError(_untrusted_message(err, base_url))
     if isinstance(err, aiohttp.ClientConnectorError):
         return NoServiceError(_connector_message(err, base_url))
     if isinstance(err, aiohttp.ServerDisconnectedError):
@@ -763,13 +766,23 @@ def _transport_error(err: BaseException, base_url: str, read_timeout: float) -> 
     return RetryableError(_one_line(f"request to {base_url} failed: {type(err).__name__}"))
 
 
+def _untrusted_message(err: aiohttp.ClientConnectorCertificateError, base_url: str) -> str:
+    """`TLS certificate of URL is not trusted: self-signed certificate; set ...`."""
+    cause = err.certificate_error
+    reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None) or cause
+    return _one_line(
+        f"TLS certificate of {base_url} is not trusted: {reason}; set target.ca_bundle "
+        "(or MIGRATOR_CA_BUNDLE) to the certificate of the CA that signed it"
+    )
+
+
 def _connector_message(err: aiohttp.ClientConnectorError, base_url: str) -> str:
     code = err.os_error.errno
     if code == errno.ECONNREFUSED:
         return f"connection refused to {base_url}"
     if isinstance(err.os_error, socket.gaierror):
         return f"cannot resolve the host of {base_url}"
-    if isinstance(err, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+    if isinstance(err, aiohttp.ClientSSLError):
         return _one_line(f"TLS handshake with {base_url} failed")
     reason = err.os_error.strerror or type(err.os_error).__name__
     return _one_line(f"cannot connect to {base_url}: {reason}")

@@ -15,6 +15,7 @@ import contextlib
 import os
 import posixpath
 import secrets
+import ssl
 import stat
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ async def connect(
         service_clock = clock or ServiceClock()
         settings = manifest.settings
         if api_key is not None:
-            api = await stack.enter_async_context(_api_session(concurrency, base_url))
+            api = await stack.enter_async_context(_api_session(manifest, concurrency, base_url))
             client = UploadClient(
                 api,
                 base_url,
@@ -176,9 +177,30 @@ async def connect(
         )
 
 
-def _api_session(concurrency: int, base_url: str) -> aiohttp.ClientSession:
+def trust(target: Target) -> ssl.SSLContext:
+    """What HTTPS connections trust: the system's certificates (or SSL_CERT_FILE's, as
+    OpenSSL reads it), and target.ca_bundle's (or $MIGRATOR_CA_BUNDLE's) besides.
+    Verification is never turned off."""
+    context = ssl.create_default_context()
+    if target.ca_bundle is not None:
+        try:
+            context.load_verify_locations(cafile=target.ca_bundle)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot read the CA bundle {target.ca_bundle}: {err.strerror or err}"
+            ) from None
+        except ssl.SSLError:
+            raise ConfigError(
+                f"the CA bundle {target.ca_bundle} holds no PEM certificate"
+            ) from None
+    return context
+
+
+def _api_session(manifest: Manifest, concurrency: int, base_url: str) -> aiohttp.ClientSession:
     # One connection per worker; API calls get their own per-request timeouts.
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    connector = aiohttp.TCPConnector(
+        limit=concurrency, limit_per_host=concurrency, ssl=trust(manifest.target)
+    )
     # HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured, as curl does. Read once here:
     # with trust_env, aiohttp reads them (and ~/.netrc) in two threads at every request.
     proxy, proxy_auth = _env_proxy(base_url)
@@ -201,7 +223,7 @@ def _env_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
 def _origin_session(manifest: Manifest, concurrency: int) -> aiohttp.ClientSession:
     # Separate from the API session: a stream-through holds one origin connection and one
     # API connection at once, and sharing one pool of N could deadlock N workers.
-    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    connector = aiohttp.TCPConnector(limit=concurrency * 2, ssl=trust(manifest.target))
     settings = manifest.settings
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=settings.connect_timeout, sock_read=settings.timeout

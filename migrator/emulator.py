@@ -50,6 +50,7 @@ import re
 import secrets
 import signal
 import sqlite3
+import ssl
 import sys
 import time
 import unicodedata
@@ -558,6 +559,7 @@ class Emulator:
         fault_rate: float = 0.0,
         fault_seed: int | None = None,
         fault_stall: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not api_key:
             raise ValueError("the emulator needs an API key")
@@ -573,6 +575,7 @@ class Emulator:
         self._api_key = api_key
         self._host = host
         self._port = port
+        self._ssl_context = ssl_context  # serve HTTPS with this certificate
         self.ttl = float(ttl)
         self.response_shape = response_shape
         self.url_fetch_timeout = float(url_fetch_timeout)
@@ -637,7 +640,7 @@ class Emulator:
             self._build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
         try:
             await site.start()
         except OSError as err:
@@ -670,7 +673,8 @@ class Emulator:
         if self._bound_port is None:
             raise RuntimeError("the emulator is not started")
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._bound_port}"
+        scheme = "http" if self._ssl_context is None else "https"
+        return f"{scheme}://{host}:{self._bound_port}"
 
     @property
     def clock_offset(self) -> float:

@@ -14,7 +14,8 @@
         ├── RetryableError        connection error, timeout, 408, 429, 5xx, error code in a 200
         │   ├── SourceChangedError  the source changed while it was sent: read it again
         │   └── NoServiceError      nothing at the base URL answers (exit 69)
-        │       └── NotTheApiError  something answers, not like the API (exit 2)
+        │       ├── NotTheApiError  something answers, not like the API (exit 2)
+        │       └── UntrustedCertificateError  its TLS certificate is not trusted (exit 69)
         ├── PermanentError        400 and other 4xx: this item fails for good
         │   ├── LinkGoneError     one of our links answers 404/410: the file is gone
         │   └── SourceGoneError   the source no longer has the bytes (deleted, changed)
@@ -180,6 +181,12 @@ class NotTheApiError(NoServiceError):
     a command in which nothing has succeeded yet stops on it (exit 2: check the URL)."""
 
 
+class UntrustedCertificateError(NoServiceError):
+    """The server's TLS certificate does not verify (self-signed, a private CA that is
+    not trusted, a name mismatch): verification stays on; the message says how to
+    trust the CA. Exit 69 like any unreachable service."""
+
+
 class PermanentError(UploadError):
     exit_code = ExitCode.ITEMS_FAILED
 
@@ -274,6 +281,8 @@ def stop_message(reason: StopReason, error: BaseException) -> str:
     """The one line a command prints when `error` stopped it."""
     if reason is StopReason.NO_SERVICE:
         return f"{error}; is target.base_url right? Nothing was marked failed: run again"
+    if isinstance(error, UntrustedCertificateError):
+        return f"{error}; nothing was marked failed"
     if reason is StopReason.UNAVAILABLE:
         return (
             f"{error}; the service is unavailable (or target.base_url is wrong): "
