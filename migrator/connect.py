@@ -185,13 +185,13 @@ def trust(target: Target) -> ssl.SSLContext:
     if target.ca_bundle is not None:
         try:
             context.load_verify_locations(cafile=target.ca_bundle)
+        except ssl.SSLError:  # an OSError too: first
+            raise ConfigError(
+                f"the CA bundle {target.ca_bundle} holds no PEM certificate"
+            ) from None
         except OSError as err:
             raise ConfigError(
                 f"cannot read the CA bundle {target.ca_bundle}: {err.strerror or err}"
-            ) from None
-        except ssl.SSLError:
-            raise ConfigError(
-                f"the CA bundle {target.ca_bundle} holds no PEM certificate"
             ) from None
     return context
 

@@ -1,0 +1,145 @@
+"""HTTPS to a service whose certificate a private CA signed, through the real CLI.
+
+The CA and the server's certificate are made at test time (trustme); the emulator
+serves HTTPS on 127.0.0.1 with them. Verification is never turned off: without the
+CA the run stops with one line and exit 69; with it (target.ca_bundle,
+MIGRATOR_CA_BUNDLE or SSL_CERT_FILE) the file is uploaded.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trustme
+from conftest import Finished, run_cli, write_file, write_manifest
+
+from migrator.emulator import Emulator
+
+pytestmark = pytest.mark.timeout(90)
+
+UNAVAILABLE, USAGE = 69, 2
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+async def tls_emulator(tmp_path: Path, api_key: str, ca: trustme.CA) -> AsyncIterator[Emulator]:
+    """The emulator over HTTPS, with a certificate for 127.0.0.1 the test CA signed."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    async with Emulator(tmp_path / "tls-data", api_key, ssl_context=context) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def ca_file(job: Path, ca: trustme.CA) -> Path:
+    path = job / "company-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+def manifest_for(job: Path, emulator: Emulator, **target: str) -> Path:
+    write_file(job / "a.txt", 100)
+    manifest = write_manifest(job, emulator.base_url, [{"path": "a.txt"}])
+    if target:
+        text = manifest.read_text(encoding="utf-8")
+        extra = "".join(f"  {key}: {value}\n" for key, value in target.items())
+        manifest.write_text(text.replace("target:\n", "target:\n" + extra), encoding="utf-8")
+    return manifest
+
+
+async def run(manifest: Path, api_key: str, env: dict[str, str] | None = None) -> Finished:
+    return await run_cli("run", str(manifest), "--no-progress", key=api_key, env=env)
+
+
+async def test_an_untrusted_certificate_stops_the_run_with_one_line_and_exit_69(
+    job: Path, tls_emulator: Emulator, api_key: str
+) -> None:
+    assert tls_emulator.base_url.startswith("https://127.0.0.1:")
+    manifest = manifest_for(job, tls_emulator)
+
+    result = await run(manifest, api_key)
+
+    assert result.code == UNAVAILABLE, result.stderr
+    line = result.one_error_line()
+    assert f"TLS certificate of {tls_emulator.base_url} is not trusted: " in line
+    assert "set target.ca_bundle" in line
+    assert tls_emulator.requests == []  # the handshake failed: nothing reached the service
+
+
+async def test_target_ca_bundle_trusts_a_private_ca(
+    job: Path, tls_emulator: Emulator, api_key: str, ca_file: Path
+) -> None:
+    manifest = manifest_for(job, tls_emulator, ca_bundle=ca_file.name)
+
+    result = await run(manifest, api_key)
+
+    assert result.code == 0, result.stderr
+    assert "run: 1 uploaded" in result.stdout
+    assert [r.file_name for r in tls_emulator.requests] == ["a.txt"]
+
+
+async def test_migrator_ca_bundle_in_the_environment_trusts_a_private_ca(
+    job: Path, tls_emulator: Emulator, api_key: str, ca_file: Path
+) -> None:
+    manifest = manifest_for(job, tls_emulator)
+
+    result = await run(manifest, api_key, env={"MIGRATOR_CA_BUNDLE": str(ca_file)})
+
+    assert result.code == 0, result.stderr
+    assert "run: 1 uploaded" in result.stdout
+
+
+async def test_ssl_cert_file_is_honoured_as_openssl_does(
+    job: Path, tls_emulator: Emulator, api_key: str, ca_file: Path
+) -> None:
+    manifest = manifest_for(job, tls_emulator)
+
+    result = await run(manifest, api_key, env={"SSL_CERT_FILE": str(ca_file)})
+
+    assert result.code == 0, result.stderr
+    assert "run: 1 uploaded" in result.stdout
+
+
+async def test_a_ca_bundle_that_holds_no_certificate_is_one_line_and_exit_2(
+    job: Path, tls_emulator: Emulator, api_key: str
+) -> None:
+    (job / "not-a-ca.pem").write_text("hello\n", encoding="utf-8")
+    manifest = manifest_for(job, tls_emulator, ca_bundle="not-a-ca.pem")
+
+    result = await run(manifest, api_key)
+
+    assert result.code == USAGE, result.stderr
+    assert "holds no PEM certificate" in result.one_error_line()
+    assert tls_emulator.requests == []
+
+
+async def test_a_missing_ca_bundle_is_one_line_and_exit_2_before_the_ledger_is_made(
+    job: Path, tls_emulator: Emulator, api_key: str
+) -> None:
+    manifest = manifest_for(job, tls_emulator)
+
+    result = await run(manifest, api_key, env={"MIGRATOR_CA_BUNDLE": str(job / "gone.pem")})
+
+    assert result.code == USAGE, result.stderr
+    assert "cannot read the CA bundle" in result.one_error_line()
+    assert not (job / "ledger.sqlite").exists()
+
+
+async def test_downloads_trust_the_same_ca(
+    job: Path, tmp_path: Path, tls_emulator: Emulator, api_key: str, ca_file: Path
+) -> None:
+    manifest = manifest_for(job, tls_emulator, ca_bundle=ca_file.name)
+    assert (await run(manifest, api_key)).code == 0
+    dest = tmp_path / "dest"
+
+    result = await run_cli("download", str(manifest), "--dest", str(dest), "--no-progress")
+
+    assert result.code == 0, result.stderr
+    assert (dest / "mig" / "a.txt").read_bytes() == (job / "a.txt").read_bytes()
