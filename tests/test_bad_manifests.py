@@ -201,8 +201,8 @@ CASES: list[tuple[str, str, str, int, str | None]] = [
         None,
     ),
     (
-        "empty-glob",
-        with_sources("  - glob: './empty/*.txt'\n"),
+        "empty-glob-that-must-match",
+        with_sources("  - glob: './empty/*.txt'\n    require_match: true\n"),
         "matches no files",
         6,
         "sources[0].glob",

@@ -322,8 +322,9 @@ def test_a_source_deleted_after_plan_makes_run_exit_2_naming_it(cli: Cli, tmp_pa
     assert "f0000.txt' does not exist" in result.one_error_line()
 
 
-def test_a_glob_matching_nothing_exits_2(cli: Cli, tmp_path: Path) -> None:
-    manifest = write_job(tmp_path / "job", sources=[{"glob": "./data/*.nothing"}])
+def test_a_glob_that_must_match_and_matches_nothing_exits_2(cli: Cli, tmp_path: Path) -> None:
+    source = {"glob": "./data/*.nothing", "require_match": True}
+    manifest = write_job(tmp_path / "job", sources=[source])
 
     result = cli("run", str(manifest), "--no-progress")
 
