@@ -772,7 +772,7 @@ def _untrusted_message(err: aiohttp.ClientConnectorCertificateError, base_url: s
     reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None) or cause
     return _one_line(
         f"TLS certificate of {base_url} is not trusted: {reason}; set target.ca_bundle "
-        "(or MIGRATOR_CA_BUNDLE) to the certificate of the CA that signed it"
+        "(or MIGRATOR_CA_BUNDLE) to a PEM file of the CA that signed it"
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Finished, ledger_rows, load, run_cli, write_file, write_manifest
+from test_run import rewrite_keeping_size_and_mtime
 
 from migrator.emulator import Emulator
 
@@ -27,12 +28,6 @@ def touch_later(path: Path) -> int:
     later = info.st_mtime_ns + 5_000_000_000
     os.utime(path, ns=(info.st_atime_ns, later))
     return later
-
-
-def rewrite_keeping_size_and_mtime(path: Path) -> None:
-    info = path.stat()
-    path.write_bytes(bytes(255 - b for b in path.read_bytes()))
-    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
 
 
 @pytest.fixture
