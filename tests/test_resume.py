@@ -128,6 +128,27 @@ def test_checksum_does_not_apply_to_remote_sources() -> None:
     assert decide_now(URL_ITEM, row_for(URL_ITEM), checksum=True) is Decision.UNCHANGED
 
 
+def test_checksum_asks_to_verify_a_touched_file_of_the_same_size() -> None:
+    touched = replace(FILE_ITEM, mtime_ns=(FILE_ITEM.mtime_ns or 0) + 1)
+    assert decide_now(touched, row_for(FILE_ITEM), checksum=True) is Decision.VERIFY
+
+
+def test_without_checksum_a_touched_file_is_changed() -> None:
+    touched = replace(FILE_ITEM, mtime_ns=(FILE_ITEM.mtime_ns or 0) + 1)
+    assert decide_now(touched, row_for(FILE_ITEM)) is Decision.CHANGED
+
+
+def test_checksum_takes_a_file_of_another_size_as_changed() -> None:
+    resized = replace(FILE_ITEM, size=(FILE_ITEM.size or 0) + 1, mtime_ns=1)
+    assert decide_now(resized, row_for(FILE_ITEM), checksum=True) is Decision.CHANGED
+
+
+def test_checksum_still_uploads_a_touched_file_that_expires_soon() -> None:
+    touched = replace(FILE_ITEM, mtime_ns=(FILE_ITEM.mtime_ns or 0) + 1)
+    row = row_for(FILE_ITEM, expires_at=NOW + 1)
+    assert decide_now(touched, row, checksum=True) is Decision.EXPIRING
+
+
 def test_only_verify_and_unchanged_need_no_upload() -> None:
     assert {d for d in Decision if not d.needs_upload} == {Decision.UNCHANGED, Decision.VERIFY}
 
