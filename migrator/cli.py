@@ -436,10 +436,14 @@ def _add_filter_args(sub: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help="leave out local files whose path matches (repeatable; wins over --include)",
     )
-    sub.add_argument("--min-size", default=None, help="only files of at least this size: 10M")
-    sub.add_argument("--max-size", default=None, help="only files of at most this size: 1GiB")
     sub.add_argument(
-        "--max-age", default=None, help="only files modified within this duration: 36h, 7d"
+        "--min-size", default=None, metavar="SIZE", help="only files of at least SIZE: 10M, 1MiB"
+    )
+    sub.add_argument(
+        "--max-size", default=None, metavar="SIZE", help="only files of at most SIZE: 1GiB"
+    )
+    sub.add_argument(
+        "--max-age", default=None, metavar="DURATION", help="only files modified within: 36h, 7d"
     )
 
 
