@@ -54,10 +54,6 @@ class Filters:
         object.__setattr__(self, "_included", _any_of(self.include))
         object.__setattr__(self, "_excluded", _any_of(self.exclude))
 
-    @property
-    def active(self) -> bool:
-        return self != Filters()
-
     def takes_path(self, relative: str) -> bool:
         """Whether the patterns take the file at `relative` (below its source's root)."""
         if self._excluded is not None and self._excluded.fullmatch(relative):
