@@ -544,6 +544,9 @@ def sha256_of(path: Path) -> str:
 
 def describe(err: BaseException) -> str:
     """An exception as a short line of text (its message, or its type's name)."""
+    if isinstance(err, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(err.certificate_error, "verify_message", None) or "it does not verify"
+        return f"its TLS certificate is not trusted: {reason} (see target.ca_bundle)"
     text = str(err) or type(err).__name__
     return text.splitlines()[0][:200]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from aiohttp import web
 from conftest import Finished, run_cli, write_file, write_manifest
 
 from migrator.emulator import Emulator
@@ -134,3 +135,50 @@ async def test_downloads_trust_the_same_ca(
 
     assert result.code == 0, result.stderr
     assert (dest / "mig" / "a.txt").read_bytes() == (job / "a.txt").read_bytes()
+
+
+@pytest.fixture
+async def tls_origin(ca: trustme.CA) -> AsyncIterator[str]:
+    """An HTTPS origin on 127.0.0.1 serving /pixel.bin, its certificate from the test CA."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=b"p" * 75, content_type="application/octet-stream")
+
+    app = web.Application()
+    app.router.add_get("/pixel.bin", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        yield f"https://127.0.0.1:{runner.addresses[0][1]}/pixel.bin"
+    finally:
+        await runner.cleanup()
+
+
+async def test_origins_trust_the_ca_bundle_too(
+    job: Path, emulator: Emulator, api_key: str, ca_file: Path, tls_origin: str
+) -> None:
+    # The service cannot fetch the URL (it does not trust the CA); this machine streams
+    # it through, and its origin session trusts target.ca_bundle.
+    manifest = write_manifest(job, emulator.base_url, [{"url": tls_origin}])
+    text = manifest.read_text(encoding="utf-8")
+    manifest.write_text(text.replace("target:\n", f"target:\n  ca_bundle: {ca_file.name}\n"))
+
+    result = await run(manifest, api_key)
+
+    assert result.code == 0, result.stderr
+    assert [r.endpoint for r in emulator.requests] == ["url", "stream"]
+
+
+async def test_an_untrusted_origin_fails_its_item_with_the_reason(
+    job: Path, emulator: Emulator, api_key: str, tls_origin: str
+) -> None:
+    manifest = write_manifest(job, emulator.base_url, [{"url": tls_origin}])
+
+    result = await run(manifest, api_key)
+
+    assert result.code == 1, result.stderr
+    assert "its TLS certificate is not trusted" in result.stderr
