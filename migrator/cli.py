@@ -713,6 +713,8 @@ def _execute(
     try:
         summary = asyncio.run(_with_display(command, noun, args.stats, quiet=hide))
     except MigratorError:
+        from migrator.command import CommandSummary
+
         # Stopped before its first item (an output that cannot be written, the lock,
         # the key): scripts still find the summary they read, then the reason.
         _print_summary(CommandSummary(args.command, {}, 0, 0.0), as_json=as_json, quiet=quiet)
@@ -725,6 +727,8 @@ def _execute(
 
 def _print_summary(summary: CommandSummary, *, as_json: bool, quiet: bool) -> None:
     if as_json:
+        from migrator.views import summary_dict
+
         _print_json(summary_dict(summary))
     elif not quiet:
         print(summary.line())
