@@ -528,7 +528,7 @@ async def _with_ledger(
 
 
 async def _published(
-    manifest: Manifest, ledger: Ledger, result: CommandResult, options: CommandOptions
+    manifest: Manifest, ledger: BaseLedger, result: CommandResult, options: CommandOptions
 ) -> MigratorError | None:
     """Rewrite the outputs; an output that cannot be written now (a disk filled during
     the run) is the command's failure, told after its summary, not a lost summary."""

@@ -133,12 +133,18 @@ class RunOperation:
     async def _claimed(self, session: CommandSession, ledger: PgLedger) -> AsyncIterator[Entry]:
         """Plan once (the first process to find no open work), then claim with leases."""
         conn, lease, target = session.conn, self.options.lease, session.target_id
-        self._contents = Contents(ledger, target, conn.clock, self._shared_sizes)
+        self._contents = Contents(ledger, target, conn.clock, self._check.shared_sizes)
         remembered = remembered_in(ledger, target)
         plan = expand(
             self.manifest, session=conn.origins, url_vars=conn.url_vars, remembered=remembered
         )
-        decided = decide_items(self.manifest, ledger, plan, self.options.checksum, conn.clock)
+        decided = decide_items(
+            self.manifest,
+            ledger,
+            plan,
+            self.options.by_checksum(self.manifest.settings),
+            conn.clock,
+        )
         queued = await plan_once(
             self.manifest,
             ledger,
