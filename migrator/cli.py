@@ -698,6 +698,7 @@ def _converted(flag: str, parse: Callable[[str], T], value: str | None) -> T | N
 
 def _execute(
     args: argparse.Namespace,
+    manifest: Manifest,
     noun: str,
     command: Callable[[Observer], Coroutine[Any, Any, CommandSummary]],
     *,
@@ -711,11 +712,12 @@ def _execute(
     hide = quiet or args.no_progress
     as_json = as_json or args.summary_format == "json"
     try:
+        _setup_logging(args, manifest, default_file=not args.dry_run)
         summary = asyncio.run(_with_display(command, noun, args.stats, quiet=hide))
     except MigratorError:
         from migrator.command import CommandSummary
 
-        # Stopped before its first item (an output that cannot be written, the lock,
+        # Stopped before its first item (an output or log that cannot be written, the lock,
         # the key): scripts still find the summary they read, then the reason.
         _print_summary(CommandSummary(args.command, {}, 0, 0.0), as_json=as_json, quiet=quiet)
         raise
@@ -793,8 +795,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--lease: must be a duration from 1s to 1d, such as 60s")
     options = RunOptions(checksum=args.checksum, lease=lease, **_command_options(args))
     manifest = _load_filtered(args)
-    _setup_logging(args, manifest, default_file=not args.dry_run)
-    return _execute(args, "uploads", lambda shown: run_manifest(manifest, options, shown))
+    return _execute(args, manifest, "uploads", lambda shown: run_manifest(manifest, options, shown))
 
 
 # -- plan ----------------------------------------------------------------------------------
@@ -1017,8 +1018,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 
     options = RefreshOptions(within=args.within, **_command_options(args))
     manifest = _load_for_ledger_work(args)
-    _setup_logging(args, manifest, default_file=not args.dry_run)
-    return _execute(args, "uploads", lambda shown: refresh(manifest, options, shown))
+    return _execute(args, manifest, "uploads", lambda shown: refresh(manifest, options, shown))
 
 
 def _add_download_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -1046,8 +1046,9 @@ def _cmd_download(args: argparse.Namespace) -> int:
         within=args.within, only_remote=args.only_remote, **_command_options(args)
     )
     manifest = _load_for_ledger_work(args)
-    _setup_logging(args, manifest, default_file=not args.dry_run)
-    return _execute(args, "downloads", lambda shown: download(manifest, args.dest, options, shown))
+    return _execute(
+        args, manifest, "downloads", lambda shown: download(manifest, args.dest, options, shown)
+    )
 
 
 def _add_verify_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -1078,9 +1079,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     options = VerifyOptions(within=args.within, sample=args.sample, **_command_options(args))
     manifest = _load_for_ledger_work(args)
-    _setup_logging(args, manifest, default_file=not args.dry_run)
     return _execute(
         args,
+        manifest,
         "probes",
         lambda shown: verify(manifest, options, shown),
         as_json=args.format == "json",

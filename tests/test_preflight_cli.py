@@ -93,6 +93,7 @@ async def test_an_unwritable_log_file_stops_the_run_before_anything_is_sent(
 
     assert result.code == USAGE, result.stderr
     assert "cannot write the log file" in result.one_error_line()
+    assert EMPTY_SUMMARY in result.stdout
     assert emulator.requests == []
 
 
