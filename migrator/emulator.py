@@ -495,17 +495,17 @@ class _Store:
         self._commit()
         self._db.close()
 
-    def new_tmp(self) -> Path:
-        return self.tmp / f"{secrets.token_hex(12)}.part"
+    def new_tmp(self) -> _TempFile:
+        return _TempFile(self.tmp)
 
     def blob_path(self, file_id: str) -> Path:
         return self.blobs / file_id
 
-    def put(self, stored: StoredFile, data: bytes | None, tmp: Path) -> asyncio.Future[None]:
+    def put(self, stored: StoredFile, data: bytes | None, tmp: _TempFile) -> asyncio.Future[None]:
         """Store `data` (or, when None, the temp file) under `stored`, replacing a
         same-named file; the future is done once that is committed."""
         if data is None:
-            tmp.replace(self.blob_path(stored.file_id))
+            tmp.path.replace(self.blob_path(stored.file_id))
         self._pending.append((stored, data))
         self._known[stored.file_id] = stored
         if self._committed is None:
@@ -576,7 +576,7 @@ class _Store:
                 "SELECT data FROM files WHERE file_id = ?", (file_id,)
             ).fetchone()
             if row is not None and row[0] is not None:
-                tmp = self.new_tmp()
+                tmp = self.new_tmp().path
                 tmp.write_bytes(row[0])
                 tmp.replace(path)
         return path
@@ -620,11 +620,29 @@ SERVED_REQUESTS_KEPT = 10_000  # request log of a long-lived emulator
 INLINE_MAX = 64 * 1024  # a blob this small is kept in its metadata row, not in a file of its own
 
 
+class _TempFile:
+    """A temp file in data_dir/tmp, named only when first used: most uploads need none."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._path: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = self._folder / f"{secrets.token_hex(12)}.part"
+        return self._path
+
+    def remove(self) -> None:
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+
+
 class _Sink:
     """One upload's bytes as they arrive: in memory up to INLINE_MAX, past that spilled
     to its temp file. Use as a context manager, then `data()`."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: _TempFile) -> None:
         self._tmp = tmp
         self._buffer = bytearray()
         self._file: BinaryIO | None = None
@@ -644,7 +662,7 @@ class _Sink:
             return
         self._buffer += chunk
         if len(self._buffer) > INLINE_MAX:
-            self._file = self._tmp.open("wb")
+            self._file = self._tmp.path.open("wb")
             self._file.write(self._buffer)
             self._buffer = bytearray()
 
@@ -1081,19 +1099,19 @@ class Emulator:
             await asyncio.shield(store.put(stored, received.data, tmp))
             return stored
         except BaseException:
-            tmp.unlink(missing_ok=True)  # stored, it was moved into place: nothing to remove
+            tmp.remove()  # once stored, it was moved into place: nothing to remove
             raise
 
-    async def _receive_base64(self, request: web.Request, seen: _Seen, tmp: Path) -> _Received:
+    async def _receive_base64(self, request: web.Request, seen: _Seen, tmp: _TempFile) -> _Received:
         body = await _read_json_object(request)
         upload_path, file_name = _naming_fields(body, seen)
         data, declared = decode_base64_data(body.get("base64Data"))
         if len(data) <= INLINE_MAX:
             return _Received(data, len(data), upload_path, file_name, file_name, declared)
-        await asyncio.to_thread(tmp.write_bytes, data)
+        await asyncio.to_thread(tmp.path.write_bytes, data)
         return _Received(None, len(data), upload_path, file_name, file_name, declared)
 
-    async def _receive_url(self, request: web.Request, seen: _Seen, tmp: Path) -> _Received:
+    async def _receive_url(self, request: web.Request, seen: _Seen, tmp: _TempFile) -> _Received:
         body = await _read_json_object(request)
         file_url = body.get("fileUrl")
         seen.file_url = file_url if isinstance(file_url, str) else None
@@ -1342,7 +1360,7 @@ def _naming_fields(body: dict[str, Any], seen: _Seen) -> tuple[str, str | None]:
     return check_upload_path(raw_path), check_file_name(raw_name)
 
 
-async def _receive_stream(request: web.Request, seen: _Seen, tmp: Path) -> _Received:
+async def _receive_stream(request: web.Request, seen: _Seen, tmp: _TempFile) -> _Received:
     """Read a multipart body part by part; the `file` part goes to disk chunk by chunk."""
     try:
         reader = await request.multipart()
