@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -804,6 +806,69 @@ async def test_stored_files_survive_a_restart_on_the_same_data_dir(
     path = url.split("/", 3)[3]
     async with Emulator(tmp_path / "d", api_key) as second:
         assert (await get(f"{second.base_url}/{path}"))[:2] == (200, b"hello")
+
+
+async def upload_stream(emu: Emulator, key: str, data: bytes, name: str) -> str:
+    form = aiohttp.FormData()
+    form.add_field("uploadPath", "big")
+    form.add_field("fileName", name)
+    form.add_field("file", data, filename=name)
+    status, body = await post_form(f"{emu.base_url}/api/file-stream-upload", form, auth(key))
+    assert status == 200, body
+    return str(body["data"]["downloadUrl"]).split("/", 3)[3]
+
+
+async def test_small_and_large_files_serve_their_exact_bytes_after_a_restart(
+    tmp_path: Path, api_key: str
+) -> None:
+    # Small blobs live in the metadata store, large ones in files of their own.
+    sizes = {"one.bin": 1, "edge.bin": 64 * 1024, "past.bin": 64 * 1024 + 1, "big.bin": 300_000}
+    contents = {name: os.urandom(size) for name, size in sizes.items()}
+    async with Emulator(tmp_path / "d", api_key) as first:
+        paths = {
+            name: await upload_stream(first, api_key, data, name) for name, data in contents.items()
+        }
+        for name, path in paths.items():  # the first download of each, before the restart
+            assert (await get(f"{first.base_url}/{path}"))[:2] == (200, contents[name])
+    async with Emulator(tmp_path / "d", api_key) as second:
+        for name, path in paths.items():
+            assert (await get(f"{second.base_url}/{path}"))[:2] == (200, contents[name])
+
+
+async def test_concurrent_uploads_of_one_name_leave_exactly_one_link(
+    emulator: Emulator, api_key: str
+) -> None:
+    datas = [base64.b64encode(bytes([i]) * 10).decode() for i in range(8)]
+    answers = await asyncio.gather(
+        *(upload_base64(emulator, api_key, data, "same", "name.bin") for data in datas)
+    )
+    statuses = [(await get(body["data"]["downloadUrl"]))[0] for _, body in answers]
+    assert sorted(statuses) == [200] + [404] * 7
+
+
+async def test_a_data_dir_from_before_small_blobs_lived_in_rows_still_serves_its_files(
+    tmp_path: Path, api_key: str
+) -> None:
+    data_dir = tmp_path / "d"
+    (data_dir / "blobs").mkdir(parents=True)
+    (data_dir / "blobs" / "0123abcd").write_bytes(b"old bytes")
+    with contextlib.closing(sqlite3.connect(data_dir / "emulator.sqlite3")) as db, db:
+        db.execute(
+            "CREATE TABLE files (file_id TEXT PRIMARY KEY, upload_path TEXT NOT NULL,"
+            " file_name TEXT NOT NULL, original_name TEXT, size INTEGER NOT NULL,"
+            " mime_type TEXT NOT NULL, uploaded_at REAL NOT NULL, expires_at REAL NOT NULL,"
+            " UNIQUE (upload_path, file_name))"
+        )
+        now = time.time()
+        db.execute(
+            "INSERT INTO files VALUES ('0123abcd', 'old', 'a.bin', NULL, 9,"
+            " 'application/octet-stream', ?, ?)",
+            (now, now + DAY),
+        )
+    async with Emulator(data_dir, api_key) as emu:
+        assert (await get(f"{emu.base_url}/files/0123abcd/old/a.bin"))[:2] == (200, b"old bytes")
+        await upload_base64(emu, api_key, "aGVsbG8=", "old", "a.bin")
+        assert (await get(f"{emu.base_url}/files/0123abcd/old/a.bin"))[0] == 404
 
 
 async def test_the_clock_offset_survives_a_restart(tmp_path: Path, api_key: str) -> None:
