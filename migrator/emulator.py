@@ -965,6 +965,7 @@ class Emulator:
         ms = round((time.monotonic() - started) * 1000, 1)
         # One write, before the answer leaves (benchmarks count the lines once answered).
         self._access_log.write(access_line(request.method, request.path, response.status, ms))
+        self._access_log.flush()
         return response
 
     @web.middleware
