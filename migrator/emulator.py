@@ -477,7 +477,9 @@ class _Store:
         self._db = sqlite3.connect(data_dir / "emulator.sqlite3", isolation_level=None)
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = OFF")
-        self._known: dict[str, StoredFile] = {}  # file_id -> metadata, read through
+        # file_id -> metadata, read through; the latest KNOWN_KEPT only, or a long-lived
+        # emulator's memory would grow with every upload.
+        self._known: dict[str, StoredFile] = {}
         self._pending: list[tuple[StoredFile, bytes | None]] = []
         self._committed: asyncio.Future[None] | None = None
         self._db.execute(
@@ -507,7 +509,7 @@ class _Store:
         if data is None:
             tmp.path.replace(self.blob_path(stored.file_id))
         self._pending.append((stored, data))
-        self._known[stored.file_id] = stored
+        self._remember(stored)
         if self._committed is None:
             loop = asyncio.get_running_loop()
             self._committed = loop.create_future()
@@ -565,8 +567,14 @@ class _Store:
         ).fetchone()
         if row is None:
             return None
-        stored = self._known[file_id] = StoredFile(*row)
+        stored = StoredFile(*row)
+        self._remember(stored)
         return stored
+
+    def _remember(self, stored: StoredFile) -> None:
+        if len(self._known) >= KNOWN_KEPT:
+            del self._known[next(iter(self._known))]  # the oldest remembered
+        self._known[stored.file_id] = stored
 
     def blob_file(self, file_id: str) -> Path:
         """The blob's file, written from its row the first time a small one is asked for."""
@@ -617,6 +625,7 @@ class _Store:
 
 
 SERVED_REQUESTS_KEPT = 10_000  # request log of a long-lived emulator
+KNOWN_KEPT = 100_000  # files whose metadata the store keeps in memory
 INLINE_MAX = 64 * 1024  # a blob this small is kept in its metadata row, not in a file of its own
 
 

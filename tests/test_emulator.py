@@ -34,6 +34,7 @@ from conftest import (
     stop_emulator_process,
 )
 
+from migrator import emulator as emulator_module
 from migrator.cli import main
 from migrator.emulator import Emulator, EmulatorRequest
 
@@ -844,6 +845,19 @@ async def test_concurrent_uploads_of_one_name_leave_exactly_one_link(
     )
     statuses = [(await get(body["data"]["downloadUrl"]))[0] for _, body in answers]
     assert sorted(statuses) == [200] + [404] * 7
+
+
+async def test_files_past_the_metadata_kept_in_memory_still_serve_their_bytes(
+    tmp_path: Path, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(emulator_module, "KNOWN_KEPT", 2)
+    async with Emulator(tmp_path / "d", api_key) as emu:
+        urls = [
+            (await upload_base64(emu, api_key, base64.b64encode(bytes([i])).decode(), "k"))[1]
+            for i in range(4)
+        ]
+        for i, body in enumerate(urls):
+            assert (await get(body["data"]["downloadUrl"]))[:2] == (200, bytes([i]))
 
 
 async def test_a_data_dir_from_before_small_blobs_lived_in_rows_still_serves_its_files(
