@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import migrator_env
+from conftest import migrator_env
 
 HEAVY = ("aiohttp", "aiosqlite", "rich", "structlog", "yaml", "asyncio", "migrator.emulator")
 
