@@ -8,14 +8,18 @@ lease ran out (it was stopped, or cut off) loses the item: its work on it is can
 and whatever it still writes about it is refused. A process that finds nothing to claim
 while others hold leases waits for them, so the last one standing finishes the work of
 one that died.
+
+`refresh`, `download` and `verify` share a ledger the same way, each from a queue of
+its own: the first process queues the items it would work on, and every process claims
+from that queue (`ClaimedOperation`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from migrator.errors import LedgerError
 from migrator.ledger_pg import Claim, ClaimedWork, PgLedger
@@ -24,6 +28,11 @@ from migrator.model import ItemUpdate, LedgerItem, Manifest, Method, PlanItem, S
 from migrator.pacer import Pacer
 from migrator.plan import expand
 from migrator.resume import Decision
+
+if TYPE_CHECKING:
+    from migrator.clock import ServiceClock
+    from migrator.command import CommandSession, Operation, Totals
+    from migrator.ledger import BaseLedger
 
 DEFAULT_LEASE = 60.0  # seconds; --lease
 RENEWALS_PER_LEASE = 3  # a lease is renewed this often within its length
@@ -275,8 +284,94 @@ class LeaseKeeper:
             task.cancel()
 
 
+def queue_of(command: str, target: str) -> str:
+    """The queue the processes of `command` share (pure): `run`'s is named after the
+    target, each other command's after itself and the target."""
+    return target if command == "run" else f"{command} {target}"
+
+
+class ClaimedOperation:
+    """`refresh`, `download` or `verify` on a shared ledger, as many processes run it at
+    once: the first to find its queue empty queues the rows the operation would work
+    on; then each process claims rows from the queue with leases, works on the row as
+    the claim read it, and finishes the claim after the item's results are written."""
+
+    def __init__(self, operation: Operation[LedgerItem], lease: float = DEFAULT_LEASE) -> None:
+        self.operation = operation
+        self.name = operation.name
+        self.uses_api = operation.uses_api
+        self.needs_clock = operation.needs_clock
+        self.lease = lease
+        self._keeper: LeaseKeeper | None = None
+        self._waiting = 0  # claimed, not yet done with
+        self.queued: int | None = None  # what this process queued; None: another did
+
+    async def prepare(self) -> None:
+        await self.operation.prepare()
+
+    async def totals(self, ledger: BaseLedger, clock: ServiceClock) -> Totals:
+        return await self.operation.totals(ledger, clock)
+
+    def preview(self, clock: ServiceClock) -> AsyncGenerator[tuple[str, str | None], None]:
+        return self.operation.preview(clock)
+
+    async def items(self, session: CommandSession) -> AsyncIterator[ClaimedWork]:
+        ledger, target = session.ledger, session.target_id
+        assert isinstance(ledger, PgLedger), "a claimed operation needs a shared ledger"
+        ledger.settles_by_state = False  # a claim ends when its item is done with
+        queue = queue_of(self.name, target)
+        async with ledger.planning(queue) as must_plan:
+            if must_plan:
+                self.queued = await self._enqueue(
+                    ledger, target, queue, self.operation.items(session)
+                )
+        log.info(f"{self.name}.queue", queued=self.queued, owner=ledger.owner)
+        self._keeper = LeaseKeeper(ledger, target, self.lease, SharedLimits(session.conn.pacer))
+        await self._keeper.start()
+        busy = lambda: self._waiting > 0  # noqa: E731
+        async for work in claimed(ledger, queue, session.workers, self.lease, busy):
+            self._waiting += 1
+            yield work
+
+    async def handle(self, session: CommandSession, work: ClaimedWork) -> None:
+        assert self._keeper is not None and isinstance(session.ledger, PgLedger)
+        try:
+            row = work.row
+            if row is None or await self._keeper.guard(
+                work.claim, lambda: self.operation.handle(session, row)
+            ):
+                await session.ledger.finish(work.claim)
+        finally:
+            self._waiting -= 1
+
+    async def conclude(self, session: CommandSession) -> list[str]:
+        notes = await self.operation.conclude(session)
+        if self._keeper is not None:
+            await self._keeper.stop()
+            if lost := self._keeper.lost:
+                notes.append(f"{lost} items went to other workers after this one's leases ran out")
+        return notes
+
+    @staticmethod
+    async def _enqueue(
+        ledger: PgLedger, target: str, queue: str, rows: AsyncIterator[LedgerItem]
+    ) -> int:
+        queued = 0
+        batch: list[tuple[str, str, Mapping[str, Any]]] = []
+        async for row in rows:
+            work = {"target": target, "upload_path": row.upload_path, "file_name": row.file_name}
+            batch.append((row.upload_path, row.file_name, work))
+            if len(batch) >= ENQUEUE_BATCH:
+                queued += await ledger.enqueue(target, batch, queue)
+                batch = []
+        if batch:
+            queued += await ledger.enqueue(target, batch, queue)
+        return queued
+
+
 __all__ = [
     "DEFAULT_LEASE",
+    "ClaimedOperation",
     "LeaseKeeper",
     "SharedLimits",
     "as_work",
@@ -284,5 +379,6 @@ __all__ = [
     "from_work",
     "idle_wait",
     "plan_once",
+    "queue_of",
     "share_of",
 ]

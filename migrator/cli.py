@@ -465,7 +465,8 @@ def _load_for_ledger_work(args: argparse.Namespace) -> Manifest:
     work when sources are gone (that is what refresh and download are for). A ledger
     that is not there is a mistyped path, not an empty job: exit 2."""
     manifest = _load(args, check_sources=False)
-    _require_ledger(manifest.ledger, _ledger_origin(args))
+    if manifest.ledger_url is None:  # a database is there or not: connecting tells
+        _require_ledger(manifest.ledger, _ledger_origin(args))
     return manifest
 
 

@@ -28,8 +28,9 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
+from migrator.claims import ClaimedOperation
 from migrator.clock import OFFSET_FACT, SKEW_WARNING, ServiceClock
 from migrator.connect import connect, key_source, read_api_key, trust
 from migrator.errors import (
@@ -44,7 +45,7 @@ from migrator.errors import (
 from migrator.ledger import BaseLedger, locked, open_ledger
 from migrator.ledger_pg import PgLedger
 from migrator.logs import get_logger
-from migrator.model import ItemUpdate, Manifest, Method, Settings
+from migrator.model import ItemUpdate, LedgerItem, Manifest, Method, Settings
 from migrator.model import Outcome as Outcome  # public here too: what counts mean
 from migrator.outputs import check_writable
 from migrator.pacer import Pacer, plain_sleep
@@ -450,26 +451,21 @@ async def execute(
     # A shared (PostgreSQL) ledger is for many processes at once: leases, not a lock.
     lock = contextlib.nullcontext() if manifest.ledger_url else locked(manifest.ledger)
     with lock:
-        async with (
-            await open_ledger(manifest) as ledger,
-            _one_at_a_time(ledger, operation.name, manifest.target.base_url),
-        ):
-            summary = await _with_ledger(operation, manifest, options, watcher, ledger, api_key)
+        async with await open_ledger(manifest) as ledger:
+            shared = _claimed_if_shared(operation, ledger)
+            summary = await _with_ledger(shared, manifest, options, watcher, ledger, api_key)
     if summary.stop_reason is StopReason.AUTH and api_key is not None:
         where = key_source(manifest.target, environ)
         summary = replace(summary, message=f"{summary.message} (the key came from {where})")
     return summary
 
 
-def _one_at_a_time(
-    ledger: BaseLedger, command: str, target: str
-) -> contextlib.AbstractAsyncContextManager[None]:
-    """On a shared ledger, `run` processes share their work by claims; any other command
-    holds the ledger's command lock, one at a time, as the file lock makes them on one
-    machine."""
-    if isinstance(ledger, PgLedger) and command != "run":
-        return ledger.command_lock(target, command)
-    return contextlib.nullcontext()
+def _claimed_if_shared(operation: Operation[T], ledger: BaseLedger) -> Operation[Any]:
+    """On a shared ledger, the processes of one command share its work by claims:
+    `run` claims by itself, any other command through `ClaimedOperation`."""
+    if isinstance(ledger, PgLedger) and operation.name != "run":
+        return ClaimedOperation(cast("Operation[LedgerItem]", operation))
+    return operation
 
 
 async def _with_ledger(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from migrator.errors import LedgerError, LockHeldError
+from migrator.errors import LedgerError
 from migrator.ledger import (
     _INSERT_ATTEMPT,
     _QUALIFIED_ITEM_COLUMNS,
@@ -76,15 +76,23 @@ def _pg_types(statement: str) -> str:
 
 _QUEUE_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS queue (
-        item_id BIGINT PRIMARY KEY REFERENCES items (id) ON DELETE CASCADE,
+        item_id BIGINT NOT NULL REFERENCES items (id) ON DELETE CASCADE,
         target TEXT NOT NULL,
         work TEXT NOT NULL,
         owner TEXT,
         attempt INTEGER NOT NULL DEFAULT 0,
         lease_until DOUBLE PRECISION,
         finished BOOLEAN NOT NULL DEFAULT FALSE,
-        redo BOOLEAN NOT NULL DEFAULT FALSE
+        redo BOOLEAN NOT NULL DEFAULT FALSE,
+        PRIMARY KEY (item_id, target)
     )""",
+    # A queue of one command (run's is named after the target, the others' after the
+    # command too): an item can be in several at once. Older queues had one row an item.
+    """DO $$ BEGIN
+        IF (SELECT array_length(conkey, 1) FROM pg_constraint WHERE conname = 'queue_pkey') = 1
+        THEN ALTER TABLE queue DROP CONSTRAINT queue_pkey, ADD PRIMARY KEY (item_id, target);
+        END IF;
+    END $$""",
     "CREATE INDEX IF NOT EXISTS queue_open ON queue (target, item_id) WHERE NOT finished",
     """CREATE TABLE IF NOT EXISTS workers (
         owner TEXT PRIMARY KEY,
@@ -129,11 +137,21 @@ _ATTEMPT_SQL, _ATTEMPT_NAMES = _named(
 # A claimed item's results are written in three statements per batch, whatever its size:
 # lock the queue rows still held by this owner and attempt (in id order), update those
 # items, then finish or hand back their queue rows. What is not held is refused.
-_HOLD_SQL = """
-SELECT item_id FROM queue
-WHERE (item_id, attempt) IN (SELECT * FROM unnest($2::bigint[], $3::int[])) AND owner = $1
-ORDER BY item_id FOR UPDATE
-"""
+
+
+def _mine(first: int) -> str:
+    """The queue rows of this owner's claims, locked in id order (pure): the owner is
+    $1, the claims' ids, attempts and queues (`_fence`) are $first, $first+1, $first+2."""
+    ids, attempts, queues = first, first + 1, first + 2
+    return f"""
+        SELECT item_id, target FROM queue
+        WHERE (item_id, attempt, target) IN
+            (SELECT * FROM unnest(${ids}::bigint[], ${attempts}::int[], ${queues}::text[]))
+            AND owner = $1
+        ORDER BY item_id FOR UPDATE"""
+
+
+_HOLD_SQL = _mine(2)
 _HELD_ITEM_SQL, _HELD_ITEM_NAMES = _named(
     f"""
 UPDATE items SET
@@ -154,7 +172,7 @@ UPDATE queue SET
     redo = FALSE,
     owner = CASE WHEN $3 THEN NULL ELSE owner END,
     lease_until = CASE WHEN $3 THEN NULL ELSE lease_until END
-WHERE item_id = $1
+WHERE item_id = $1 AND target = $4
 """
 # A refused final result means a stale worker's upload may have landed after the current
 # owner's, replacing its file: the item is done again. A finished row reopens; a held one
@@ -166,9 +184,12 @@ UPDATE queue SET
     finished = FALSE,
     owner = CASE WHEN finished THEN NULL ELSE owner END,
     lease_until = CASE WHEN finished THEN NULL ELSE lease_until END
-FROM (SELECT item_id FROM queue WHERE item_id = ANY($1::bigint[]) ORDER BY item_id FOR UPDATE)
-    AS stale
-WHERE queue.item_id = stale.item_id
+FROM (
+    SELECT item_id, target FROM queue
+    WHERE (item_id, target) IN (SELECT * FROM unnest($1::bigint[], $2::text[]))
+    ORDER BY item_id FOR UPDATE
+) AS stale
+WHERE queue.item_id = stale.item_id AND queue.target = stale.target
 """
 
 
@@ -179,6 +200,7 @@ class Claim:
     item_id: int
     attempt: int
     key: tuple[str, str, str]  # target, upload_path, file_name
+    queue: str  # the queue it was claimed from (`run`'s: the target)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +238,9 @@ class PgLedger(BaseLedger):
         )
         self.owner = owner
         self.refused = 0  # results refused because another worker holds the item now
+        # `run`: an item's state says when its claim ends (done, failed: finished; cut
+        # short: handed back). Other commands end a claim with `finish`, after the item.
+        self.settles_by_state = True
         self._conn = conn
         self._claims: dict[tuple[str, str, str], Claim] = {}
         self._lost: dict[tuple[str, str, str], Claim] = {}  # what is written of them is refused
@@ -332,44 +357,33 @@ class PgLedger(BaseLedger):
             async with self._locked():
                 await self._conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
 
-    @contextlib.asynccontextmanager
-    async def command_lock(self, target: str, command: str) -> AsyncIterator[None]:
-        """Hold the lock that lets one refresh, download or verify at a time work on
-        `target` (as the file lock does for a SQLite ledger); LockHeldError when another
-        process holds it. Workers of `run` share their work by claims instead."""
-        key = f"migrator.command:{target}"
-        async with self._locked():
-            got = await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
-        if not got:
-            raise LockHeldError(
-                f"another refresh, download or verify is working on the ledger {self.where}; "
-                f"this {command} did nothing: run it again once that one has finished"
-            )
-        try:
-            yield
-        finally:
-            async with self._locked():
-                await self._conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
-
-    async def enqueue(self, target: str, work: Sequence[tuple[str, str, Mapping[str, Any]]]) -> int:
-        """Queue (upload_path, file_name, work) for items the ledger holds; a row still
-        open is left as it is. Returns how many rows were queued."""
+    async def enqueue(
+        self,
+        target: str,
+        work: Sequence[tuple[str, str, Mapping[str, Any]]],
+        queue: str | None = None,
+    ) -> int:
+        """Queue (upload_path, file_name, work) for items of `target` the ledger holds,
+        in `queue` (default: the target's own, `run`'s); a row still open is left as it
+        is. Returns how many rows were queued."""
         await self.flush()
         sql = (
-            "INSERT INTO queue (item_id, target, work) SELECT id, target, $4 FROM items "
+            "INSERT INTO queue (item_id, target, work) SELECT id, $5, $4 FROM items "
             "WHERE target = $1 AND upload_path = $2 AND file_name = $3 "
-            "ON CONFLICT (item_id) DO UPDATE SET work = excluded.work, finished = FALSE, "
-            "owner = NULL, lease_until = NULL WHERE queue.finished"
+            "ON CONFLICT (item_id, target) DO UPDATE SET work = excluded.work, "
+            "finished = FALSE, owner = NULL, lease_until = NULL WHERE queue.finished"
         )
-        rows = [(target, path, name, json.dumps(dict(w))) for path, name, w in work]
+        name_of_queue = queue or target
+        rows = [(target, path, name, json.dumps(dict(w)), name_of_queue) for path, name, w in work]
         async with self._locked():
             await self._conn.executemany(sql, rows)
         return len(rows)
 
-    async def claim(self, target: str, limit: int, lease: float) -> list[ClaimedWork]:
-        """Claim up to `limit` open items of `target` that nobody holds (or whose lease ran
+    async def claim(self, queue: str, limit: int, lease: float) -> list[ClaimedWork]:
+        """Claim up to `limit` open items of `queue` that nobody holds (or whose lease ran
         out), lowest ids first, each with a new attempt number and a lease of `lease`
-        seconds on the database's clock."""
+        seconds on the database's clock. A queue is named after its items' target (the
+        work names the target when the queue is another command's)."""
         await self.flush()
         sql = f"""
             WITH claimed AS (
@@ -381,7 +395,7 @@ class PgLedger(BaseLedger):
                         AND (lease_until IS NULL OR lease_until < {_NOW})
                     ORDER BY item_id FOR UPDATE SKIP LOCKED LIMIT $4
                 ) AS picked
-                WHERE queue.item_id = picked.item_id
+                WHERE queue.item_id = picked.item_id AND queue.target = $3
                 RETURNING queue.item_id, queue.attempt, queue.work, picked.was
             )
             SELECT claimed.item_id, claimed.attempt, claimed.work, claimed.was,
@@ -389,15 +403,15 @@ class PgLedger(BaseLedger):
             FROM claimed LEFT JOIN items ON items.id = claimed.item_id"""
         sent = time.monotonic()  # the lease ends no sooner than `lease` after this
         async with self._locked():
-            claimed = await self._conn.fetch(sql, self.owner, lease, target, limit)
+            claimed = await self._conn.fetch(sql, self.owner, lease, queue, limit)
         with self._errors():
             rows = {r[0]: _row_to_item(tuple(r)[4:]) for r in claimed if r[4] is not None}
         found: list[ClaimedWork] = []
         for item_id, attempt, work, was, *_row in sorted(claimed, key=lambda r: int(r[0])):
             row = rows.get(item_id)
             decoded = json.loads(work)
-            key = (target, decoded["upload_path"], decoded["file_name"])
-            claim = Claim(item_id, attempt, key)
+            key = (decoded.get("target", queue), decoded["upload_path"], decoded["file_name"])
+            claim = Claim(item_id, attempt, key, queue)
             self._claims[key] = claim
             self._until[item_id] = sent + lease
             self._lost.pop(key, None)
@@ -412,19 +426,12 @@ class PgLedger(BaseLedger):
             return []
         sql = f"""
             UPDATE queue SET lease_until = {_NOW} + $2
-            FROM (
-                SELECT item_id FROM queue
-                WHERE (item_id, attempt) IN (SELECT * FROM unnest($3::bigint[], $4::int[]))
-                    AND owner = $1
-                ORDER BY item_id FOR UPDATE
-            ) AS mine
-            WHERE queue.item_id = mine.item_id
+            FROM ({_mine(3)}) AS mine
+            WHERE queue.item_id = mine.item_id AND queue.target = mine.target
             RETURNING queue.item_id"""
-        ids = [claim.item_id for claim in held]
-        attempts = [claim.attempt for claim in held]
         sent = time.monotonic()
         async with self._locked():
-            kept = {r[0] for r in await self._conn.fetch(sql, self.owner, lease, ids, attempts)}
+            kept = {r[0] for r in await self._conn.fetch(sql, self.owner, lease, *_fence(held))}
         for item_id in kept:
             self._until[item_id] = sent + lease
         # Another renewal may have run meanwhile: report each loss once.
@@ -442,20 +449,30 @@ class PgLedger(BaseLedger):
         held = list(self._claims.values())
         if not held:
             return
-        sql = """
+        sql = f"""
             UPDATE queue SET owner = NULL, lease_until = NULL
-            FROM (
-                SELECT item_id FROM queue
-                WHERE (item_id, attempt) IN (SELECT * FROM unnest($2::bigint[], $3::int[]))
-                    AND owner = $1
-                ORDER BY item_id FOR UPDATE
-            ) AS mine
-            WHERE queue.item_id = mine.item_id"""
-        ids, attempts = [c.item_id for c in held], [c.attempt for c in held]
+            FROM ({_mine(2)}) AS mine
+            WHERE queue.item_id = mine.item_id AND queue.target = mine.target"""
         async with self._locked():
-            await self._conn.execute(sql, self.owner, ids, attempts)
+            await self._conn.execute(sql, self.owner, *_fence(held))
         for claim in held:
             self._claims.pop(claim.key, None)
+
+    async def finish(self, claim: Claim) -> bool:
+        """Mark the item of `claim` done with in its queue, after what was written about
+        it (the results and this land together); False when the claim was lost."""
+        await self.flush()
+        sql = f"""
+            UPDATE queue SET finished = TRUE, owner = NULL, lease_until = NULL
+            FROM ({_mine(2)}) AS mine
+            WHERE queue.item_id = mine.item_id AND queue.target = mine.target
+            RETURNING queue.item_id"""
+        async with self._locked():
+            done = await self._conn.fetch(sql, self.owner, *_fence([claim]))
+        if self._claims.get(claim.key) == claim:
+            del self._claims[claim.key]
+            self._until.pop(claim.item_id, None)
+        return bool(done)
 
     async def heartbeat(self, target: str, lease: float) -> int:
         """Say this worker is alive; returns how many workers of `target` are (itself
@@ -518,6 +535,7 @@ class PgLedger(BaseLedger):
         if claim is not None:
             params = self._items[-1]
             state = update.state if isinstance(update.state, ItemState) else None
+            state = state if self.settles_by_state else None
             params["claim"] = claim
             params["release"] = state is not None and state not in _KEEPS_LEASE
             params["finish"] = state is not None and state not in _KEEPS_LEASE | _RELEASES
@@ -561,9 +579,11 @@ class PgLedger(BaseLedger):
                 await self._conn.executemany(_UPSERT_SQL, [_args(p, _UPSERT_NAMES) for p in plain])
             if fenced:
                 refused = await self._write_held(fenced)
-                redo = sorted({_claim(p).item_id for p in refused if p["release"]})
+                redo = sorted(
+                    {(_claim(p).item_id, _claim(p).queue) for p in refused if p["release"]}
+                )
                 if redo:
-                    await self._conn.execute(_REDO_SQL, redo)
+                    await self._conn.execute(_REDO_SQL, *map(list, zip(*redo, strict=True)))
             records = attempts + _refusals(refused)
             if records:
                 rows = [_args(p, _ATTEMPT_NAMES) for p in records]
@@ -572,15 +592,14 @@ class PgLedger(BaseLedger):
 
     async def _write_held(self, fenced: list[dict[str, object]]) -> list[dict[str, object]]:
         """Write the results of claims this process still holds; returns the refused."""
-        claims = {_claim(p) for p in fenced}
-        ids, attempts = [c.item_id for c in claims], [c.attempt for c in claims]
-        held = {r[0] for r in await self._conn.fetch(_HOLD_SQL, self.owner, ids, attempts)}
+        claims = list({_claim(p) for p in fenced})
+        held = {r[0] for r in await self._conn.fetch(_HOLD_SQL, self.owner, *_fence(claims))}
         written = [p for p in fenced if _claim(p).item_id in held]
         if written:
             rows = [_args({**p, "item_id": _claim(p).item_id}, _HELD_ITEM_NAMES) for p in written]
             await self._conn.executemany(_HELD_ITEM_SQL, rows)
             settled = [
-                (_claim(p).item_id, p["finish"], p["release"])
+                (_claim(p).item_id, p["finish"], p["release"], _claim(p).queue)
                 for p in written
                 if p["finish"] or p["release"]
             ]
@@ -633,6 +652,11 @@ class PgLedger(BaseLedger):
         with self._errors():
             async with self._conn.transaction():
                 yield
+
+
+def _fence(claims: Sequence[Claim]) -> tuple[list[int], list[int], list[str]]:
+    """The ids, attempts and queues of `claims`, as `_mine` takes them (pure)."""
+    return [c.item_id for c in claims], [c.attempt for c in claims], [c.queue for c in claims]
 
 
 def _claim(params: Mapping[str, object]) -> Claim:

@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_file, write_manifest
 
-from migrator.claims import IDLE_POLL, SharedLimits, as_work, from_work, idle_wait, share_of
-from migrator.errors import LockHeldError
+from migrator.claims import (
+    IDLE_POLL,
+    SharedLimits,
+    as_work,
+    from_work,
+    idle_wait,
+    queue_of,
+    share_of,
+)
 from migrator.ledger import Ledger
 from migrator.ledger_pg import PgLedger, redacted
 from migrator.manifest import load_manifest
@@ -326,14 +333,33 @@ def test_no_limit_stays_no_limit_whatever_the_workers() -> None:
     assert share_of(12.0, 0) == 12.0
 
 
-async def test_one_refresh_download_or_verify_at_a_time_on_a_shared_ledger(pg_url: str) -> None:
+async def test_a_commands_queue_is_its_own_beside_the_run_queue(pg_url: str) -> None:
+    async with await PgLedger.open(pg_url, owner="a") as ledger:
+        names = await queued(ledger, 3)
+        refresh_queue = queue_of("refresh", TARGET)
+        work = [("batch", n, {"target": TARGET, "upload_path": "batch", "file_name": n})
+                for n in names[:2]]  # fmt: skip
+        assert await ledger.enqueue(TARGET, work, refresh_queue) == 2
+        for_refresh = await ledger.claim(refresh_queue, 10, LEASE)
+        assert [w.claim.key for w in for_refresh] == [(TARGET, "batch", n) for n in names[:2]]
+        assert len(await ledger.claim(TARGET, 10, LEASE)) == 3  # run's queue is untouched
+        assert await ledger.finish(for_refresh[0].claim)
+        assert await ledger.open_work(refresh_queue) == (1, pytest.approx(LEASE, abs=5))
+
+
+async def test_finishing_a_lost_claim_changes_nothing(pg_url: str) -> None:
+    queue = queue_of("verify", TARGET)
     async with (
-        await PgLedger.open(pg_url, owner="first") as first,
-        await PgLedger.open(pg_url, owner="second") as second,
+        await PgLedger.open(pg_url, owner="late") as late,
+        await PgLedger.open(pg_url, owner="next") as other,
     ):
-        async with first.command_lock(TARGET, "refresh"):
-            with pytest.raises(LockHeldError, match="another refresh, download or verify"):
-                async with second.command_lock(TARGET, "verify"):
-                    pass
-        async with second.command_lock(TARGET, "verify"):
-            pass  # free again once the first let go
+        late.put_item(update("f0000"))
+        await late.enqueue(TARGET, [("batch", "f0000", {"upload_path": "batch",
+                                                        "file_name": "f0000"})], queue)  # fmt: skip
+        [stale] = await late.claim(queue, 1, 0.01)
+        await asyncio.sleep(0.05)
+        [taken] = await other.claim(queue, 1, LEASE)
+        assert not await late.finish(stale.claim)
+        assert await late.open_work(queue) == (1, pytest.approx(LEASE, abs=5))
+        assert await other.finish(taken.claim)
+        assert (await late.open_work(queue))[0] == 0

@@ -122,6 +122,22 @@ async def test_a_source_changed_after_the_run_is_uploaded_again_by_the_next_plan
     await assert_all_done_and_served(pg_url, data)
 
 
+async def test_two_refresh_processes_refresh_each_due_item_once(
+    job: Path, emulator: Emulator, api_key: str, pg_url: str
+) -> None:
+    manifest, data = manifest_for(job, emulator, 60)
+    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
+    assert first.code == 0, first.stderr
+    command = ("refresh", str(manifest), "--no-progress", "--within", "73h", "--ledger", pg_url)
+    refreshes = [await start_cli(*command, key=api_key) for _ in range(2)]
+    outputs = [await asyncio.wait_for(r.communicate(), 60) for r in refreshes]
+    assert [r.returncode for r in refreshes] == [0, 0], [err for _out, err in outputs]
+    uploads = Counter(request.file_name for request in emulator.requests)
+    assert uploads == {name: 2 for name in data}  # the run's upload, and one refresh
+    await assert_all_done_and_served(pg_url, data)
+    assert await scalar(pg_url, "SELECT COUNT(*) FROM queue WHERE NOT finished") == 0
+
+
 async def test_the_password_of_the_ledger_url_never_shows(
     job: Path, emulator: Emulator, api_key: str, pg_url: str
 ) -> None:
