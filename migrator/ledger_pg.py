@@ -166,6 +166,39 @@ UPDATE items SET
 WHERE id = :item_id
 """
 )
+# The same in one statement, for a batch with one result per claim: the results travel
+# as one JSON array (typed by the items table itself), locks are taken in id order.
+_WRITE_HELD_SQL = f"""
+WITH held AS ({_mine(2)}),
+results AS (
+    SELECT (jsonb_populate_record(NULL::items, e)).*, e AS raw
+    FROM jsonb_array_elements($5::jsonb) AS e
+),
+written AS (
+    UPDATE items SET
+        attempts = items.attempts + (r.raw->>'attempts_added')::bigint,
+        updated_at = r.updated_at,
+        {
+    ", ".join(
+        f"{name} = CASE WHEN (r.raw->>'keep_{name}')::boolean THEN items.{name} ELSE r.{name} END"
+        for name in ITEM_UPDATE_FIELDS
+    )
+}
+    FROM results AS r JOIN held ON held.item_id = r.id
+    WHERE items.id = r.id
+),
+settled AS (
+    UPDATE queue SET
+        finished = (queue.finished OR (r.raw->>'finish')::boolean) AND NOT queue.redo,
+        redo = FALSE,
+        owner = CASE WHEN (r.raw->>'release')::boolean THEN NULL ELSE queue.owner END,
+        lease_until = CASE WHEN (r.raw->>'release')::boolean THEN NULL ELSE queue.lease_until END
+    FROM results AS r JOIN held ON held.item_id = r.id
+    WHERE queue.item_id = held.item_id AND queue.target = held.target
+        AND ((r.raw->>'finish')::boolean OR (r.raw->>'release')::boolean)
+)
+SELECT item_id FROM held
+"""
 _SETTLE_QUEUE_SQL = """
 UPDATE queue SET
     finished = (finished OR $2) AND NOT redo,
@@ -573,26 +606,51 @@ class PgLedger(BaseLedger):
     ) -> None:
         plain = [p for p in items if "claim" not in p]
         fenced = sorted((p for p in items if "claim" in p), key=_claim_id)
+        if fenced and not plain and not attempts and _one_result_per_claim(fenced):
+            await self._write_results(fenced)  # one statement: no transaction to open
+            return
         refused: list[dict[str, object]] = []
         async with self._transaction():
             if plain:
                 await self._conn.executemany(_UPSERT_SQL, [_args(p, _UPSERT_NAMES) for p in plain])
             if fenced:
-                refused = await self._write_held(fenced)
-                redo = sorted(
-                    {(_claim(p).item_id, _claim(p).queue) for p in refused if p["release"]}
-                )
-                if redo:
-                    await self._conn.execute(_REDO_SQL, *map(list, zip(*redo, strict=True)))
-            records = attempts + _refusals(refused)
-            if records:
-                rows = [_args(p, _ATTEMPT_NAMES) for p in records]
-                await self._conn.executemany(_ATTEMPT_SQL, rows)
+                held = await self._write_held(fenced)
+                refused = [p for p in fenced if _claim(p).item_id not in held]
+            await self._record_refusals(refused, attempts)
         self._after_write(fenced, refused)
 
-    async def _write_held(self, fenced: list[dict[str, object]]) -> list[dict[str, object]]:
-        """Write the results of claims this process still holds; returns the refused."""
-        claims = list({_claim(p) for p in fenced})
+    async def _record_refusals(
+        self, refused: list[dict[str, object]], attempts: list[dict[str, object]]
+    ) -> None:
+        """Queue again the items of refused final results, and write the attempts rows
+        (one per refusal besides `attempts`); inside the caller's transaction."""
+        redo = sorted({(_claim(p).item_id, _claim(p).queue) for p in refused if p["release"]})
+        if redo:
+            await self._conn.execute(_REDO_SQL, *map(list, zip(*redo, strict=True)))
+        records = attempts + _refusals(refused)
+        if records:
+            rows = [_args(p, _ATTEMPT_NAMES) for p in records]
+            await self._conn.executemany(_ATTEMPT_SQL, rows)
+
+    async def _write_results(self, fenced: list[dict[str, object]]) -> None:
+        """Results only, one per claim: written in one statement where the claim is
+        held; the refused are then recorded as the transaction path does."""
+        held = await self._write_held(fenced)
+        refused = [p for p in fenced if _claim(p).item_id not in held]
+        if refused:
+            async with self._transaction():
+                await self._record_refusals(refused, [])
+        self._after_write(fenced, refused)
+
+    async def _write_held(self, fenced: list[dict[str, object]]) -> set[int]:
+        """Write the results of claims this process still holds, in one statement when
+        each claim has one result; returns the ids of the held items."""
+        claims = [_claim(p) for p in fenced]
+        if _one_result_per_claim(fenced):
+            results = json.dumps([_result(p) for p in fenced], default=str)
+            found = await self._conn.fetch(_WRITE_HELD_SQL, self.owner, *_fence(claims), results)
+            return {r[0] for r in found}
+        claims = list(set(claims))
         held = {r[0] for r in await self._conn.fetch(_HOLD_SQL, self.owner, *_fence(claims))}
         written = [p for p in fenced if _claim(p).item_id in held]
         if written:
@@ -605,7 +663,7 @@ class PgLedger(BaseLedger):
             ]
             if settled:
                 await self._conn.executemany(_SETTLE_QUEUE_SQL, settled)
-        return [p for p in fenced if _claim(p).item_id not in held]
+        return held
 
     def _after_write(
         self, fenced: list[dict[str, object]], refused: list[dict[str, object]]
@@ -663,6 +721,18 @@ def _claim(params: Mapping[str, object]) -> Claim:
     claim = params["claim"]
     assert isinstance(claim, Claim)
     return claim
+
+
+def _one_result_per_claim(fenced: list[dict[str, object]]) -> bool:
+    return len({_claim(p) for p in fenced}) == len(fenced)
+
+
+def _result(params: Mapping[str, object]) -> dict[str, object]:
+    """One fenced result as `_WRITE_HELD_SQL` reads it (pure)."""
+    row = dict(zip(_HELD_ITEM_NAMES, _args(params, _HELD_ITEM_NAMES), strict=True))
+    row["id"] = _claim(params).item_id
+    row["finish"], row["release"] = bool(params["finish"]), bool(params["release"])
+    return row
 
 
 def _claim_id(params: dict[str, object]) -> int:
