@@ -1,11 +1,12 @@
 """Benchmark: the PostgreSQL ledger's work claiming, and `migrator run` on it.
 
-    python benchmarks/pg_claims.py [--items 20000] [--workers 4 16] [--run-items 2000]
-                                   [--processes 1 2 4] [--url postgresql://...]
+    python benchmarks/pg_claims.py [--items 20000] [--workers 4 16] [--batch 16]
+                                   [--run-items 2000] [--processes 1 2 4] [--url postgresql://...]
 
 1. Claims: `--items` queued items; each of W worker processes (one connection each)
-   claims batches of 16 with leases and records each item done (a fenced write), until
-   the queue is empty. Prints items/s from the first claim to the last result.
+   claims batches of `--batch` (a run claims one item per worker of its concurrency)
+   with leases and records each item done (a fenced write), until the queue is empty.
+   Prints items/s from the first claim to the last result.
 2. Runs: `--run-items` small files, uploaded to the emulator (a `migrator emulator`
    process) by 1, 2 and 4 `migrator run` processes sharing one ledger. Prints items/s.
 
@@ -83,12 +84,12 @@ async def queue_items(url: str, count: int) -> None:
             await ledger.enqueue(TARGET, work)
 
 
-async def drain(url: str, owner: str) -> tuple[int, float, float]:
+async def drain(url: str, owner: str, batch_size: int = BATCH) -> tuple[int, float, float]:
     """Claim and finish items until none is left: (items, first claim, last result)."""
     done = 0
     async with await PgLedger.open(url, owner=owner) as ledger:
         first = time.time()
-        while batch := await ledger.claim(TARGET, BATCH, 60.0):
+        while batch := await ledger.claim(TARGET, batch_size, 60.0):
             for work in batch:
                 name = work.work["file_name"]
                 ledger.put_item(
@@ -106,14 +107,14 @@ async def drain(url: str, owner: str) -> tuple[int, float, float]:
     return done, first, last
 
 
-def drain_process(url: str, owner: str) -> tuple[int, float, float]:
-    return asyncio.run(drain(url, owner))
+def drain_process(url: str, owner: str, batch_size: int) -> tuple[int, float, float]:
+    return asyncio.run(drain(url, owner, batch_size))
 
 
-def claims_per_second(url: str, items: int, workers: int) -> float:
+def claims_per_second(url: str, items: int, workers: int, batch_size: int = BATCH) -> float:
     asyncio.run(queue_items(url, items))
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        results = pool.starmap(drain_process, [(url, f"w{i}") for i in range(workers)])
+        results = pool.starmap(drain_process, [(url, f"w{i}", batch_size) for i in range(workers)])
     assert sum(done for done, _first, _last in results) == items
     # From the first claim to the last result: process start-up is not claiming.
     took = max(last for _d, _f, last in results) - min(first for _d, first, _l in results)
@@ -196,14 +197,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--batch", type=int, default=BATCH, help="items a claim takes")
     parser.add_argument("--run-items", type=int, default=2000)
     parser.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--url", default=None)
     args = parser.parse_args()
     with database(args.url) as url:
         for workers in args.workers:
-            rate = claims_per_second(url, args.items, workers)
-            print(f"claims: {args.items} items, {workers} workers: {rate:,.0f} items/s", flush=True)
+            rate = claims_per_second(url, args.items, workers, args.batch)
+            print(
+                f"claims: {args.items} items, {workers} workers, batches of {args.batch}: "
+                f"{rate:,.0f} items/s (load average {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
         with tempfile.TemporaryDirectory(prefix="pg-bench-") as folder:
             for processes in args.processes:
                 rate = run_throughput(url, args.run_items, processes, Path(folder))

@@ -144,11 +144,12 @@ def _mine(first: int) -> str:
     $1, the claims' ids, attempts and queues (`_fence`) are $first, $first+1, $first+2."""
     ids, attempts, queues = first, first + 1, first + 2
     return f"""
-        SELECT item_id, target FROM queue
-        WHERE (item_id, attempt, target) IN
-            (SELECT * FROM unnest(${ids}::bigint[], ${attempts}::int[], ${queues}::text[]))
-            AND owner = $1
-        ORDER BY item_id FOR UPDATE"""
+        SELECT queue.item_id, queue.target FROM queue
+        JOIN unnest(${ids}::bigint[], ${attempts}::int[], ${queues}::text[])
+            AS mine (item_id, attempt, target)
+            ON queue.item_id = mine.item_id AND queue.target = mine.target
+        WHERE queue.attempt = mine.attempt AND queue.owner = $1
+        ORDER BY queue.item_id FOR UPDATE OF queue"""
 
 
 _HOLD_SQL = _mine(2)
@@ -170,32 +171,36 @@ WHERE id = :item_id
 # as one JSON array (typed by the items table itself), locks are taken in id order.
 _WRITE_HELD_SQL = f"""
 WITH held AS ({_mine(2)}),
-results AS (
-    SELECT (jsonb_populate_record(NULL::items, e)).*, e AS raw
-    FROM jsonb_array_elements($5::jsonb) AS e
+results AS MATERIALIZED (
+    SELECT item.*, flags.*
+    FROM jsonb_populate_recordset(NULL::items, $5::jsonb) AS item
+    JOIN jsonb_to_recordset($5::jsonb) AS flags (
+        item_id BIGINT, attempts_added BIGINT, finish BOOLEAN, release BOOLEAN,
+        {", ".join(f"keep_{name} BOOLEAN" for name in ITEM_UPDATE_FIELDS)}
+    ) ON flags.item_id = item.id
 ),
 written AS (
     UPDATE items SET
-        attempts = items.attempts + (r.raw->>'attempts_added')::bigint,
+        attempts = items.attempts + r.attempts_added,
         updated_at = r.updated_at,
         {
     ", ".join(
-        f"{name} = CASE WHEN (r.raw->>'keep_{name}')::boolean THEN items.{name} ELSE r.{name} END"
+        f"{name} = CASE WHEN r.keep_{name} THEN items.{name} ELSE r.{name} END"
         for name in ITEM_UPDATE_FIELDS
     )
 }
-    FROM results AS r JOIN held ON held.item_id = r.id
-    WHERE items.id = r.id
+    FROM results AS r JOIN held USING (item_id)
+    WHERE items.id = r.item_id
 ),
 settled AS (
     UPDATE queue SET
-        finished = (queue.finished OR (r.raw->>'finish')::boolean) AND NOT queue.redo,
+        finished = (queue.finished OR r.finish) AND NOT queue.redo,
         redo = FALSE,
-        owner = CASE WHEN (r.raw->>'release')::boolean THEN NULL ELSE queue.owner END,
-        lease_until = CASE WHEN (r.raw->>'release')::boolean THEN NULL ELSE queue.lease_until END
-    FROM results AS r JOIN held ON held.item_id = r.id
+        owner = CASE WHEN r.release THEN NULL ELSE queue.owner END,
+        lease_until = CASE WHEN r.release THEN NULL ELSE queue.lease_until END
+    FROM results AS r JOIN held USING (item_id)
     WHERE queue.item_id = held.item_id AND queue.target = held.target
-        AND ((r.raw->>'finish')::boolean OR (r.raw->>'release')::boolean)
+        AND (r.finish OR r.release)
 )
 SELECT item_id FROM held
 """
@@ -730,7 +735,7 @@ def _one_result_per_claim(fenced: list[dict[str, object]]) -> bool:
 def _result(params: Mapping[str, object]) -> dict[str, object]:
     """One fenced result as `_WRITE_HELD_SQL` reads it (pure)."""
     row = dict(zip(_HELD_ITEM_NAMES, _args(params, _HELD_ITEM_NAMES), strict=True))
-    row["id"] = _claim(params).item_id
+    row["id"] = row["item_id"] = _claim(params).item_id
     row["finish"], row["release"] = bool(params["finish"]), bool(params["release"])
     return row
 
