@@ -622,6 +622,12 @@ def _add_command_args(sub: argparse.ArgumentParser) -> None:
         help="at most this many bytes per second, e.g. 8MiB (default: settings.bwlimit)",
     )
     _add_network_args(sub)
+    sub.add_argument(
+        "--lease",
+        default="60s",
+        help="with a postgresql:// ledger: how long a claimed item stays this process's "
+        "without renewal; a dead worker's items return after it (default 60s)",
+    )
     sub.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     sub.add_argument(
         "--summary-format",
@@ -667,7 +673,11 @@ def _add_network_args(sub: argparse.ArgumentParser) -> None:
 
 def _command_options(args: argparse.Namespace) -> dict[str, Any]:
     """The CommandOptions fields every command's options share."""
+    lease = _converted("--lease", parse_duration, args.lease)
+    if lease is None or not 1 <= lease <= 86400:
+        raise UsageError("--lease: must be a duration from 1s to 1d, such as 60s")
     return {
+        "lease": lease,
         "concurrency": args.concurrency,
         "dry_run": args.dry_run,
         "grace_period": args.grace,
@@ -777,12 +787,6 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "--checksum", action="store_true", help="compare sha256 of local files, not size and mtime"
     )
     _add_shard_arg(sub)
-    sub.add_argument(
-        "--lease",
-        default="60s",
-        help="with a postgresql:// ledger: how long a claimed item stays this process's "
-        "without renewal; a dead worker's items return after it (default 60s)",
-    )
     _add_filter_args(sub)
     _add_command_args(sub)
     sub.set_defaults(handler=_cmd_run)
@@ -791,10 +795,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
 def _cmd_run(args: argparse.Namespace) -> int:
     from migrator.runner import RunOptions, run_manifest
 
-    lease = _converted("--lease", parse_duration, args.lease)
-    if lease is None or not 1 <= lease <= 86400:
-        raise UsageError("--lease: must be a duration from 1s to 1d, such as 60s")
-    options = RunOptions(checksum=args.checksum, lease=lease, **_command_options(args))
+    options = RunOptions(checksum=args.checksum, **_command_options(args))
     manifest = _load_filtered(args)
     return _execute(args, manifest, "uploads", lambda shown: run_manifest(manifest, options, shown))
 

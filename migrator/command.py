@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar, cast
 
-from migrator.claims import ClaimedOperation
+from migrator.claims import DEFAULT_LEASE, ClaimedOperation
 from migrator.clock import OFFSET_FACT, SKEW_WARNING, ServiceClock
 from migrator.connect import connect, key_source, read_api_key, trust
 from migrator.errors import (
@@ -79,6 +79,7 @@ class CommandOptions:
     metrics_push: str | None = None  # a Pushgateway URL; wins over outputs.metrics_push
     tps_limit: float | None = None  # None: the manifest's settings.tps_limit
     bwlimit: int | None = None  # None: the manifest's settings.bwlimit
+    lease: float = DEFAULT_LEASE  # a shared (PostgreSQL) ledger: how long a claim holds
 
     def workers(self, settings: Settings) -> int:
         """The effective concurrency: this option, else the manifest's, within what the
@@ -452,7 +453,7 @@ async def execute(
     lock = contextlib.nullcontext() if manifest.ledger_url else locked(manifest.ledger)
     with lock:
         async with await open_ledger(manifest) as ledger:
-            shared = _claimed_if_shared(operation, ledger)
+            shared = _claimed_if_shared(operation, ledger, options.lease)
             summary = await _with_ledger(shared, manifest, options, watcher, ledger, api_key)
     if summary.stop_reason is StopReason.AUTH and api_key is not None:
         where = key_source(manifest.target, environ)
@@ -460,11 +461,11 @@ async def execute(
     return summary
 
 
-def _claimed_if_shared(operation: Operation[T], ledger: BaseLedger) -> Operation[Any]:
+def _claimed_if_shared(operation: Operation[T], ledger: BaseLedger, lease: float) -> Operation[Any]:
     """On a shared ledger, the processes of one command share its work by claims:
     `run` claims by itself, any other command through `ClaimedOperation`."""
     if isinstance(ledger, PgLedger) and operation.name != "run":
-        return ClaimedOperation(cast("Operation[LedgerItem]", operation))
+        return ClaimedOperation(cast("Operation[LedgerItem]", operation), lease)
     return operation
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from migrator.claims import (
-    DEFAULT_LEASE,
     LeaseKeeper,
     SharedLimits,
     claimed,
@@ -64,7 +63,6 @@ Entry = tuple[PlanItem, Decision, LedgerItem | None]
 @dataclass(frozen=True, slots=True)
 class RunOptions(CommandOptions):
     checksum: bool = False  # compare sha256 of local files, not only size and mtime
-    lease: float = DEFAULT_LEASE  # a shared (PostgreSQL) ledger: how long a claim holds
 
     def by_checksum(self, settings: Settings) -> bool:
         """--checksum, or the manifest's settings.checksum."""

@@ -108,6 +108,7 @@ BAD_FLAGS = {
     "stats zero": (["--stats", "0s"], "--stats"),
     "stats words": (["--stats", "often"], "--stats"),
     "grace words": (["--grace", "soon"], "--grace"),
+    "lease zero": (["--lease", "0s"], "--lease"),
     "abbreviation": (["--dry"], "unrecognized arguments: --dry"),
     "quiet and verbose": (["-q", "-v"], "not allowed with"),
 }

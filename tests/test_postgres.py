@@ -128,7 +128,8 @@ async def test_two_refresh_processes_refresh_each_due_item_once(
     manifest, data = manifest_for(job, emulator, 60)
     first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
     assert first.code == 0, first.stderr
-    command = ("refresh", str(manifest), "--no-progress", "--within", "73h", "--ledger", pg_url)
+    command = ("refresh", str(manifest), "--no-progress", "--within", "73h", "--lease", "30s")
+    command += ("--ledger", pg_url)
     refreshes = [await start_cli(*command, key=api_key) for _ in range(2)]
     outputs = [await asyncio.wait_for(r.communicate(), 60) for r in refreshes]
     assert [r.returncode for r in refreshes] == [0, 0], [err for _out, err in outputs]
