@@ -114,6 +114,26 @@ async def test_concurrent_claims_are_disjoint_and_cover_the_queue(pg_url: str) -
     assert sorted(everything) == names  # each item claimed once, none left out
 
 
+async def test_a_held_result_is_written_whole_and_finishes_its_queue_row(pg_url: str) -> None:
+    async with await PgLedger.open(pg_url, owner="w") as ledger:
+        await queued(ledger, 2)
+        [first, second] = await ledger.claim(TARGET, 2, LEASE)
+        ledger.put_item(done("f0000"))  # one result per claim: written in one statement
+        ledger.put_item(replace(done("f0001"), mtime_ns=1_700_000_000_123_456_789))
+        await ledger.flush()
+        rows = {name: await ledger.get(TARGET, "batch", name) for name in ("f0000", "f0001")}
+        assert await ledger.open_work(TARGET) == (0, None)
+        assert not ledger.claimed(first.claim) and not ledger.claimed(second.claim)
+    expected = done("f0000")
+    for row in rows.values():
+        assert row is not None and row.state is ItemState.DONE
+        assert (row.size, row.method, row.expires_at, row.uploaded_at) == (
+            expected.size, expected.method, expected.expires_at, expected.uploaded_at
+        )  # fmt: skip
+    assert rows["f0000"] is not None and rows["f0000"].source == "/data/f0000"
+    assert rows["f0001"] is not None and rows["f0001"].mtime_ns == 1_700_000_000_123_456_789
+
+
 async def test_an_expired_lease_gives_the_item_to_the_next_claim(pg_url: str) -> None:
     async with (
         await PgLedger.open(pg_url, owner="dead") as dead,
