@@ -30,6 +30,7 @@ _PUBLIC = {
     "Observer": "migrator.command",
     "Outcome": "migrator.model",
     "configure_logging": "migrator.logs",
+    "flush_logs": "migrator.logs",
     "ExitCode": "migrator.errors",
     "MigratorError": "migrator.errors",
     "StopReason": "migrator.errors",
@@ -50,6 +51,7 @@ __all__ = [
     "__version__",
     "configure_logging",
     "download",
+    "flush_logs",
     "load_manifest",
     "refresh",
     "run_manifest",
@@ -59,7 +61,7 @@ if TYPE_CHECKING:
     from migrator.command import CommandOptions, CommandSummary, Observer
     from migrator.download import DownloadOptions, download
     from migrator.errors import ExitCode, MigratorError, StopReason
-    from migrator.logs import configure_logging
+    from migrator.logs import configure_logging, flush_logs
     from migrator.manifest import load_manifest
     from migrator.model import Manifest, Outcome
     from migrator.refresh import RefreshOptions, refresh

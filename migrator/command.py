@@ -271,8 +271,12 @@ class CommandSession:
 
     # -- what operations call -----------------------------------------------------------------
 
-    def attempts(self, upload_path: str, file_name: str, label: str) -> Attempts:
-        """The retry path for one item: the shared pacer, attempts recorded and logged."""
+    def attempts(
+        self, upload_path: str, file_name: str, label: str, *, done_logged: bool = False
+    ) -> Attempts:
+        """The retry path for one item: the shared pacer, attempts recorded and logged.
+        `done_logged`: the caller logs the success itself, so a successful attempt is
+        not logged twice (its ledger row is written all the same)."""
 
         def on_attempt(report: AttemptReport) -> None:
             self.anything_worked = self.anything_worked or report.outcome == "ok"
@@ -282,6 +286,8 @@ class CommandSession:
                     self.target_id, upload_path, file_name, self.clock.now()
                 )
                 self.ledger.put_item(update)
+            if done_logged and report.outcome == "ok":
+                return
             event = log.warning if retrying_for_long(report) else log.info
             event(f"{self.name}.attempt", item=label, **report.log_fields())
 

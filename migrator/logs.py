@@ -18,6 +18,9 @@ Sinks:
 - the log file (`log_file`): every event at `level` and above, one JSON object a
   line: `timestamp` (ISO-8601 UTC), `level`, `event`, then the fields; a
   traceback is a structured `exception` list (structlog's dict tracebacks).
+  Lines are buffered: written every FLUSH_SECONDS, at once for a warning or an
+  error, by `flush_logs`, when logging is configured again and at exit (a
+  `kill -9` may lose the last fraction of a second of lines; never the ledger).
 - the console (`stream`, default stderr), by `console`:
   - "console": human-readable lines (colours only on a TTY), every event >= level;
   - "json": the same JSON lines as the file;
@@ -34,12 +37,14 @@ Event names are a stable vocabulary (`run.start`, `upload.attempt`,
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
 import os
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +65,7 @@ SENSITIVE_KEYS = frozenset(
 )
 MIN_SECRET_LENGTH = 4
 _FIRST_KEYS = ("timestamp", "level", "event")
+FLUSH_SECONDS = 0.2  # the most of the log file's lines a kill -9 can lose
 _METHOD_LEVELS = {"exception": "error", "warn": "warning", "fatal": "critical", "msg": "info"}
 
 Format = Callable[[EventDict], str]
@@ -213,9 +219,10 @@ class _Sink:
     steps: tuple[Processor, ...]  # exception formatting and redaction
     render: Format
     name: str | None = None  # the log file's path; None for the console
+    buffered: bool = False  # flushed by the tee's timer and on warnings, not per event
     broken: bool = False
 
-    def emit(self, method_name: str, event: EventDict) -> None:
+    def emit(self, method_name: str, event: EventDict, level: int) -> None:
         if self.broken:
             return
         event_dict: EventDict = dict(event)
@@ -223,16 +230,28 @@ class _Sink:
             event_dict = cast(EventDict, step(None, method_name, event_dict))
         try:
             self.stream.write(self.render(event_dict) + "\n")
+            if not self.buffered or level >= LEVELS["warning"]:
+                self.stream.flush()
+        except OSError as err:
+            self._stop(err)
+
+    def flush(self) -> None:
+        if self.broken:
+            return
+        try:
             self.stream.flush()
         except OSError as err:
-            # A full disk under the log must not stop the uploads: say so once, go on.
-            self.broken = True
-            if self.name is not None:
-                print(
-                    f"migrator: cannot write the log file {self.name}: {err.strerror or err};"
-                    " logging to it stopped",
-                    file=sys.stderr,
-                )
+            self._stop(err)
+
+    def _stop(self, err: OSError) -> None:
+        # A full disk under the log must not stop the uploads: say so once, go on.
+        self.broken = True
+        if self.name is not None:
+            print(
+                f"migrator: cannot write the log file {self.name}: {err.strerror or err};"
+                " logging to it stopped",
+                file=sys.stderr,
+            )
 
 
 class _CurrentStderr:
@@ -256,6 +275,7 @@ class _Tee:
         self._sinks: tuple[_Sink, ...] = ()
         self._owned: tuple[TextIO, ...] = ()
         self._lock = threading.RLock()
+        self._flusher: threading.Thread | None = None
 
     @property
     def silent(self) -> bool:
@@ -263,17 +283,40 @@ class _Tee:
 
     def replace(self, sinks: tuple[_Sink, ...], owned: tuple[TextIO, ...]) -> None:
         with self._lock:
+            self._flush_sinks()
             old, self._sinks, self._owned = self._owned, sinks, owned
-        for stream in old:
-            with contextlib.suppress(OSError):  # what a full disk left in the buffer
-                stream.close()
+            for stream in old:
+                with contextlib.suppress(OSError):  # what a full disk left in the buffer
+                    stream.close()
+        if any(sink.buffered for sink in sinks):
+            self._start_flusher()
 
     def dispatch(self, method_name: str, event: EventDict) -> None:
         level = LEVELS.get(str(event.get("level", "info")), LEVELS["info"])
         with self._lock:
             for sink in self._sinks:
                 if level >= sink.min_level:
-                    sink.emit(method_name, event)
+                    sink.emit(method_name, event, level)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_sinks()
+
+    def _flush_sinks(self) -> None:
+        for sink in self._sinks:
+            sink.flush()
+
+    def _start_flusher(self) -> None:
+        """One daemon thread for the process, flushing every FLUSH_SECONDS."""
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_forever, daemon=True)
+            self._flusher.start()
+            atexit.register(self.flush)
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(FLUSH_SECONDS)
+            self.flush()
 
 
 _TEE = _Tee()
@@ -387,13 +430,26 @@ def configure_logging(
         handle = _open_log_file(log_file, max_bytes)
         owned.append(handle)
         sinks.append(
-            _Sink(handle, min_level, (_dict_tracebacks, redact), _json_line, name=str(log_file))
+            _Sink(
+                handle,
+                min_level,
+                (_dict_tracebacks, redact),
+                _json_line,
+                name=str(log_file),
+                buffered=True,
+            )
         )
     console_stream = stream or cast(TextIO, _CurrentStderr())
     console_sink = _console_sink(console, console_stream, min_level, redact)
     if console_sink is not None:
         sinks.append(console_sink)
     _TEE.replace(tuple(sinks), tuple(owned))
+
+
+def flush_logs() -> None:
+    """Write what the log file holds in its buffer now (the timer does so every
+    FLUSH_SECONDS, and exit does too): for a caller about to read the file."""
+    _TEE.flush()
 
 
 def get_logger(name: str = "migrator") -> FilteringBoundLogger:
@@ -477,19 +533,44 @@ class LogFile:
         self.max_bytes = max_bytes
         self.backups = backups
         self._handle = open_log_file(path)
+        self._pending: list[str] = []
 
     def write(self, text: str) -> int:
-        if self._moved_away():
-            self._reopen()
-        return self._handle.write(text)
+        """Kept until `flush`, which writes it to whatever file the path names then."""
+        self._pending.append(text)
+        return len(text)
 
     def flush(self) -> None:
-        self._handle.flush()
-        if self.max_bytes and os.fstat(self._handle.fileno()).st_size >= self.max_bytes:
-            self._rotate()
+        if not self._pending:
+            return
+        if self._moved_away():
+            self._reopen()
+        lines, self._pending = self._pending, []
+        if not self.max_bytes:
+            self._write(lines)
+            return
+        size, start = self._size(), 0
+        for end, line in enumerate(lines, 1):
+            size += len(line.encode())
+            if size >= self.max_bytes:  # rotate right after the line that crosses the size
+                self._write(lines[start:end])
+                self._rotate()
+                size, start = self._size(), end
+        self._write(lines[start:])
+
+    def _write(self, lines: list[str]) -> None:
+        if lines:
+            self._handle.write("".join(lines))
+            self._handle.flush()
+
+    def _size(self) -> int:
+        return os.fstat(self._handle.fileno()).st_size
 
     def close(self) -> None:
-        self._handle.close()
+        try:
+            self.flush()
+        finally:
+            self._handle.close()
 
     def _moved_away(self) -> bool:
         try:

@@ -312,7 +312,9 @@ class _ItemUpload:
         self.item = item
         self.row = row
         self.contents = contents
-        self.attempts = session.attempts(item.upload_path, item.file_name, item.source)
+        self.attempts = session.attempts(
+            item.upload_path, item.file_name, item.source, done_logged=True
+        )
 
     async def run(self) -> None:
         session, item = self.session, self.item
@@ -403,5 +405,12 @@ class _ItemUpload:
             attempts=self.attempts.made,
         )
         session.ledger.put_item(update)
-        log.info("upload.done", item=item.source, method=method, url=upload.download_url)
+        log.info(
+            "upload.done",
+            item=item.source,
+            method=method,
+            url=upload.download_url,
+            bytes=sent.bytes_sent,
+            attempts=self.attempts.made,
+        )
         session.finish(item.source, Outcome.UPLOADED)

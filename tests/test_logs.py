@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ import structlog
 
 from migrator.connect import read_api_key
 from migrator.errors import ConfigError, RetryableError
-from migrator.logs import configure_logging, get_logger, redact_secrets
+from migrator.logs import configure_logging, flush_logs, get_logger, redact_secrets
 from migrator.model import Target
 
 SECRET = "kie-SECRET-7d3f9a1b"
@@ -43,6 +44,7 @@ def log_file(tmp_path: Path) -> Path:
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:
+    flush_logs()  # the file is buffered; a reader in the same process asks for its lines
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
@@ -142,6 +144,34 @@ def test_the_log_file_is_appended_to(log_file: Path) -> None:
     assert len(lines_of(log_file)) == 2
 
 
+def unflushed_lines_of(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def test_a_warning_reaches_the_file_at_once_with_the_lines_before_it(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    get_logger().info("upload.done", file_name="a.png")
+    get_logger().warning("upload.failed", file_name="b.png")
+    events = [json.loads(line)["event"] for line in unflushed_lines_of(log_file)]
+    assert events == ["upload.done", "upload.failed"]
+
+
+def test_buffered_info_lines_reach_the_file_without_being_asked(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    get_logger().info("upload.done", file_name="a.png")
+    deadline = time.monotonic() + 10  # the timer writes every FLUSH_SECONDS (0.2 s)
+    while not unflushed_lines_of(log_file) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(unflushed_lines_of(log_file)) == 1
+
+
+def test_configuring_logging_again_writes_what_the_old_file_held(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    get_logger().info("upload.done", file_name="a.png")
+    configure_logging(log_file=None, console="none")
+    assert len(unflushed_lines_of(log_file)) == 1
+
+
 # -- the console --------------------------------------------------------------------------------
 
 
@@ -229,6 +259,7 @@ def test_none_console_writes_nothing() -> None:
 def test_a_secret_never_reaches_the_file(log_file: Path) -> None:
     configure_logging(log_file=log_file, console="none", secrets=[SECRET])
     log_everything_sensitive()
+    flush_logs()
     text = log_file.read_text(encoding="utf-8")
     assert SECRET not in text
     assert "***" in text
@@ -346,6 +377,7 @@ def test_a_log_file_that_cannot_be_written_is_reported_once_and_never_stops_the_
     configure_logging(log_file=Path("/dev/full"), console="none")
     for _ in range(3):
         get_logger().info("upload.done", file_name="a.png")
+        flush_logs()
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 1
     assert "cannot write the log file /dev/full" in errors[0]
