@@ -846,16 +846,17 @@ def _commit_plan(manifest: Manifest, checksum: bool) -> int:
 async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     import asyncio
 
-    from migrator.plan import check_plan
+    from migrator.plan import KEEP_BYTES, check_plan
     from migrator.runner import RunOptions, preview
     from migrator.views import PlanJsonPrinter, PlanTablePrinter, PlanTotals
 
-    check = await asyncio.to_thread(check_plan, manifest)
+    check = await asyncio.to_thread(check_plan, manifest, keep=KEEP_BYTES)
     totals = PlanTotals(skipped=check.skipped, unreadable=check.unreadable_count)
     printer = PlanJsonPrinter() if fmt == "json" else PlanTablePrinter(_stdout_console())
     # aclosing: a reader gone mid-plan (`plan | head`) must close the preview's sessions
     # inside this loop, not in asyncio.run's shutdown (which prints a traceback).
-    async with contextlib.aclosing(preview(manifest, RunOptions(checksum=checksum))) as entries:
+    decided = preview(manifest, RunOptions(checksum=checksum), check.kept)
+    async with contextlib.aclosing(decided) as entries:
         async for item, decision, _row in entries:
             totals.add(item, decision)
             printer.item(item, decision)

@@ -15,6 +15,7 @@ Two doors onto the same expansion:
 
 from __future__ import annotations
 
+import array
 import asyncio
 import itertools
 import os
@@ -59,6 +60,7 @@ from migrator.transfer import plain_length, range_total
 
 __all__ = [
     "GlobFile",
+    "KeptEntries",
     "PlanCheck",
     "Remembered",
     "RemoteInfo",
@@ -104,6 +106,95 @@ class PlanCheck:
     shared_sizes: frozenset[int] = frozenset()  # dedup: sizes two local files have
     unreadable: tuple[Skipped, ...] = ()  # folders globs could not read, the first ones
     unreadable_count: int = 0  # all of them
+    kept: KeptEntries | None = field(default=None, compare=False, repr=False)
+
+
+class KeptEntries:
+    """What `check_plan` walked and stat'ed: this shard's entries in manifest order, for
+    `expand` to plan from instead of walking the tree a second time.
+
+    A folder's files are held as names with their sizes and mtimes in arrays (about 80
+    bytes a file); anything else (a followed link, a URL) as the entry itself.
+    """
+
+    __slots__ = ("_parts", "cost")
+
+    def __init__(self) -> None:
+        self._parts: list[_Entry | _KeptFolder] = []
+        self.cost = 0  # bytes held, roughly
+
+    def add(self, entry: _Entry) -> None:
+        folder, _, name = entry.source.rpartition("/")
+        if entry.kind is not SourceKind.FILE or name != entry.file_name:
+            self._add_whole(entry)
+            return
+        if entry.size is None or entry.mtime_ns is None:  # vanished: no number to hold
+            self._add_whole(entry)
+            return
+        last = self._parts[-1] if self._parts else None
+        if not (isinstance(last, _KeptFolder) and last.holds(entry, folder)):
+            last = _KeptFolder(entry, folder)
+            self._parts.append(last)
+            self.cost += _ENTRY_COST
+        last.add(name, entry.size, entry.mtime_ns)
+        self.cost += _NAME_COST + len(name)
+
+    def entries(self) -> Iterator[_Entry]:
+        for part in self._parts:
+            if isinstance(part, _Entry):
+                yield part
+            else:
+                yield from part.entries()
+
+    def _add_whole(self, entry: _Entry) -> None:
+        self._parts.append(entry)
+        self.cost += _ENTRY_COST + len(entry.source) + len(entry.file_name)
+
+
+_ENTRY_COST = 400  # an _Entry and its strings, beyond their characters
+_NAME_COST = 80  # a name's str, its list slot, and two array slots
+
+
+class _KeptFolder:
+    """Files of one folder from one source, as `_Entry`s would hold them."""
+
+    __slots__ = ("first", "folder", "mtimes", "names", "sizes")
+
+    def __init__(self, first: _Entry, folder: str) -> None:
+        self.first = first  # what every file here shares with it: source, upload path
+        self.folder = folder
+        self.names: list[str] = []
+        self.sizes = array.array("q")
+        self.mtimes = array.array("q")
+
+    def holds(self, entry: _Entry, folder: str) -> bool:
+        first = self.first
+        return (
+            folder == self.folder
+            and entry.index == first.index
+            and entry.upload_path == first.upload_path
+            and entry.requested is first.requested
+        )
+
+    def add(self, name: str, size: int, mtime_ns: int) -> None:
+        self.names.append(name)
+        self.sizes.append(size)
+        self.mtimes.append(mtime_ns)
+
+    def entries(self) -> Iterator[_Entry]:
+        first, prefix = self.first, self.folder + "/"
+        for name, size, mtime_ns in zip(self.names, self.sizes, self.mtimes, strict=True):
+            yield _Entry(
+                index=first.index,
+                source_line=first.source_line,
+                kind=SourceKind.FILE,
+                source=prefix + name,
+                upload_path=first.upload_path,
+                file_name=name,
+                requested=first.requested,
+                size=size,
+                mtime_ns=mtime_ns,
+            )
 
 
 class GlobFile(NamedTuple):
@@ -516,7 +607,7 @@ class _Tally:
             self.unreadable.append(folder)
             log.warning("plan.unreadable", source=f"sources[{index}]", why=folder.reason)
 
-    def result(self) -> PlanCheck:
+    def result(self, kept: KeptEntries | None) -> PlanCheck:
         remote = self.items - self.local_files
         if self.skipped > SKIPS_LOGGED:
             log.warning("plan.skipped_more", count=self.skipped - SKIPS_LOGGED)
@@ -529,10 +620,16 @@ class _Tally:
             frozenset(self.shared),
             tuple(self.unreadable),
             self.unreadable_count,
+            kept,
         )
 
 
-def check_plan(manifest: Manifest) -> PlanCheck:
+KEEP_BYTES = 32 * 1024 * 1024
+"""Memory `check_plan` may hold its entries in for `expand` (about 400,000 files of a
+tree, fewer URLs): a bigger plan is walked again by `expand` rather than held."""
+
+
+def check_plan(manifest: Manifest, *, keep: int = 0) -> PlanCheck:
     """Expand every source offline and refuse the plan if anything is wrong.
 
     Checks each target name, forced methods against local sizes, `require_match`
@@ -546,8 +643,11 @@ def check_plan(manifest: Manifest) -> PlanCheck:
     shard's items counted.
     With `settings.dedup`, the sizes that two of its local files above base64_max share
     are noted (`shared_sizes`): only those files are worth hashing before they are sent.
+    With `keep` > 0 and entries that fit in about that many bytes, the result keeps them
+    (`kept`) for `expand`, so one walk and one stat a file serve both.
     """
     problems = _Problems(str(manifest.path))
+    kept: KeptEntries | None = KeptEntries() if keep > 0 else None
     settings = manifest.settings
     tally = _Tally(sizes_above=settings.base64_max if settings.dedup else None)
 
@@ -571,12 +671,15 @@ def check_plan(manifest: Manifest) -> PlanCheck:
             seen.add(digest)
         if manifest.holds(entry.upload_path, entry.file_name):
             tally.count(entry)
+            if kept is not None:
+                kept.add(entry)
+                kept = kept if kept.cost <= keep else None  # too big: `expand` walks again
     for later, first in _first_holders(manifest, repeats):
         message = f"{later.shown} lands on {later.key!r}, as does {first.describe()}"
         _report_entry(expansion, later, message)
     if problems.kept:
         raise ManifestError(problems.all())
-    return tally.result()
+    return tally.result(kept)
 
 
 def _entry_problem(entry: _Entry) -> str | None:
@@ -654,8 +757,10 @@ async def expand(
     url_vars: Mapping[str, str] | None = None,
     probe_timeout: float = PROBE_TIMEOUT,
     remembered: Remembered | None = None,
+    kept: KeptEntries | None = None,
 ) -> AsyncIterator[PlanItem]:
-    """Yield the plan's items lazily, in manifest order.
+    """Yield the plan's items lazily, in manifest order; from `kept` (what `check_plan`
+    kept) when given, else walking the sources.
 
     Local files carry size and mtime from stat. Remote files are probed for their size
     (and ETag / Last-Modified) through `session` in a sliding window of
@@ -672,7 +777,8 @@ async def expand(
     window = _ProbeWindow(session, width, dict(url_vars or {}), probe_timeout)
     pending: deque[tuple[_Entry, _Pending]] = deque()
     try:
-        async for chunk in _chunks_off_the_loop(manifest):
+        chunks = _kept_chunks(kept) if kept is not None else _chunks_off_the_loop(manifest)
+        async for chunk in chunks:
             known = await _remembered_infos(chunk, remembered)
             for entry in chunk:
                 pending.append((entry, window.info(entry, known.get(entry.identity))))
@@ -751,6 +857,12 @@ async def _chunks_off_the_loop(manifest: Manifest, chunk: int = 512) -> AsyncIte
         held = [e for e in batch if manifest.holds(e.upload_path, e.file_name)]
         if held:
             yield held
+
+
+async def _kept_chunks(kept: KeptEntries, chunk: int = 512) -> AsyncIterator[list[_Entry]]:
+    entries = kept.entries()
+    while batch := list(itertools.islice(entries, chunk)):
+        yield batch
 
 
 def _plan_item(manifest: Manifest, entry: _Entry, info: RemoteInfo) -> PlanItem:

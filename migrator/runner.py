@@ -50,7 +50,16 @@ from migrator.model import (
     SourceKind,
 )
 from migrator.naming import printable
-from migrator.plan import PlanCheck, Remembered, RemoteInfo, Skipped, check_plan, expand
+from migrator.plan import (
+    KEEP_BYTES,
+    KeptEntries,
+    PlanCheck,
+    Remembered,
+    RemoteInfo,
+    Skipped,
+    check_plan,
+    expand,
+)
 from migrator.resume import Decision, decide
 from migrator.transfer import Meter, Send, Sent, Step, sha256_of, upload_step
 
@@ -91,15 +100,17 @@ class RunOperation:
         self.options = options
         self._totals = Totals(0)
         self._check = PlanCheck(0, 0, 0, 0)
+        self._kept: KeptEntries | None = None
         self._contents: Contents | None = None
         self._keeper: LeaseKeeper | None = None  # a shared ledger: the leases it holds
         self._claims: dict[tuple[str, str], QueueClaim] = {}  # claimed, not started
         self._in_flight = 0
 
     async def prepare(self) -> None:
-        check = await asyncio.to_thread(check_plan, self.manifest)  # ManifestError early
+        check = await asyncio.to_thread(check_plan, self.manifest, keep=KEEP_BYTES)
         self._check = check
         self._totals = Totals(check.items + check.unreadable_count, check.local_bytes)
+        self._kept = check.kept  # the plan walks the tree once
 
     async def totals(self, ledger: BaseLedger, clock: ServiceClock) -> Totals:
         return self._totals
@@ -120,6 +131,7 @@ class RunOperation:
             session=conn.origins,
             url_vars=conn.url_vars,
             remembered=remembered_in(ledger, session.target_id),
+            kept=self._take_kept(),
         )
         async for entry in decide_items(self.manifest, session.ledger, plan, checksum, conn.clock):
             item, decision, _row = entry
@@ -128,13 +140,22 @@ class RunOperation:
             else:
                 session.finish(item.source, Outcome.SKIPPED)
 
+    def _take_kept(self) -> KeptEntries | None:
+        """The entries check_plan kept, once: held by nothing else, they go with the plan."""
+        kept, self._kept = self._kept, None
+        return kept
+
     async def _claimed(self, session: CommandSession, ledger: PgLedger) -> AsyncIterator[Entry]:
         """Plan once (the first process to find no open work), then claim with leases."""
         conn, lease, target = session.conn, self.options.lease, session.target_id
         self._contents = Contents(ledger, target, conn.clock, self._check.shared_sizes)
         remembered = remembered_in(ledger, target)
         plan = expand(
-            self.manifest, session=conn.origins, url_vars=conn.url_vars, remembered=remembered
+            self.manifest,
+            session=conn.origins,
+            url_vars=conn.url_vars,
+            remembered=remembered,
+            kept=self._take_kept(),
         )
         decided = decide_items(
             self.manifest,
@@ -192,7 +213,8 @@ class RunOperation:
         return [note for note in notes if note]
 
     async def preview(self, clock: ServiceClock) -> AsyncGenerator[tuple[str, str | None], None]:
-        async with contextlib.aclosing(preview(self.manifest, self.options)) as decided:
+        decisions = preview(self.manifest, self.options, self._kept)
+        async with contextlib.aclosing(decisions) as decided:
             async for item, planned, row in decided:
                 decision = await verified(item, planned, row)
                 yield item.source, (str(decision) if decision.needs_upload else None)
@@ -228,10 +250,11 @@ async def _same_bytes(item: PlanItem, row: LedgerItem) -> bool:
 
 
 async def preview(
-    manifest: Manifest, options: RunOptions | None = None
+    manifest: Manifest, options: RunOptions | None = None, kept: KeptEntries | None = None
 ) -> AsyncGenerator[tuple[PlanItem, Decision, LedgerItem | None], None]:
     """The plan joined with the ledger, read-only: what `plan` shows and `--dry-run` counts.
-    Origins may be asked for sizes; the service is not contacted."""
+    Origins may be asked for sizes; the service is not contacted. `kept`: the entries
+    `check_plan` kept, planned from instead of walking again."""
     opts = options or RunOptions()
     workers, checksum = opts.workers(manifest.settings), opts.by_checksum(manifest.settings)
     async with (
@@ -244,6 +267,7 @@ async def preview(
             session=origins.session,
             url_vars=origins.url_vars,
             remembered=remembered_in(ledger, target),
+            kept=kept,
         )
         clock = await stored_clock(ledger)
         async for entry in decide_items(manifest, ledger, items, checksum, clock):

@@ -423,6 +423,16 @@ def test_problems_are_capped_with_a_count_of_the_rest(tmp_path: Path) -> None:
     assert problems[-1].endswith("... and 30 more problems")
 
 
+def test_check_plan_keeps_its_entries_only_when_they_fit_in_keep_bytes(tmp_path: Path) -> None:
+    make_tree(tmp_path, "p/a.txt", "p/b.txt", "p/c.txt")
+    manifest = manifest_in(tmp_path, "  - glob: 'p/*'\n")
+    kept = check_plan(manifest, keep=1000).kept
+    assert kept is not None
+    assert [e.file_name for e in kept.entries()] == ["a.txt", "b.txt", "c.txt"]
+    assert check_plan(manifest, keep=500).kept is None  # expand walks again instead
+    assert check_plan(manifest).kept is None
+
+
 # -- expand -----------------------------------------------------------------------------------
 
 
@@ -430,6 +440,23 @@ async def collect(
     manifest: Manifest, session: aiohttp.ClientSession | None = None, **kwargs: object
 ) -> list[PlanItem]:
     return [item async for item in expand(manifest, session=session, **kwargs)]  # type: ignore[arg-type]
+
+
+async def test_expanding_what_check_plan_kept_gives_what_a_walk_gives_and_lists_no_folder(
+    tmp_path: Path, scanned: list[str]
+) -> None:
+    make_tree(tmp_path, "p/a.txt", "p/sub/b.txt", "p/sub/deeper/c.bin")
+    (tmp_path / "urls.txt").write_text("https://e.example/1\nhttps://e.example/2\n")
+    sources = "  - glob: 'p/**'\n    upload_path: up\n  - url_list: urls.txt\n"
+    manifest = manifest_in(tmp_path, sources)
+    walked_items = await collect(manifest)
+    check = check_plan(manifest, keep=100_000)
+    scanned.clear()
+
+    from_kept = await collect(manifest, kept=check.kept)
+
+    assert from_kept == walked_items and len(from_kept) == 5
+    assert scanned == []
 
 
 async def test_local_items_carry_size_mtime_and_the_full_upload_path(tmp_path: Path) -> None:
