@@ -233,22 +233,25 @@ async def test_a_full_batch_is_written_without_waiting_for_the_interval(ledger_p
     async with await Ledger.open(ledger_path, batch_size=10, flush_interval=3600.0) as ledger:
         for i in range(10):
             ledger.put_item(update(f"f{i}"))
-        for _ in range(500):
-            if ledger.pending == 0:
+        count = "SELECT COUNT(*) FROM items"
+        # `pending` drops when the batch is taken, before it commits: watch the file itself.
+        for _ in range(3000):
+            if sql_rows(ledger_path, count) == [(10,)]:
                 break
             await asyncio.sleep(0.01)
+        assert sql_rows(ledger_path, count) == [(10,)]
         assert ledger.pending == 0
-        assert sql_rows(ledger_path, "SELECT COUNT(*) FROM items") == [(10,)]
 
 
 async def test_buffered_updates_are_written_after_the_interval(ledger_path: Path) -> None:
     async with await Ledger.open(ledger_path, flush_interval=0.02) as ledger:
         ledger.put_item(update("a.txt"))
-        for _ in range(500):
-            if ledger.pending == 0:
+        names = "SELECT file_name FROM items"
+        for _ in range(3000):
+            if sql_rows(ledger_path, names):
                 break
             await asyncio.sleep(0.01)
-        assert sql_rows(ledger_path, "SELECT file_name FROM items") == [("a.txt",)]
+        assert sql_rows(ledger_path, names) == [("a.txt",)]
 
 
 async def test_close_writes_what_is_buffered(ledger_path: Path) -> None:
