@@ -347,14 +347,21 @@ async def metrics_snapshot(
     target = manifest.target.base_url
     counts = await ledger.state_counts(target)
     now = time.time()
-    next_expiry = await ledger.next_expiry(target)
+    # expiry on the service's clock, as status tells it: a done item past it is expired
+    moment = now + (number_or_none(await ledger.fact(OFFSET_FACT)) or 0.0)
+    expired = await ledger.count_items(target, states=[ItemState.DONE], expiring_before=moment)
+    next_expiry = await ledger.next_expiry(target, after=moment)
+    by_state = {state.value: counts.get(state, (0, 0)) for state in ItemState}
+    done = by_state[ItemState.DONE.value]
+    by_state[ItemState.DONE.value] = (done[0] - expired[0], done[1] - expired[1])
+    by_state[EXPIRED] = expired
     return MetricsSnapshot(
         migration=manifest.name,
         command=result.command,
-        items_by_state={state.value: counts.get(state, (0, 0))[0] for state in ItemState},
-        bytes_by_state={state.value: counts.get(state, (0, 0))[1] for state in ItemState},
+        items_by_state={state: items for state, (items, _) in by_state.items()},
+        bytes_by_state={state: size for state, (_, size) in by_state.items()},
         last_success_timestamp=await ledger.last_success_at(target),
-        next_expiry_seconds=None if next_expiry is None else next_expiry - now,
+        next_expiry_seconds=None if next_expiry is None else next_expiry - moment,
         failures=sum(counts.get(state, (0, 0))[0] for state in BAD_STATES),
         duration_seconds=now - result.started_at,
         finished_at=now,

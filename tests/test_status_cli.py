@@ -14,6 +14,7 @@ import os
 import pty
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from migrator.emulator import Emulator
+from migrator.ledger import open_ledger
+from migrator.manifest import load_manifest
+from migrator.report import CommandResult, metrics_snapshot
 from migrator.units import relative_time
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,6 +121,25 @@ async def test_an_expired_item_counts_as_expired_not_done_and_no_duration_is_neg
     assert re.search(r"expired: 1 item, the first \d+s ago", text), text
     assert "in -" not in text
     assert not re.search(r"-[\d.]+s\b", text), text
+
+
+async def test_the_metrics_count_an_expired_item_as_expired_as_status_does(
+    job: Path, tmp_path: Path, api_key: str
+) -> None:
+    write_file(job / "files" / "short.txt", 100)
+    async with Emulator(tmp_path / "short-lived", api_key, ttl=1.0) as emulator:
+        manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
+        await run_job(manifest, api_key)
+    await asyncio.sleep(1.5)  # past its expiry on both clocks
+    loaded = load_manifest(manifest)
+
+    async with await open_ledger(loaded, readonly=True) as ledger:
+        snapshot = await metrics_snapshot(loaded, ledger, CommandResult("run", time.time(), 0))
+
+    assert snapshot.items_by_state["done"] == 0
+    assert snapshot.items_by_state["expired"] == 1
+    assert snapshot.bytes_by_state["expired"] == 100
+    assert snapshot.next_expiry_seconds is None
 
 
 # -- failures of the last refresh and download -----------------------------------------------
