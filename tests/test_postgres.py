@@ -130,6 +130,9 @@ async def test_two_refresh_processes_refresh_each_due_item_once(
     assert first.code == 0, first.stderr
     command = ("refresh", str(manifest), "--no-progress", "--within", "73h", "--lease", "30s")
     command += ("--ledger", pg_url)
+    # The first round must still be open when the second process looks at the queue (a
+    # refresh that starts after a round ended starts a new one): hold its first uploads.
+    emulator.delay_stores(8.0, count=8)
     refreshes = [await start_cli(*command, key=api_key) for _ in range(2)]
     outputs = [await asyncio.wait_for(r.communicate(), 60) for r in refreshes]
     assert [r.returncode for r in refreshes] == [0, 0], [err for _out, err in outputs]
