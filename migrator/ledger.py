@@ -675,12 +675,29 @@ class BaseLedger(abc.ABC):
     ) -> None:
         await self.close()
 
-    @abc.abstractmethod
     async def close(self) -> None:
         """Write what is buffered, stop the background flusher and close."""
+        if self._closed:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            if self._flusher is not None:
+                await self._flusher
+            if not self.readonly:
+                await self.flush()
+                await self._checkpoint()
+        finally:
+            self._closed = True
+            await self._disconnect()
+
+    @abc.abstractmethod
+    async def _disconnect(self) -> None:
+        """Close the connection (the last step of `close`)."""
 
     async def _checkpoint(self) -> None:  # noqa: B027 (most back ends have nothing to do)
-        """After a failed flush: give back what the back end can (SQLite: its WAL)."""
+        """After a failed flush, and on close: give back what the back end can (SQLite:
+        its WAL)."""
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -1060,25 +1077,11 @@ class Ledger(BaseLedger):
         ledger = cls(
             path, conn, readonly=readonly, batch_size=batch_size, flush_interval=flush_interval
         )
-        if not readonly:
-            ledger._flusher = asyncio.create_task(ledger._flush_loop(), name="ledger-flusher")
+        ledger._start_flusher()
         return ledger
 
-    async def close(self) -> None:
-        """Write what is buffered, stop the background flusher and close the file."""
-        if self._closed:
-            return
-        self._closing = True
-        self._wake.set()
-        try:
-            if self._flusher is not None:
-                await self._flusher
-            if not self.readonly:
-                await self.flush()
-                await self._checkpoint()
-        finally:
-            self._closed = True
-            await self._conn.close()
+    async def _disconnect(self) -> None:
+        await self._conn.close()
 
     async def _checkpoint(self) -> None:
         """Fold the WAL into the file and truncate it, so that a run leaves no WAL behind

@@ -313,20 +313,9 @@ class PgLedger(BaseLedger):
         ledger._start_flusher()
         return ledger
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closing = True
-        self._wake.set()
-        try:
-            if self._flusher is not None:
-                await self._flusher
-            if not self.readonly:
-                await self.flush()
-        finally:
-            self._closed = True
-            with contextlib.suppress(Exception):
-                await self._conn.close()
+    async def _disconnect(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._conn.close()
 
     # -- runs and facts -----------------------------------------------------------------------
 
