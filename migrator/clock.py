@@ -17,6 +17,12 @@ import email.utils
 import functools
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from migrator.units import number_or_none
+
+if TYPE_CHECKING:
+    from migrator.ledger import BaseLedger
 
 SKEW_WARNING = 60.0  # seconds between the service's clock and ours worth a warning
 RESOLUTION = 1.5  # a Date has whole seconds: a smaller offset is noise, taken as none
@@ -71,3 +77,10 @@ class ServiceClock:
     @property
     def skewed(self) -> bool:
         return self.offset is not None and abs(self.offset) > SKEW_WARNING
+
+
+async def service_time(ledger: BaseLedger) -> tuple[float | None, float]:
+    """For the commands that talk to nobody: the offset the ledger last measured (None:
+    never), and the service's time now by it."""
+    offset = number_or_none(await ledger.fact(OFFSET_FACT))
+    return offset, time.time() + (offset or 0.0)

@@ -11,18 +11,17 @@ from __future__ import annotations
 import difflib
 import os
 import posixpath
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from migrator.clock import OFFSET_FACT
+from migrator.clock import service_time
 from migrator.errors import UsageError
 from migrator.ledger import AttemptRow, BaseLedger, open_ledger
 from migrator.model import LedgerItem, Manifest, Method, SourceKind
 from migrator.naming import hide_credentials, join_upload_path, printable, without_credentials
 from migrator.outputs import export_record
-from migrator.units import iso_utc, number_or_none
+from migrator.units import iso_utc
 
 SUGGESTIONS = 3
 UPLOADS = frozenset(method.value for method in (Method.BASE64, Method.STREAM, Method.URL))
@@ -95,7 +94,7 @@ async def item_history(manifest: Manifest, name: str) -> list[ItemHistory]:
         items = await find_items(ledger, manifest, name)
         if not items:
             raise UsageError(await _unknown(ledger, manifest, name))
-        now = time.time() + (number_or_none(await ledger.fact(OFFSET_FACT)) or 0.0)
+        _offset, now = await service_time(ledger)
         return [ItemHistory(item, tuple(await ledger.attempts_of(item.id)), now) for item in items]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from migrator.clock import OFFSET_FACT
+from migrator.clock import service_time
 from migrator.ledger import BAD_STATES, BaseLedger, Ledger, RunRow, open_ledger
 from migrator.ledger_merge import union_of
 from migrator.lifetimes import DEATHS_FACT, Deaths
@@ -33,7 +33,7 @@ from migrator.outputs import (
 )
 from migrator.plan import planned_keys
 from migrator.pushgateway import GROUPING_LABELS, PushError, push_metrics
-from migrator.units import iso_utc, number_or_none
+from migrator.units import iso_utc
 
 EXPIRY_HORIZONS = (6 * HOUR, 12 * HOUR, 24 * HOUR, 72 * HOUR)
 LIFECYCLE_COMMANDS = ("refresh", "download", "verify")
@@ -188,8 +188,8 @@ async def build_status(
     target = manifest.target.base_url
     read = tuple(ledgers) if len(ledgers) > 1 else ()
     async with reading_ledger(manifest, ledgers) as ledger:
-        offset = number_or_none(await ledger.fact(OFFSET_FACT))
-        moment = (time.time() + (offset or 0.0)) if now is None else now
+        offset, service_now = await service_time(ledger)
+        moment = service_now if now is None else now
         expired = await ledger.count_items(target, states=[ItemState.DONE], expiring_before=moment)
         histogram = await ledger.expiry_histogram(target, moment, EXPIRY_HORIZONS)
         runs = await ledger.runs(limit=1)
@@ -348,7 +348,7 @@ async def metrics_snapshot(
     counts = await ledger.state_counts(target)
     now = time.time()
     # expiry on the service's clock, as status tells it: a done item past it is expired
-    moment = now + (number_or_none(await ledger.fact(OFFSET_FACT)) or 0.0)
+    _offset, moment = await service_time(ledger)
     expired = await ledger.count_items(target, states=[ItemState.DONE], expiring_before=moment)
     next_expiry = await ledger.next_expiry(target, after=moment)
     by_state = {state.value: counts.get(state, (0, 0)) for state in ItemState}
