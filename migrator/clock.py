@@ -81,6 +81,6 @@ class ServiceClock:
 
 async def service_time(ledger: BaseLedger) -> tuple[float | None, float]:
     """For the commands that talk to nobody: the offset the ledger last measured (None:
-    never), and the service's time now by it."""
+    never), and the service's time now by it, corrected as every other command corrects it."""
     offset = number_or_none(await ledger.fact(OFFSET_FACT))
-    return offset, time.time() + (offset or 0.0)
+    return offset, ServiceClock(offset).now()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from conftest import (
     write_manifest,
 )
 
+from migrator.clock import OFFSET_FACT, service_time
 from migrator.command import Outcome
 from migrator.download import download
 from migrator.emulator import Emulator
@@ -415,3 +417,18 @@ async def test_a_url_item_sent_again_after_its_origin_changed_forgets_the_old_ha
     assert (row.size, row.sha256, row.downloaded_path) == (len(second), None, None)
     await download(manifest, tmp_path / "home")
     assert (tmp_path / "home" / "mig" / "doc.bin").read_bytes() == second
+
+
+@pytest.mark.parametrize(("stored", "added"), [(1.0, 0.0), (-1.2, 0.0), (5.0, 5.0), (None, 0.0)])
+async def test_commands_that_read_only_the_ledger_correct_the_clock_as_the_others_do(
+    tmp_path: Path, stored: float | None, added: float
+) -> None:
+    async with await Ledger.open(tmp_path / "l.sqlite") as ledger:
+        if stored is not None:
+            await ledger.set_fact(OFFSET_FACT, stored)
+        before = time.time()
+        offset, now = await service_time(ledger)
+        after = time.time()
+
+    assert offset == stored
+    assert before + added <= now <= after + added
