@@ -12,6 +12,7 @@ the uploads are what matter, and the next command pushes again.
 
 from __future__ import annotations
 
+import ssl
 from urllib.parse import quote, urlsplit
 
 from migrator.naming import hide_credentials, without_credentials
@@ -50,11 +51,15 @@ def push_url(gateway: str, migration: str, command: str) -> str:
     return f"{gateway.rstrip('/')}/metrics/{group}"
 
 
-async def push_metrics(gateway: str, migration: str, command: str, text: str) -> None:
+async def push_metrics(
+    gateway: str, migration: str, command: str, text: str, *, trust: ssl.SSLContext | bool = True
+) -> None:
     """PUT `text` (the Prometheus text format) into this command's group.
 
     Credentials in `gateway` (`https://user:pass@host`) are sent as basic auth and
-    never appear in an error. Honours HTTPS_PROXY/NO_PROXY. Raises PushError."""
+    never appear in an error. Honours HTTPS_PROXY/NO_PROXY; `trust` is what HTTPS
+    trusts (the job's, so a private CA serves the gateway as it serves the service).
+    Raises PushError."""
     import aiohttp  # here, not at import: the CLI's --help stays fast
 
     url = push_url(gateway, migration, command)
@@ -64,7 +69,7 @@ async def push_metrics(gateway: str, migration: str, command: str, text: str) ->
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout, trust_env=True) as session,
-            session.put(url, data=text.encode(), headers=headers) as answer,
+            session.put(url, data=text.encode(), headers=headers, ssl=trust) as answer,
         ):
             if answer.status >= 300:
                 body = (await answer.text(errors="replace")).strip()

@@ -314,14 +314,18 @@ async def publish_outputs(
         written.append(path)
     gateway = metrics_push or outputs.metrics_push
     if gateway is not None:
-        await _push(gateway, await metrics_snapshot(manifest, ledger, result))
+        await _push(gateway, await metrics_snapshot(manifest, ledger, result), manifest)
     return written
 
 
-async def _push(gateway: str, snapshot: MetricsSnapshot) -> None:
+async def _push(gateway: str, snapshot: MetricsSnapshot, manifest: Manifest) -> None:
+    from migrator.connect import trust  # here: status and export never load aiohttp
+
     text = render_metrics(snapshot, without=GROUPING_LABELS)
     try:
-        await push_metrics(gateway, snapshot.migration, snapshot.command, text)
+        await push_metrics(
+            gateway, snapshot.migration, snapshot.command, text, trust=trust(manifest.target)
+        )
     except PushError as err:
         log.warning("metrics.push_failed", error=str(err))
 

@@ -15,6 +15,7 @@ import itertools
 import os
 import socket
 import sqlite3
+import ssl
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -177,17 +178,21 @@ async def origin() -> AsyncIterator[Origin]:
 
 
 @contextlib.asynccontextmanager
-async def web_server(handler: Any, **runner_options: Any) -> AsyncIterator[str]:
-    """A plain aiohttp app on 127.0.0.1 answering every request with `handler`; yields its
-    base URL. `runner_options` go to the AppRunner (e.g. a short shutdown_timeout)."""
+async def web_server(
+    handler: Any, *, ssl_context: ssl.SSLContext | None = None, **runner_options: Any
+) -> AsyncIterator[str]:
+    """A plain aiohttp app on 127.0.0.1 answering every request with `handler` (over HTTPS
+    with `ssl_context`); yields its base URL. `runner_options` go to the AppRunner (e.g. a
+    short shutdown_timeout)."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, access_log=None, **runner_options)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
     await site.start()
+    scheme = "http" if ssl_context is None else "https"
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+        yield f"{scheme}://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
 
@@ -392,6 +397,13 @@ class Gateway:
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[Gateway]:
+    async with serving_gateway() as gateway:
+        yield gateway
+
+
+@contextlib.asynccontextmanager
+async def serving_gateway(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Gateway]:
+    """A Pushgateway on 127.0.0.1 (HTTPS with `ssl_context`) recording what it was sent."""
     gateway = Gateway()
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -406,6 +418,6 @@ async def gateway() -> AsyncIterator[Gateway]:
         gateway.pushes.append((request.method, text, group))
         return web.Response(status=200)
 
-    async with web_server(handle) as url:
+    async with web_server(handle, ssl_context=ssl_context) as url:
         gateway.url = url
         yield gateway

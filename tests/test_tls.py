@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 from aiohttp import web
-from conftest import Finished, run_cli, write_file, write_manifest
+from conftest import Finished, run_cli, serving_gateway, write_file, write_manifest
 
 from migrator.emulator import Emulator
 
@@ -182,3 +182,26 @@ async def test_an_untrusted_origin_fails_its_item_with_the_reason(
 
     assert result.code == 1, result.stderr
     assert "its TLS certificate is not trusted" in result.stderr
+
+
+async def test_the_metrics_push_trusts_the_ca_bundle_too(
+    job: Path, tls_emulator: Emulator, api_key: str, ca: trustme.CA, ca_file: Path
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    manifest = manifest_for(job, tls_emulator, ca_bundle=ca_file.name)
+
+    async with serving_gateway(context) as gateway:
+        result = await run_cli(
+            "run",
+            str(manifest),
+            "--no-progress",
+            "--metrics-push",
+            gateway.url,
+            key=api_key,
+            env={"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"},
+        )
+
+    assert result.code == 0, result.stderr
+    assert "metrics.push_failed" not in result.stderr
+    assert [group["command"] for _, _, group in gateway.pushes] == ["run"]
