@@ -26,7 +26,7 @@ from migrator.ledger_pg import Claim, ClaimedWork, PgLedger
 from migrator.logs import get_logger
 from migrator.model import ItemUpdate, LedgerItem, Manifest, Method, PlanItem, SourceKind
 from migrator.pacer import Pacer
-from migrator.plan import expand
+from migrator.plan import expand_batches
 from migrator.resume import Decision
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ async def commit_plan(manifest: Manifest, *, checksum: bool = False) -> int | No
         await PgLedger.open(manifest.ledger_url) as ledger,
         open_origins(manifest, concurrency=manifest.settings.concurrency) as origins,
     ):
-        plan = expand(manifest, session=origins.session, url_vars=origins.url_vars)
+        plan = expand_batches(manifest, session=origins.session, url_vars=origins.url_vars)
         clock = await stored_clock(ledger)
         return await plan_once(
             manifest, ledger, decide_items(manifest, ledger, plan, checksum, clock)

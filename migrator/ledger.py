@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 from urllib.parse import quote
 
 import aiosqlite
@@ -337,6 +337,39 @@ def _row_to_item(row: Sequence[Any]) -> LedgerItem:
         checked_at=row[22],
         dead_at=row[23],
         uncertain_at=row[24],
+    )
+
+
+class Found(NamedTuple):
+    """A ledger row as `decide` reads it (see `resume.Recorded`); `item()` makes it whole."""
+
+    state: ItemState
+    source: str
+    kind: SourceKind
+    size: int | None
+    mtime_ns: int | None
+    etag: str | None
+    last_modified: str | None
+    sha256: str | None
+    expires_at: float | None
+    columns: Sequence[Any]  # the row, in _ITEM_COLUMNS order
+
+    def item(self) -> LedgerItem:
+        return _row_to_item(self.columns)
+
+
+def _row_to_found(row: Sequence[Any]) -> Found:
+    return Found(
+        _STATES.get(row[12]) or ItemState(row[12]),
+        row[4],
+        _KINDS.get(row[5]) or SourceKind(row[5]),
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+        row[10],
+        row[16],
+        row,
     )
 
 
@@ -773,7 +806,24 @@ class BaseLedger(abc.ABC):
         self, target: str, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], LedgerItem]:
         """The items among `keys` ((upload_path, file_name) pairs) the ledger knows."""
-        found: dict[tuple[str, str], LedgerItem] = {}
+        rows = await self._lookup_rows(target, keys)
+        with self._errors():
+            return {(row[2], row[3]): _row_to_item(row) for row in rows}
+
+    async def lookup_found(
+        self, target: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Found]:
+        """`lookup`, each row as `Found`: what deciding needs, the whole item on demand
+        (a no-op re-run decides every item and needs none whole)."""
+        rows = await self._lookup_rows(target, keys)
+        with self._errors():
+            return {(row[2], row[3]): _row_to_found(row) for row in rows}
+
+    async def _lookup_rows(
+        self, target: str, keys: Sequence[tuple[str, str]]
+    ) -> list[Sequence[Any]]:
+        """The rows (`_ITEM_COLUMNS`) of the items among `keys` the ledger knows."""
+        found: list[Sequence[Any]] = []
         for start in range(0, len(keys), LOOKUP_CHUNK):
             chunk = keys[start : start + LOOKUP_CHUNK]
             params: list[object] = [part for key in chunk for part in key]
@@ -787,8 +837,7 @@ class BaseLedger(abc.ABC):
                 "ON items.target = ? AND items.upload_path = keys.upload_path "
                 "AND items.file_name = keys.file_name"
             )
-            for item in await self._fetch_items(sql, params):
-                found[item.key] = item
+            found += await self._fetch(sql, params)
         return found
 
     async def find_content(

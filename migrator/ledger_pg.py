@@ -349,11 +349,11 @@ class PgLedger(BaseLedger):
         async with self._locked():
             await self._conn.execute(sql, name, json.dumps(value), time.time())
 
-    async def lookup(
+    async def _lookup_rows(
         self, target: str, keys: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], LedgerItem]:
+    ) -> list[Sequence[Any]]:
         if not keys:
-            return {}
+            return []
         sql = (
             f"SELECT {_QUALIFIED_ITEM_COLUMNS} "
             "FROM unnest(?::text[], ?::text[]) AS keys (upload_path, file_name) "
@@ -361,7 +361,7 @@ class PgLedger(BaseLedger):
             "AND items.file_name = keys.file_name"
         )
         paths, names = [key[0] for key in keys], [key[1] for key in keys]
-        return {item.key: item for item in await self._fetch_items(sql, [paths, names, target])}
+        return await self._fetch(sql, [paths, names, target])
 
     # -- the queue ------------------------------------------------------------------------------
 

@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import itertools
 import os
 import re
 import stat
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +40,7 @@ import aiohttp
 
 from migrator.errors import ManifestError, ManifestProblem
 from migrator.logs import get_logger
-from migrator.methods import choose_method, forced_method_problem
+from migrator.methods import automatic_method, choose_method, forced_method_problem
 from migrator.model import (
     GlobSource,
     Manifest,
@@ -146,6 +155,10 @@ class KeptEntries:
             else:
                 yield from part.entries()
 
+    def parts(self) -> Iterator[_Entry | _KeptFolder]:
+        """What `entries` yields, with a folder's files as the folder."""
+        yield from self._parts
+
     def _add_whole(self, entry: _Entry) -> None:
         self._parts.append(entry)
         self.cost += _ENTRY_COST + len(entry.source) + len(entry.file_name)
@@ -195,6 +208,38 @@ class _KeptFolder:
                 size=size,
                 mtime_ns=mtime_ns,
             )
+
+    def plan_items(self, manifest: Manifest, batch: int) -> Iterator[list[PlanItem]]:
+        """The folder's files as `PlanItem`s, `batch` at a time: what `_plan_item` makes of
+        each entry, without the entry (a no-op re-run of a big tree is mostly this)."""
+        first, prefix = self.first, self.folder + "/"
+        upload_path, requested = first.upload_path, first.requested
+        forced = requested is not Method.AUTO
+        settings, file = manifest.settings, SourceKind.FILE
+        names, sizes, mtimes = self.names, self.sizes, self.mtimes
+        for start in range(0, len(names), batch):
+            items: list[PlanItem] = []
+            for index in range(start, min(start + batch, len(names))):
+                name, size = names[index], sizes[index]
+                if forced:
+                    method = self._forced_method(manifest, index)
+                else:
+                    method = automatic_method(file, size, settings)
+                source = prefix + name
+                item = PlanItem(
+                    source, file, upload_path, name, size, method, forced, mtimes[index]
+                )
+                items.append(item)
+            yield items
+
+    def _forced_method(self, manifest: Manifest, index: int) -> Method:
+        """The method the manifest names, or the ManifestError `_plan_item` raises."""
+        first = self.first
+        try:
+            return choose_method(first.kind, self.sizes[index], first.requested, manifest.settings)
+        except ValueError:
+            entry = next(itertools.islice(self.entries(), index, None))
+            return _plan_item(manifest, entry, RemoteInfo(entry.size)).method
 
 
 class GlobFile(NamedTuple):
@@ -759,13 +804,40 @@ async def expand(
     remembered: Remembered | None = None,
     kept: KeptEntries | None = None,
 ) -> AsyncIterator[PlanItem]:
-    """Yield the plan's items lazily, in manifest order; from `kept` (what `check_plan`
-    kept) when given, else walking the sources.
+    """Yield the plan's items lazily, in manifest order: `expand_batches`, one at a time."""
+    batches = expand_batches(
+        manifest,
+        session=session,
+        probe_concurrency=probe_concurrency,
+        url_vars=url_vars,
+        probe_timeout=probe_timeout,
+        remembered=remembered,
+        kept=kept,
+    )
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            for item in batch:
+                yield item
+
+
+async def expand_batches(
+    manifest: Manifest,
+    *,
+    session: aiohttp.ClientSession | None,
+    probe_concurrency: int | None = None,
+    url_vars: Mapping[str, str] | None = None,
+    probe_timeout: float = PROBE_TIMEOUT,
+    remembered: Remembered | None = None,
+    kept: KeptEntries | None = None,
+) -> AsyncGenerator[list[PlanItem], None]:
+    """Yield the plan's items lazily, in manifest order, in lists of at most BATCH; from
+    `kept` (what `check_plan` kept) when given, else walking the sources.
 
     Local files carry size and mtime from stat. Remote files are probed for their size
     (and ETag / Last-Modified) through `session` in a sliding window of
     `probe_concurrency` requests (default: as many as the session may connect at
-    once), so one slow origin holds up no other probe; answers are put back in order.
+    once), so one slow origin holds up no other probe; answers are put back in order,
+    and what is ready is yielded before waiting for a slow one.
     An `immutable` source's file that `remembered` knows is not probed. Without a
     session, or when the origin tells nothing, a remote file's size is None.
     `url_vars` fills `${NAME}` in URLs (e.g. EMBEDDED_ORIGIN) for probing only: an
@@ -779,19 +851,43 @@ async def expand(
     try:
         chunks = _kept_chunks(kept) if kept is not None else _chunks_off_the_loop(manifest)
         async for chunk in chunks:
+            if isinstance(chunk, _KeptFolder):  # local files: nothing to probe or wait for
+                ready = [await _planned(manifest, head, info) for head, info in _drain(pending)]
+                for items in chunk.plan_items(manifest, BATCH):
+                    yield ready + items if ready else items
+                    ready = []
+                continue
             known = await _remembered_infos(chunk, remembered)
+            ready = []
             for entry in chunk:
                 pending.append((entry, window.info(entry, known.get(entry.identity))))
                 while pending and (_ready(pending[0][1]) or len(pending) > PROBE_LOOKAHEAD):
+                    if ready and not _ready(pending[0][1]):
+                        yield ready  # what is ready goes on while a slow origin answers
+                        ready = []
                     head, info = pending.popleft()
-                    yield _plan_item(manifest, head, await _result(info))
+                    ready.append(await _planned(manifest, head, info))
+            if ready:
+                yield ready
         while pending:
             head, info = pending.popleft()
-            yield _plan_item(manifest, head, await _result(info))
+            yield [await _planned(manifest, head, info)]
     finally:
         for _, info in pending:
             if isinstance(info, asyncio.Task):
                 info.cancel()
+
+
+BATCH = 500  # items a batch of `expand_batches` holds at most (one ledger lookup)
+
+
+def _drain(pending: deque[tuple[_Entry, _Pending]]) -> Iterator[tuple[_Entry, _Pending]]:
+    while pending:
+        yield pending.popleft()
+
+
+async def _planned(manifest: Manifest, entry: _Entry, info: _Pending) -> PlanItem:
+    return _plan_item(manifest, entry, await _result(info))
 
 
 @dataclass(slots=True)
@@ -848,7 +944,9 @@ async def _remembered_infos(
     return {e.identity: info for e, info in infos if info is not None}
 
 
-async def _chunks_off_the_loop(manifest: Manifest, chunk: int = 512) -> AsyncIterator[list[_Entry]]:
+async def _chunks_off_the_loop(
+    manifest: Manifest, chunk: int = BATCH
+) -> AsyncIterator[list[_Entry]]:
     """The expansion's entries of this process's shard, walked and stat'ed in a thread
     a chunk at a time, so a folder of a million files does not stall the uploads sharing
     the event loop. Other shards' URLs are never probed."""
@@ -859,10 +957,24 @@ async def _chunks_off_the_loop(manifest: Manifest, chunk: int = 512) -> AsyncIte
             yield held
 
 
-async def _kept_chunks(kept: KeptEntries, chunk: int = 512) -> AsyncIterator[list[_Entry]]:
-    entries = kept.entries()
-    while batch := list(itertools.islice(entries, chunk)):
-        yield batch
+async def _kept_chunks(
+    kept: KeptEntries, chunk: int = BATCH
+) -> AsyncIterator[list[_Entry] | _KeptFolder]:
+    """The kept entries: a folder's files as the folder, other entries in lists."""
+    entries: list[_Entry] = []
+    for part in kept.parts():
+        if isinstance(part, _KeptFolder):
+            if entries:
+                yield entries
+                entries = []
+            yield part
+            continue
+        entries.append(part)
+        if len(entries) >= chunk:
+            yield entries
+            entries = []
+    if entries:
+        yield entries
 
 
 def _plan_item(manifest: Manifest, entry: _Entry, info: RemoteInfo) -> PlanItem:

@@ -9,8 +9,9 @@ was found dead, or that was lost, is uploaded again as soon as its source is the
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Protocol
 
-from migrator.model import ItemState, LedgerItem, PlanItem, SourceKind
+from migrator.model import ItemState, PlanItem, SourceKind
 
 
 class Decision(StrEnum):
@@ -28,9 +29,32 @@ class Decision(StrEnum):
         return self not in (Decision.UNCHANGED, Decision.VERIFY)
 
 
+class Recorded(Protocol):
+    """What deciding reads of a ledger row: a `LedgerItem`, or the lighter `ledger.Found`."""
+
+    @property
+    def state(self) -> ItemState: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def kind(self) -> SourceKind: ...
+    @property
+    def size(self) -> int | None: ...
+    @property
+    def mtime_ns(self) -> int | None: ...
+    @property
+    def etag(self) -> str | None: ...
+    @property
+    def last_modified(self) -> str | None: ...
+    @property
+    def sha256(self) -> str | None: ...
+    @property
+    def expires_at(self) -> float | None: ...
+
+
 def decide(
     item: PlanItem,
-    row: LedgerItem | None,
+    row: Recorded | None,
     *,
     now: float,
     refresh_within: float,
@@ -53,7 +77,7 @@ def decide(
     return Decision.VERIFY if by_bytes else Decision.UNCHANGED
 
 
-def only_mtime_changed(item: PlanItem, row: LedgerItem) -> bool:
+def only_mtime_changed(item: PlanItem, row: Recorded) -> bool:
     """The same local file at the same size, touched (a `cp` without `-p`, a restore,
     a checkout): with --checksum its bytes decide, as in rsync and rclone."""
     return (
@@ -65,7 +89,7 @@ def only_mtime_changed(item: PlanItem, row: LedgerItem) -> bool:
     )
 
 
-def source_changed(item: PlanItem, row: LedgerItem) -> bool:
+def source_changed(item: PlanItem, row: Recorded) -> bool:
     """True when the bytes at the source may differ from those uploaded."""
     if item.source != row.source or item.kind is not row.kind:
         return True
@@ -74,7 +98,7 @@ def source_changed(item: PlanItem, row: LedgerItem) -> bool:
     return _remote_changed(item, row)
 
 
-def _remote_changed(item: PlanItem, row: LedgerItem) -> bool:
+def _remote_changed(item: PlanItem, row: Recorded) -> bool:
     # Trust the strongest validator both sides have; an origin that tells nothing
     # (no ETag, no Last-Modified, no length) is taken as unchanged.
     if item.etag and row.etag:

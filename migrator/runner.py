@@ -58,15 +58,14 @@ from migrator.plan import (
     RemoteInfo,
     Skipped,
     check_plan,
-    expand,
+    expand_batches,
 )
 from migrator.resume import Decision, decide
 from migrator.transfer import Meter, Send, Sent, Step, sha256_of, upload_step
 
-LOOKUP_BATCH = 256
 log = get_logger("migrator.runner")
 
-Entry = tuple[PlanItem, Decision, LedgerItem | None]
+Entry = tuple[PlanItem, Decision, LedgerItem | None]  # the row: see decide_items
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +125,7 @@ class RunOperation:
         conn, ledger = session.conn, session.ledger
         checksum = self.options.by_checksum(self.manifest.settings)
         self._contents = Contents(ledger, session.target_id, conn.clock, self._check.shared_sizes)
-        plan = expand(
+        plan = expand_batches(
             self.manifest,
             session=conn.origins,
             url_vars=conn.url_vars,
@@ -150,7 +149,7 @@ class RunOperation:
         conn, lease, target = session.conn, self.options.lease, session.target_id
         self._contents = Contents(ledger, target, conn.clock, self._check.shared_sizes)
         remembered = remembered_in(ledger, target)
-        plan = expand(
+        plan = expand_batches(
             self.manifest,
             session=conn.origins,
             url_vars=conn.url_vars,
@@ -262,7 +261,7 @@ async def preview(
         open_origins(manifest, concurrency=workers) as origins,
     ):
         target = manifest.target.base_url
-        items = expand(
+        items = expand_batches(
             manifest,
             session=origins.session,
             url_vars=origins.url_vars,
@@ -277,21 +276,24 @@ async def preview(
 async def decide_items(
     manifest: Manifest,
     ledger: BaseLedger,
-    items: AsyncIterator[PlanItem],
+    batches: AsyncIterator[Sequence[PlanItem]],
     checksum: bool,
     clock: ServiceClock,
 ) -> AsyncIterator[Entry]:
-    """Join the plan with the ledger, a batch of lookups at a time; expiry is judged on
-    the service's clock."""
-    settings = manifest.settings
-    async for batch in _batched(items, LOOKUP_BATCH):
-        rows = await ledger.lookup(manifest.target.base_url, [item.key for item in batch])
+    """Join the plan (`expand_batches`) with the ledger, one lookup a batch; expiry is
+    judged on the service's clock. An entry's row is the ledger's item when there is
+    work to do on it (None for a new item, and for one that needs nothing)."""
+    target, refresh_within = manifest.target.base_url, manifest.settings.refresh_within
+    unchanged = Decision.UNCHANGED
+    async for batch in batches:
+        rows = await ledger.lookup_found(target, [item.key for item in batch])
         now = clock.now()
         for item in batch:
-            row = rows.get(item.key)
+            found = rows.get(item.key)
             decision = decide(
-                item, row, now=now, refresh_within=settings.refresh_within, checksum=checksum
+                item, found, now=now, refresh_within=refresh_within, checksum=checksum
             )
+            row = None if found is None or decision is unchanged else found.item()
             yield item, decision, row
 
 
@@ -313,17 +315,6 @@ def remembered_in(ledger: BaseLedger, target: str) -> Remembered:
         return found
 
     return remembered
-
-
-async def _batched(items: AsyncIterator[PlanItem], size: int) -> AsyncIterator[list[PlanItem]]:
-    batch: list[PlanItem] = []
-    async for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 class _ItemUpload:
