@@ -856,10 +856,13 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     # aclosing: a reader gone mid-plan (`plan | head`) must close the preview's sessions
     # inside this loop, not in asyncio.run's shutdown (which prints a traceback).
     decided = preview(manifest, RunOptions(checksum=checksum), check.kept)
-    async with contextlib.aclosing(decided) as entries:
-        async for item, decision, _row in entries:
-            totals.add(item, decision)
-            printer.item(item, decision)
+    try:
+        async with contextlib.aclosing(decided) as entries:
+            async for item, decision, _row in entries:
+                totals.add(item, decision)
+                printer.item(item, decision)
+    finally:
+        printer.flush()  # the rows before a failure are shown too
     printer.totals(totals)
 
 
