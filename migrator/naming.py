@@ -115,7 +115,17 @@ def check_upload_path(upload_path: str) -> str | None:
     return None
 
 
+_ODD_CHAR_RE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_SHORT_SEGMENT = MAX_SEGMENT_BYTES // 4  # characters that cannot exceed it in UTF-8
+
+
 def _check_segment(segment: str, what: str) -> str | None:
+    if (
+        len(segment) <= _SHORT_SEGMENT
+        and segment not in ("", ".", "..")
+        and _ODD_CHAR_RE.search(segment) is None
+    ):
+        return None  # the common case, in one scan: every check below passes
     if segment == "":
         return f"{what} has an empty segment" if what == "upload path" else "file name is empty"
     if segment in (".", ".."):

@@ -22,6 +22,7 @@ import itertools
 import os
 import re
 import stat
+import unicodedata
 from collections import deque
 from collections.abc import (
     AsyncGenerator,
@@ -341,7 +342,11 @@ def walk_glob(
                 elif on_skip is not None:
                     on_skip(Skipped(entry.path, "a symbolic link to a folder: never followed"))
             continue
-        if kind is None or not include.fullmatch(relative) or _matches(excludes, relative):
+        if (
+            kind is None
+            or not include.fullmatch(relative)
+            or (excludes and _matches(excludes, relative))
+        ):
             continue
         if kind == _FILE:
             yield GlobFile(relative, entry.path)
@@ -382,12 +387,12 @@ def _kind(entry: os.DirEntry[str]) -> str | None:
     """_FILE, _DIR, _LINK, _DIR_LINK, or for anything else why it is skipped; None
     when the entry vanished while the folder was read."""
     try:
+        if entry.is_file(follow_symlinks=False):  # most entries: one look, no link
+            return _FILE
         if entry.is_symlink():
             return _DIR_LINK if _leads_to_folder(entry) else _LINK
         if entry.is_dir(follow_symlinks=False):
             return _DIR
-        if entry.is_file(follow_symlinks=False):
-            return _FILE
         mode = entry.stat(follow_symlinks=False).st_mode
     except OSError:
         return None
@@ -703,12 +708,17 @@ def check_plan(manifest: Manifest, *, keep: int = 0) -> PlanCheck:
     expansion = _Expansion(manifest, problems.add, tally.skip, cannot_read)
     seen: set[int] = set()
     repeats: list[_Entry] = []
+    upload_path, prefix = "", ""
     for entry in expansion.entries():
         reason = _entry_problem(entry)
         if reason:
             _report_entry(expansion, entry, reason)
             continue
-        digest = _digest(entry.collision)
+        if entry.upload_path is not upload_path:  # a folder's files share their path
+            upload_path = entry.upload_path
+            prefix = upload_path + "/" if upload_path else ""
+        # entry.collision, joined at no cost: check_name found no segment to drop
+        digest = _digest(unicodedata.normalize("NFC", prefix + entry.file_name))
         if digest in seen:
             if len(repeats) < PROBLEM_LIMIT:
                 repeats.append(entry)
