@@ -510,12 +510,13 @@ class _Expansion:
             on_skip=skipped,
         )
         folder, upload_path = None, ""
+        filters = self.manifest.filters
         for relative, path in walk:
             found = True
-            if not self.manifest.filters.takes_path(relative):
+            if not filters.takes_path(relative):
                 continue
             size, mtime_ns = _stat(path)
-            if not self.manifest.filters.takes_stat(size, mtime_ns):
+            if not filters.takes_stat(size, mtime_ns):
                 continue
             here, _, name = relative.rpartition("/")
             if here != folder:  # files come folder by folder: join once per folder
@@ -633,7 +634,8 @@ class _Tally:
         if entry.kind is SourceKind.FILE:
             self.local_files += 1
             self.local_bytes += entry.size or 0
-            self._note_size(entry.size)
+            if self.sizes_above is not None:
+                self._note_size(entry.size)
 
     def _note_size(self, size: int | None) -> None:
         if self.sizes_above is None or size is None or size <= self.sizes_above:
@@ -709,6 +711,7 @@ def check_plan(manifest: Manifest, *, keep: int = 0) -> PlanCheck:
     seen: set[int] = set()
     repeats: list[_Entry] = []
     upload_path, prefix = "", ""
+    unsharded = manifest.shard is None
     for entry in expansion.entries():
         reason = _entry_problem(entry)
         if reason:
@@ -724,7 +727,7 @@ def check_plan(manifest: Manifest, *, keep: int = 0) -> PlanCheck:
                 repeats.append(entry)
         else:
             seen.add(digest)
-        if manifest.holds(entry.upload_path, entry.file_name):
+        if unsharded or manifest.holds(entry.upload_path, entry.file_name):
             tally.count(entry)
             if kept is not None:
                 kept.add(entry)
@@ -741,6 +744,8 @@ def _entry_problem(entry: _Entry) -> str | None:
     reason = check_name(entry.upload_path, entry.file_name)
     if reason:
         return f"{entry.shown}: {reason}"
+    if entry.requested is Method.AUTO:
+        return None
     forced = forced_method_problem(entry.kind, entry.size, entry.requested)
     return f"{entry.shown}: {forced}" if forced else None
 
