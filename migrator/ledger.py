@@ -341,7 +341,7 @@ def _row_to_item(row: Sequence[Any]) -> LedgerItem:
 
 
 class Found(NamedTuple):
-    """A ledger row as `decide` reads it (see `resume.Recorded`); `item()` makes it whole."""
+    """What `decide` reads of a ledger row (see `resume.Recorded`)."""
 
     state: ItemState
     source: str
@@ -352,24 +352,18 @@ class Found(NamedTuple):
     last_modified: str | None
     sha256: str | None
     expires_at: float | None
-    columns: Sequence[Any]  # the row, in _ITEM_COLUMNS order
 
-    def item(self) -> LedgerItem:
-        return _row_to_item(self.columns)
+
+_FOUND_COLUMNS = ", ".join(f"items.{name}" for name in ("upload_path", "file_name", *Found._fields))
 
 
 def _row_to_found(row: Sequence[Any]) -> Found:
+    state, kind = row[2], row[4]
     return Found(
-        _STATES.get(row[12]) or ItemState(row[12]),
-        row[4],
-        _KINDS.get(row[5]) or SourceKind(row[5]),
-        row[6],
-        row[7],
-        row[8],
-        row[9],
-        row[10],
-        row[16],
-        row,
+        _STATES.get(state) or ItemState(state),
+        row[3],
+        _KINDS.get(kind) or SourceKind(kind),
+        *row[5:],
     )
 
 
@@ -806,23 +800,23 @@ class BaseLedger(abc.ABC):
         self, target: str, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], LedgerItem]:
         """The items among `keys` ((upload_path, file_name) pairs) the ledger knows."""
-        rows = await self._lookup_rows(target, keys)
+        rows = await self._lookup_rows(target, keys, _QUALIFIED_ITEM_COLUMNS)
         with self._errors():
             return {(row[2], row[3]): _row_to_item(row) for row in rows}
 
     async def lookup_found(
         self, target: str, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], Found]:
-        """`lookup`, each row as `Found`: what deciding needs, the whole item on demand
-        (a no-op re-run decides every item and needs none whole)."""
-        rows = await self._lookup_rows(target, keys)
+        """`lookup`, reading of each row only what deciding needs (a no-op re-run decides
+        every item, and needs no item whole)."""
+        rows = await self._lookup_rows(target, keys, _FOUND_COLUMNS)
         with self._errors():
-            return {(row[2], row[3]): _row_to_found(row) for row in rows}
+            return {(row[0], row[1]): _row_to_found(row) for row in rows}
 
     async def _lookup_rows(
-        self, target: str, keys: Sequence[tuple[str, str]]
+        self, target: str, keys: Sequence[tuple[str, str]], columns: str
     ) -> list[Sequence[Any]]:
-        """The rows (`_ITEM_COLUMNS`) of the items among `keys` the ledger knows."""
+        """These `columns` (of `items.`) of the items among `keys` the ledger knows."""
         found: list[Sequence[Any]] = []
         for start in range(0, len(keys), LOOKUP_CHUNK):
             chunk = keys[start : start + LOOKUP_CHUNK]
@@ -833,7 +827,7 @@ class BaseLedger(abc.ABC):
             sql = (
                 f"WITH keys (upload_path, file_name) AS "
                 f"(VALUES {', '.join('(?, ?)' for _ in chunk)}) "
-                f"SELECT {_QUALIFIED_ITEM_COLUMNS} FROM keys CROSS JOIN items "
+                f"SELECT {columns} FROM keys CROSS JOIN items "
                 "ON items.target = ? AND items.upload_path = keys.upload_path "
                 "AND items.file_name = keys.file_name"
             )

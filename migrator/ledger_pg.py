@@ -350,12 +350,12 @@ class PgLedger(BaseLedger):
             await self._conn.execute(sql, name, json.dumps(value), time.time())
 
     async def _lookup_rows(
-        self, target: str, keys: Sequence[tuple[str, str]]
+        self, target: str, keys: Sequence[tuple[str, str]], columns: str
     ) -> list[Sequence[Any]]:
         if not keys:
             return []
         sql = (
-            f"SELECT {_QUALIFIED_ITEM_COLUMNS} "
+            f"SELECT {columns} "
             "FROM unnest(?::text[], ?::text[]) AS keys (upload_path, file_name) "
             "JOIN items ON items.target = ? AND items.upload_path = keys.upload_path "
             "AND items.file_name = keys.file_name"

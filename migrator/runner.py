@@ -280,21 +280,27 @@ async def decide_items(
     checksum: bool,
     clock: ServiceClock,
 ) -> AsyncIterator[Entry]:
-    """Join the plan (`expand_batches`) with the ledger, one lookup a batch; expiry is
+    """Join the plan (`expand_batches`) with the ledger, a batch at a time; expiry is
     judged on the service's clock. An entry's row is the ledger's item when there is
-    work to do on it (None for a new item, and for one that needs nothing)."""
-    target, refresh_within = manifest.target.base_url, manifest.settings.refresh_within
+    work to do on it (None for a new item, and for one that needs nothing): deciding
+    reads only what it needs of each row, and the items with work are read whole."""
+    target, within = manifest.target.base_url, manifest.settings.refresh_within
     unchanged = Decision.UNCHANGED
     async for batch in batches:
-        rows = await ledger.lookup_found(target, [item.key for item in batch])
+        found = await ledger.lookup_found(target, [item.key for item in batch])
         now = clock.now()
-        for item in batch:
-            found = rows.get(item.key)
-            decision = decide(
-                item, found, now=now, refresh_within=refresh_within, checksum=checksum
-            )
-            row = None if found is None or decision is unchanged else found.item()
-            yield item, decision, row
+        decisions = [
+            decide(item, found.get(item.key), now=now, refresh_within=within, checksum=checksum)
+            for item in batch
+        ]
+        worked = [
+            item.key
+            for item, decision in zip(batch, decisions, strict=True)
+            if decision is not unchanged and item.key in found
+        ]
+        rows = await ledger.lookup(target, worked) if worked else {}
+        for item, decision in zip(batch, decisions, strict=True):
+            yield item, decision, rows.get(item.key)
 
 
 def remembered_in(ledger: BaseLedger, target: str) -> Remembered:
