@@ -287,20 +287,21 @@ async def decide_items(
     target, within = manifest.target.base_url, manifest.settings.refresh_within
     unchanged = Decision.UNCHANGED
     async for batch in batches:
-        found = await ledger.lookup_found(target, [item.key for item in batch])
+        keys = [item.key for item in batch]
+        found = await ledger.lookup_found(target, keys)
         now = clock.now()
         decisions = [
-            decide(item, found.get(item.key), now=now, refresh_within=within, checksum=checksum)
-            for item in batch
+            decide(item, found.get(key), now=now, refresh_within=within, checksum=checksum)
+            for item, key in zip(batch, keys, strict=True)
         ]
         worked = [
-            item.key
-            for item, decision in zip(batch, decisions, strict=True)
-            if decision is not unchanged and item.key in found
+            key
+            for key, decision in zip(keys, decisions, strict=True)
+            if decision is not unchanged and key in found
         ]
         rows = await ledger.lookup(target, worked) if worked else {}
-        for item, decision in zip(batch, decisions, strict=True):
-            yield item, decision, rows.get(item.key)
+        for item, key, decision in zip(batch, keys, decisions, strict=True):
+            yield item, decision, rows.get(key) if rows else None
 
 
 def remembered_in(ledger: BaseLedger, target: str) -> Remembered:
