@@ -220,6 +220,18 @@ async def test_lookup_of_more_keys_than_one_query_takes(ledger: Ledger) -> None:
     assert len(found) == 1_300
 
 
+async def test_lookup_found_reads_what_deciding_needs_as_lookup_does(ledger: Ledger) -> None:
+    ledger.put_item(done("a.txt", uploaded_at=1.0, expires_at=2.0))
+    ledger.put_item(update("b.txt", sha256="ab" * 32))
+    keys = [("batch", "a.txt"), ("batch", "b.txt"), ("x", "y")]
+    whole, found = await ledger.lookup(TARGET, keys), await ledger.lookup_found(TARGET, keys)
+    assert set(found) == set(whole) == {("batch", "a.txt"), ("batch", "b.txt")}
+    for key, row in found.items():
+        assert row == tuple(getattr(whole[key], name) for name in row._fields)
+    assert found["batch", "a.txt"].state is ItemState.DONE
+    assert found["batch", "a.txt"].kind is SourceKind.FILE
+
+
 async def test_ten_thousand_updates_take_few_transactions(ledger: Ledger) -> None:
     for i in range(10_000):
         ledger.put_item(update(f"f{i:05d}", size=i))

@@ -23,7 +23,8 @@ from migrator.errors import ExitCode, StopReason
 from migrator.ledger import Ledger
 from migrator.model import ItemState, Method, PlanItem, SourceKind
 from migrator.progress import BarProgress
-from migrator.runner import RunOptions, run_manifest
+from migrator.resume import Decision
+from migrator.runner import RunOptions, preview, run_manifest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -171,6 +172,25 @@ async def test_rerun_of_a_finished_manifest_sends_no_request(
     )
     assert len(emulator.requests) == sent
     assert len(origin.gets) == fetched
+
+
+async def test_the_plan_carries_the_ledger_row_of_an_item_with_work_only(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    for name in ("same.txt", "resized.txt"):
+        write_file(job / name, 50)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./*.txt"}])
+    await run(manifest, api_key)
+    write_file(job / "resized.txt", 60)
+    write_file(job / "new.txt", 10)
+
+    entries = {item.file_name: (d, row) async for item, d, row in preview(load(manifest))}
+
+    assert entries["same.txt"] == (Decision.UNCHANGED, None)
+    assert entries["new.txt"] == (Decision.NEW, None)
+    decision, row = entries["resized.txt"]
+    assert decision is Decision.CHANGED
+    assert row is not None and (row.state, row.size) == (ItemState.DONE, 50)
 
 
 async def test_changed_sources_are_uploaded_again_and_unchanged_ones_are_not(
