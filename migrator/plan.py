@@ -845,7 +845,7 @@ async def expand_batches(
     remembered: Remembered | None = None,
     kept: KeptEntries | None = None,
 ) -> AsyncGenerator[list[PlanItem], None]:
-    """Yield the plan's items lazily, in manifest order, in lists of at most BATCH; from
+    """Yield the plan's items lazily, in manifest order, in lists of about BATCH; from
     `kept` (what `check_plan` kept) when given, else walking the sources.
 
     Local files carry size and mtime from stat. Remote files are probed for their size
@@ -877,23 +877,35 @@ async def expand_batches(
             for entry in chunk:
                 pending.append((entry, window.info(entry, known.get(entry.identity))))
                 while pending and (_ready(pending[0][1]) or len(pending) > PROBE_LOOKAHEAD):
-                    if ready and not _ready(pending[0][1]):
-                        yield ready  # what is ready goes on while a slow origin answers
+                    if _full(ready, pending):
+                        yield ready
                         ready = []
                     head, info = pending.popleft()
                     ready.append(await _planned(manifest, head, info))
             if ready:
                 yield ready
+        ready = []
         while pending:
+            if _full(ready, pending):
+                yield ready
+                ready = []
             head, info = pending.popleft()
-            yield [await _planned(manifest, head, info)]
+            ready.append(await _planned(manifest, head, info))
+        if ready:
+            yield ready
     finally:
         for _, info in pending:
             if isinstance(info, asyncio.Task):
                 info.cancel()
 
 
-BATCH = 500  # items a batch of `expand_batches` holds at most (one ledger lookup)
+BATCH = 500  # items in a batch of `expand_batches`, about (one ledger lookup)
+
+
+def _full(ready: list[PlanItem], pending: deque[tuple[_Entry, _Pending]]) -> bool:
+    """Whether the items ready go now: a batch is full, or the next one waits for an
+    origin (what is ready goes on meanwhile)."""
+    return len(ready) >= BATCH or (bool(ready) and not _ready(pending[0][1]))
 
 
 def _drain(pending: deque[tuple[_Entry, _Pending]]) -> Iterator[tuple[_Entry, _Pending]]:
