@@ -38,6 +38,7 @@ DEFAULT_LEASE = 60.0  # seconds; --lease
 RENEWALS_PER_LEASE = 3  # a lease is renewed this often within its length
 IDLE_POLL = 1.0  # the longest wait between looks at a queue others still hold
 ENQUEUE_BATCH = 500
+FIRST_ENQUEUE = 50  # a plan's first batch: small, for the workers to start on
 
 log = get_logger("migrator.claims")
 
@@ -96,29 +97,71 @@ async def plan_once(
     ledger: PgLedger,
     decided: AsyncIterator[Entry],
     on_skipped: Callable[[PlanItem], None] = lambda item: None,
+    on_queued: Callable[[], None] = lambda: None,
 ) -> int | None:
     """Queue what the plan needs uploaded, if no other process has open work queued;
     returns how many items were queued, or None when another plan is being worked.
-    `on_skipped` hears of each item that needs nothing."""
+    `on_skipped` hears of each item that needs nothing, `on_queued` of each batch
+    queued (the first one small: workers may start on it while the plan goes on)."""
     target = manifest.target.base_url
     async with ledger.planning(target) as must_plan:
         if not must_plan:
             return None
         queued = 0
         batch: list[tuple[str, str, Mapping[str, Any]]] = []
+        new: list[ItemUpdate] = []  # the queue refers to an item's row: a new one needs one
         async for item, decision, row in decided:
             if not (decision.needs_upload or decision is Decision.VERIFY):
                 on_skipped(item)
                 continue
-            if row is None:  # the queue refers to the item's row: it needs one first
-                ledger.put_item(ItemUpdate.pending(target, item))
+            if row is None:
+                new.append(ItemUpdate.pending(target, item))
             batch.append((item.upload_path, item.file_name, as_work(item, decision)))
-            if len(batch) >= ENQUEUE_BATCH:
-                queued += await ledger.enqueue(target, batch)
-                batch = []
+            if len(batch) >= (ENQUEUE_BATCH if queued else FIRST_ENQUEUE):
+                queued += await ledger.enqueue(target, batch, new=new)
+                on_queued()
+                batch, new = [], []
         if batch:
-            queued += await ledger.enqueue(target, batch)
+            queued += await ledger.enqueue(target, batch, new=new)
+            on_queued()
         return queued
+
+
+async def planned_and_claimed(
+    manifest: Manifest,
+    ledger: PgLedger,
+    decided: AsyncIterator[Entry],
+    on_skipped: Callable[[PlanItem], None],
+    keeper: LeaseKeeper,
+    batch: int,
+    busy: Callable[[], bool],
+) -> AsyncIterator[ClaimedWork]:
+    """`run` on a shared ledger: `plan_once` in the background, and the items this
+    process claims meanwhile (`claimed`): the process that plans uploads what it has
+    queued while it plans the rest, as a single-machine run uploads while it plans."""
+
+    async def plan() -> None:
+        queued = await plan_once(manifest, ledger, decided, on_skipped, keeper.wake.set)
+        log.info("run.queue", planned_here=queued is not None, queued=queued, owner=ledger.owner)
+        keeper.wake.set()
+
+    planner = asyncio.create_task(plan(), name="planner")
+
+    def planning_or_busy() -> bool:
+        if planner.done():
+            planner.result()  # a plan that failed fails the run here
+            return busy()
+        return True
+
+    try:
+        target = manifest.target.base_url
+        async for work in claimed(ledger, target, batch, keeper, planning_or_busy):
+            yield work
+        await planner
+    finally:
+        planner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await planner
 
 
 async def commit_plan(manifest: Manifest, *, checksum: bool = False) -> int | None:
@@ -144,13 +187,15 @@ async def commit_plan(manifest: Manifest, *, checksum: bool = False) -> int | No
 
 
 async def claimed(
-    ledger: PgLedger, target: str, batch: int, lease: float, busy: Callable[[], bool]
+    ledger: PgLedger, queue: str, batch: int, keeper: LeaseKeeper, busy: Callable[[], bool]
 ) -> AsyncIterator[ClaimedWork]:
-    """Items claimed from the queue, a batch at a time, until no open work is left and
-    this process is not `busy` (its results may yet reopen an item); when others hold
-    the rest, wait for their leases to run out or their results to land."""
+    """Items claimed from `queue`, `batch` at a time, their leases kept by `keeper`,
+    until no open work is left and this process is not `busy` (its results may yet
+    reopen an item); when others hold the rest, wait for their leases to run out or
+    their results to land, and when this process holds some, for them to be done."""
     while True:
-        found = await ledger.claim(target, batch, lease)
+        keeper.wake.clear()  # what changes from now on wakes the wait below
+        found = await ledger.claim(queue, batch, keeper.lease)
         for work in found:
             if work.taken_from is not None:
                 log.warning(
@@ -162,10 +207,11 @@ async def claimed(
             yield work
         if found:
             continue
-        open_items, first_lease_ends_in = await ledger.open_work(target)
+        open_items, first_lease_ends_in = await ledger.open_work(queue)
         if open_items == 0 and not busy():
             return
-        await asyncio.sleep(idle_wait(first_lease_ends_in))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(keeper.wake.wait(), idle_wait(first_lease_ends_in))
 
 
 def share_of(limit: float | None, live_workers: int) -> float | None:
@@ -207,6 +253,7 @@ class LeaseKeeper:
         self.lease = lease
         self.limits = limits
         self.lost = 0
+        self.wake = asyncio.Event()  # set when there may be more to claim, or less to wait for
         self._working: dict[int, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -248,6 +295,7 @@ class LeaseKeeper:
             raise
         finally:
             self._working.pop(claim.item_id, None)
+            self.wake.set()
         if task.cancelled():
             return False
         task.result()
@@ -329,7 +377,7 @@ class ClaimedOperation:
         self._keeper = LeaseKeeper(ledger, target, self.lease, SharedLimits(session.conn.pacer))
         await self._keeper.start()
         busy = lambda: self._waiting > 0  # noqa: E731
-        async for work in claimed(ledger, queue, session.workers, self.lease, busy):
+        async for work in claimed(ledger, queue, session.workers, self._keeper, busy):
             self._waiting += 1
             yield work
 
@@ -343,6 +391,7 @@ class ClaimedOperation:
                 await session.ledger.finish(work.claim)
         finally:
             self._waiting -= 1
+            self._keeper.wake.set()
 
     async def conclude(self, session: CommandSession) -> list[str]:
         notes = await self.operation.conclude(session)
@@ -379,6 +428,7 @@ __all__ = [
     "from_work",
     "idle_wait",
     "plan_once",
+    "planned_and_claimed",
     "queue_of",
     "share_of",
 ]

@@ -35,10 +35,11 @@ from migrator.ledger import (
     MIGRATIONS,
     SCHEMA_VERSION,
     BaseLedger,
+    _item_params,
     _row_to_item,
 )
 from migrator.logs import get_logger, register_secret
-from migrator.model import ITEM_UPDATE_FIELDS, ItemState, LedgerItem
+from migrator.model import ITEM_UPDATE_FIELDS, AttemptRecord, ItemState, ItemUpdate, LedgerItem
 
 log = get_logger("migrator.ledger")
 
@@ -123,6 +124,7 @@ def _named(sql: str) -> tuple[str, list[str]]:
 
 
 _UPSERT_SQL, _UPSERT_NAMES = _named(_UPSERT_ITEM)
+_ITEM_FIELDS = ", ".join(ITEM_UPDATE_FIELDS)
 _ATTEMPT_SQL, _ATTEMPT_NAMES = _named(
     _INSERT_ATTEMPT.replace(":run_id,", ":run_id::bigint,")
     .replace(":method,", ":method::text,")
@@ -168,7 +170,9 @@ WHERE id = :item_id
 """
 )
 # The same in one statement, for a batch with one result per claim: the results travel
-# as one JSON array (typed by the items table itself), locks are taken in id order.
+# as one JSON array (typed by the items table itself), locks are taken in id order; the
+# batch's attempts rows ($6, in their order, each with its item's id: all of them are of
+# claimed items) are written by the same statement.
 _WRITE_HELD_SQL = f"""
 WITH held AS ({_mine(2)}),
 results AS MATERIALIZED (
@@ -201,6 +205,21 @@ settled AS (
     FROM results AS r JOIN held USING (item_id)
     WHERE queue.item_id = held.item_id AND queue.target = held.target
         AND (r.finish OR r.release)
+),
+logged AS (
+    INSERT INTO attempts (
+        run_id, item_id, method, attempt, started_at, duration, http_status, outcome,
+        bytes_sent, error
+    )
+    SELECT a.run_id, items.id, a.method, a.attempt, a.started_at, a.duration, a.http_status,
+        a.outcome, a.bytes_sent, a.error
+    FROM jsonb_to_recordset($6::jsonb) AS a (
+        n BIGINT, item_id BIGINT, run_id BIGINT, method TEXT, attempt BIGINT,
+        started_at DOUBLE PRECISION, duration DOUBLE PRECISION, http_status BIGINT,
+        outcome TEXT, bytes_sent BIGINT, error TEXT
+    )
+    JOIN items ON items.id = a.item_id
+    ORDER BY a.n
 )
 SELECT item_id FROM held
 """
@@ -211,6 +230,31 @@ UPDATE queue SET
     owner = CASE WHEN $3 THEN NULL ELSE owner END,
     lease_until = CASE WHEN $3 THEN NULL ELSE lease_until END
 WHERE item_id = $1 AND target = $4
+"""
+# Queue a plan's work, creating the rows of its new items first: one statement a batch.
+_ENQUEUE_SQL = f"""
+WITH added AS (
+    INSERT INTO items (target, upload_path, file_name, attempts, updated_at, {_ITEM_FIELDS})
+    SELECT target, upload_path, file_name, attempts, updated_at, {_ITEM_FIELDS}
+    FROM jsonb_populate_recordset(NULL::items, $5::jsonb)
+    ON CONFLICT (target, upload_path, file_name) DO NOTHING
+    RETURNING id, upload_path, file_name
+),
+work AS (
+    SELECT * FROM unnest($2::text[], $3::text[], $4::text[]) AS w (upload_path, file_name, work)
+),
+known AS (
+    SELECT id, upload_path, file_name FROM added
+    UNION ALL
+    SELECT items.id, items.upload_path, items.file_name FROM items JOIN work
+        ON items.target = $1 AND items.upload_path = work.upload_path
+        AND items.file_name = work.file_name
+)
+INSERT INTO queue (item_id, target, work)
+SELECT known.id, $6, work.work FROM work JOIN known USING (upload_path, file_name)
+ORDER BY known.id
+ON CONFLICT (item_id, target) DO UPDATE SET work = excluded.work,
+    finished = FALSE, owner = NULL, lease_until = NULL WHERE queue.finished
 """
 # A refused final result means a stale worker's upload may have landed after the current
 # owner's, replacing its file: the item is done again. A finished row reopens; a held one
@@ -389,29 +433,33 @@ class PgLedger(BaseLedger):
         target: str,
         work: Sequence[tuple[str, str, Mapping[str, Any]]],
         queue: str | None = None,
+        *,
+        new: Sequence[ItemUpdate] = (),
     ) -> int:
-        """Queue (upload_path, file_name, work) for items of `target` the ledger holds,
-        in `queue` (default: the target's own, `run`'s); a row still open is left as it
-        is. Returns how many rows were queued."""
+        """Queue (upload_path, file_name, work) for items of `target`, in `queue`
+        (default: the target's own, `run`'s); a row still open is left as it is, and
+        the first of two works for one item is kept. `new`: the rows of items the ledger
+        does not hold yet, written by the same statement (the queue refers to them).
+        Returns how many rows were queued."""
         await self.flush()
-        sql = (
-            "INSERT INTO queue (item_id, target, work) SELECT id, $5, $4 FROM items "
-            "WHERE target = $1 AND upload_path = $2 AND file_name = $3 "
-            "ON CONFLICT (item_id, target) DO UPDATE SET work = excluded.work, "
-            "finished = FALSE, owner = NULL, lease_until = NULL WHERE queue.finished"
-        )
-        name_of_queue = queue or target
-        rows = [(target, path, name, json.dumps(dict(w)), name_of_queue) for path, name, w in work]
+        works: dict[tuple[str, str], str] = {}
+        for path, name, planned in work:
+            works.setdefault((path, name), json.dumps(dict(planned)))
+        now = time.time()
+        rows = json.dumps([_new_item(update, now) for update in new], default=str)
+        paths, names = [key[0] for key in works], [key[1] for key in works]
         async with self._locked():
-            await self._conn.executemany(sql, rows)
-        return len(rows)
+            await self._conn.execute(
+                _ENQUEUE_SQL, target, paths, names, list(works.values()), rows, queue or target
+            )
+        return len(works)
 
     async def claim(self, queue: str, limit: int, lease: float) -> list[ClaimedWork]:
         """Claim up to `limit` open items of `queue` that nobody holds (or whose lease ran
         out), lowest ids first, each with a new attempt number and a lease of `lease`
         seconds on the database's clock. A queue is named after its items' target (the
-        work names the target when the queue is another command's)."""
-        await self.flush()
+        work names the target when the queue is another command's). What is buffered
+        is not written first: a claim never waits for the results of the last ones."""
         sql = f"""
             WITH claimed AS (
                 UPDATE queue SET owner = $1, attempt = queue.attempt + 1, redo = FALSE,
@@ -555,7 +603,7 @@ class PgLedger(BaseLedger):
 
     # -- internals ----------------------------------------------------------------------------
 
-    def put_item(self, update: Any) -> None:
+    def put_item(self, update: ItemUpdate) -> None:
         super().put_item(update)
         key = (update.target, update.upload_path, update.file_name)
         claim = self._claims.get(key) or self._lost.get(key)
@@ -566,6 +614,13 @@ class PgLedger(BaseLedger):
             params["claim"] = claim
             params["release"] = state is not None and state not in _KEEPS_LEASE
             params["finish"] = state is not None and state not in _KEEPS_LEASE | _RELEASES
+
+    def put_attempt(self, record: AttemptRecord) -> None:
+        super().put_attempt(record)
+        key = (record.target, record.upload_path, record.file_name)
+        claim = self._claims.get(key) or self._lost.get(key)
+        if claim is not None:  # its row is known: written with the results, by id
+            self._attempts[-1]["item_id"] = claim.item_id
 
     async def _migrate(self) -> None:
         async with self._db_lock, self._transaction():
@@ -600,8 +655,9 @@ class PgLedger(BaseLedger):
     ) -> None:
         plain = [p for p in items if "claim" not in p]
         fenced = sorted((p for p in items if "claim" in p), key=_claim_id)
-        if fenced and not plain and not attempts and _one_result_per_claim(fenced):
-            await self._write_results(fenced)  # one statement: no transaction to open
+        by_id = all("item_id" in a for a in attempts)
+        if fenced and not plain and by_id and _one_result_per_claim(fenced):
+            await self._write_results(fenced, attempts)  # one statement: no transaction
             return
         refused: list[dict[str, object]] = []
         async with self._transaction():
@@ -626,24 +682,34 @@ class PgLedger(BaseLedger):
             rows = [_args(p, _ATTEMPT_NAMES) for p in records]
             await self._conn.executemany(_ATTEMPT_SQL, rows)
 
-    async def _write_results(self, fenced: list[dict[str, object]]) -> None:
-        """Results only, one per claim: written in one statement where the claim is
-        held; the refused are then recorded as the transaction path does."""
-        held = await self._write_held(fenced)
+    async def _write_results(
+        self, fenced: list[dict[str, object]], attempts: list[dict[str, object]]
+    ) -> None:
+        """Results, one per claim, and attempts rows: written in one statement, each
+        result where its claim is held; the refused are then recorded as the
+        transaction path does."""
+        held = await self._write_held(fenced, attempts)
         refused = [p for p in fenced if _claim(p).item_id not in held]
         if refused:
             async with self._transaction():
                 await self._record_refusals(refused, [])
         self._after_write(fenced, refused)
 
-    async def _write_held(self, fenced: list[dict[str, object]]) -> set[int]:
+    async def _write_held(
+        self, fenced: list[dict[str, object]], attempts: list[dict[str, object]] | None = None
+    ) -> set[int]:
         """Write the results of claims this process still holds, in one statement when
-        each claim has one result; returns the ids of the held items."""
+        each claim has one result (with `attempts`, when given); returns the ids of the
+        held items."""
         claims = [_claim(p) for p in fenced]
         if _one_result_per_claim(fenced):
             results = json.dumps([_result(p) for p in fenced], default=str)
-            found = await self._conn.fetch(_WRITE_HELD_SQL, self.owner, *_fence(claims), results)
+            logged = json.dumps([{**a, "n": n} for n, a in enumerate(attempts or [])])
+            found = await self._conn.fetch(
+                _WRITE_HELD_SQL, self.owner, *_fence(claims), results, logged
+            )
             return {r[0] for r in found}
+        assert not attempts, "attempts go with one result per claim, or by the caller"
         claims = list(set(claims))
         held = {r[0] for r in await self._conn.fetch(_HOLD_SQL, self.owner, *_fence(claims))}
         written = [p for p in fenced if _claim(p).item_id in held]
@@ -731,6 +797,13 @@ def _result(params: Mapping[str, object]) -> dict[str, object]:
 
 def _claim_id(params: dict[str, object]) -> int:
     return _claim(params).item_id
+
+
+def _new_item(update: ItemUpdate, now: float) -> dict[str, object]:
+    """A new item's row as `_ENQUEUE_SQL` reads it (pure): what it keeps is NULL."""
+    row = _item_params(update, now)
+    row["attempts"] = row.pop("attempts_added")
+    return row
 
 
 def _args(params: Mapping[str, object], names: Sequence[str]) -> list[object]:

@@ -14,13 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from migrator.claims import (
-    LeaseKeeper,
-    SharedLimits,
-    claimed,
-    from_work,
-    plan_once,
-)
+from migrator.claims import LeaseKeeper, SharedLimits, from_work, planned_and_claimed
 from migrator.clock import ServiceClock
 from migrator.command import (
     CommandOptions,
@@ -145,7 +139,7 @@ class RunOperation:
         return kept
 
     async def _claimed(self, session: CommandSession, ledger: PgLedger) -> AsyncIterator[Entry]:
-        """Plan once (the first process to find no open work), then claim with leases."""
+        """Plan once (the first process to find no open work), and claim with leases."""
         conn, lease, target = session.conn, self.options.lease, session.target_id
         self._contents = Contents(ledger, target, conn.clock, self._check.shared_sizes)
         remembered = remembered_in(ledger, target)
@@ -163,19 +157,15 @@ class RunOperation:
             self.options.by_checksum(self.manifest.settings),
             conn.clock,
         )
-        queued = await plan_once(
-            self.manifest,
-            ledger,
-            decided,
-            lambda item: session.finish(item.source, Outcome.SKIPPED),
-        )
-        log.info("run.queue", planned_here=queued is not None, queued=queued, owner=ledger.owner)
         limits = SharedLimits(conn.pacer)
         self._keeper = LeaseKeeper(ledger, self.manifest.target.base_url, lease, limits)
         await self._keeper.start()
-        target = self.manifest.target.base_url
+        skipped = lambda item: session.finish(item.source, Outcome.SKIPPED)  # noqa: E731
         busy = lambda: bool(self._claims) or self._in_flight > 0  # noqa: E731
-        async for work in claimed(ledger, target, session.workers, lease, busy):
+        claims = planned_and_claimed(
+            self.manifest, ledger, decided, skipped, self._keeper, session.workers, busy
+        )
+        async for work in claims:
             item, decision = from_work(work.work)
             self._claims[item.key] = work.claim
             yield item, decision, work.row
