@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from migrator.errors import LedgerError
@@ -332,6 +335,18 @@ class LeaseKeeper:
             task.cancel()
 
 
+def process_started() -> float | None:
+    """When this process started, on the wall clock (Linux, from /proc; None elsewhere):
+    the CLI's commands count as launched then, not when they got to the ledger."""
+    try:
+        stat = Path("/proc/self/stat").read_text(encoding="ascii")
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime since boot
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def queue_of(command: str, target: str) -> str:
     """The queue the processes of `command` share (pure): `run`'s is named after the
     target, each other command's after itself and the target."""
@@ -344,8 +359,16 @@ class ClaimedOperation:
     on; then each process claims rows from the queue with leases, works on the row as
     the claim read it, and finishes the claim after the item's results are written."""
 
-    def __init__(self, operation: Operation[LedgerItem], lease: float = DEFAULT_LEASE) -> None:
+    def __init__(
+        self,
+        operation: Operation[LedgerItem],
+        lease: float = DEFAULT_LEASE,
+        launched_at: float | None = None,
+    ) -> None:
         self.operation = operation
+        # A process launched before a round ended joins it, however long it took to
+        # look at the queue (a busy machine, a slow start): it does not start another.
+        self.launched_at = time.time() if launched_at is None else launched_at
         self.name = operation.name
         self.uses_api = operation.uses_api
         self.needs_clock = operation.needs_clock
@@ -368,7 +391,7 @@ class ClaimedOperation:
         assert isinstance(ledger, PgLedger), "a claimed operation needs a shared ledger"
         ledger.settles_by_state = False  # a claim ends when its item is done with
         queue = queue_of(self.name, target)
-        async with ledger.planning(queue) as must_plan:
+        async with ledger.planning(queue, self.launched_at) as must_plan:
             if must_plan:
                 self.queued = await self._enqueue(
                     ledger, target, queue, self.operation.items(session)
@@ -429,6 +452,7 @@ __all__ = [
     "idle_wait",
     "plan_once",
     "planned_and_claimed",
+    "process_started",
     "queue_of",
     "share_of",
 ]

@@ -676,8 +676,11 @@ def _command_options(args: argparse.Namespace) -> dict[str, Any]:
     lease = _converted("--lease", parse_duration, args.lease)
     if lease is None or not 1 <= lease <= 86400:
         raise UsageError("--lease: must be a duration from 1s to 1d, such as 60s")
+    from migrator.claims import process_started
+
     return {
         "lease": lease,
+        "launched_at": process_started(),
         "concurrency": args.concurrency,
         "dry_run": args.dry_run,
         "grace_period": args.grace,

@@ -80,6 +80,7 @@ class CommandOptions:
     tps_limit: float | None = None  # None: the manifest's settings.tps_limit
     bwlimit: int | None = None  # None: the manifest's settings.bwlimit
     lease: float = DEFAULT_LEASE  # a shared (PostgreSQL) ledger: how long a claim holds
+    launched_at: float | None = None  # a shared ledger: when asked for (wall clock); None: now
 
     def workers(self, settings: Settings) -> int:
         """The effective concurrency: this option, else the manifest's, within what the
@@ -459,7 +460,7 @@ async def execute(
     lock = contextlib.nullcontext() if manifest.ledger_url else locked(manifest.ledger)
     with lock:
         async with await open_ledger(manifest) as ledger:
-            shared = _claimed_if_shared(operation, ledger, options.lease)
+            shared = _claimed_if_shared(operation, ledger, options)
             summary = await _with_ledger(shared, manifest, options, watcher, ledger, api_key)
     if summary.stop_reason is StopReason.AUTH and api_key is not None:
         where = key_source(manifest.target, environ)
@@ -467,11 +468,14 @@ async def execute(
     return summary
 
 
-def _claimed_if_shared(operation: Operation[T], ledger: BaseLedger, lease: float) -> Operation[Any]:
+def _claimed_if_shared(
+    operation: Operation[T], ledger: BaseLedger, options: CommandOptions
+) -> Operation[Any]:
     """On a shared ledger, the processes of one command share its work by claims:
     `run` claims by itself, any other command through `ClaimedOperation`."""
     if isinstance(ledger, PgLedger) and operation.name != "run":
-        return ClaimedOperation(cast("Operation[LedgerItem]", operation), lease)
+        claimed = cast("Operation[LedgerItem]", operation)
+        return ClaimedOperation(claimed, options.lease, options.launched_at)
     return operation
 
 

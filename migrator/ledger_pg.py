@@ -95,6 +95,14 @@ _QUEUE_SCHEMA = (
         END IF;
     END $$""",
     "CREATE INDEX IF NOT EXISTS queue_open ON queue (target, item_id) WHERE NOT finished",
+    # When the row was last finished (the database's clock): the end of a queue's last
+    # round, which a command launched before it joins rather than doing it again.
+    """DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                       WHERE table_name = 'queue' AND column_name = 'finished_at')
+        THEN ALTER TABLE queue ADD COLUMN finished_at DOUBLE PRECISION;
+        END IF;
+    END $$""",
     """CREATE TABLE IF NOT EXISTS workers (
         owner TEXT PRIMARY KEY,
         target TEXT NOT NULL,
@@ -199,6 +207,7 @@ written AS (
 settled AS (
     UPDATE queue SET
         finished = (queue.finished OR r.finish) AND NOT queue.redo,
+        finished_at = CASE WHEN r.finish THEN {_NOW} ELSE queue.finished_at END,
         redo = FALSE,
         owner = CASE WHEN r.release THEN NULL ELSE queue.owner END,
         lease_until = CASE WHEN r.release THEN NULL ELSE queue.lease_until END
@@ -223,9 +232,10 @@ logged AS (
 )
 SELECT item_id FROM held
 """
-_SETTLE_QUEUE_SQL = """
+_SETTLE_QUEUE_SQL = f"""
 UPDATE queue SET
     finished = (finished OR $2) AND NOT redo,
+    finished_at = CASE WHEN $2 THEN {_NOW} ELSE finished_at END,
     redo = FALSE,
     owner = CASE WHEN $3 THEN NULL ELSE owner END,
     lease_until = CASE WHEN $3 THEN NULL ELSE lease_until END
@@ -410,9 +420,13 @@ class PgLedger(BaseLedger):
     # -- the queue ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def planning(self, target: str) -> Any:
-        """Hold the planning lock of `target`; yields whether the queue has no open work
-        (so this process plans: the first one, or the first after the last plan ended)."""
+    async def planning(self, target: str, launched_at: float | None = None) -> Any:
+        """Hold the planning lock of the queue `target`; yields whether this process
+        plans: the queue has no open work (the first process, or the first after the
+        last round ended), and, with `launched_at` (when this command was launched, on
+        our wall clock), the last round did not end after that: a command launched
+        before a round ended joins that round, even when it is done by the time the
+        command looks at the queue."""
         await self.flush()
         key = f"migrator.plan:{target}"
         while True:
@@ -422,11 +436,23 @@ class PgLedger(BaseLedger):
                 break
             await asyncio.sleep(PLAN_LOCK_POLL)
         try:
-            open_items, _wait = await self.open_work(target)
-            yield open_items == 0
+            open_items, ended = await self._last_round(target)
+            joins_ended = launched_at is not None and ended is not None and ended >= launched_at
+            yield open_items == 0 and not joins_ended
         finally:
             async with self._locked():
                 await self._conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+
+    async def _last_round(self, queue: str) -> tuple[int, float | None]:
+        """How many items of `queue` are open, and when its last item was finished,
+        on our wall clock (None: never)."""
+        sql = (
+            f"SELECT COUNT(*) FILTER (WHERE NOT finished), MAX(finished_at), {_NOW} "
+            "FROM queue WHERE target = ?"
+        )
+        ((open_items, ended, db_now),) = await self._fetch(sql, [queue])
+        ours = time.time()
+        return int(open_items), None if ended is None else float(ended) - float(db_now) + ours
 
     async def enqueue(
         self,
@@ -538,7 +564,8 @@ class PgLedger(BaseLedger):
         it (the results and this land together); False when the claim was lost."""
         await self.flush()
         sql = f"""
-            UPDATE queue SET finished = TRUE, owner = NULL, lease_until = NULL
+            UPDATE queue SET finished = TRUE, finished_at = {_NOW}, owner = NULL,
+                lease_until = NULL
             FROM ({_mine(2)}) AS mine
             WHERE queue.item_id = mine.item_id AND queue.target = mine.target
             RETURNING queue.item_id"""

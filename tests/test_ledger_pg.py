@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -383,3 +384,83 @@ async def test_finishing_a_lost_claim_changes_nothing(pg_url: str) -> None:
         assert await late.open_work(queue) == (1, pytest.approx(LEASE, abs=5))
         assert await other.finish(taken.claim)
         assert (await late.open_work(queue))[0] == 0
+
+
+# -- rounds of refresh, download and verify --------------------------------------------------
+
+
+async def a_finished_round(ledger: PgLedger, queue: str) -> None:
+    """Three items queued in `queue`, claimed and finished."""
+    names = await queued(ledger, 3)
+    work = [("batch", n, {"target": TARGET, "upload_path": "batch", "file_name": n})
+            for n in names]  # fmt: skip
+    await ledger.enqueue(TARGET, work, queue)
+    for claimed_work in await ledger.claim(queue, 10, LEASE):
+        assert await ledger.finish(claimed_work.claim)
+
+
+async def test_a_command_launched_before_the_last_round_ended_joins_it(pg_url: str) -> None:
+    queue = queue_of("refresh", TARGET)
+    async with await PgLedger.open(pg_url, owner="a") as ledger:
+        launched = time.time()
+        await a_finished_round(ledger, queue)
+        async with ledger.planning(queue, launched) as must_plan:
+            assert not must_plan  # it joins the round, which is done: nothing to redo
+
+
+async def test_a_command_launched_after_the_last_round_ended_starts_another(
+    pg_url: str,
+) -> None:
+    queue = queue_of("refresh", TARGET)
+    async with await PgLedger.open(pg_url, owner="a") as ledger:
+        await a_finished_round(ledger, queue)
+        await asyncio.sleep(0.05)
+        async with ledger.planning(queue, time.time()) as must_plan:
+            assert must_plan
+
+
+async def test_a_round_still_open_is_joined_whenever_the_command_was_launched(
+    pg_url: str,
+) -> None:
+    queue = queue_of("verify", TARGET)
+    async with await PgLedger.open(pg_url, owner="a") as ledger:
+        ledger.put_item(update("f0000"))
+        work = {"upload_path": "batch", "file_name": "f0000"}
+        await ledger.enqueue(TARGET, [("batch", "f0000", work)], queue)
+        async with ledger.planning(queue, time.time()) as must_plan:
+            assert not must_plan
+
+
+async def test_new_items_get_their_rows_with_their_queue_rows(pg_url: str) -> None:
+    async with await PgLedger.open(pg_url, owner="planner") as ledger:
+        ledger.put_item(update("known", ItemState.FAILED))
+        await ledger.flush()
+        work = [("batch", n, {"upload_path": "batch", "file_name": n}) for n in ("known", "new")]
+        assert await ledger.enqueue(TARGET, work, new=[update("new")]) == 2
+        known = await ledger.get(TARGET, "batch", "known")
+        new = await ledger.get(TARGET, "batch", "new")
+        claims = await ledger.claim(TARGET, 10, LEASE)
+    assert known is not None and known.state is ItemState.FAILED  # left as it was
+    assert new is not None and (new.state, new.source) == (ItemState.PENDING, "/data/new")
+    assert sorted(w.work["file_name"] for w in claims) == ["known", "new"]
+
+
+async def test_results_and_their_attempts_rows_are_written_together(pg_url: str) -> None:
+    async with await PgLedger.open(pg_url, owner="w") as ledger:
+        names = await queued(ledger, 3)
+        run_id = await ledger.start_run("run", "job.yaml")
+        await ledger.claim(TARGET, 3, LEASE)
+        for name in names:
+            ledger.put_item(done(name))
+            for number in (1, 2):
+                ledger.put_attempt(replace(attempt_of(name, run_id), attempt=number))
+        await ledger.flush()
+        assert await ledger.open_work(TARGET) == (0, None)
+        rows = await ledger._fetch(
+            "SELECT items.file_name, attempts.attempt FROM attempts "
+            "JOIN items ON items.id = attempts.item_id ORDER BY attempts.id",
+            [],
+        )
+        states = {n: (await ledger.get(TARGET, "batch", n)) for n in names}
+    assert [tuple(r) for r in rows] == [(n, number) for n in names for number in (1, 2)]
+    assert all(row is not None and row.state is ItemState.DONE for row in states.values())

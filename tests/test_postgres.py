@@ -142,6 +142,42 @@ async def test_two_refresh_processes_refresh_each_due_item_once(
     assert await scalar(pg_url, "SELECT COUNT(*) FROM queue WHERE NOT finished") == 0
 
 
+def refresh_command(manifest: Path, url: str) -> tuple[str, ...]:
+    return ("refresh", str(manifest), "--no-progress", "--within", "73h", "--ledger", url)
+
+
+async def test_a_refresh_launched_before_another_ended_its_round_does_not_redo_it(
+    job: Path, emulator: Emulator, api_key: str, pg_url: str
+) -> None:
+    manifest, data = manifest_for(job, emulator, 12)
+    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
+    assert first.code == 0, first.stderr
+    late = await start_cli(*refresh_command(manifest, pg_url), key=api_key)
+    late.send_signal(signal.SIGSTOP)  # launched now, it looks at the queue after the round
+    try:
+        other = await run_cli(*refresh_command(manifest, pg_url), key=api_key)
+        assert other.code == 0, other.stderr
+    finally:
+        late.send_signal(signal.SIGCONT)
+    _out, err = await asyncio.wait_for(late.communicate(), 60)
+    assert late.returncode == 0, err
+    uploads = Counter(request.file_name for request in emulator.requests)
+    assert uploads == {name: 2 for name in data}  # the run's upload, and one refresh
+
+
+async def test_a_refresh_launched_after_the_last_round_ended_starts_another(
+    job: Path, emulator: Emulator, api_key: str, pg_url: str
+) -> None:
+    manifest, data = manifest_for(job, emulator, 4)
+    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
+    assert first.code == 0, first.stderr
+    for _round in range(2):
+        refreshed = await run_cli(*refresh_command(manifest, pg_url), key=api_key)
+        assert refreshed.code == 0, refreshed.stderr
+    uploads = Counter(request.file_name for request in emulator.requests)
+    assert uploads == {name: 3 for name in data}
+
+
 async def test_the_password_of_the_ledger_url_never_shows(
     job: Path, emulator: Emulator, api_key: str, pg_url: str
 ) -> None:
