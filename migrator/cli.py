@@ -624,6 +624,8 @@ def _add_command_args(sub: argparse.ArgumentParser) -> None:
     _add_network_args(sub)
     sub.add_argument(
         "--lease",
+        metavar="DURATION",
+        type=typed(_lease),
         default="60s",
         help="with a postgresql:// ledger: how long a claimed item stays this process's "
         "without renewal; a dead worker's items return after it (default 60s)",
@@ -643,6 +645,14 @@ def _add_command_args(sub: argparse.ArgumentParser) -> None:
         help="without a terminal, print a progress line this often (default 10s)",
     )
     _add_logging_args(sub)
+
+
+def _lease(text: str) -> float:
+    """--lease: a duration from 1s to 1d."""
+    seconds = parse_duration(text)
+    if not 1 <= seconds <= 86400:
+        raise ValueError("must be a duration from 1s to 1d, such as 60s")
+    return seconds
 
 
 def _add_network_args(sub: argparse.ArgumentParser) -> None:
@@ -673,13 +683,10 @@ def _add_network_args(sub: argparse.ArgumentParser) -> None:
 
 def _command_options(args: argparse.Namespace) -> dict[str, Any]:
     """The CommandOptions fields every command's options share."""
-    lease = _converted("--lease", parse_duration, args.lease)
-    if lease is None or not 1 <= lease <= 86400:
-        raise UsageError("--lease: must be a duration from 1s to 1d, such as 60s")
     from migrator.claims import process_started
 
     return {
-        "lease": lease,
+        "lease": args.lease,
         "launched_at": process_started(),
         "concurrency": args.concurrency,
         "dry_run": args.dry_run,

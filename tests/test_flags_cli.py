@@ -109,6 +109,7 @@ BAD_FLAGS = {
     "stats words": (["--stats", "often"], "--stats"),
     "grace words": (["--grace", "soon"], "--grace"),
     "lease zero": (["--lease", "0s"], "--lease"),
+    "lease over a day": (["--lease", "2d"], "--lease: must be a duration from 1s to 1d"),
     "abbreviation": (["--dry"], "unrecognized arguments: --dry"),
     "quiet and verbose": (["-q", "-v"], "not allowed with"),
 }
@@ -250,6 +251,7 @@ BAD_ENVIRONMENT = {
     "MIGRATOR_DRY_RUN": "maybe",
     "MIGRATOR_GRACE": "soon",
     "MIGRATOR_LOG_FORMAT": "xml",
+    "MIGRATOR_LEASE": "soon",
 }
 
 
