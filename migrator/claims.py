@@ -149,6 +149,7 @@ async def planned_and_claimed(
         keeper.wake.set()
 
     planner = asyncio.create_task(plan(), name="planner")
+    keeper.stops_with(planner)  # a run told to stop plans no further
 
     def planning_or_busy() -> bool:
         if planner.done():
@@ -259,19 +260,26 @@ class LeaseKeeper:
         self.wake = asyncio.Event()  # set when there may be more to claim, or less to wait for
         self._working: dict[int, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._alongside: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self._beat()
         if self._task is None:
             self._task = asyncio.create_task(self._renew_forever(), name="lease-keeper")
 
+    def stops_with(self, task: asyncio.Task[None]) -> None:
+        """Cancel `task` (work that feeds the claims) when this keeper stops."""
+        self._alongside.append(task)
+
     async def stop(self) -> None:
-        """Stop renewing, and hand back what this process holds and did not start."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop renewing, and what feeds the claims; hand back what this process holds
+        and did not start."""
+        for task in [*self._alongside, self._task]:
+            if task is not None and not task.done():  # a failed one told the claims
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task, self._alongside = None, []
         with contextlib.suppress(LedgerError):
             await self.ledger.release_held()
             await self.ledger.sign_off()

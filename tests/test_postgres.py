@@ -142,6 +142,26 @@ async def test_two_refresh_processes_refresh_each_due_item_once(
     assert await scalar(pg_url, "SELECT COUNT(*) FROM queue WHERE NOT finished") == 0
 
 
+async def test_a_worker_told_to_stop_hands_back_what_it_claimed_at_once(
+    job: Path, emulator: Emulator, api_key: str, pg_url: str
+) -> None:
+    manifest, data = manifest_for(job, emulator, 100)
+    emulator.delay_stores(0.3, count=100)  # about 25 uploads a second with 8 workers
+    out = job / "stopped"
+    worker = await start_worker(manifest, pg_url, api_key, out)
+    await wait_for_done(pg_url, 8)
+    worker.send_signal(signal.SIGTERM)  # it holds claims it has not started yet
+    stopped = await finished(worker, out, 60)
+    assert stopped.code != 0, stopped.stdout
+    assert await scalar(pg_url, "SELECT COUNT(*) FROM queue WHERE NOT finished") > 0
+    held = "SELECT COUNT(*) FROM queue WHERE NOT finished AND owner IS NOT NULL"
+    assert await scalar(pg_url, held) == 0  # not left to wait for its 60 s leases
+    rest = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
+    assert rest.code == 0, rest.stderr
+    await assert_all_done_and_served(pg_url, data)
+    assert set(Counter(request.file_name for request in emulator.requests).values()) == {1}
+
+
 def refresh_command(manifest: Path, url: str) -> tuple[str, ...]:
     return ("refresh", str(manifest), "--no-progress", "--within", "73h", "--ledger", url)
 
