@@ -2,8 +2,9 @@
 
 The first process to find no open work in the queue plans (under the planning lock):
 it joins the plan with the ledger as a single-machine run would, and queues what needs
-an upload. Every process then claims small batches, lowest ids first, each item with a
-lease on the database's clock, and renews the leases of what it holds. A process whose
+an upload, a batch at a time, claiming from the queue meanwhile; the others join once
+there is work queued. Every process claims small batches, lowest ids first, each item
+with a lease on the database's clock, and renews the leases of what it holds. A process whose
 lease ran out (it was stopped, or cut off) loses the item: its work on it is cancelled
 and whatever it still writes about it is refused. A process that finds nothing to claim
 while others hold leases waits for them, so the last one standing finishes the work of
@@ -11,7 +12,8 @@ one that died.
 
 `refresh`, `download` and `verify` share a ledger the same way, each from a queue of
 its own: the first process queues the items it would work on, and every process claims
-from that queue (`ClaimedOperation`).
+from that queue (`ClaimedOperation`). A round is the queue filled once and worked to the
+end; a process launched before the last round ended joins it rather than doing it again.
 """
 
 from __future__ import annotations
@@ -212,8 +214,10 @@ async def claimed(
         if found:
             continue
         open_items, first_lease_ends_in = await ledger.open_work(queue)
-        if open_items == 0 and not busy():
-            return
+        if open_items == 0 and not busy() and not await ledger.being_planned(queue):
+            if (await ledger.open_work(queue))[0] == 0:  # nor did a plan end meanwhile
+                return
+            continue
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(keeper.wake.wait(), idle_wait(first_lease_ends_in))
 

@@ -426,22 +426,45 @@ class PgLedger(BaseLedger):
         last round ended), and, with `launched_at` (when this command was launched, on
         our wall clock), the last round did not end after that: a command launched
         before a round ended joins that round, even when it is done by the time the
-        command looks at the queue."""
+        command looks at the queue. While another process plans, this one joins as soon
+        as that plan has queued work (without the lock)."""
         await self.flush()
-        key = f"migrator.plan:{target}"
-        while True:
-            async with self._locked():
-                got = await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
-            if got:
-                break
-            await asyncio.sleep(PLAN_LOCK_POLL)
+        if not await self._lock_to_plan(target):
+            yield False
+            return
         try:
             open_items, ended = await self._last_round(target)
             joins_ended = launched_at is not None and ended is not None and ended >= launched_at
             yield open_items == 0 and not joins_ended
         finally:
             async with self._locked():
+                await self._conn.execute(
+                    "SELECT pg_advisory_unlock(hashtext($1))", _plan_key(target)
+                )
+
+    async def _lock_to_plan(self, target: str) -> bool:
+        """Take the planning lock of `target` (True), or find that another process is
+        planning it and has queued work already (False)."""
+        while True:
+            async with self._locked():
+                got: bool = await self._conn.fetchval(
+                    "SELECT pg_try_advisory_lock(hashtext($1))", _plan_key(target)
+                )
+            if got:
+                return True
+            if (await self.open_work(target))[0]:
+                return False
+            await asyncio.sleep(PLAN_LOCK_POLL)
+
+    async def being_planned(self, target: str) -> bool:
+        """Whether another process holds the planning lock of `target` (it may queue
+        more work yet)."""
+        key = _plan_key(target)
+        async with self._locked():
+            free = await self._conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+            if free:
                 await self._conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+        return not free
 
     async def _last_round(self, queue: str) -> tuple[int, float | None]:
         """How many items of `queue` are open, and when its last item was finished,
@@ -797,6 +820,10 @@ class PgLedger(BaseLedger):
         with self._errors():
             async with self._conn.transaction():
                 yield
+
+
+def _plan_key(target: str) -> str:
+    return f"migrator.plan:{target}"
 
 
 def _fence(claims: Sequence[Claim]) -> tuple[list[int], list[int], list[str]]:

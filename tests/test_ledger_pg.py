@@ -464,3 +464,18 @@ async def test_results_and_their_attempts_rows_are_written_together(pg_url: str)
         states = {n: (await ledger.get(TARGET, "batch", n)) for n in names}
     assert [tuple(r) for r in rows] == [(n, number) for n in names for number in (1, 2)]
     assert all(row is not None and row.state is ItemState.DONE for row in states.values())
+
+
+async def test_a_process_joins_a_plan_in_progress_once_it_has_queued_work(pg_url: str) -> None:
+    async with (
+        await PgLedger.open(pg_url, owner="planner") as planner,
+        await PgLedger.open(pg_url, owner="joiner") as joiner,
+    ):
+        async with planner.planning(TARGET) as must_plan:
+            assert must_plan
+            await queued(planner, 2)
+            async with asyncio.timeout(5):
+                async with joiner.planning(TARGET) as joins_as_planner:
+                    assert not joins_as_planner
+            assert await joiner.being_planned(TARGET)  # more may come: it stays
+        assert not await joiner.being_planned(TARGET)
