@@ -1,7 +1,8 @@
 """Benchmark: the PostgreSQL ledger's work claiming, and `migrator run` on it.
 
     python benchmarks/pg_claims.py [--items 20000] [--workers 4 16] [--batch 16]
-                                   [--run-items 2000] [--processes 1 2 4] [--url postgresql://...]
+                                   [--run-items 2000] [--processes 1 2 4] [--sqlite]
+                                   [--url postgresql://...]
 
 1. Claims: `--items` queued items; each of W worker processes (one connection each)
    claims batches of `--batch` (a run claims one item per worker of its concurrency)
@@ -9,6 +10,7 @@
    Prints items/s from the first claim to the last result.
 2. Runs: `--run-items` small files, uploaded to the emulator (a `migrator emulator`
    process) by 1, 2 and 4 `migrator run` processes sharing one ledger. Prints items/s.
+   `--sqlite`: the same run by one process on an SQLite ledger, for reference.
 
 Without `--url` a throwaway PostgreSQL server is started from the system's binaries
 (as the tests do).
@@ -122,7 +124,14 @@ def claims_per_second(url: str, items: int, workers: int, batch_size: int = BATC
 
 
 def run_throughput(url: str, items: int, processes: int, folder: Path) -> float:
-    asyncio.run(fresh(url))
+    """`migrator run` of `items` files by `processes` workers on the ledger at `url` (a
+    postgresql:// URL, emptied first, or a fresh SQLite file's path): items/s."""
+    kind = "pg" if url.startswith("postgresql") else "sqlite"
+    if kind == "pg":
+        asyncio.run(fresh(url))
+    else:
+        for stale in Path(url).parent.glob(Path(url).name + "*"):
+            stale.unlink()
     src = folder / "src"
     src.mkdir(exist_ok=True)
     for i in range(items):
@@ -139,7 +148,7 @@ def run_throughput(url: str, items: int, processes: int, folder: Path) -> float:
             "--port",
             "0",
             "--data-dir",
-            str(folder / f"emu-{processes}"),
+            str(folder / f"emu-{kind}-{processes}"),
             "--api-key",
             API_KEY,
         ],
@@ -201,6 +210,9 @@ def main() -> int:
     parser.add_argument("--run-items", type=int, default=2000)
     parser.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--url", default=None)
+    parser.add_argument(
+        "--sqlite", action="store_true", help="also time one run process on an SQLite ledger"
+    )
     args = parser.parse_args()
     with database(args.url) as url:
         for workers in args.workers:
@@ -215,6 +227,14 @@ def main() -> int:
                 rate = run_throughput(url, args.run_items, processes, Path(folder))
                 print(
                     f"run: {args.run_items} items, {processes} processes: {rate:,.0f} items/s",
+                    flush=True,
+                )
+            if args.sqlite:
+                ledger = str(Path(folder) / "ledger.sqlite")
+                rate = run_throughput(ledger, args.run_items, 1, Path(folder))
+                print(
+                    f"run: {args.run_items} items, 1 process, SQLite ledger: {rate:,.0f} items/s "
+                    f"(load average {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )
     return 0

@@ -4,9 +4,9 @@ The first process to find no open work in the queue plans (under the planning lo
 it joins the plan with the ledger as a single-machine run would, and queues what needs
 an upload, a batch at a time, claiming from the queue meanwhile; the others join once
 there is work queued. Every process claims small batches, lowest ids first, each item
-with a lease on the database's clock, and renews the leases of what it holds. A process whose
-lease ran out (it was stopped, or cut off) loses the item: its work on it is cancelled
-and whatever it still writes about it is refused. A process that finds nothing to claim
+with a lease on the database's clock, and renews the leases of what it holds. A process
+whose lease ran out (it was stopped, or cut off) loses the item: its work on it is
+cancelled and whatever it still writes about it is refused. A process that finds nothing to claim
 while others hold leases waits for them, so the last one standing finishes the work of
 one that died.
 

@@ -38,6 +38,16 @@ def manifest_for(job: Path, emulator: Emulator, count: int) -> tuple[Path, dict[
     return path, data
 
 
+async def uploaded(
+    job: Path, emulator: Emulator, api_key: str, url: str, count: int
+) -> tuple[Path, dict[str, bytes]]:
+    """A manifest of `count` files (and them, by name), uploaded by one run."""
+    manifest, data = manifest_for(job, emulator, count)
+    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", url, key=api_key)
+    assert first.code == 0, first.stderr
+    return manifest, data
+
+
 async def start_worker(
     manifest: Path, url: str, api_key: str, out: Path, *extra: str
 ) -> asyncio.subprocess.Process:
@@ -98,9 +108,7 @@ async def test_two_workers_share_the_work_and_upload_each_item_once(
 async def test_a_second_run_after_the_first_uploads_nothing(
     job: Path, emulator: Emulator, api_key: str, pg_url: str
 ) -> None:
-    manifest, data = manifest_for(job, emulator, 20)
-    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
-    assert first.code == 0, first.stderr
+    manifest, data = await uploaded(job, emulator, api_key, pg_url, 20)
     again = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
     assert again.code == 0, again.stderr
     assert len(emulator.requests) == len(data)
@@ -110,9 +118,7 @@ async def test_a_second_run_after_the_first_uploads_nothing(
 async def test_a_source_changed_after_the_run_is_uploaded_again_by_the_next_plan(
     job: Path, emulator: Emulator, api_key: str, pg_url: str
 ) -> None:
-    manifest, data = manifest_for(job, emulator, 5)
-    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
-    assert first.code == 0, first.stderr
+    manifest, data = await uploaded(job, emulator, api_key, pg_url, 5)
     data["f00002.bin"] = write_file(job / "src" / "f00002.bin", 999, seed=77)
     planned = await run_cli("plan", str(manifest), "--commit", "--ledger", pg_url)
     assert planned.code == 0 and "1 items queued" in planned.stdout, planned.stdout
@@ -125,9 +131,7 @@ async def test_a_source_changed_after_the_run_is_uploaded_again_by_the_next_plan
 async def test_two_refresh_processes_refresh_each_due_item_once(
     job: Path, emulator: Emulator, api_key: str, pg_url: str
 ) -> None:
-    manifest, data = manifest_for(job, emulator, 60)
-    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
-    assert first.code == 0, first.stderr
+    manifest, data = await uploaded(job, emulator, api_key, pg_url, 60)
     command = ("refresh", str(manifest), "--no-progress", "--within", "73h", "--lease", "30s")
     command += ("--ledger", pg_url)
     # The first round must still be open when the second process looks at the queue (a
@@ -169,9 +173,7 @@ def refresh_command(manifest: Path, url: str) -> tuple[str, ...]:
 async def test_a_refresh_launched_before_another_ended_its_round_does_not_redo_it(
     job: Path, emulator: Emulator, api_key: str, pg_url: str
 ) -> None:
-    manifest, data = manifest_for(job, emulator, 12)
-    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
-    assert first.code == 0, first.stderr
+    manifest, data = await uploaded(job, emulator, api_key, pg_url, 12)
     late = await start_cli(*refresh_command(manifest, pg_url), key=api_key)
     late.send_signal(signal.SIGSTOP)  # launched now, it looks at the queue after the round
     try:
@@ -188,9 +190,7 @@ async def test_a_refresh_launched_before_another_ended_its_round_does_not_redo_i
 async def test_a_refresh_launched_after_the_last_round_ended_starts_another(
     job: Path, emulator: Emulator, api_key: str, pg_url: str
 ) -> None:
-    manifest, data = manifest_for(job, emulator, 4)
-    first = await run_cli("run", str(manifest), "--no-progress", "--ledger", pg_url, key=api_key)
-    assert first.code == 0, first.stderr
+    manifest, data = await uploaded(job, emulator, api_key, pg_url, 4)
     for _round in range(2):
         refreshed = await run_cli(*refresh_command(manifest, pg_url), key=api_key)
         assert refreshed.code == 0, refreshed.stderr
