@@ -333,6 +333,7 @@ class _NamedTee:
         def emit(**event: Any) -> None:
             _TEE.dispatch(method_name, event)
 
+        setattr(self, method_name, emit)  # made once per method, not once per event
         return emit
 
 
@@ -374,10 +375,13 @@ _PROCESSORS: list[Processor] = [
 # -- renderers ----------------------------------------------------------------------------------
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str)  # one, not one per line
+
+
 def _json_line(event_dict: EventDict) -> str:
     ordered = {k: event_dict[k] for k in _FIRST_KEYS if k in event_dict}
-    ordered.update((k, v) for k, v in event_dict.items() if k not in ordered)
-    return json.dumps(ordered, ensure_ascii=False, default=str)
+    ordered.update(event_dict)  # the first keys keep their places
+    return _JSON.encode(ordered)
 
 
 def _console_renderer(stream: TextIO) -> Format:
@@ -455,15 +459,10 @@ def flush_logs() -> None:
 def get_logger(name: str = "migrator") -> FilteringBoundLogger:
     """A logger whose events go where `configure_logging` said (nowhere before it);
     they carry `logger=<name>` unless the name is the default."""
-    return cast(
-        FilteringBoundLogger,
-        structlog.wrap_logger(
-            _NamedTee(name),
-            processors=_PROCESSORS,
-            wrapper_class=structlog.make_filtering_bound_logger(LEVELS["debug"]),
-            cache_logger_on_first_use=True,
-        ),
-    )
+    # Bound now, not through structlog's lazy proxy: it would look the method up
+    # through __getattr__ on every event, and the chain never changes anyway.
+    wrapper: Any = structlog.make_filtering_bound_logger(LEVELS["debug"])
+    return cast(FilteringBoundLogger, wrapper(_NamedTee(name), _PROCESSORS, {}))
 
 
 def _console_sink(console: str, stream: TextIO, min_level: int, redact: Processor) -> _Sink | None:
