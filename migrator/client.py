@@ -70,6 +70,7 @@ MAX_MESSAGE = 300
 MAX_ANSWER_BYTES = 1024 * 1024  # the service answers a small JSON envelope
 _MILLIS_THRESHOLD = 1e11  # epoch numbers above this are milliseconds (year 5138 in seconds)
 _LINK_KEYS = ("downloadUrl", "fileUrl", "url")
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 
 OnChunk = Callable[[bytes], Awaitable[None]]  # told of (and may pace) every chunk
 
@@ -192,7 +193,8 @@ def _first_present(fields: Mapping[str, Any], *keys: str) -> object:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(body.decode("utf-8-sig"))
+        # An answer that starts with "{" has no byte order mark to look for.
+        value = json.loads(body.decode() if body[:1] == b"{" else body.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
@@ -285,7 +287,7 @@ def _moment(value: object) -> float | None:
         number = float(value)
     elif isinstance(value, str):
         text = value.strip()
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        if _NUMBER_RE.fullmatch(text):
             number = float(text)
         else:
             try:
