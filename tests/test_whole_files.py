@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -64,7 +63,7 @@ async def test_a_missing_file_fails_its_own_read_only(tmp_path: Path) -> None:
 async def test_a_link_in_place_of_the_file_is_refused(tmp_path: Path) -> None:
     (path,) = _files(tmp_path, 1)
     link = tmp_path / "link.bin"
-    os.symlink(path, link)
+    link.symlink_to(path)
     with pytest.raises(PermanentError, match="symbolic link"):
         await WholeFiles().read(str(link), 1024, hashlib.sha256())
 
