@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import functools
 import json
 import os
@@ -360,12 +361,32 @@ def _add_level(logger: WrappedLogger, method_name: str, event_dict: EventDict) -
     return event_dict
 
 
+class _Second:
+    """The text of the current second, made once a second rather than once an event."""
+
+    number = -1
+    text = ""
+
+
+def _add_timestamp(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """ISO-8601 UTC with microseconds and `Z`, as structlog's TimeStamper(fmt="iso",
+    utc=True) writes it, at a fraction of its cost (an event per uploaded item)."""
+    now = time.time()
+    second = int(now)
+    if second != _Second.number:
+        moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _Second.number, _Second.text = second, moment.strftime("%Y-%m-%dT%H:%M:%S")
+    micro = int((now - second) * 1_000_000)
+    event_dict["timestamp"] = f"{_Second.text}.{micro:06d}Z" if micro else f"{_Second.text}Z"
+    return event_dict
+
+
 # Fixed: the sinks change, the chain does not. Loggers made at import time use it.
 _PROCESSORS: list[Processor] = [
     _drop_when_silent,
     structlog.contextvars.merge_contextvars,
     _add_level,
-    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    _add_timestamp,
     _resolve_exc_info_processor,
     _add_logger_name,
     _pass_as_kwargs,
