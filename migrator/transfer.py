@@ -129,7 +129,11 @@ class WholeFiles:
         self._busy += 1
         self.trips += 1
         jobs = [(source, limit, digest) for source, limit, digest, _ in batch]
-        trip = loop.run_in_executor(None, _read_each, jobs)
+        try:
+            trip = loop.run_in_executor(None, _read_each, jobs)
+        except RuntimeError as err:  # the executor is shut down: say so, never hang
+            trip = loop.create_future()
+            trip.set_exception(err)
         trip.add_done_callback(lambda done: self._answer(loop, batch, done))
 
     def _answer(
