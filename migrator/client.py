@@ -19,6 +19,7 @@ import base64
 import contextlib
 import email.utils
 import errno
+import functools
 import json
 import math
 import mimetypes
@@ -69,6 +70,7 @@ MAX_MESSAGE = 300
 MAX_ANSWER_BYTES = 1024 * 1024  # the service answers a small JSON envelope
 _MILLIS_THRESHOLD = 1e11  # epoch numbers above this are milliseconds (year 5138 in seconds)
 _LINK_KEYS = ("downloadUrl", "fileUrl", "url")
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 
 OnChunk = Callable[[bytes], Awaitable[None]]  # told of (and may pace) every chunk
 
@@ -191,7 +193,8 @@ def _first_present(fields: Mapping[str, Any], *keys: str) -> object:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(body.decode("utf-8-sig"))
+        # An answer that starts with "{" has no byte order mark to look for.
+        value = json.loads(body.decode() if body[:1] == b"{" else body.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
@@ -284,7 +287,7 @@ def _moment(value: object) -> float | None:
         number = float(value)
     elif isinstance(value, str):
         text = value.strip()
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        if _NUMBER_RE.fullmatch(text):
             number = float(text)
         else:
             try:
@@ -356,7 +359,37 @@ def _filename_params(file_name: str) -> str:
 
 def guess_mime_type(file_name: str) -> str | None:
     """The MIME type a file name suggests, or None."""
-    return mimetypes.guess_type(file_name, strict=False)[0]
+    parts = file_name.rsplit(".", 2)
+    if len(parts) == 1 or not parts[0].strip(".") or ":" in file_name:
+        # No suffix, a name of leading dots (`.png` has none), or what may read as a URL.
+        return mimetypes.guess_type(file_name, strict=False)[0]
+    return _mime_type_of_suffixes(".".join(["file", *parts[1:]]))
+
+
+@functools.lru_cache(maxsize=256)
+def _mime_type_of_suffixes(name: str) -> str | None:
+    # The type depends on the last two suffixes only (`.tar.gz`), and a job's files
+    # share a handful of them: each is looked up once.
+    return mimetypes.guess_type(name, strict=False)[0]
+
+
+def base64_json(data: bytes, mime: str | None, upload_path: str, file_name: str) -> bytes:
+    """The JSON body of a base64 upload (pure): `base64Data` is a data URL when the type
+    is known, else plain base64. Put together as bytes: base64 text needs no escaping,
+    and a JSON encoder would scan and copy all of it twice."""
+    prefix = json.dumps(f"data:{mime};base64," if mime else "", ensure_ascii=False)
+    return b"".join(
+        (
+            b'{"base64Data": ',
+            prefix[:-1].encode(),
+            base64.b64encode(data),
+            b'", "uploadPath": ',
+            json.dumps(upload_path, ensure_ascii=False).encode(),
+            b', "fileName": ',
+            json.dumps(file_name, ensure_ascii=False).encode(),
+            b"}",
+        )
+    )
 
 
 # -- the client ---------------------------------------------------------------------------------
@@ -413,6 +446,16 @@ class UploadClient:
         self._url_read_timeout = max(url_read_timeout, read_timeout)
         self._clock = clock
         self._on_answer = on_answer  # sees every answer's headers (the service's Date)
+        # Built once, not per request: thousands of small uploads a minute share them.
+        self._read_timeouts = self._timeouts(read_timeout)
+        self._url_read_timeouts = self._timeouts(self._url_read_timeout)
+        self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self._json = {**self._headers, "Content-Type": "application/json"}
+
+    def _timeouts(self, read_timeout: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=None, sock_connect=self._connect_timeout, sock_read=read_timeout
+        )
 
     @property
     def base_url(self) -> str:
@@ -422,20 +465,15 @@ class UploadClient:
         self, data: bytes, *, upload_path: str, file_name: str, mime_type: str | None = None
     ) -> UploadReceipt:
         """Upload `data` as JSON `base64Data`: a data URL when the type is known, else plain."""
-        encoded = base64.b64encode(data).decode("ascii")
-        mime = mime_type or guess_mime_type(file_name)
-        payload = {
-            "base64Data": f"data:{mime};base64,{encoded}" if mime else encoded,
-            "uploadPath": upload_path,
-            "fileName": file_name,
-        }
-        receipt = await self._post_json(BASE64_ENDPOINT, payload, self._read_timeout)
+        body = base64_json(data, mime_type or guess_mime_type(file_name), upload_path, file_name)
+        receipt = await self._post(BASE64_ENDPOINT, body, self._json, self._read_timeouts)
         return _check_size(receipt, len(data))
 
     async def upload_url(self, file_url: str, *, upload_path: str, file_name: str) -> UploadReceipt:
         """Ask the service to fetch `file_url` itself."""
         payload = {"fileUrl": file_url, "uploadPath": upload_path, "fileName": file_name}
-        return await self._post_json(URL_ENDPOINT, payload, self._url_read_timeout)
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        return await self._post(URL_ENDPOINT, body, self._json, self._url_read_timeouts)
 
     async def upload_file(
         self,
@@ -501,13 +539,6 @@ class UploadClient:
 
     # -- the requests --------------------------------------------------------------------
 
-    async def _post_json(
-        self, endpoint: str, payload: Mapping[str, str], read_timeout: float
-    ) -> UploadReceipt:
-        body = json.dumps(payload, ensure_ascii=False).encode()
-        headers = {"Content-Type": "application/json"}
-        return await self._post(endpoint, body, headers, read_timeout, None)
-
     async def _post_multipart(
         self,
         form: _Multipart,
@@ -515,11 +546,11 @@ class UploadClient:
         length: int | None,
         trouble: _SourceTrouble,
     ) -> UploadReceipt:
-        headers = {"Content-Type": form.content_type}
+        headers = {**self._headers, "Content-Type": form.content_type}
         if length is not None:
             headers["Content-Length"] = str(length)
         try:
-            return await self._post(STREAM_ENDPOINT, body, headers, self._read_timeout, trouble)
+            return await self._post(STREAM_ENDPOINT, body, headers, self._read_timeouts, trouble)
         finally:
             await _close_quietly(body)
 
@@ -527,29 +558,22 @@ class UploadClient:
         self,
         endpoint: str,
         body: bytes | AsyncIterator[bytes],
-        headers: dict[str, str],
-        read_timeout: float,
-        trouble: _SourceTrouble | None,
+        headers: Mapping[str, str],
+        timeouts: aiohttp.ClientTimeout,
+        trouble: _SourceTrouble | None = None,
     ) -> UploadReceipt:
         url = self._base_url + endpoint
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._connect_timeout, sock_read=read_timeout
-        )
-        headers = {
-            **headers,
-            "Authorization": f"Bearer {self._api_key}",
-            "Accept": "application/json",
-        }
+        read_timeout = timeouts.sock_read or 0.0
         try:
             try:
-                async with asyncio.timeout(None) as stalled:
-                    if trouble is not None:
+                async with _progress_deadline(trouble) as stalled:
+                    if trouble is not None and stalled is not None:
                         trouble.watch_progress(stalled, read_timeout)
                     async with self._session.post(
                         url,
                         data=body,
                         headers=headers,
-                        timeout=timeout,
+                        timeout=timeouts,
                         allow_redirects=False,
                         raise_for_status=False,
                     ) as response:
@@ -576,6 +600,17 @@ class UploadClient:
         return err
 
 
+_NO_DEADLINE: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+def _progress_deadline(
+    trouble: _SourceTrouble | None,
+) -> contextlib.AbstractAsyncContextManager[asyncio.Timeout | None]:
+    """A deadline for a streamed body to move by (see `watch_progress`); a body in
+    memory has none to watch."""
+    return _NO_DEADLINE if trouble is None else asyncio.timeout(None)
+
+
 # -- streaming helpers --------------------------------------------------------------------------
 
 
@@ -599,19 +634,33 @@ def open_regular(path: Path, *, follow_symlinks: bool = False) -> BinaryIO:
     the plan hands over real files only; then fstat of what was opened, so anything
     but a regular file raises NotRegularFileError. Raises OSError.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
-    fd = os.open(path, flags)
+    fd, _info = open_regular_fd(path, follow_symlinks=follow_symlinks)
     try:
-        check_regular(os.fstat(fd).st_mode, path)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
 
 
-def check_regular(mode: int, path: Path) -> None:
+def open_regular_fd(
+    path: str | os.PathLike[str], *, follow_symlinks: bool = False
+) -> tuple[int, os.stat_result]:
+    """`open_regular` as a bare descriptor, with the fstat of what was opened; the
+    caller closes it. Raises OSError."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        check_regular(info.st_mode, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def check_regular(mode: int, path: str | os.PathLike[str]) -> None:
     """Raise NotRegularFileError unless `mode` (from a stat) is a regular file's."""
     if not stat.S_ISREG(mode):
         raise NotRegularFileError(errno.EINVAL, f"{file_type(mode)}, not a regular file", path)

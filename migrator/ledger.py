@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, Self, cast
 from urllib.parse import quote
 
 import aiosqlite
@@ -279,6 +279,19 @@ def _item_params(update: ItemUpdate, now: float) -> dict[str, object]:
 
 _KEEP_KEYS = tuple((name, f"keep_{name}") for name in ITEM_UPDATE_FIELDS)
 _PLAIN = frozenset({str, int, float, type(None)})
+
+
+def _fold(earlier: dict[str, object], later: dict[str, object]) -> None:
+    """Make `earlier` (params of `_item_params`) what writing it, then `later`, of the
+    same item would leave (pure but for `earlier`): a new item's pending row and its
+    done row are one statement, not two."""
+    earlier["attempts_added"] = cast(int, earlier["attempts_added"]) + cast(
+        int, later["attempts_added"]
+    )
+    earlier["updated_at"] = later["updated_at"]
+    for name, keep in _KEEP_KEYS:
+        if not later[keep]:
+            earlier[name], earlier[keep] = later[name], 0
 
 
 def _sql_value(value: object) -> object:
@@ -669,6 +682,7 @@ class BaseLedger(abc.ABC):
     `where`, the place it names in messages (never a credential)."""
 
     shared = False  # True: many processes write it at once (leases, not the run lock)
+    folds_updates = False  # True: an update of an item already buffered goes into that one
 
     def __init__(
         self, where: str, *, readonly: bool, batch_size: int, flush_interval: float
@@ -680,6 +694,7 @@ class BaseLedger(abc.ABC):
         self.flushes = 0  # committed batch transactions, for tests and stats
         self._db_lock = asyncio.Lock()
         self._items: list[dict[str, object]] = []
+        self._buffered: dict[tuple[object, object, object], dict[str, object]] = {}
         self._attempts: list[dict[str, object]] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -736,7 +751,14 @@ class BaseLedger(abc.ABC):
     def put_item(self, update: ItemUpdate) -> None:
         """Buffer a change to one item; written with the next batch, in order."""
         self._check_writable()
-        self._items.append(_item_params(update, time.time()))
+        params = _item_params(update, time.time())
+        if self.folds_updates:
+            key = (update.target, update.upload_path, update.file_name)
+            if (earlier := self._buffered.get(key)) is not None:
+                _fold(earlier, params)
+                return
+            self._buffered[key] = params
+        self._items.append(params)
         self._nudge()
 
     def put_attempt(self, record: AttemptRecord) -> None:
@@ -752,7 +774,7 @@ class BaseLedger(abc.ABC):
         async with self._db_lock:
             if not self._items and not self._attempts:
                 return
-            items, self._items = self._items, []
+            items, self._items, self._buffered = self._items, [], {}
             attempts, self._attempts = self._attempts, []
             write = asyncio.ensure_future(self._write_batch(items, attempts))
             cancelled = await _wait_through_cancellation(write)
@@ -1085,6 +1107,8 @@ class BaseLedger(abc.ABC):
 
 class Ledger(BaseLedger):
     """The SQLite ledger: one file, one writer (the run lock sees to that)."""
+
+    folds_updates = True
 
     def __init__(
         self,

@@ -26,7 +26,7 @@ from migrator.command import (
     stored_clock,
 )
 from migrator.connect import open_origins
-from migrator.dedup import Claim, Contents
+from migrator.dedup import Claim, Contents, worth_hashing
 from migrator.errors import Interrupted, UploadError
 from migrator.ledger import BaseLedger, open_ledger
 from migrator.ledger_pg import Claim as QueueClaim
@@ -334,6 +334,9 @@ class _ItemUpload:
             # Attempts join their item's row when the ledger writes them: a new item
             # needs one before its first attempt, or that attempt's record is lost.
             session.ledger.put_item(ItemUpdate.pending(session.target_id, item))
+        if not worth_hashing(item, self.contents.shared_sizes):
+            await self._upload(Claim())  # no bytes to share with others: nothing to hold
+            return
         async with self.contents.claim(item) as claim:
             await self._upload(claim)
 

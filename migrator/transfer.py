@@ -38,6 +38,7 @@ from migrator.client import (
     check_regular,
     local_read_error,
     open_regular,
+    open_regular_fd,
     retry_after_seconds,
 )
 from migrator.clock import ServiceClock
@@ -81,6 +82,95 @@ class Limits:
         return self.max_size if size is None else size
 
 
+Whole = tuple[bytes, int]  # a small file's bytes, and its mtime when they were read
+_Request = tuple[str, int, Digest, "asyncio.Future[Whole | None]"]
+
+READ_LANES = 4  # trips to threads at once: a file on a hung mount holds up one of them
+READ_BATCH = 64  # the most files one trip reads
+
+
+class WholeFiles:
+    """Reads small local files whole, in worker threads, several files per trip.
+
+    A file of a few KiB costs less to read than to hand to a thread and back (a queued
+    job, a wake-up of the event loop per answer): the reads every worker asks for in
+    one turn of the loop go together, and all their answers come back with one
+    wake-up. Never on the loop itself: a hung mount must not freeze it (progress,
+    timeouts, leases), and it holds up one lane of READ_LANES, not every read.
+    """
+
+    def __init__(self, lanes: int = READ_LANES) -> None:
+        self.lanes = lanes
+        self._waiting: list[_Request] = []
+        self._busy = 0
+        self._called = False  # a dispatch is due at the next turn of the loop
+        self.trips = 0  # trips to a thread so far, for tests and stats
+
+    async def read(self, source: str, limit: int, digest: Digest) -> Whole | None:
+        """The file and its mtime (see `_read_whole`), `digest` updated with its bytes
+        in the thread that read them; None when it is now larger than `limit`."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Whole | None] = loop.create_future()
+        self._waiting.append((source, limit, digest, future))
+        self._call_dispatch(loop)
+        return await future
+
+    def _call_dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._called and self._busy < self.lanes:
+            self._called = True  # the other reads asked for in this turn join the trip
+            loop.call_soon(self._dispatch, loop)
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._called = False
+        self._waiting = [request for request in self._waiting if not request[3].done()]
+        if not self._waiting or self._busy >= self.lanes:
+            return
+        batch, self._waiting = self._waiting[:READ_BATCH], self._waiting[READ_BATCH:]
+        self._busy += 1
+        self.trips += 1
+        jobs = [(source, limit, digest) for source, limit, digest, _ in batch]
+        try:
+            trip = loop.run_in_executor(None, _read_each, jobs)
+        except RuntimeError as err:  # the executor is shut down: say so, never hang
+            trip = loop.create_future()
+            trip.set_exception(err)
+        trip.add_done_callback(lambda done: self._answer(loop, batch, done))
+
+    def _answer(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Request],
+        trip: asyncio.Future[list[Whole | Exception | None]],
+    ) -> None:
+        self._busy -= 1
+        failure = trip.exception() if not trip.cancelled() else asyncio.CancelledError()
+        answers = trip.result() if failure is None else [failure] * len(batch)
+        for (_, _, _, future), answer in zip(batch, answers, strict=True):
+            if future.done():  # its attempt was cut short meanwhile
+                continue
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
+        if self._waiting:
+            self._call_dispatch(loop)
+
+
+def _read_each(jobs: list[tuple[str, int, Digest]]) -> list[Whole | Exception | None]:
+    """`_read_whole` of each file, its failure in its place (blocking: in a thread)."""
+    answers: list[Whole | Exception | None] = []
+    for source, limit, digest in jobs:
+        try:
+            whole = _read_whole(source, limit)
+        except Exception as err:  # each read's failure goes to its own attempt
+            answers.append(err)
+            continue
+        if whole is not None:
+            digest.update(whole[0])
+        answers.append(whole)
+    return answers
+
+
 @dataclass(frozen=True, slots=True)
 class Connection:
     """Live handles for one command; valid inside `connect()`'s context only."""
@@ -94,6 +184,7 @@ class Connection:
     clock: ServiceClock = field(default_factory=ServiceClock)
     limits: Limits = field(default_factory=Limits)
     private_origins: bool = False  # may a stream-through be redirected to private addresses
+    files: WholeFiles = field(default_factory=WholeFiles)  # small local files, read whole
 
     @property
     def api(self) -> UploadClient:
@@ -237,12 +328,7 @@ class Meter:
 
 async def send(conn: Connection, job: Send, meter: Meter) -> Sent:
     """One upload attempt; the meter sees every chunk as it leaves. The receipt's time
-    is on the service's clock (its answer's Date just measured it)."""
-    sent = await _send(conn, job, meter)
-    return replace(sent, received_at=conn.clock.now())
-
-
-async def _send(conn: Connection, job: Send, meter: Meter) -> Sent:
+    (`received_at`) is on the service's clock: its answer's Date just measured it."""
     if job.method is Method.URL:
         return await _send_by_url(conn, job)
     if job.kind is SourceKind.URL:
@@ -255,10 +341,9 @@ async def _send(conn: Connection, job: Send, meter: Meter) -> Sent:
 async def _send_base64(conn: Connection, job: Send, meter: Meter) -> Sent:
     """Read whole and sent as JSON; a file that grew past base64_max since it was
     planned goes by stream instead (never whole in memory)."""
-    path = Path(job.source)
-    # One trip to a thread for the stat, the read and the check after it: a small file
-    # costs less to read than to hand to a thread, so three trips would triple its cost.
-    whole = await asyncio.to_thread(_read_whole, path, conn.limits.base64_max)
+    # The open, the read, the hash and the check after it in one trip to a thread,
+    # shared with the other small files asked for at the same moment.
+    whole = await conn.files.read(job.source, conn.limits.base64_max, meter.reader_digest())
     if whole is None:
         return replace(await _send_file(conn, job, meter), method=Method.STREAM)
     data, mtime_ns = whole
@@ -266,7 +351,8 @@ async def _send_base64(conn: Connection, job: Send, meter: Meter) -> Sent:
     receipt = await conn.api.upload_base64(
         data, upload_path=job.upload_path, file_name=job.file_name
     )
-    return Sent(receipt, len(data), meter.sha256, len(data), mtime_ns)
+    size = len(data)
+    return Sent(receipt, size, meter.sha256, size, mtime_ns, conn.clock.now())
 
 
 async def _send_file(conn: Connection, job: Send, meter: Meter) -> Sent:
@@ -282,14 +368,14 @@ async def _send_file(conn: Connection, job: Send, meter: Meter) -> Sent:
         digest=meter.reader_digest(),
     )
     await _unchanged_since(path, meter.total, mtime_ns)
-    return Sent(receipt, meter.total, meter.sha256, meter.total, mtime_ns)
+    return Sent(receipt, meter.total, meter.sha256, meter.total, mtime_ns, conn.clock.now())
 
 
 async def _unchanged_since(path: Path, size: int, mtime_ns: int) -> None:
     await asyncio.to_thread(_check_unchanged, path, size, mtime_ns)
 
 
-def _check_unchanged(path: Path, size: int, mtime_ns: int) -> None:
+def _check_unchanged(path: str | os.PathLike[str], size: int, mtime_ns: int) -> None:
     """A file rewritten while it was read (same size or not) was sent as a mix of two
     versions: another attempt sends it again, whole, over what the service stored."""
     if _local_stat(path) != (size, mtime_ns):
@@ -306,7 +392,7 @@ async def _send_by_url(conn: Connection, job: Send) -> Sent:
             f"the origin announced {job.size}"
         )
     size = receipt.file_size if receipt.file_size is not None else job.size
-    return Sent(receipt, 0, None, size)
+    return Sent(receipt, 0, None, size, received_at=conn.clock.now())
 
 
 async def _stream_through(conn: Connection, job: Send, meter: Meter) -> Sent:
@@ -332,7 +418,7 @@ async def _stream_through(conn: Connection, job: Send, meter: Meter) -> Sent:
         raise RetryableError(f"origin {url} failed: {describe(err)}") from None
     if receipt.file_size is not None and receipt.file_size != meter.total:
         raise RetryableError(f"the service stored {receipt.file_size} bytes, sent {meter.total}")
-    return Sent(receipt, meter.total, meter.sha256, meter.total)
+    return Sent(receipt, meter.total, meter.sha256, meter.total, received_at=conn.clock.now())
 
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -499,36 +585,54 @@ def range_total(content_range: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _read_whole(path: Path, limit: int) -> tuple[bytes, int] | None:
+def _read_whole(source: str, limit: int) -> tuple[bytes, int] | None:
     """The whole file and its mtime (a base64 upload), opened with `open_regular`'s
     care; None when it is now larger than `limit`. A file rewritten while it was read
     raises SourceChangedError (blocking: run it in a thread)."""
     try:
-        with open_regular(path) as handle:
-            opened = os.fstat(handle.fileno())
+        fd, opened = open_regular_fd(source)
+        try:
             if opened.st_size > limit:
                 return None
-            data = handle.read()
+            data = _read_to_end(fd, opened.st_size)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
-        raise SourceGoneError(f"source file is gone: {path}") from None
+        raise SourceGoneError(f"source file is gone: {source}") from None
     except OSError as err:
-        raise local_read_error(path, err) from None
-    _check_unchanged(path, len(data), opened.st_mtime_ns)
+        raise local_read_error(Path(source), err) from None
+    _check_unchanged(source, len(data), opened.st_mtime_ns)
     return data, opened.st_mtime_ns
 
 
-def _local_stat(path: Path) -> tuple[int, int]:
+def _read_to_end(fd: int, size: int) -> bytes:
+    """All a descriptor has left to read, `size` (what fstat said) in one read when
+    the system allows; a file that grew since is read to its end all the same."""
+    parts: list[bytes] = []
+    total = 0
+    while total <= size:
+        chunk = os.read(fd, size + 1 - total)
+        if not chunk:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.append(chunk)
+        total += len(chunk)
+    while chunk := os.read(fd, 1024 * 1024):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _local_stat(path: str | os.PathLike[str]) -> tuple[int, int]:
     """Size and mtime of a local source; a link or anything but a regular file in its
     place is refused, as `open_regular` would."""
     try:
-        info = path.lstat()
+        info = os.lstat(path)
         if stat.S_ISLNK(info.st_mode):
             raise OSError(errno.ELOOP, "a symbolic link", str(path))
         check_regular(info.st_mode, path)
     except FileNotFoundError:
         raise SourceGoneError(f"source file is gone: {path}") from None
     except OSError as err:
-        raise local_read_error(path, err) from None
+        raise local_read_error(Path(path), err) from None
     return info.st_size, info.st_mtime_ns
 
 

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,43 @@ async def test_updates_to_one_item_in_one_batch_apply_in_order(ledger: Ledger) -
     assert item is not None
     assert (item.state, item.last_error, item.attempts) == (ItemState.DONE, None, 2)
     assert ledger.flushes == 1
+
+
+async def test_updates_of_one_item_in_one_batch_leave_the_row_writing_each_would(
+    tmp_path: Path,
+) -> None:
+    updates = [
+        update("a.txt", size=10, etag="e1"),
+        update("a.txt", ItemState.FAILED, last_error="boom", attempts_added=1, size=None),
+        ItemUpdate(TARGET, "batch", "a.txt", ItemState.PENDING, uncertain_at=5.0),
+        done("a.txt", uploaded_at=1.0, expires_at=2.0, size=12),
+        ItemUpdate(TARGET, "batch", "a.txt", ItemState.DONE, checked_at=3.0, attempts_added=2),
+    ]
+    rows = []
+    for flush_each in (True, False):
+        async with await Ledger.open(tmp_path / f"{flush_each}.sqlite") as ledger:
+            for change in updates:
+                ledger.put_item(change)
+                if flush_each:
+                    await ledger.flush()
+            await ledger.flush()
+            rows.append(await ledger.get(TARGET, "batch", "a.txt"))
+    assert rows[0] is not None and rows[1] is not None
+    assert replace(rows[1], updated_at=rows[0].updated_at) == rows[0]
+    assert rows[0].attempts == 3
+
+
+async def test_an_attempt_of_a_new_item_done_in_the_same_batch_is_recorded(
+    ledger: Ledger, ledger_path: Path
+) -> None:
+    run_id = await ledger.start_run("run", "job.yaml")
+    ledger.put_item(update("a.txt"))
+    ledger.put_attempt(attempt("a.txt", run_id, 1))
+    ledger.put_item(done("a.txt", uploaded_at=1.0, expires_at=2.0))
+    await ledger.flush()
+    item = await ledger.get(TARGET, "batch", "a.txt")
+    assert item is not None and item.state is ItemState.DONE
+    assert [row.outcome for row in await ledger.attempts_of(item.id)] == ["ok"]
 
 
 async def test_items_are_keyed_by_target(ledger: Ledger) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -89,6 +90,17 @@ def test_file_lines_carry_timestamp_level_event_and_fields(log_file: Path) -> No
     assert (line["file_name"], line["attempt"]) == ("a.png", 2)
     moment = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
     assert moment.utcoffset() == UTC.utcoffset(None)
+
+
+def test_the_timestamp_is_the_events_moment_in_utc_to_the_microsecond(log_file: Path) -> None:
+    configure_logging(log_file=log_file, console="none")
+    before = time.time()
+    get_logger().info("upload.done")
+    after = time.time()
+    (line,) = lines_of(log_file)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", line["timestamp"])
+    moment = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
+    assert before - 1e-5 <= moment <= after + 1e-5  # to the microsecond, as floats allow
 
 
 def test_file_gets_info_even_when_the_console_shows_only_warnings(log_file: Path) -> None:
