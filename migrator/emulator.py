@@ -92,6 +92,7 @@ _ENDPOINT_BY_PATH: Final[dict[str, str]] = {path: name for name, path in _PATHS.
 # a ContextVar carries the arrival time to both (request storage would need RequestKey,
 # which aiohttp before 3.13 lacks and aiohttp 3.13+ warns about going without).
 _RECEIVED_AT: ContextVar[float] = ContextVar("emulator_received_at")
+_Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 _STATUS_MSGS: Final[dict[int, str]] = {
     400: "bad request",
     401: "missing or invalid credentials",
@@ -783,6 +784,9 @@ class Emulator:
             self._build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0
         )
         await self._runner.setup()
+        server = self._runner.server
+        assert server is not None  # set by setup()
+        server.request_handler = self._upload_door(server.request_handler)
         site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
         try:
             await site.start()
@@ -916,6 +920,36 @@ class Emulator:
         app.on_response_prepare.append(self._log_link_request)
         return app
 
+    def _upload_door(self, app_handler: _Handler) -> _Handler:
+        """A POST to an upload endpoint goes straight to `_serve_upload`; every other
+        request takes the app's router and middlewares. The router and four middlewares
+        cost an upload as much as its storing did; what they do for it is done here."""
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            endpoint = _ENDPOINT_BY_PATH.get(request.path)
+            if (
+                endpoint is None
+                or request.method != hdrs.METH_POST
+                or hdrs.EXPECT in request.headers
+            ):
+                return await app_handler(request)
+            return await self._serve_upload(request, endpoint)
+
+        return handle
+
+    async def _serve_upload(self, request: web.BaseRequest, endpoint: str) -> web.StreamResponse:
+        """What the middlewares and the prepare hooks do for an upload, in their order:
+        stamp its arrival, rate-limit it, answer it, date the answer, log it."""
+        _RECEIVED_AT.set(time.time())
+        started = time.monotonic()
+        response = self._refused_by_rate(request, endpoint)
+        if response is None:
+            response = await self._upload(request, endpoint)
+        if not response.prepared:
+            response.headers[hdrs.DATE] = http_date(self.now())
+        self._log_access(request, response.status, started)
+        return response
+
     def _require_store(self) -> _Store:
         if self._store is None:
             raise RuntimeError("the emulator is not started")
@@ -971,23 +1005,36 @@ class Emulator:
             return await handler(request)
         started = time.monotonic()
         response = await handler(request)
-        ms = round((time.monotonic() - started) * 1000, 1)
-        # One write, before the answer leaves (benchmarks count the lines once answered).
-        self._access_log.write(access_line(request.method, request.path, response.status, ms))
-        self._access_log.flush()
+        self._log_access(request, response.status, started)
         return response
+
+    def _log_access(self, request: web.BaseRequest, status: int, started: float) -> None:
+        """One write, before the answer leaves (benchmarks count the lines once answered)."""
+        if self._access_log is None:
+            return
+        ms = round((time.monotonic() - started) * 1000, 1)
+        self._access_log.write(access_line(request.method, request.path, status, ms))
+        self._access_log.flush()
 
     @web.middleware
     async def _rate_limit(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         """Over the limit, answer 429 at the door: before the key or the body is read."""
-        if self._window is None or not _counts_toward_rate(request):
+        if not _counts_toward_rate(request):
             return await handler(request)
+        refused = self._refused_by_rate(request, _ENDPOINT_BY_PATH.get(request.path))
+        return refused if refused is not None else await handler(request)
+
+    def _refused_by_rate(
+        self, request: web.BaseRequest, endpoint: str | None
+    ) -> web.StreamResponse | None:
+        """Admit the request (None), or its 429 when the window is full."""
+        if self._window is None:
+            return None
         wait = self._window.try_admit(time.monotonic())
         if wait is None:
-            return await handler(request)
-        endpoint = _ENDPOINT_BY_PATH.get(request.path)
+            return None
         if endpoint is not None:
             self._log_upload(endpoint, 429)
         msg = f"too many requests: at most {self._window.limit} a second"
@@ -1010,7 +1057,7 @@ class Emulator:
             )
         )
 
-    def _check_auth(self, request: web.Request) -> None:
+    def _check_auth(self, request: web.BaseRequest) -> None:
         if not bearer_ok(request.headers.get("Authorization"), self._api_key):
             raise _ApiError(401, "missing or invalid credentials: send Authorization: Bearer <key>")
 
@@ -1024,7 +1071,7 @@ class Emulator:
 
         return handle
 
-    async def _upload(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+    async def _upload(self, request: web.BaseRequest, endpoint: str) -> web.StreamResponse:
         seen = _Seen()
         size: int | None = None
         response: web.StreamResponse
@@ -1041,7 +1088,8 @@ class Emulator:
                     await asyncio.sleep(self._chaos.stall)
                 stored = await self._receive_and_store(request, endpoint, seen)
                 if chaos is not None and chaos != "stall":
-                    response = await _chaos_after_storing(request, chaos)
+                    date = http_date(self.now())
+                    response = await _chaos_after_storing(request, chaos, date)
                     self._log_upload(endpoint, response.status, seen, stored.size)
                     return response
                 size = stored.size
@@ -1071,13 +1119,13 @@ class Emulator:
                 return fault
         return None
 
-    def _public_base_url(self, request: web.Request) -> str:
+    def _public_base_url(self, request: web.BaseRequest) -> str:
         if self._host in ("0.0.0.0", "::", ""):
             return f"{request.scheme}://{request.host}"
         return self.base_url
 
     async def _receive_and_store(
-        self, request: web.Request, endpoint: str, seen: _Seen
+        self, request: web.BaseRequest, endpoint: str, seen: _Seen
     ) -> StoredFile:
         store = self._require_store()
         tmp = store.new_tmp()
@@ -1112,7 +1160,9 @@ class Emulator:
             tmp.remove()  # once stored, it was moved into place: nothing to remove
             raise
 
-    async def _receive_base64(self, request: web.Request, seen: _Seen, tmp: _TempFile) -> _Received:
+    async def _receive_base64(
+        self, request: web.BaseRequest, seen: _Seen, tmp: _TempFile
+    ) -> _Received:
         body = await _read_json_object(request)
         upload_path, file_name = _naming_fields(body, seen)
         data, declared = decode_base64_data(body.get("base64Data"))
@@ -1121,7 +1171,9 @@ class Emulator:
         await asyncio.to_thread(tmp.path.write_bytes, data)
         return _Received(None, len(data), upload_path, file_name, file_name, declared)
 
-    async def _receive_url(self, request: web.Request, seen: _Seen, tmp: _TempFile) -> _Received:
+    async def _receive_url(
+        self, request: web.BaseRequest, seen: _Seen, tmp: _TempFile
+    ) -> _Received:
         body = await _read_json_object(request)
         file_url = body.get("fileUrl")
         seen.file_url = file_url if isinstance(file_url, str) else None
@@ -1301,7 +1353,7 @@ def _html(status: int, title: str) -> web.Response:
     return web.Response(status=status, text=page, content_type="text/html")
 
 
-async def _chaos_before_storing(request: web.Request, kind: str) -> web.StreamResponse:
+async def _chaos_before_storing(request: web.BaseRequest, kind: str) -> web.StreamResponse:
     if kind == "500":
         return _error_response(500, "internal error, please retry (injected)")
     if kind == "body_code":
@@ -1317,12 +1369,16 @@ async def _chaos_before_storing(request: web.Request, kind: str) -> web.StreamRe
     return _cut(request)  # reset_before
 
 
-async def _chaos_after_storing(request: web.Request, kind: str) -> web.StreamResponse:
+async def _chaos_after_storing(
+    request: web.BaseRequest, kind: str, date: str
+) -> web.StreamResponse:
+    """`date`: the emulator's clock for the answer sent before it is returned."""
     if kind == "html_502":
         return _html(502, "Bad Gateway")
     if kind == "truncated":
         body = json.dumps({"success": True, "code": 200, "msg": SUCCESS_MSG}).encode()
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", hdrs.DATE: date}
+        response = web.StreamResponse(headers=headers)
         response.content_length = len(body)
         await response.prepare(request)
         await response.write(body[: len(body) // 2])
@@ -1332,7 +1388,7 @@ async def _chaos_after_storing(request: web.Request, kind: str) -> web.StreamRes
     return _cut(request)  # reset_after
 
 
-def _cut(request: web.Request) -> web.StreamResponse:
+def _cut(request: web.BaseRequest) -> web.StreamResponse:
     """Close the connection without an answer."""
     if request.transport is not None:
         request.transport.close()
@@ -1352,7 +1408,7 @@ def _fault_response(fault: _Fault) -> web.Response:
     return _error_response(fault.status, msg, headers)
 
 
-async def _read_json_object(request: web.Request) -> dict[str, Any]:
+async def _read_json_object(request: web.BaseRequest) -> dict[str, Any]:
     raw = await request.read()  # bounded by the app's client_max_size
     try:
         body = json.loads(raw)
@@ -1370,7 +1426,7 @@ def _naming_fields(body: dict[str, Any], seen: _Seen) -> tuple[str, str | None]:
     return check_upload_path(raw_path), check_file_name(raw_name)
 
 
-async def _receive_stream(request: web.Request, seen: _Seen, tmp: _TempFile) -> _Received:
+async def _receive_stream(request: web.BaseRequest, seen: _Seen, tmp: _TempFile) -> _Received:
     """Read a multipart body part by part; the `file` part goes to disk chunk by chunk."""
     try:
         reader = await request.multipart()
