@@ -46,6 +46,7 @@ import hmac
 import json
 import math
 import mimetypes
+import os
 import random
 import re
 import secrets
@@ -180,6 +181,11 @@ class StoredFile:
 
 _COLUMNS: Final = (
     "file_id, upload_path, file_name, original_name, size, mime_type, uploaded_at, expires_at"
+)
+
+
+_INSERT: Final = (
+    f"INSERT INTO files ({_COLUMNS}, pack, pack_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -456,11 +462,53 @@ def _ensure_dir(path: Path) -> Path:
 # -- storage ------------------------------------------------------------------------------
 
 
+class _Pack:
+    """An append-only file of small blobs, data_dir/packs/<name>: one per emulator start,
+    written before the rows that point into it commit. Overwritten and expired blobs stay
+    in it as garbage until `_Store.sweep` copies a mostly dead pack's live blobs out."""
+
+    def __init__(self, folder: Path) -> None:
+        self.name = f"{secrets.token_hex(8)}.pack"
+        self.path = folder / self.name
+        self._fd: int | None = None
+        self.size = 0
+
+    def append(self, blobs: list[bytes]) -> int:
+        """Write `blobs` one after the other; returns the offset of the first."""
+        if self._fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            self._fd = os.open(self.path, flags, 0o644)
+        offset = self.size
+        view = memoryview(b"".join(blobs))
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self.size += sum(len(blob) for blob in blobs)
+        return offset
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pack(path: Path, offset: int, size: int) -> bytes | None:
+    """A blob from a pack; None when the pack is gone or too short."""
+    try:
+        with path.open("rb") as pack:
+            pack.seek(offset)
+            data = pack.read(size)
+    except OSError:
+        return None
+    return data if len(data) == size else None
+
+
 class _Store:
     """Metadata in data_dir/emulator.sqlite3 (table `files`). A blob of up to INLINE_MAX
-    bytes lives in its row (`data`), written to data_dir/blobs/<fileId> only when first
-    downloaded; a larger one is renamed there from data_dir/tmp before its row commits,
-    so a crash leaves at most an orphan blob, which the next start removes.
+    bytes is appended to this start's pack (`_Pack`; its row says where: `pack`,
+    `pack_offset`) and written to data_dir/blobs/<fileId> only when first downloaded; a
+    larger one is renamed there from data_dir/tmp before its row commits, so a crash
+    leaves at most an orphan blob, which the next start removes. Rows of older data dirs
+    may hold their blob in `data`.
 
     Uploads are group-committed: `put` queues the row and hands back a future that is
     done once the transaction holding it has committed, at the end of the event loop's
@@ -474,6 +522,8 @@ class _Store:
         self.data_dir = _ensure_dir(data_dir)
         self.blobs = _ensure_dir(data_dir / "blobs")
         self.tmp = _ensure_dir(data_dir / "tmp")
+        self.packs = _ensure_dir(data_dir / "packs")
+        self._pack = _Pack(self.packs)
         self._clock_file = data_dir / "clock.json"
         self._db = sqlite3.connect(data_dir / "emulator.sqlite3", isolation_level=None)
         self._db.execute("PRAGMA journal_mode = WAL")
@@ -493,10 +543,14 @@ class _Store:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
         if "data" not in columns:  # a data dir from before blobs lived in rows
             self._db.execute("ALTER TABLE files ADD COLUMN data BLOB")
+        if "pack" not in columns:  # nor in packs
+            self._db.execute("ALTER TABLE files ADD COLUMN pack TEXT")
+            self._db.execute("ALTER TABLE files ADD COLUMN pack_offset INTEGER")
 
     def close(self) -> None:
         self._commit()
         self._db.close()
+        self._pack.close()
 
     def new_tmp(self) -> _TempFile:
         return _TempFile(self.tmp)
@@ -540,6 +594,8 @@ class _Store:
     def _write_rows(
         self, pending: list[tuple[StoredFile, bytes | None]], replaced: list[str]
     ) -> None:
+        small = [data for _, data in pending if data is not None]
+        offset = self._pack.append(small) if small else 0
         db = self._db
         db.execute("BEGIN")
         try:
@@ -550,10 +606,9 @@ class _Store:
                 ).fetchone()
                 if old:
                     replaced.append(old[0])
-                db.execute(
-                    "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*_row(stored), data),
-                )
+                place = (None, None) if data is None else (self._pack.name, offset)
+                db.execute(_INSERT, (*_row(stored), *place))
+                offset += 0 if data is None else len(data)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -582,11 +637,14 @@ class _Store:
         path = self.blob_path(file_id)
         if not path.exists():
             row = self._db.execute(
-                "SELECT data FROM files WHERE file_id = ?", (file_id,)
+                "SELECT data, pack, pack_offset, size FROM files WHERE file_id = ?", (file_id,)
             ).fetchone()
-            if row is not None and row[0] is not None:
+            data = None if row is None else row[0]
+            if row is not None and data is None and row[1] is not None:
+                data = _read_pack(self.packs / row[1], row[2], row[3])
+            if data is not None:
                 tmp = self.new_tmp().path
-                tmp.write_bytes(row[0])
+                tmp.write_bytes(data)
                 tmp.replace(path)
         return path
 
@@ -599,16 +657,40 @@ class _Store:
         """Drop temp files, files gone by `now`, orphan blobs and rows whose blob is gone."""
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
-        rows = self._db.execute(f"SELECT {_COLUMNS}, data IS NOT NULL FROM files").fetchall()
-        for *fields, inline in rows:
+        pack_sizes = {pack.name: pack.stat().st_size for pack in self.packs.iterdir()}
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS}, data IS NOT NULL, pack, pack_offset FROM files"
+        ).fetchall()
+        live: dict[str, list[tuple[str, int, int]]] = {}  # pack -> its live blobs
+        for *fields, inline, pack, offset in rows:
             one = StoredFile(*fields)
+            in_pack = pack is not None and offset + one.size <= pack_sizes.get(pack, -1)
             gone = gone_reason(one, now, lifetime) is not None
-            if gone or not (inline or self.blob_path(one.file_id).exists()):
+            if gone or not (inline or in_pack or self.blob_path(one.file_id).exists()):
                 self.delete(one.file_id)
+            elif in_pack:
+                live.setdefault(pack, []).append((one.file_id, offset, one.size))
         known = {row[0] for row in rows}
         for blob in self.blobs.iterdir():
             if blob.name not in known:
                 blob.unlink(missing_ok=True)
+        for name, size in pack_sizes.items():
+            blobs = live.get(name, [])
+            if 2 * sum(blob_size for _, _, blob_size in blobs) < size:
+                self._move_out_of(name, blobs)
+
+    def _move_out_of(self, name: str, blobs: list[tuple[str, int, int]]) -> None:
+        """Copy a mostly dead pack's live blobs to this start's pack, then remove it."""
+        path = self.packs / name
+        for file_id, offset, size in blobs:
+            data = _read_pack(path, offset, size)
+            if data is not None:
+                moved_to = self._pack.append([data])
+                self._db.execute(
+                    "UPDATE files SET pack = ?, pack_offset = ? WHERE file_id = ?",
+                    (self._pack.name, moved_to, file_id),
+                )
+        path.unlink(missing_ok=True)
 
     def load_offset(self) -> float:
         try:

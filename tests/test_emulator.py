@@ -836,6 +836,21 @@ async def test_small_and_large_files_serve_their_exact_bytes_after_a_restart(
             assert (await get(f"{second.base_url}/{path}"))[:2] == (200, contents[name])
 
 
+async def test_a_restart_moves_the_live_blobs_out_of_a_mostly_overwritten_pack(
+    tmp_path: Path, api_key: str
+) -> None:
+    versions = [bytes([i]) * 100 for i in range(4)]
+    async with Emulator(tmp_path / "d", api_key) as first:
+        kept = await upload_stream(first, api_key, b"kept", "kept.bin")
+        for data in versions:  # one live blob of five in this start's pack
+            latest = await upload_stream(first, api_key, data, "over.bin")
+    (first_pack,) = (tmp_path / "d" / "packs").iterdir()
+    async with Emulator(tmp_path / "d", api_key) as second:
+        assert not first_pack.exists()
+        assert (await get(f"{second.base_url}/{kept}"))[:2] == (200, b"kept")
+        assert (await get(f"{second.base_url}/{latest}"))[:2] == (200, versions[-1])
+
+
 async def test_concurrent_uploads_of_one_name_leave_exactly_one_link(
     emulator: Emulator, api_key: str
 ) -> None:
