@@ -266,9 +266,20 @@ class _ApiError(Exception):
 
 
 def iso_ms(timestamp: float) -> str:
-    """POSIX seconds -> `2025-01-18T10:30:00.000Z` (always with milliseconds)."""
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+    """POSIX seconds -> `2025-01-18T10:30:00.000Z` (always with milliseconds), as
+    `datetime.fromtimestamp` splits them: microseconds rounded half to even, then cut."""
+    fraction, whole = math.modf(timestamp)
+    second, micros = int(whole), round(fraction * 1e6)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    return f"{_iso_of_second(second)}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8)  # two seconds an upload: its time and its expiry
+def _iso_of_second(second: int) -> str:
+    return datetime.fromtimestamp(second, tz=UTC).replace(tzinfo=None).isoformat()
 
 
 @functools.lru_cache(maxsize=4)
@@ -587,7 +598,8 @@ class _Store:
             return
         for file_id in replaced:
             self._known.pop(file_id, None)
-            self.blob_path(file_id).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # os's: pathlib's costs more
+                os.unlink(os.path.join(self.blobs, file_id))
         if committed is not None and not committed.done():
             committed.set_result(None)
 

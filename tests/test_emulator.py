@@ -15,7 +15,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,12 @@ from conftest import (
     start_emulator_process,
     stop_emulator_process,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from migrator import emulator as emulator_module
 from migrator.cli import main
-from migrator.emulator import Emulator, EmulatorRequest
+from migrator.emulator import Emulator, EmulatorRequest, iso_ms
 
 PNG_1X1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -1257,3 +1259,9 @@ async def test_a_bounded_link_log_keeps_only_the_latest_link_requests(
         for method in ("GET", "HEAD", "GET"):
             await get(url, method)
         assert [(r.method, r.bytes_sent) for r in emu.link_requests] == [("HEAD", 0), ("GET", 2)]
+
+
+@given(st.floats(min_value=-1e10, max_value=1e10))
+def test_iso_ms_writes_a_timestamp_as_datetime_does(timestamp: float) -> None:
+    moment = datetime.fromtimestamp(timestamp, tz=UTC).replace(tzinfo=None)
+    assert iso_ms(timestamp) == moment.isoformat(timespec="milliseconds") + "Z"
