@@ -184,6 +184,11 @@ _COLUMNS: Final = (
 )
 
 
+# A row whose blob is neither in it nor in a pack has it in data_dir/blobs/<fileId>.
+_REPLACE: Final = (
+    "DELETE FROM files WHERE upload_path = ? AND file_name = ?"
+    " RETURNING file_id, data IS NULL AND pack IS NULL"
+)
 _INSERT: Final = (
     f"INSERT INTO files ({_COLUMNS}, pack, pack_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
@@ -305,7 +310,12 @@ def error_envelope(status: int, msg: str) -> dict[str, Any]:
     return {"success": False, "code": status, "msg": msg, "data": None}
 
 
+_DRIVE: Final = re.compile(r"[A-Za-z]:")  # `C:`, a Windows drive
+
+
 def _has_control_chars(text: str) -> bool:
+    if text.isprintable():  # what is printable has no control character (the usual case)
+        return False
     return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
@@ -317,7 +327,7 @@ def check_upload_path(value: object) -> str:
         raise _ApiError(400, "uploadPath must be a string")
     if _has_control_chars(value):
         raise _ApiError(400, "uploadPath must not contain control characters")
-    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+    if value.startswith(("/", "\\")) or _DRIVE.match(value):
         raise _ApiError(400, "uploadPath must be relative, not absolute")
     if "\\" in value:
         raise _ApiError(400, "uploadPath must use '/' as separator")
@@ -336,7 +346,7 @@ def check_file_name(value: object) -> str | None:
         raise _ApiError(400, "fileName must be a string")
     if _has_control_chars(value):
         raise _ApiError(400, "fileName must not contain control characters")
-    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+    if value.startswith(("/", "\\")) or _DRIVE.match(value):
         raise _ApiError(400, "fileName must be relative, not absolute")
     if ".." in value or value == ".":
         raise _ApiError(400, "fileName must not contain '..'")
@@ -516,8 +526,8 @@ def _read_pack(path: Path, offset: int, size: int) -> bytes | None:
 class _Store:
     """Metadata in data_dir/emulator.sqlite3 (table `files`). A blob of up to INLINE_MAX
     bytes is appended to this start's pack (`_Pack`; its row says where: `pack`,
-    `pack_offset`) and written to data_dir/blobs/<fileId> only when first downloaded; a
-    larger one is renamed there from data_dir/tmp before its row commits, so a crash
+    `pack_offset`) and written to data_dir/blobs/<fileId> only when first downloaded
+    (its row then names neither: an overwrite removes only blobs in files); a larger one is renamed there from data_dir/tmp before its row commits, so a crash
     leaves at most an orphan blob, which the next start removes. Rows of older data dirs
     may hold their blob in `data`.
 
@@ -586,7 +596,7 @@ class _Store:
         """Write every queued row in one transaction and wake the uploads that wait."""
         pending, self._pending = self._pending, []
         committed, self._committed = self._committed, None
-        replaced: list[str] = []
+        replaced: list[tuple[str, bool]] = []  # (fileId, its blob is a file of its own)
         try:
             if pending:
                 self._write_rows(pending, replaced)
@@ -596,15 +606,15 @@ class _Store:
             if committed is not None and not committed.done():
                 committed.set_exception(err)
             return
-        for file_id in replaced:
+        for file_id, in_file in replaced:
             self._known.pop(file_id, None)
-            with contextlib.suppress(FileNotFoundError):  # os's: pathlib's costs more
-                os.unlink(os.path.join(self.blobs, file_id))
+            if in_file:
+                self.blob_path(file_id).unlink(missing_ok=True)
         if committed is not None and not committed.done():
             committed.set_result(None)
 
     def _write_rows(
-        self, pending: list[tuple[StoredFile, bytes | None]], replaced: list[str]
+        self, pending: list[tuple[StoredFile, bytes | None]], replaced: list[tuple[str, bool]]
     ) -> None:
         small = [data for _, data in pending if data is not None]
         offset = self._pack.append(small) if small else 0
@@ -612,12 +622,9 @@ class _Store:
         db.execute("BEGIN")
         try:
             for stored, data in pending:
-                old = db.execute(
-                    "DELETE FROM files WHERE upload_path = ? AND file_name = ? RETURNING file_id",
-                    (stored.upload_path, stored.file_name),
-                ).fetchone()
+                old = db.execute(_REPLACE, (stored.upload_path, stored.file_name)).fetchone()
                 if old:
-                    replaced.append(old[0])
+                    replaced.append(old)
                 place = (None, None) if data is None else (self._pack.name, offset)
                 db.execute(_INSERT, (*_row(stored), *place))
                 offset += 0 if data is None else len(data)
@@ -658,6 +665,9 @@ class _Store:
                 tmp = self.new_tmp().path
                 tmp.write_bytes(data)
                 tmp.replace(path)
+                self._db.execute(  # in a file now: an overwrite removes that file
+                    "UPDATE files SET data = NULL, pack = NULL WHERE file_id = ?", (file_id,)
+                )
         return path
 
     def delete(self, file_id: str) -> None:

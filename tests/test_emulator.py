@@ -853,6 +853,17 @@ async def test_a_restart_moves_the_live_blobs_out_of_a_mostly_overwritten_pack(
         assert (await get(f"{second.base_url}/{latest}"))[:2] == (200, versions[-1])
 
 
+async def test_overwriting_a_downloaded_small_file_removes_the_blob_its_download_wrote(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key) as emu:
+        first = await upload_stream(emu, api_key, b"first", "a.bin")
+        assert (await get(f"{emu.base_url}/{first}"))[:2] == (200, b"first")
+        assert len(list((tmp_path / "d" / "blobs").iterdir())) == 1
+        await upload_stream(emu, api_key, b"second", "a.bin")
+        assert not list((tmp_path / "d" / "blobs").iterdir())
+
+
 async def test_concurrent_uploads_of_one_name_leave_exactly_one_link(
     emulator: Emulator, api_key: str
 ) -> None:
