@@ -299,7 +299,8 @@ def http_date(timestamp: float) -> str:
 
 def access_line(method: str, path: str, status: int, ms: float) -> str:
     """One access log line, `key=value` pairs (never a header, so never the key)."""
-    stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    now = time.time()
+    stamp = f"{_iso_of_second(int(now))}.{int(now % 1 * 1e6):06d}Z"
     return (
         f"timestamp={stamp!r} event='emulator.request' method={method!r} path={path!r}"
         f" status={status} ms={ms}\n"
@@ -414,9 +415,15 @@ def gone_reason(stored: StoredFile, now: float, lifetime: float | None) -> str |
     return None
 
 
+_UNRESERVED_PATH: Final = re.compile(r"[A-Za-z0-9_.~/-]*")  # what `quote` keeps as it is
+
+
 def download_path(stored: StoredFile) -> str:
     """`/files/<fileId>/<uploadPath>/<fileName>`, each segment URL-quoted."""
-    segments = [stored.file_id, *stored.remote_path.split("/")]
+    plain = f"{stored.file_id}/{stored.remote_path}"
+    if _UNRESERVED_PATH.fullmatch(plain):  # nothing to quote: the usual name
+        return f"/files/{plain}"
+    segments = plain.split("/")
     return "/files/" + "/".join(quote(seg, safe="") for seg in segments)
 
 
@@ -527,8 +534,9 @@ class _Store:
     """Metadata in data_dir/emulator.sqlite3 (table `files`). A blob of up to INLINE_MAX
     bytes is appended to this start's pack (`_Pack`; its row says where: `pack`,
     `pack_offset`) and written to data_dir/blobs/<fileId> only when first downloaded
-    (its row then names neither: an overwrite removes only blobs in files); a larger one is renamed there from data_dir/tmp before its row commits, so a crash
-    leaves at most an orphan blob, which the next start removes. Rows of older data dirs
+    (its row then names neither: an overwrite removes only blobs in files); a larger
+    one is renamed there from data_dir/tmp before its row commits, so a crash leaves at
+    most an orphan blob, which the next start removes. Rows of older data dirs
     may hold their blob in `data`.
 
     Uploads are group-committed: `put` queues the row and hands back a future that is
@@ -1204,7 +1212,7 @@ class Emulator:
                     "msg": SUCCESS_MSG,
                     "data": success_data(stored, base_url, self.response_shape),
                 }
-                response = web.json_response(body)
+                response = _json_answer(body)
         except _ApiError as err:
             response = _error_response(err.status, err.msg)
         except web.HTTPException as exc:  # e.g. 413 from the JSON body limit
@@ -1412,6 +1420,14 @@ def _is_number(value: object) -> TypeGuard[int | float]:
 
 def _too_big_msg(limit: int) -> str:
     return f"fileUrl is larger than the {limit} byte limit for URL uploads"
+
+
+def _json_answer(payload: dict[str, Any]) -> web.Response:
+    """What `web.json_response(payload)` answers, built with less of aiohttp's work."""
+    return web.Response(body=json.dumps(payload).encode(), headers=_JSON_HEADERS)
+
+
+_JSON_HEADERS: Final = {hdrs.CONTENT_TYPE: "application/json; charset=utf-8"}
 
 
 def _error_response(status: int, msg: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import pytest
@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 from migrator import emulator as emulator_module
 from migrator.cli import main
-from migrator.emulator import Emulator, EmulatorRequest, iso_ms
+from migrator.emulator import Emulator, EmulatorRequest, StoredFile, download_path, iso_ms
 
 PNG_1X1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -1276,3 +1276,14 @@ async def test_a_bounded_link_log_keeps_only_the_latest_link_requests(
 def test_iso_ms_writes_a_timestamp_as_datetime_does(timestamp: float) -> None:
     moment = datetime.fromtimestamp(timestamp, tz=UTC).replace(tzinfo=None)
     assert iso_ms(timestamp) == moment.isoformat(timespec="milliseconds") + "Z"
+
+
+SEGMENT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="/"), min_size=1)
+
+
+@given(st.lists(SEGMENT, min_size=1, max_size=4))
+def test_download_path_quotes_each_segment_whole(segments: list[str]) -> None:
+    *folders, name = segments
+    stored = StoredFile("0a1b", "/".join(folders), name, None, 1, "text/plain", 0.0, 1.0)
+    expected = "/".join(quote(segment, safe="") for segment in ["0a1b", *segments])
+    assert download_path(stored) == "/files/" + expected
