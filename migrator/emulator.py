@@ -561,7 +561,7 @@ class _Store:
         # emulator's memory would grow with every upload.
         self._known: dict[str, StoredFile] = {}
         self._pending: list[tuple[StoredFile, bytes | None]] = []
-        self._committed: asyncio.Future[None] | None = None
+        self._waiting: list[asyncio.Future[None]] = []  # one per upload in _pending
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS files ("
             " file_id TEXT PRIMARY KEY, upload_path TEXT NOT NULL, file_name TEXT NOT NULL,"
@@ -589,21 +589,23 @@ class _Store:
 
     def put(self, stored: StoredFile, data: bytes | None, tmp: _TempFile) -> asyncio.Future[None]:
         """Store `data` (or, when None, the temp file) under `stored`, replacing a
-        same-named file; the future is done once that is committed."""
+        same-named file; the future, this upload's own (cancelling it cancels no other's),
+        is done once that is committed."""
         if data is None:
             tmp.path.replace(self.blob_path(stored.file_id))
         self._pending.append((stored, data))
         self._remember(stored)
-        if self._committed is None:
-            loop = asyncio.get_running_loop()
-            self._committed = loop.create_future()
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
             loop.call_soon(self._commit)
-        return self._committed
+        committed = loop.create_future()
+        self._waiting.append(committed)
+        return committed
 
     def _commit(self) -> None:
         """Write every queued row in one transaction and wake the uploads that wait."""
         pending, self._pending = self._pending, []
-        committed, self._committed = self._committed, None
+        waiting, self._waiting = self._waiting, []
         replaced: list[tuple[str, bool]] = []  # (fileId, its blob is a file of its own)
         try:
             if pending:
@@ -611,15 +613,17 @@ class _Store:
         except Exception as err:  # every upload waiting for this commit answers 500
             for stored, _ in pending:
                 self._known.pop(stored.file_id, None)
-            if committed is not None and not committed.done():
-                committed.set_exception(err)
+            for committed in waiting:
+                if not committed.done():
+                    committed.set_exception(err)
             return
         for file_id, in_file in replaced:
             self._known.pop(file_id, None)
             if in_file:
                 self.blob_path(file_id).unlink(missing_ok=True)
-        if committed is not None and not committed.done():
-            committed.set_result(None)
+        for committed in waiting:
+            if not committed.done():
+                committed.set_result(None)
 
     def _write_rows(
         self, pending: list[tuple[StoredFile, bytes | None]], replaced: list[tuple[str, bool]]
@@ -1265,8 +1269,7 @@ class Emulator:
                 uploaded_at=now,
                 expires_at=now + self.ttl,
             )
-            # Shielded: an upload cancelled while it waits must not cancel its batch's.
-            await asyncio.shield(store.put(stored, received.data, tmp))
+            await store.put(stored, received.data, tmp)
             return stored
         except BaseException:
             tmp.remove()  # once stored, it was moved into place: nothing to remove

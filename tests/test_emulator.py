@@ -864,6 +864,25 @@ async def test_overwriting_a_downloaded_small_file_removes_the_blob_its_download
         assert not list((tmp_path / "d" / "blobs").iterdir())
 
 
+async def test_an_upload_cancelled_while_its_batch_commits_cancels_no_other(
+    tmp_path: Path,
+) -> None:
+    store = emulator_module._Store(tmp_path / "d")
+    now = time.time()
+    one, other = (
+        StoredFile(file_id, "p", f"{file_id}.bin", None, 1, "text/plain", now, now + DAY)
+        for file_id in ("0a", "0b")
+    )
+    try:
+        cancelled = store.put(one, b"1", store.new_tmp())
+        waiting = store.put(other, b"2", store.new_tmp())
+        cancelled.cancel()
+        await waiting
+        assert store.get("0b") == other
+    finally:
+        store.close()
+
+
 async def test_concurrent_uploads_of_one_name_leave_exactly_one_link(
     emulator: Emulator, api_key: str
 ) -> None:
