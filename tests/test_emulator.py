@@ -38,7 +38,14 @@ from hypothesis import strategies as st
 
 from migrator import emulator as emulator_module
 from migrator.cli import main
-from migrator.emulator import Emulator, EmulatorRequest, StoredFile, download_path, iso_ms
+from migrator.emulator import (
+    Emulator,
+    EmulatorRequest,
+    StoredFile,
+    download_path,
+    iso_ms,
+    success_body,
+)
 
 PNG_1X1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -1306,3 +1313,52 @@ def test_download_path_quotes_each_segment_whole(segments: list[str]) -> None:
     stored = StoredFile("0a1b", "/".join(folders), name, None, 1, "text/plain", 0.0, 1.0)
     expected = "/".join(quote(segment, safe="") for segment in ["0a1b", *segments])
     assert download_path(stored) == "/files/" + expected
+
+
+STORED_FILES = st.builds(
+    StoredFile,
+    file_id=st.text(),
+    upload_path=st.text(st.characters(blacklist_categories=["Cs"])),
+    file_name=SEGMENT,
+    original_name=st.none() | SEGMENT,
+    size=st.integers(min_value=0),
+    mime_type=st.text(st.characters(blacklist_categories=["Cs"])),
+    uploaded_at=st.floats(min_value=0, max_value=4e9),
+    expires_at=st.floats(min_value=0, max_value=4e9),
+)
+
+
+@given(STORED_FILES, st.sampled_from(["http://127.0.0.1:1", 'http://"x":2']))
+def test_a_success_answer_is_json_dumps_of_the_quickstart_shape(
+    stored: StoredFile, base_url: str
+) -> None:
+    url = base_url + download_path(stored)
+    data = {
+        "fileId": stored.file_id,
+        "fileName": stored.file_name,
+        "originalName": stored.original_name or stored.file_name,
+        "fileSize": stored.size,
+        "mimeType": stored.mime_type,
+        "uploadPath": stored.upload_path,
+        "fileUrl": url,
+        "downloadUrl": url,
+        "uploadTime": iso_ms(stored.uploaded_at),
+        "expiresAt": iso_ms(stored.expires_at),
+    }
+    envelope = {"success": True, "code": 200, "msg": "File uploaded successfully", "data": data}
+    assert success_body(stored, base_url, "quickstart") == json.dumps(envelope).encode()
+
+
+@given(STORED_FILES)
+def test_a_success_answer_is_json_dumps_of_the_endpoint_shape(stored: StoredFile) -> None:
+    base_url = "http://127.0.0.1:1"
+    data = {
+        "fileName": stored.file_name,
+        "filePath": stored.remote_path,
+        "downloadUrl": base_url + download_path(stored),
+        "fileSize": stored.size,
+        "mimeType": stored.mime_type,
+        "uploadedAt": iso_ms(stored.uploaded_at),
+    }
+    envelope = {"success": True, "code": 200, "msg": "File uploaded successfully", "data": data}
+    assert success_body(stored, base_url, "endpoint") == json.dumps(envelope).encode()
