@@ -46,6 +46,7 @@ import hmac
 import json
 import math
 import mimetypes
+import os
 import random
 import re
 import secrets
@@ -92,6 +93,7 @@ _ENDPOINT_BY_PATH: Final[dict[str, str]] = {path: name for name, path in _PATHS.
 # a ContextVar carries the arrival time to both (request storage would need RequestKey,
 # which aiohttp before 3.13 lacks and aiohttp 3.13+ warns about going without).
 _RECEIVED_AT: ContextVar[float] = ContextVar("emulator_received_at")
+_Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 _STATUS_MSGS: Final[dict[int, str]] = {
     400: "bad request",
     401: "missing or invalid credentials",
@@ -182,6 +184,16 @@ _COLUMNS: Final = (
 )
 
 
+# A row whose blob is neither in it nor in a pack has it in data_dir/blobs/<fileId>.
+_REPLACE: Final = (
+    "DELETE FROM files WHERE upload_path = ? AND file_name = ?"
+    " RETURNING file_id, data IS NULL AND pack IS NULL"
+)
+_INSERT: Final = (
+    f"INSERT INTO files ({_COLUMNS}, pack, pack_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 def _row(stored: StoredFile) -> tuple[str, str, str, str | None, int, str, float, float]:
     """A StoredFile as the values of `files`' first columns, in _COLUMNS' order."""
     return (
@@ -259,9 +271,20 @@ class _ApiError(Exception):
 
 
 def iso_ms(timestamp: float) -> str:
-    """POSIX seconds -> `2025-01-18T10:30:00.000Z` (always with milliseconds)."""
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+    """POSIX seconds -> `2025-01-18T10:30:00.000Z` (always with milliseconds), as
+    `datetime.fromtimestamp` splits them: microseconds rounded half to even, then cut."""
+    fraction, whole = math.modf(timestamp)
+    second, micros = int(whole), round(fraction * 1e6)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    return f"{_iso_of_second(second)}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8)  # two seconds an upload: its time and its expiry
+def _iso_of_second(second: int) -> str:
+    return datetime.fromtimestamp(second, tz=UTC).replace(tzinfo=None).isoformat()
 
 
 @functools.lru_cache(maxsize=4)
@@ -276,7 +299,8 @@ def http_date(timestamp: float) -> str:
 
 def access_line(method: str, path: str, status: int, ms: float) -> str:
     """One access log line, `key=value` pairs (never a header, so never the key)."""
-    stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    now = time.time()
+    stamp = f"{_iso_of_second(int(now))}.{int(now % 1 * 1e6):06d}Z"
     return (
         f"timestamp={stamp!r} event='emulator.request' method={method!r} path={path!r}"
         f" status={status} ms={ms}\n"
@@ -287,7 +311,12 @@ def error_envelope(status: int, msg: str) -> dict[str, Any]:
     return {"success": False, "code": status, "msg": msg, "data": None}
 
 
+_DRIVE: Final = re.compile(r"[A-Za-z]:")  # `C:`, a Windows drive
+
+
 def _has_control_chars(text: str) -> bool:
+    if text.isprintable():  # what is printable has no control character (the usual case)
+        return False
     return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
@@ -299,7 +328,7 @@ def check_upload_path(value: object) -> str:
         raise _ApiError(400, "uploadPath must be a string")
     if _has_control_chars(value):
         raise _ApiError(400, "uploadPath must not contain control characters")
-    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+    if value.startswith(("/", "\\")) or _DRIVE.match(value):
         raise _ApiError(400, "uploadPath must be relative, not absolute")
     if "\\" in value:
         raise _ApiError(400, "uploadPath must use '/' as separator")
@@ -318,7 +347,7 @@ def check_file_name(value: object) -> str | None:
         raise _ApiError(400, "fileName must be a string")
     if _has_control_chars(value):
         raise _ApiError(400, "fileName must not contain control characters")
-    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+    if value.startswith(("/", "\\")) or _DRIVE.match(value):
         raise _ApiError(400, "fileName must be relative, not absolute")
     if ".." in value or value == ".":
         raise _ApiError(400, "fileName must not contain '..'")
@@ -386,36 +415,49 @@ def gone_reason(stored: StoredFile, now: float, lifetime: float | None) -> str |
     return None
 
 
+_UNRESERVED_PATH: Final = re.compile(r"[A-Za-z0-9_.~/-]*")  # what `quote` keeps as it is
+
+
 def download_path(stored: StoredFile) -> str:
     """`/files/<fileId>/<uploadPath>/<fileName>`, each segment URL-quoted."""
-    segments = [stored.file_id, *stored.remote_path.split("/")]
+    plain = f"{stored.file_id}/{stored.remote_path}"
+    if _UNRESERVED_PATH.fullmatch(plain):  # nothing to quote: the usual name
+        return f"/files/{plain}"
+    segments = plain.split("/")
     return "/files/" + "/".join(quote(seg, safe="") for seg in segments)
 
 
-def success_data(stored: StoredFile, base_url: str, shape: str) -> dict[str, Any]:
-    """The `data` object of a success, in the quickstart or the endpoint pages' shape."""
-    url = base_url + download_path(stored)
+_SUCCESS_HEAD: Final = (
+    json.dumps({"success": True, "code": 200, "msg": SUCCESS_MSG})[:-1] + ', "data": '
+)
+
+
+def success_body(stored: StoredFile, base_url: str, shape: str) -> bytes:
+    """The JSON of a success (the envelope, `data` in the quickstart or the endpoint
+    pages' shape), byte for byte what `json.dumps` writes of it, without its walk of
+    a dict: this is the answer to every upload."""
+    text = _json_text
+    url = text(base_url + download_path(stored))
     if shape == "endpoint":
-        return {
-            "fileName": stored.file_name,
-            "filePath": stored.remote_path,
-            "downloadUrl": url,
-            "fileSize": stored.size,
-            "mimeType": stored.mime_type,
-            "uploadedAt": iso_ms(stored.uploaded_at),
-        }
-    return {
-        "fileId": stored.file_id,
-        "fileName": stored.file_name,
-        "originalName": stored.original_name or stored.file_name,
-        "fileSize": stored.size,
-        "mimeType": stored.mime_type,
-        "uploadPath": stored.upload_path,
-        "fileUrl": url,
-        "downloadUrl": url,
-        "uploadTime": iso_ms(stored.uploaded_at),
-        "expiresAt": iso_ms(stored.expires_at),
-    }
+        data = (
+            f'{{"fileName": {text(stored.file_name)}, "filePath": {text(stored.remote_path)},'
+            f' "downloadUrl": {url}, "fileSize": {stored.size},'
+            f' "mimeType": {text(stored.mime_type)},'
+            f' "uploadedAt": "{iso_ms(stored.uploaded_at)}"}}'
+        )
+    else:
+        data = (
+            f'{{"fileId": {text(stored.file_id)}, "fileName": {text(stored.file_name)},'
+            f' "originalName": {text(stored.original_name or stored.file_name)},'
+            f' "fileSize": {stored.size}, "mimeType": {text(stored.mime_type)},'
+            f' "uploadPath": {text(stored.upload_path)}, "fileUrl": {url},'
+            f' "downloadUrl": {url}, "uploadTime": "{iso_ms(stored.uploaded_at)}",'
+            f' "expiresAt": "{iso_ms(stored.expires_at)}"}}'
+        )
+    return f"{_SUCCESS_HEAD}{data}}}".encode()
+
+
+_json_text: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii  # json.dumps'
 
 
 def format_retry_after(seconds: float) -> str:
@@ -455,11 +497,54 @@ def _ensure_dir(path: Path) -> Path:
 # -- storage ------------------------------------------------------------------------------
 
 
+class _Pack:
+    """An append-only file of small blobs, data_dir/packs/<name>: one per emulator start,
+    written before the rows that point into it commit. Overwritten and expired blobs stay
+    in it as garbage until `_Store.sweep` copies a mostly dead pack's live blobs out."""
+
+    def __init__(self, folder: Path) -> None:
+        self.name = f"{secrets.token_hex(8)}.pack"
+        self.path = folder / self.name
+        self._fd: int | None = None
+        self.size = 0
+
+    def append(self, blobs: list[bytes]) -> int:
+        """Write `blobs` one after the other; returns the offset of the first."""
+        if self._fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            self._fd = os.open(self.path, flags, 0o644)
+        offset = self.size
+        view = memoryview(b"".join(blobs))
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self.size += sum(len(blob) for blob in blobs)
+        return offset
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pack(path: Path, offset: int, size: int) -> bytes | None:
+    """A blob from a pack; None when the pack is gone or too short."""
+    try:
+        with path.open("rb") as pack:
+            pack.seek(offset)
+            data = pack.read(size)
+    except OSError:
+        return None
+    return data if len(data) == size else None
+
+
 class _Store:
     """Metadata in data_dir/emulator.sqlite3 (table `files`). A blob of up to INLINE_MAX
-    bytes lives in its row (`data`), written to data_dir/blobs/<fileId> only when first
-    downloaded; a larger one is renamed there from data_dir/tmp before its row commits,
-    so a crash leaves at most an orphan blob, which the next start removes.
+    bytes is appended to this start's pack (`_Pack`; its row says where: `pack`,
+    `pack_offset`) and written to data_dir/blobs/<fileId> only when first downloaded
+    (its row then names neither: an overwrite removes only blobs in files); a larger
+    one is renamed there from data_dir/tmp before its row commits, so a crash leaves at
+    most an orphan blob, which the next start removes. Rows of older data dirs
+    may hold their blob in `data`.
 
     Uploads are group-committed: `put` queues the row and hands back a future that is
     done once the transaction holding it has committed, at the end of the event loop's
@@ -473,6 +558,8 @@ class _Store:
         self.data_dir = _ensure_dir(data_dir)
         self.blobs = _ensure_dir(data_dir / "blobs")
         self.tmp = _ensure_dir(data_dir / "tmp")
+        self.packs = _ensure_dir(data_dir / "packs")
+        self._pack = _Pack(self.packs)
         self._clock_file = data_dir / "clock.json"
         self._db = sqlite3.connect(data_dir / "emulator.sqlite3", isolation_level=None)
         self._db.execute("PRAGMA journal_mode = WAL")
@@ -481,7 +568,7 @@ class _Store:
         # emulator's memory would grow with every upload.
         self._known: dict[str, StoredFile] = {}
         self._pending: list[tuple[StoredFile, bytes | None]] = []
-        self._committed: asyncio.Future[None] | None = None
+        self._waiting: list[asyncio.Future[None]] = []  # one per upload in _pending
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS files ("
             " file_id TEXT PRIMARY KEY, upload_path TEXT NOT NULL, file_name TEXT NOT NULL,"
@@ -492,10 +579,14 @@ class _Store:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
         if "data" not in columns:  # a data dir from before blobs lived in rows
             self._db.execute("ALTER TABLE files ADD COLUMN data BLOB")
+        if "pack" not in columns:  # nor in packs
+            self._db.execute("ALTER TABLE files ADD COLUMN pack TEXT")
+            self._db.execute("ALTER TABLE files ADD COLUMN pack_offset INTEGER")
 
     def close(self) -> None:
         self._commit()
         self._db.close()
+        self._pack.close()
 
     def new_tmp(self) -> _TempFile:
         return _TempFile(self.tmp)
@@ -505,54 +596,57 @@ class _Store:
 
     def put(self, stored: StoredFile, data: bytes | None, tmp: _TempFile) -> asyncio.Future[None]:
         """Store `data` (or, when None, the temp file) under `stored`, replacing a
-        same-named file; the future is done once that is committed."""
+        same-named file; the future, this upload's own (cancelling it cancels no other's),
+        is done once that is committed."""
         if data is None:
             tmp.path.replace(self.blob_path(stored.file_id))
         self._pending.append((stored, data))
         self._remember(stored)
-        if self._committed is None:
-            loop = asyncio.get_running_loop()
-            self._committed = loop.create_future()
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
             loop.call_soon(self._commit)
-        return self._committed
+        committed = loop.create_future()
+        self._waiting.append(committed)
+        return committed
 
     def _commit(self) -> None:
         """Write every queued row in one transaction and wake the uploads that wait."""
         pending, self._pending = self._pending, []
-        committed, self._committed = self._committed, None
-        replaced: list[str] = []
+        waiting, self._waiting = self._waiting, []
+        replaced: list[tuple[str, bool]] = []  # (fileId, its blob is a file of its own)
         try:
             if pending:
                 self._write_rows(pending, replaced)
         except Exception as err:  # every upload waiting for this commit answers 500
             for stored, _ in pending:
                 self._known.pop(stored.file_id, None)
-            if committed is not None and not committed.done():
-                committed.set_exception(err)
+            for committed in waiting:
+                if not committed.done():
+                    committed.set_exception(err)
             return
-        for file_id in replaced:
+        for file_id, in_file in replaced:
             self._known.pop(file_id, None)
-            self.blob_path(file_id).unlink(missing_ok=True)
-        if committed is not None and not committed.done():
-            committed.set_result(None)
+            if in_file:
+                self.blob_path(file_id).unlink(missing_ok=True)
+        for committed in waiting:
+            if not committed.done():
+                committed.set_result(None)
 
     def _write_rows(
-        self, pending: list[tuple[StoredFile, bytes | None]], replaced: list[str]
+        self, pending: list[tuple[StoredFile, bytes | None]], replaced: list[tuple[str, bool]]
     ) -> None:
+        small = [data for _, data in pending if data is not None]
+        offset = self._pack.append(small) if small else 0
         db = self._db
         db.execute("BEGIN")
         try:
             for stored, data in pending:
-                old = db.execute(
-                    "DELETE FROM files WHERE upload_path = ? AND file_name = ? RETURNING file_id",
-                    (stored.upload_path, stored.file_name),
-                ).fetchone()
+                old = db.execute(_REPLACE, (stored.upload_path, stored.file_name)).fetchone()
                 if old:
-                    replaced.append(old[0])
-                db.execute(
-                    "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (*_row(stored), data),
-                )
+                    replaced.append(old)
+                place = (None, None) if data is None else (self._pack.name, offset)
+                db.execute(_INSERT, (*_row(stored), *place))
+                offset += 0 if data is None else len(data)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -581,12 +675,18 @@ class _Store:
         path = self.blob_path(file_id)
         if not path.exists():
             row = self._db.execute(
-                "SELECT data FROM files WHERE file_id = ?", (file_id,)
+                "SELECT data, pack, pack_offset, size FROM files WHERE file_id = ?", (file_id,)
             ).fetchone()
-            if row is not None and row[0] is not None:
+            data = None if row is None else row[0]
+            if row is not None and data is None and row[1] is not None:
+                data = _read_pack(self.packs / row[1], row[2], row[3])
+            if data is not None:
                 tmp = self.new_tmp().path
-                tmp.write_bytes(row[0])
+                tmp.write_bytes(data)
                 tmp.replace(path)
+                self._db.execute(  # in a file now: an overwrite removes that file
+                    "UPDATE files SET data = NULL, pack = NULL WHERE file_id = ?", (file_id,)
+                )
         return path
 
     def delete(self, file_id: str) -> None:
@@ -598,16 +698,40 @@ class _Store:
         """Drop temp files, files gone by `now`, orphan blobs and rows whose blob is gone."""
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
-        rows = self._db.execute(f"SELECT {_COLUMNS}, data IS NOT NULL FROM files").fetchall()
-        for *fields, inline in rows:
+        pack_sizes = {pack.name: pack.stat().st_size for pack in self.packs.iterdir()}
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS}, data IS NOT NULL, pack, pack_offset FROM files"
+        ).fetchall()
+        live: dict[str, list[tuple[str, int, int]]] = {}  # pack -> its live blobs
+        for *fields, inline, pack, offset in rows:
             one = StoredFile(*fields)
+            in_pack = pack is not None and offset + one.size <= pack_sizes.get(pack, -1)
             gone = gone_reason(one, now, lifetime) is not None
-            if gone or not (inline or self.blob_path(one.file_id).exists()):
+            if gone or not (inline or in_pack or self.blob_path(one.file_id).exists()):
                 self.delete(one.file_id)
+            elif in_pack:
+                live.setdefault(pack, []).append((one.file_id, offset, one.size))
         known = {row[0] for row in rows}
         for blob in self.blobs.iterdir():
             if blob.name not in known:
                 blob.unlink(missing_ok=True)
+        for name, size in pack_sizes.items():
+            blobs = live.get(name, [])
+            if 2 * sum(blob_size for _, _, blob_size in blobs) < size:
+                self._move_out_of(name, blobs)
+
+    def _move_out_of(self, name: str, blobs: list[tuple[str, int, int]]) -> None:
+        """Copy a mostly dead pack's live blobs to this start's pack, then remove it."""
+        path = self.packs / name
+        for file_id, offset, size in blobs:
+            data = _read_pack(path, offset, size)
+            if data is not None:
+                moved_to = self._pack.append([data])
+                self._db.execute(
+                    "UPDATE files SET pack = ?, pack_offset = ? WHERE file_id = ?",
+                    (self._pack.name, moved_to, file_id),
+                )
+        path.unlink(missing_ok=True)
 
     def load_offset(self) -> float:
         try:
@@ -783,6 +907,9 @@ class Emulator:
             self._build_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0
         )
         await self._runner.setup()
+        server = self._runner.server
+        assert server is not None  # set by setup()
+        server.request_handler = self._upload_door(server.request_handler)
         site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
         try:
             await site.start()
@@ -916,6 +1043,36 @@ class Emulator:
         app.on_response_prepare.append(self._log_link_request)
         return app
 
+    def _upload_door(self, app_handler: _Handler) -> _Handler:
+        """A POST to an upload endpoint goes straight to `_serve_upload`; every other
+        request takes the app's router and middlewares. The router and four middlewares
+        cost an upload as much as its storing did; what they do for it is done here."""
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            endpoint = _ENDPOINT_BY_PATH.get(request.path)
+            if (
+                endpoint is None
+                or request.method != hdrs.METH_POST
+                or hdrs.EXPECT in request.headers
+            ):
+                return await app_handler(request)
+            return await self._serve_upload(request, endpoint)
+
+        return handle
+
+    async def _serve_upload(self, request: web.BaseRequest, endpoint: str) -> web.StreamResponse:
+        """What the middlewares and the prepare hooks do for an upload, in their order:
+        stamp its arrival, rate-limit it, answer it, date the answer, log it."""
+        _RECEIVED_AT.set(time.time())
+        started = time.monotonic()
+        response = self._refused_by_rate(request, endpoint)
+        if response is None:
+            response = await self._upload(request, endpoint)
+        if not response.prepared:
+            response.headers[hdrs.DATE] = http_date(self.now())
+        self._log_access(request, response.status, started)
+        return response
+
     def _require_store(self) -> _Store:
         if self._store is None:
             raise RuntimeError("the emulator is not started")
@@ -971,23 +1128,36 @@ class Emulator:
             return await handler(request)
         started = time.monotonic()
         response = await handler(request)
-        ms = round((time.monotonic() - started) * 1000, 1)
-        # One write, before the answer leaves (benchmarks count the lines once answered).
-        self._access_log.write(access_line(request.method, request.path, response.status, ms))
-        self._access_log.flush()
+        self._log_access(request, response.status, started)
         return response
+
+    def _log_access(self, request: web.BaseRequest, status: int, started: float) -> None:
+        """One write, before the answer leaves (benchmarks count the lines once answered)."""
+        if self._access_log is None:
+            return
+        ms = round((time.monotonic() - started) * 1000, 1)
+        self._access_log.write(access_line(request.method, request.path, status, ms))
+        self._access_log.flush()
 
     @web.middleware
     async def _rate_limit(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         """Over the limit, answer 429 at the door: before the key or the body is read."""
-        if self._window is None or not _counts_toward_rate(request):
+        if not _counts_toward_rate(request):
             return await handler(request)
+        refused = self._refused_by_rate(request, _ENDPOINT_BY_PATH.get(request.path))
+        return refused if refused is not None else await handler(request)
+
+    def _refused_by_rate(
+        self, request: web.BaseRequest, endpoint: str | None
+    ) -> web.StreamResponse | None:
+        """Admit the request (None), or its 429 when the window is full."""
+        if self._window is None:
+            return None
         wait = self._window.try_admit(time.monotonic())
         if wait is None:
-            return await handler(request)
-        endpoint = _ENDPOINT_BY_PATH.get(request.path)
+            return None
         if endpoint is not None:
             self._log_upload(endpoint, 429)
         msg = f"too many requests: at most {self._window.limit} a second"
@@ -1010,7 +1180,7 @@ class Emulator:
             )
         )
 
-    def _check_auth(self, request: web.Request) -> None:
+    def _check_auth(self, request: web.BaseRequest) -> None:
         if not bearer_ok(request.headers.get("Authorization"), self._api_key):
             raise _ApiError(401, "missing or invalid credentials: send Authorization: Bearer <key>")
 
@@ -1024,7 +1194,7 @@ class Emulator:
 
         return handle
 
-    async def _upload(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+    async def _upload(self, request: web.BaseRequest, endpoint: str) -> web.StreamResponse:
         seen = _Seen()
         size: int | None = None
         response: web.StreamResponse
@@ -1041,18 +1211,14 @@ class Emulator:
                     await asyncio.sleep(self._chaos.stall)
                 stored = await self._receive_and_store(request, endpoint, seen)
                 if chaos is not None and chaos != "stall":
-                    response = await _chaos_after_storing(request, chaos)
+                    date = http_date(self.now())
+                    response = await _chaos_after_storing(request, chaos, date)
                     self._log_upload(endpoint, response.status, seen, stored.size)
                     return response
                 size = stored.size
                 base_url = self._public_base_url(request)
-                body = {
-                    "success": True,
-                    "code": 200,
-                    "msg": SUCCESS_MSG,
-                    "data": success_data(stored, base_url, self.response_shape),
-                }
-                response = web.json_response(body)
+                body = success_body(stored, base_url, self.response_shape)
+                response = web.Response(body=body, headers=_JSON_HEADERS)
         except _ApiError as err:
             response = _error_response(err.status, err.msg)
         except web.HTTPException as exc:  # e.g. 413 from the JSON body limit
@@ -1071,13 +1237,13 @@ class Emulator:
                 return fault
         return None
 
-    def _public_base_url(self, request: web.Request) -> str:
+    def _public_base_url(self, request: web.BaseRequest) -> str:
         if self._host in ("0.0.0.0", "::", ""):
             return f"{request.scheme}://{request.host}"
         return self.base_url
 
     async def _receive_and_store(
-        self, request: web.Request, endpoint: str, seen: _Seen
+        self, request: web.BaseRequest, endpoint: str, seen: _Seen
     ) -> StoredFile:
         store = self._require_store()
         tmp = store.new_tmp()
@@ -1105,14 +1271,15 @@ class Emulator:
                 uploaded_at=now,
                 expires_at=now + self.ttl,
             )
-            # Shielded: an upload cancelled while it waits must not cancel its batch's.
-            await asyncio.shield(store.put(stored, received.data, tmp))
+            await store.put(stored, received.data, tmp)
             return stored
         except BaseException:
             tmp.remove()  # once stored, it was moved into place: nothing to remove
             raise
 
-    async def _receive_base64(self, request: web.Request, seen: _Seen, tmp: _TempFile) -> _Received:
+    async def _receive_base64(
+        self, request: web.BaseRequest, seen: _Seen, tmp: _TempFile
+    ) -> _Received:
         body = await _read_json_object(request)
         upload_path, file_name = _naming_fields(body, seen)
         data, declared = decode_base64_data(body.get("base64Data"))
@@ -1121,7 +1288,9 @@ class Emulator:
         await asyncio.to_thread(tmp.path.write_bytes, data)
         return _Received(None, len(data), upload_path, file_name, file_name, declared)
 
-    async def _receive_url(self, request: web.Request, seen: _Seen, tmp: _TempFile) -> _Received:
+    async def _receive_url(
+        self, request: web.BaseRequest, seen: _Seen, tmp: _TempFile
+    ) -> _Received:
         body = await _read_json_object(request)
         file_url = body.get("fileUrl")
         seen.file_url = file_url if isinstance(file_url, str) else None
@@ -1258,6 +1427,9 @@ def _too_big_msg(limit: int) -> str:
     return f"fileUrl is larger than the {limit} byte limit for URL uploads"
 
 
+_JSON_HEADERS: Final = {hdrs.CONTENT_TYPE: "application/json; charset=utf-8"}  # json_response's
+
+
 def _error_response(status: int, msg: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(error_envelope(status, msg), status=status, headers=headers)
 
@@ -1301,7 +1473,7 @@ def _html(status: int, title: str) -> web.Response:
     return web.Response(status=status, text=page, content_type="text/html")
 
 
-async def _chaos_before_storing(request: web.Request, kind: str) -> web.StreamResponse:
+async def _chaos_before_storing(request: web.BaseRequest, kind: str) -> web.StreamResponse:
     if kind == "500":
         return _error_response(500, "internal error, please retry (injected)")
     if kind == "body_code":
@@ -1317,12 +1489,16 @@ async def _chaos_before_storing(request: web.Request, kind: str) -> web.StreamRe
     return _cut(request)  # reset_before
 
 
-async def _chaos_after_storing(request: web.Request, kind: str) -> web.StreamResponse:
+async def _chaos_after_storing(
+    request: web.BaseRequest, kind: str, date: str
+) -> web.StreamResponse:
+    """`date`: the emulator's clock for the answer sent before it is returned."""
     if kind == "html_502":
         return _html(502, "Bad Gateway")
     if kind == "truncated":
         body = json.dumps({"success": True, "code": 200, "msg": SUCCESS_MSG}).encode()
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", hdrs.DATE: date}
+        response = web.StreamResponse(headers=headers)
         response.content_length = len(body)
         await response.prepare(request)
         await response.write(body[: len(body) // 2])
@@ -1332,7 +1508,7 @@ async def _chaos_after_storing(request: web.Request, kind: str) -> web.StreamRes
     return _cut(request)  # reset_after
 
 
-def _cut(request: web.Request) -> web.StreamResponse:
+def _cut(request: web.BaseRequest) -> web.StreamResponse:
     """Close the connection without an answer."""
     if request.transport is not None:
         request.transport.close()
@@ -1352,7 +1528,7 @@ def _fault_response(fault: _Fault) -> web.Response:
     return _error_response(fault.status, msg, headers)
 
 
-async def _read_json_object(request: web.Request) -> dict[str, Any]:
+async def _read_json_object(request: web.BaseRequest) -> dict[str, Any]:
     raw = await request.read()  # bounded by the app's client_max_size
     try:
         body = json.loads(raw)
@@ -1370,7 +1546,7 @@ def _naming_fields(body: dict[str, Any], seen: _Seen) -> tuple[str, str | None]:
     return check_upload_path(raw_path), check_file_name(raw_name)
 
 
-async def _receive_stream(request: web.Request, seen: _Seen, tmp: _TempFile) -> _Received:
+async def _receive_stream(request: web.BaseRequest, seen: _Seen, tmp: _TempFile) -> _Received:
     """Read a multipart body part by part; the `file` part goes to disk chunk by chunk."""
     try:
         reader = await request.multipart()

@@ -15,11 +15,11 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import pytest
@@ -33,10 +33,19 @@ from conftest import (
     start_emulator_process,
     stop_emulator_process,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from migrator import emulator as emulator_module
 from migrator.cli import main
-from migrator.emulator import Emulator, EmulatorRequest
+from migrator.emulator import (
+    Emulator,
+    EmulatorRequest,
+    StoredFile,
+    download_path,
+    iso_ms,
+    success_body,
+)
 
 PNG_1X1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -836,6 +845,51 @@ async def test_small_and_large_files_serve_their_exact_bytes_after_a_restart(
             assert (await get(f"{second.base_url}/{path}"))[:2] == (200, contents[name])
 
 
+async def test_a_restart_moves_the_live_blobs_out_of_a_mostly_overwritten_pack(
+    tmp_path: Path, api_key: str
+) -> None:
+    versions = [bytes([i]) * 100 for i in range(4)]
+    async with Emulator(tmp_path / "d", api_key) as first:
+        kept = await upload_stream(first, api_key, b"kept", "kept.bin")
+        for data in versions:  # one live blob of five in this start's pack
+            latest = await upload_stream(first, api_key, data, "over.bin")
+    (first_pack,) = (tmp_path / "d" / "packs").iterdir()
+    async with Emulator(tmp_path / "d", api_key) as second:
+        assert not first_pack.exists()
+        assert (await get(f"{second.base_url}/{kept}"))[:2] == (200, b"kept")
+        assert (await get(f"{second.base_url}/{latest}"))[:2] == (200, versions[-1])
+
+
+async def test_overwriting_a_downloaded_small_file_removes_the_blob_its_download_wrote(
+    tmp_path: Path, api_key: str
+) -> None:
+    async with Emulator(tmp_path / "d", api_key) as emu:
+        first = await upload_stream(emu, api_key, b"first", "a.bin")
+        assert (await get(f"{emu.base_url}/{first}"))[:2] == (200, b"first")
+        assert len(list((tmp_path / "d" / "blobs").iterdir())) == 1
+        await upload_stream(emu, api_key, b"second", "a.bin")
+        assert not list((tmp_path / "d" / "blobs").iterdir())
+
+
+async def test_an_upload_cancelled_while_its_batch_commits_cancels_no_other(
+    tmp_path: Path,
+) -> None:
+    store = emulator_module._Store(tmp_path / "d")
+    now = time.time()
+    one, other = (
+        StoredFile(file_id, "p", f"{file_id}.bin", None, 1, "text/plain", now, now + DAY)
+        for file_id in ("0a", "0b")
+    )
+    try:
+        cancelled = store.put(one, b"1", store.new_tmp())
+        waiting = store.put(other, b"2", store.new_tmp())
+        cancelled.cancel()
+        await waiting
+        assert store.get("0b") == other
+    finally:
+        store.close()
+
+
 async def test_concurrent_uploads_of_one_name_leave_exactly_one_link(
     emulator: Emulator, api_key: str
 ) -> None:
@@ -1242,3 +1296,69 @@ async def test_a_bounded_link_log_keeps_only_the_latest_link_requests(
         for method in ("GET", "HEAD", "GET"):
             await get(url, method)
         assert [(r.method, r.bytes_sent) for r in emu.link_requests] == [("HEAD", 0), ("GET", 2)]
+
+
+@given(st.floats(min_value=-1e10, max_value=1e10))
+def test_iso_ms_writes_a_timestamp_as_datetime_does(timestamp: float) -> None:
+    moment = datetime.fromtimestamp(timestamp, tz=UTC).replace(tzinfo=None)
+    assert iso_ms(timestamp) == moment.isoformat(timespec="milliseconds") + "Z"
+
+
+SEGMENT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="/"), min_size=1)
+
+
+@given(st.lists(SEGMENT, min_size=1, max_size=4))
+def test_download_path_quotes_each_segment_whole(segments: list[str]) -> None:
+    *folders, name = segments
+    stored = StoredFile("0a1b", "/".join(folders), name, None, 1, "text/plain", 0.0, 1.0)
+    expected = "/".join(quote(segment, safe="") for segment in ["0a1b", *segments])
+    assert download_path(stored) == "/files/" + expected
+
+
+STORED_FILES = st.builds(
+    StoredFile,
+    file_id=st.text(),
+    upload_path=st.text(st.characters(blacklist_categories=["Cs"])),
+    file_name=SEGMENT,
+    original_name=st.none() | SEGMENT,
+    size=st.integers(min_value=0),
+    mime_type=st.text(st.characters(blacklist_categories=["Cs"])),
+    uploaded_at=st.floats(min_value=0, max_value=4e9),
+    expires_at=st.floats(min_value=0, max_value=4e9),
+)
+
+
+@given(STORED_FILES, st.sampled_from(["http://127.0.0.1:1", 'http://"x":2']))
+def test_a_success_answer_is_json_dumps_of_the_quickstart_shape(
+    stored: StoredFile, base_url: str
+) -> None:
+    url = base_url + download_path(stored)
+    data = {
+        "fileId": stored.file_id,
+        "fileName": stored.file_name,
+        "originalName": stored.original_name or stored.file_name,
+        "fileSize": stored.size,
+        "mimeType": stored.mime_type,
+        "uploadPath": stored.upload_path,
+        "fileUrl": url,
+        "downloadUrl": url,
+        "uploadTime": iso_ms(stored.uploaded_at),
+        "expiresAt": iso_ms(stored.expires_at),
+    }
+    envelope = {"success": True, "code": 200, "msg": "File uploaded successfully", "data": data}
+    assert success_body(stored, base_url, "quickstart") == json.dumps(envelope).encode()
+
+
+@given(STORED_FILES)
+def test_a_success_answer_is_json_dumps_of_the_endpoint_shape(stored: StoredFile) -> None:
+    base_url = "http://127.0.0.1:1"
+    data = {
+        "fileName": stored.file_name,
+        "filePath": stored.remote_path,
+        "downloadUrl": base_url + download_path(stored),
+        "fileSize": stored.size,
+        "mimeType": stored.mime_type,
+        "uploadedAt": iso_ms(stored.uploaded_at),
+    }
+    envelope = {"success": True, "code": 200, "msg": "File uploaded successfully", "data": data}
+    assert success_body(stored, base_url, "endpoint") == json.dumps(envelope).encode()
