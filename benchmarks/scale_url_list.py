@@ -56,16 +56,27 @@ def child_env(key: str, work: Path) -> dict[str, str]:
     return env
 
 
-def write_job(work: Path, origin: str, service: str, items: int, concurrency: int) -> Path:
+def url_of(origin: str, index: int) -> str:
+    return f"{origin}/d{index // 1000:04d}/f{index:07d}.bin"
+
+
+def write_urls(work: Path, origin: str, items: int) -> Path:
     urls = work / "urls.txt"
     with urls.open("w", encoding="utf-8") as out:
         for index in range(items):
-            out.write(f"{origin}/d{index // 1000:04d}/f{index:07d}.bin\n")
+            out.write(url_of(origin, index) + "\n")
+    return urls
+
+
+def write_job(
+    work: Path, origin: str, service: str, items: int, concurrency: int, *, immutable: bool = False
+) -> Path:
+    urls = write_urls(work, origin, items)
     job = work / "job.yaml"
     job.write_text(
         f"version: 1\nname: scale\ntarget:\n  base_url: {service}\n  upload_path: scale\n"
         f"settings:\n  concurrency: {concurrency}\n"
-        f"sources:\n  - url_list: {urls.name}\n",
+        f"sources:\n  - url_list: {urls.name}\n" + ("    immutable: true\n" if immutable else ""),
         encoding="utf-8",
     )
     return job

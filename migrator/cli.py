@@ -882,10 +882,16 @@ def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     _add_reading_args(sub)
     sub.add_argument("--format", choices=("table", "json"), default="table")
-    sub.add_argument(
+    walk = sub.add_mutually_exclusive_group()
+    walk.add_argument(
         "--ledger-only",
         action="store_true",
         help="do not walk the manifest's sources to count items not started (a big tree)",
+    )
+    walk.add_argument(
+        "--compare",
+        action="store_true",
+        help="compare with the manifest however many items either holds (unasked: up to 50,000)",
     )
     sub.set_defaults(handler=_cmd_status)
 
@@ -893,7 +899,7 @@ def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 def _cmd_status(args: argparse.Namespace) -> int:
     import asyncio
 
-    from migrator.report import build_status
+    from migrator.report import COMPARE_LIMIT, build_status
     from migrator.views import print_status
 
     manifest = _load_for_ledger_work(args)
@@ -901,6 +907,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         build_status(
             manifest,
             compare_manifest=not args.ledger_only,
+            compare_limit=None if args.compare else COMPARE_LIMIT,
             ledgers=_ledgers_read(args, manifest),
         )
     )
