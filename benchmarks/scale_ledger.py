@@ -25,6 +25,7 @@ status takes 2 s or more, an export 10 s or more, or the re-run peaks over --max
 from __future__ import annotations
 
 import argparse
+import re
 import secrets
 import shutil
 import sqlite3
@@ -67,6 +68,7 @@ def replicate(ledger: Path, items: int, slice_size: int) -> None:
     """Copy the slice's item and attempt rows until the ledger holds `items` items."""
     db = sqlite3.connect(ledger, isolation_level=None)
     try:
+        db.execute("PRAGMA cache_size = -1000000")  # 1 GB: no page spilled, none written twice
         item_columns = columns(db, "items")
         chosen = ", ".join(_RENAMED.get(name, name) for name in item_columns)
         copy_items = (
@@ -129,18 +131,20 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="migrator-scale-ledger-"))
     work.mkdir(parents=True, exist_ok=True)
     env = child_env(secrets.token_urlsafe(24), work)
+    ledger, job = work / "scale.sqlite", work / "job.yaml"
+    service_port, origin_port = ports_of(job) if ledger.exists() else (0, 0)
     servers: list[Server] = []
     failed = False
     try:
-        emulator = [sys.executable, "-m", "migrator", "emulator", "--port", "0"]
+        emulator = [sys.executable, "-m", "migrator", "emulator", "--port", str(service_port)]
         emulator += ["--data-dir", str(work / "emulator")]
         servers.append(Server("emulator", emulator, env=env, log=work / "emulator.log"))
         origin = [sys.executable, str(HERE / "origin.py"), "--synthetic", str(BODY_BYTES)]
+        origin += ["--port", str(origin_port)]
         servers.append(Server("origin", origin, env=env, log=work / "origin.log"))
-        origin_url, service_url = servers[1].url, servers[0].url
-        job = write_job(work, origin_url, service_url, args.slice, args.concurrency, immutable=True)
-        ledger = work / "scale.sqlite"
         if not ledger.exists():
+            origin_url, service_url = servers[1].url, servers[0].url
+            write_job(work, origin_url, service_url, args.slice, args.concurrency, immutable=True)
             built = build(job, ledger, env, args)
             if built is not None:
                 print(built, flush=True)
@@ -164,6 +168,16 @@ def main() -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
+
+
+def ports_of(job: Path) -> tuple[int, int]:
+    """The emulator's and the origin's ports a kept --workdir's ledger and list name."""
+    service = re.search(r"base_url: \S+:(\d+)", job.read_text(encoding="utf-8"))
+    with (job.parent / "urls.txt").open(encoding="utf-8") as urls:
+        origin = re.match(r"\S+?://[^/]+:(\d+)/", urls.readline())
+    if service is None or origin is None:
+        raise SystemExit(f"{job.parent} holds no ledger this script built")
+    return int(service.group(1)), int(origin.group(1))
 
 
 def build(job: Path, ledger: Path, env: dict[str, str], args: argparse.Namespace) -> str | None:

@@ -961,14 +961,14 @@ def _ledgers_read(args: argparse.Namespace, manifest: Manifest) -> list[Path]:
 
 
 async def _export(manifest: Manifest, ledgers: list[Path], fmt: str, output: Path | None) -> None:
-    from migrator.outputs import write_export
+    from migrator.export_lines import export_ledger
     from migrator.report import export_to, reading_ledger
 
     async with reading_ledger(manifest, ledgers) as ledger:
         if output is not None:
             await export_to(manifest, ledger, fmt, output, make_parents=False)
         else:
-            await write_export(ledger.iter_items(manifest.target.base_url), fmt, sys.stdout)
+            await export_ledger(ledger, manifest.target.base_url, fmt, sys.stdout)
 
 
 def _add_show_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -29,7 +29,6 @@ from migrator.outputs import (
     atomic_writer,
     export_record,
     render_metrics,
-    write_export,
 )
 from migrator.pushgateway import GROUPING_LABELS, PushError, push_metrics
 from migrator.units import iso_utc
@@ -310,8 +309,10 @@ async def export_to(
 ) -> int:
     """Write the mapping of every item of the manifest's target to `path`, atomically
     (its folders made first, unless `make_parents` is False)."""
+    from migrator.export_lines import export_ledger
+
     with atomic_writer(path, make_parents=make_parents) as out:
-        return await write_export(ledger.iter_items(manifest.target.base_url), fmt, out)
+        return await export_ledger(ledger, manifest.target.base_url, fmt, out)
 
 
 @dataclass(frozen=True, slots=True)

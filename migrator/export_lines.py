@@ -1,0 +1,82 @@
+"""A SQLite ledger's export, written from its rows as read: a million items in seconds.
+
+`write_export` makes each record from a LedgerItem (25 columns, enums, a dict, the JSON
+encoder): some 30 µs of CPU an item, half a minute for a million. Here only the columns
+the export shows are read, and each line is written from them at once, with the rules
+`export_record` and `json.dumps` follow (credentials hidden, times by `iso_utc`, strings
+escaped by json's own encoder, the csv module's quoting): the same text, character for
+character (tests/test_export_cli.py compares the two on hostile rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from json.encoder import encode_basestring
+from typing import Any, TextIO
+
+from migrator.ledger import BaseLedger, Ledger
+from migrator.naming import hide_credentials, without_credentials
+from migrator.outputs import EXPORT_FIELDS, check_export_format, write_export
+from migrator.units import iso_utc
+
+# The columns of EXPORT_FIELDS, in their order (the item's state is its `status`).
+_COLUMNS = "id, " + ", ".join("state" if f == "status" else f for f in EXPORT_FIELDS)
+_TIMES = frozenset(
+    i for i, f in enumerate(EXPORT_FIELDS) if f.endswith("_at")
+)  # uploaded_at, expires_at, downloaded_at, checked_at, dead_at
+_SOURCE, _ERROR = EXPORT_FIELDS.index("source"), EXPORT_FIELDS.index("last_error")
+_JSON_LINE = "{" + ", ".join(f'"{field}": %s' for field in EXPORT_FIELDS) + "}"
+
+
+def _values(row: Sequence[Any]) -> list[Any]:
+    """The export's values of one row (its id first), as `export_record` makes them."""
+    values = list(row[1:])
+    values[_SOURCE] = without_credentials(values[_SOURCE])
+    if values[_ERROR] is not None:
+        values[_ERROR] = hide_credentials(values[_ERROR])
+    for index in _TIMES:
+        if values[index] is not None:
+            values[index] = iso_utc(values[index])
+    return values
+
+
+def _json(value: object) -> str:
+    kind = type(value)
+    if kind is str:
+        return encode_basestring(value)  # type: ignore[arg-type]
+    if value is None:
+        return "null"
+    if kind is int:
+        return int.__repr__(value)
+    return json.dumps(value)
+
+
+def _json_text(row: Sequence[Any]) -> str:
+    return _JSON_LINE % tuple(map(_json, _values(row)))
+
+
+async def export_ledger(ledger: BaseLedger, target: str, fmt: str, out: TextIO) -> int:
+    """Write every item of `target` to `out` as `write_export` would; returns how many."""
+    if not isinstance(ledger, Ledger):
+        return await write_export(ledger.iter_items(target), fmt, out)
+    check_export_format(fmt)
+    writer = csv.writer(out, lineterminator="\n")
+    if fmt == "csv":
+        writer.writerow(EXPORT_FIELDS)
+    elif fmt == "json":
+        out.write("[")
+    count = 0
+    async for page in ledger.iter_columns(target, _COLUMNS):
+        for row in page:
+            if fmt == "csv":
+                writer.writerow(["" if v is None else v for v in _values(row)])
+            elif fmt == "json":
+                out.write((",\n" if count else "\n") + _json_text(row))
+            else:
+                out.write(_json_text(row) + "\n")
+            count += 1
+    if fmt == "json":
+        out.write("\n]\n" if count else "]\n")
+    return count
