@@ -196,12 +196,11 @@ async def build_status(
         offset, service_now = await service_time(ledger)
         moment = service_now if now is None else now
         expired = await ledger.count_items(target, states=[ItemState.DONE], expiring_before=moment)
-        histogram = await ledger.expiry_histogram(target, moment, EXPIRY_HORIZONS)
+        by_state, histogram = await ledger.counts_and_expiry(target, moment, EXPIRY_HORIZONS)
         runs = await ledger.runs(limit=1)
         downloaded, last_download = await ledger.downloads(target)
         deaths = Deaths.from_dict(await ledger.fact(DEATHS_FACT))
         lifecycle = [as_seen_now(run) for run in await ledger.last_runs(LIFECYCLE_COMMANDS)]
-        by_state = await ledger.state_counts(target)
         coverage: JobCoverage | str | None = None
         if compare_manifest:
             in_ledger = sum(count for count, _ in by_state.values())
