@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import re
 import secrets
-import shutil
 import sqlite3
 import sys
 import tempfile
@@ -42,7 +41,8 @@ from scale_url_list import (
     STATUS_LIMIT,
     Step,
     child_env,
-    problem_of,
+    clean_up,
+    run_step,
     write_job,
     write_urls,
 )
@@ -154,19 +154,10 @@ def main() -> int:
         for step in steps(job, args.items):
             if args.only and step.name not in args.only:
                 continue
-            sample = measure(step.argv, env=env, timeout=args.timeout, cwd=work)
-            problem = problem_of(step, sample, args.max_rss)
-            failed = failed or problem is not None
-            print(
-                f"{step.name:>20}: {sample.wall:8.2f} s wall, {sample.cpu:8.2f} s CPU, "
-                f"peak RSS {sample.max_rss / 1e6:4.0f} MB; {problem or 'ok'}",
-                flush=True,
-            )
+            passed = run_step(step, env, work, args.timeout, args.max_rss, width=20)
+            failed = not passed or failed
     finally:
-        for server in reversed(servers):
-            server.stop()
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up(servers, None if args.workdir else work)
     return 1 if failed else 0
 
 

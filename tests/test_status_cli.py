@@ -52,6 +52,15 @@ async def run_job(manifest: Path, api_key: str, *args: str) -> None:
     assert result.code == 0, result.stderr
 
 
+async def uploaded(job: Path, emulator: Emulator, api_key: str, *names: str) -> Path:
+    """A job of `names` (files of 100 bytes) run to the end; returns its manifest."""
+    for name in names:
+        write_file(job / "files" / name, 100)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
+    await run_job(manifest, api_key)
+    return manifest
+
+
 # -- the manifest against the ledger ---------------------------------------------------------
 
 
@@ -100,10 +109,7 @@ async def test_status_asks_no_origin_to_know_which_items_the_manifest_names(
 async def test_status_does_not_compare_a_ledger_bigger_than_its_limit_and_says_how_to_ask(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
-    for name in ("a.txt", "b.txt", "c.txt"):
-        write_file(job / "files" / name, 100)
-    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
-    await run_job(manifest, api_key)
+    manifest = await uploaded(job, emulator, api_key, "a.txt", "b.txt", "c.txt")
 
     report = await build_status(load_manifest(manifest), compare_limit=2)
 
@@ -116,9 +122,7 @@ async def test_status_does_not_compare_a_ledger_bigger_than_its_limit_and_says_h
 async def test_status_does_not_compare_a_manifest_naming_more_than_its_limit(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
-    write_file(job / "files" / "a.txt", 100)
-    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
-    await run_job(manifest, api_key)
+    manifest = await uploaded(job, emulator, api_key, "a.txt")
     for name in ("b.txt", "c.txt"):
         write_file(job / "files" / name, 100)
 
@@ -132,10 +136,7 @@ async def test_status_does_not_compare_a_manifest_naming_more_than_its_limit(
 async def test_status_without_a_limit_compares_however_many_items(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
-    for name in ("a.txt", "b.txt", "c.txt"):
-        write_file(job / "files" / name, 100)
-    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
-    await run_job(manifest, api_key)
+    manifest = await uploaded(job, emulator, api_key, "a.txt", "b.txt", "c.txt")
 
     report = await build_status(load_manifest(manifest), compare_limit=None)
 
@@ -147,9 +148,7 @@ async def test_status_without_a_limit_compares_however_many_items(
 async def test_status_compare_option_compares_and_is_refused_with_ledger_only(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
-    write_file(job / "files" / "a.txt", 100)
-    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
-    await run_job(manifest, api_key)
+    manifest = await uploaded(job, emulator, api_key, "a.txt")
 
     compared = await run_cli("status", str(manifest), "--format", "json", "--compare")
     both = await run_cli("status", str(manifest), "--compare", "--ledger-only")
@@ -357,9 +356,7 @@ def test_a_relative_time_is_never_a_negative_duration(moment: float, now: float)
 async def test_status_ledger_only_does_not_compare_with_the_manifest(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
-    write_file(job / "files" / "a.txt", 100)
-    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
-    await run_job(manifest, api_key)
+    manifest = await uploaded(job, emulator, api_key, "a.txt")
 
     result = await run_cli("status", str(manifest), "--format", "json", "--ledger-only")
 
