@@ -891,7 +891,7 @@ def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
     walk.add_argument(
         "--compare",
         action="store_true",
-        help="compare with the manifest however many items either holds (unasked: up to 50,000)",
+        help="compare with the manifest however many items either holds (unasked: up to 20,000)",
     )
     sub.set_defaults(handler=_cmd_status)
 
