@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,4 +123,4 @@ async def test_an_origin_login_in_the_netrc_file_is_sent_to_that_origin(
         planned = await run_cli("plan", str(manifest), env={"NETRC": str(netrc)})
 
     assert planned.code == 0, planned.stderr
-    assert seen == [aiohttp.BasicAuth("reader", "s3cret").encode()]
+    assert seen == ["Basic " + base64.b64encode(b"reader:s3cret").decode()]
