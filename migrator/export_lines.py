@@ -97,15 +97,14 @@ async def export_ledger(ledger: BaseLedger, target: str, fmt: str, out: TextIO) 
     elif fmt == "json":
         out.write("[")
     count = 0
-    async for page in ledger.iter_columns(target, _COLUMNS):
-        for row in page:
-            if fmt == "csv":
-                writer.writerow(["" if v is None else v for v in _values(row)])
-            elif fmt == "json":
-                out.write((",\n" if count else "\n") + _json_text(row))
-            else:
-                out.write(_json_text(row) + "\n")
-            count += 1
+    async for page in ledger.iter_columns(target, _COLUMNS):  # a page: one write
+        if fmt == "csv":
+            writer.writerows(["" if v is None else v for v in _values(row)] for row in page)
+        elif fmt == "json":
+            out.write((",\n" if count else "\n") + ",\n".join(map(_json_text, page)))
+        else:
+            out.write("\n".join(map(_json_text, page)) + "\n")
+        count += len(page)
     if fmt == "json":
         out.write("\n]\n" if count else "]\n")
     return count
