@@ -56,16 +56,27 @@ def child_env(key: str, work: Path) -> dict[str, str]:
     return env
 
 
-def write_job(work: Path, origin: str, service: str, items: int, concurrency: int) -> Path:
+def url_of(origin: str, index: int) -> str:
+    return f"{origin}/d{index // 1000:04d}/f{index:07d}.bin"
+
+
+def write_urls(work: Path, origin: str, items: int) -> Path:
     urls = work / "urls.txt"
     with urls.open("w", encoding="utf-8") as out:
         for index in range(items):
-            out.write(f"{origin}/d{index // 1000:04d}/f{index:07d}.bin\n")
+            out.write(url_of(origin, index) + "\n")
+    return urls
+
+
+def write_job(
+    work: Path, origin: str, service: str, items: int, concurrency: int, *, immutable: bool = False
+) -> Path:
+    urls = write_urls(work, origin, items)
     job = work / "job.yaml"
     job.write_text(
         f"version: 1\nname: scale\ntarget:\n  base_url: {service}\n  upload_path: scale\n"
         f"settings:\n  concurrency: {concurrency}\n"
-        f"sources:\n  - url_list: {urls.name}\n",
+        f"sources:\n  - url_list: {urls.name}\n" + ("    immutable: true\n" if immutable else ""),
         encoding="utf-8",
     )
     return job
@@ -100,6 +111,28 @@ def problem_of(step: Step, sample: Sample, max_rss: float) -> str | None:
     return None
 
 
+def clean_up(servers: list[Server], work: Path | None) -> None:
+    """Stop the servers (the last started first) and remove `work` unless None."""
+    for server in reversed(servers):
+        server.stop()
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_step(
+    step: Step, env: dict[str, str], work: Path, timeout: float, max_rss: float, width: int = 7
+) -> bool:
+    """Measure one step and print its line; False when it failed or passed a limit."""
+    sample = measure(step.argv, env=env, timeout=timeout, cwd=work)
+    problem = problem_of(step, sample, max_rss)
+    print(
+        f"{step.name:>{width}}: {sample.wall:8.2f} s wall, {sample.cpu:8.2f} s CPU, "
+        f"peak RSS {sample.max_rss / 1e6:4.0f} MB; {problem or 'ok'}",
+        flush=True,
+    )
+    return problem is None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
@@ -122,19 +155,9 @@ def main() -> int:
         job = write_job(work, servers[1].url, servers[0].url, args.items, args.concurrency)
         print(f"{args.items:,} URL items, concurrency {args.concurrency}, in {work}", flush=True)
         for step in steps(job, args.items):
-            sample = measure(step.argv, env=env, timeout=args.timeout, cwd=work)
-            problem = problem_of(step, sample, args.max_rss)
-            failed = failed or problem is not None
-            print(
-                f"{step.name:>7}: {sample.wall:8.2f} s wall, {sample.cpu:8.2f} s CPU, "
-                f"peak RSS {sample.max_rss / 1e6:4.0f} MB; {problem or 'ok'}",
-                flush=True,
-            )
+            failed = not run_step(step, env, work, args.timeout, args.max_rss) or failed
     finally:
-        for server in reversed(servers):
-            server.stop()
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+        clean_up(servers, None if args.workdir else work)
     return 1 if failed else 0
 
 

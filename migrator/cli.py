@@ -892,10 +892,16 @@ def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     _add_reading_args(sub)
     sub.add_argument("--format", choices=("table", "json"), default="table")
-    sub.add_argument(
+    walk = sub.add_mutually_exclusive_group()
+    walk.add_argument(
         "--ledger-only",
         action="store_true",
         help="do not walk the manifest's sources to count items not started (a big tree)",
+    )
+    walk.add_argument(
+        "--compare",
+        action="store_true",
+        help="compare with the manifest however many items either holds (unasked: up to 20,000)",
     )
     sub.set_defaults(handler=_cmd_status)
 
@@ -903,7 +909,7 @@ def _add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
 def _cmd_status(args: argparse.Namespace) -> int:
     import asyncio
 
-    from migrator.report import build_status
+    from migrator.report import COMPARE_LIMIT, build_status
     from migrator.views import print_status
 
     manifest = _load_for_ledger_work(args)
@@ -911,6 +917,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         build_status(
             manifest,
             compare_manifest=not args.ledger_only,
+            compare_limit=None if args.compare else COMPARE_LIMIT,
             ledgers=_ledgers_read(args, manifest),
         )
     )
@@ -964,14 +971,14 @@ def _ledgers_read(args: argparse.Namespace, manifest: Manifest) -> list[Path]:
 
 
 async def _export(manifest: Manifest, ledgers: list[Path], fmt: str, output: Path | None) -> None:
-    from migrator.outputs import write_export
+    from migrator.export_lines import export_ledger
     from migrator.report import export_to, reading_ledger
 
     async with reading_ledger(manifest, ledgers) as ledger:
         if output is not None:
             await export_to(manifest, ledger, fmt, output, make_parents=False)
         else:
-            await write_export(ledger.iter_items(manifest.target.base_url), fmt, sys.stdout)
+            await export_ledger(ledger, manifest.target.base_url, fmt, sys.stdout)
 
 
 def _add_show_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
-from aiohttp.helpers import get_env_proxy_for_url
+from aiohttp.helpers import get_env_proxy_for_url, netrc_from_env, proxies_from_env
 from yarl import URL
 
 from migrator.client import UploadClient
@@ -235,7 +235,17 @@ def _origin_session(manifest: Manifest, concurrency: int) -> aiohttp.ClientSessi
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=settings.connect_timeout, sock_read=settings.timeout
     )
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trust_env=_environment_routes()
+    )
+
+
+def _environment_routes() -> bool:
+    """Whether the environment can change an origin request: a proxy it names, or a netrc
+    file's logins. aiohttp's trust_env asks both again at every request, in two threads
+    (a plan's probe of a URL: two thread hops, half its CPU); when there is neither,
+    nothing needs asking."""
+    return bool(proxies_from_env()) or netrc_from_env() is not None
 
 
 async def _start_embedded(

@@ -157,6 +157,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX items_content ON items (target, sha256) WHERE sha256 IS NOT NULL",
         ),
     ),
+    Migration(
+        version=5,
+        description="status read from indexes alone (a million items: a second less)",
+        statements=(
+            # counts and bytes by state, the expiry buckets and the next expiry: covered
+            "DROP INDEX items_target_state",
+            "CREATE INDEX items_target_state ON items (target, state, expires_at, size)",
+            "CREATE INDEX items_downloaded ON items (target, downloaded_at) "
+            "WHERE downloaded_at IS NOT NULL",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -683,6 +694,10 @@ class BaseLedger(abc.ABC):
 
     shared = False  # True: many processes write it at once (leases, not the run lock)
     folds_updates = False  # True: an update of an item already buffered goes into that one
+    # The items table, read in id order a page at a time, every item of a target: a back
+    # end whose planner would rather search an index on the target (and sort all the
+    # target's items for each page) says so here.
+    _ITEMS_BY_ID = "items"
 
     def __init__(
         self, where: str, *, readonly: bool, batch_size: int, flush_interval: float
@@ -899,7 +914,8 @@ class BaseLedger(abc.ABC):
             return
         conditions, extra = _item_filter(states, expiring_before, alive_at, kind, uncertain)
         where, head = _where(target, "id > ?", *conditions)
-        sql = f"SELECT {_ITEM_COLUMNS} FROM items{where} ORDER BY id LIMIT ?"
+        table = "items" if conditions else self._ITEMS_BY_ID
+        sql = f"SELECT {_ITEM_COLUMNS} FROM {table}{where} ORDER BY id LIMIT ?"
         last_id = 0
         while True:
             page = await self._fetch_items(sql, [*head, last_id, *extra, page_size])
@@ -939,6 +955,30 @@ class BaseLedger(abc.ABC):
             with self._errors():
                 counts[ItemState(state)] = (int(count), int(size))
         return counts
+
+    async def counts_and_expiry(
+        self, target: str | None, now: float, horizons: Sequence[float]
+    ) -> tuple[dict[ItemState, tuple[int, int]], list[int]]:
+        """`state_counts` and `expiry_histogram` read in one pass over the items (one scan
+        of an index that holds state, expiry and size: a million items, a third of a
+        second less than two)."""
+        where, params = _where(target)
+        counted = ", ".join(
+            "COALESCE(SUM(CASE WHEN expires_at <= ? THEN 1 ELSE 0 END), 0)" for _ in horizons
+        )
+        rows = await self._fetch(
+            f"SELECT state, COUNT(*), COALESCE(SUM(size), 0){', ' if horizons else ''}{counted} "
+            f"FROM items{where} GROUP BY state",
+            [*(now + horizon for horizon in horizons), *params],
+        )
+        counts = {state: (0, 0) for state in ItemState}
+        histogram = [0 for _ in horizons]
+        for state, count, size, *expiring in rows:
+            with self._errors():
+                counts[ItemState(state)] = (int(count), int(size))
+            if state == ItemState.DONE.value:
+                histogram = [int(n) for n in expiring]
+        return counts, histogram
 
     async def next_expiry(
         self, target: str | None = None, *, after: float | None = None
@@ -981,13 +1021,22 @@ class BaseLedger(abc.ABC):
         self, target: str | None = None, *, page_size: int = PAGE_SIZE * 10
     ) -> AsyncIterator[tuple[str, str]]:
         """Every item's (upload_path, file_name), read a page at a time: no rows built."""
+        async for page in self.iter_columns(target, "id, upload_path, file_name", page_size):
+            for _, upload_path, file_name in page:
+                yield str(upload_path), str(file_name)
+
+    async def iter_columns(
+        self, target: str | None, columns: str, page_size: int = PAGE_SIZE * 5
+    ) -> AsyncIterator[list[Sequence[Any]]]:
+        """Pages of `columns` (SQL over the items table, its id first) of every item of
+        `target`, in id order: what a caller makes of a row without building one."""
         where, head = _where(target, "id > ?")
-        sql = f"SELECT id, upload_path, file_name FROM items{where} ORDER BY id LIMIT ?"
+        sql = f"SELECT {columns} FROM {self._ITEMS_BY_ID}{where} ORDER BY id LIMIT ?"
         last_id = 0
         while True:
             page = await self._fetch(sql, [*head, last_id, page_size])
-            for _, upload_path, file_name in page:
-                yield str(upload_path), str(file_name)
+            if page:
+                yield page
             if len(page) < page_size:
                 return
             last_id = int(page[-1][0])
@@ -1109,6 +1158,10 @@ class Ledger(BaseLedger):
     """The SQLite ledger: one file, one writer (the run lock sees to that)."""
 
     folds_updates = True
+    # SQLite searches (target, ...) for `target = ?`, then sorts every item of the target
+    # for each page of `id > ? ORDER BY id LIMIT ?`: a million items, minutes. By id, it
+    # reads each page where the last one ended.
+    _ITEMS_BY_ID = "items NOT INDEXED"
 
     def __init__(
         self,

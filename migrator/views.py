@@ -68,6 +68,8 @@ def print_status(console: Console, report: StatusReport) -> None:
     console.print(table)
     if report.coverage is not None:
         console.print(coverage_line(report.coverage), markup=False)
+    elif report.not_compared is not None:
+        console.print(f"manifest: {report.not_compared}", markup=False)
     if report.first_expired is not None:
         ago = relative_time(report.first_expired, report.now)
         count = report.expired[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -11,7 +12,10 @@ from conftest import load, run_cli, write_file, write_manifest
 
 from migrator.emulator import Emulator
 from migrator.errors import ExitCode
-from migrator.outputs import export_format
+from migrator.export_lines import export_ledger
+from migrator.ledger import Ledger
+from migrator.model import ItemState, ItemUpdate, Method, SourceKind
+from migrator.outputs import EXPORT_FORMATS, export_format, write_export
 from migrator.runner import RunOptions, run_manifest
 
 pytestmark = pytest.mark.timeout(60)
@@ -96,3 +100,52 @@ def test_the_export_format_is_the_one_given_else_the_extensions_else_jsonl(
     fmt: str | None, name: str | None, expected: str
 ) -> None:
     assert export_format(fmt, None if name is None else Path(name)) == expected
+
+
+# -- the lines SQLite writes ------------------------------------------------------------------
+
+TARGET = "https://kie.example"
+TRICKY = [  # (file_name, source, size, last_error, a time): each a reason SQL could go wrong
+    ("plain.bin", "https://origin.example/plain.bin", 64, None, 1796045002.582),
+    ("comma,name.bin", "https://origin.example/a,b", 0, 'HTTP 500: "busy", again', 1796045002.0),
+    ('quote"back\\slash.bin', '/data/q"b\\s', None, "a\\b", 1796045002.9999995),
+    ("ünïcode 名前.bin", "/data/ünïcode", 5, "ошибка", 0.0000005),
+    ("tab\tnew\nline.bin", "/data/tab", 7, "line one\nline two\r\n", None),
+    ("secret.bin", "https://user:pass@origin.example/s.bin", 9, "at https://u:p@h/x", 1.5),
+    ("control\x01.bin", "/data/c", 3, "\x1f", 253402300800.0),
+]
+
+
+async def test_a_sqlite_ledger_exports_each_format_as_the_item_by_item_writer_does(
+    tmp_path: Path,
+) -> None:
+    async with await Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        for name, source, size, error, moment in TRICKY:
+            ledger.put_item(
+                ItemUpdate(
+                    target=TARGET,
+                    upload_path="mig/sub",
+                    file_name=name,
+                    state=ItemState.DONE if error is None else ItemState.FAILED,
+                    source=source,
+                    kind=SourceKind.URL if "://" in source else SourceKind.FILE,
+                    size=size,
+                    method=Method.URL,
+                    download_url=f"https://kie.example/files/{name}",
+                    file_id=f"id-{name}",
+                    uploaded_at=moment,
+                    expires_at=None if moment is None else moment + 3 * 86400,
+                    last_error=error,
+                    checked_at=moment,
+                )
+            )
+        await ledger.flush()
+
+    async with await Ledger.open(tmp_path / "ledger.sqlite", readonly=True) as ledger:
+        for fmt in EXPORT_FORMATS:
+            by_sql, by_item = io.StringIO(), io.StringIO()
+            written = await export_ledger(ledger, TARGET, fmt, by_sql)
+            await write_export(ledger.iter_items(TARGET), fmt, by_item)
+
+            assert written == len(TRICKY)
+            assert by_sql.getvalue() == by_item.getvalue(), fmt

@@ -376,6 +376,10 @@ async def test_summaries_of_the_ledger(ledger: Ledger) -> None:
     assert await ledger.next_expiry(TARGET) == now + 2 * HOUR
     assert await ledger.last_success_at(TARGET) == now - 10 * HOUR
     assert await ledger.expiry_histogram(TARGET, now, [HOUR, 12 * HOUR, 72 * HOUR]) == [0, 1, 2]
+    assert await ledger.counts_and_expiry(TARGET, now, [HOUR, 12 * HOUR, 72 * HOUR]) == (
+        await ledger.state_counts(TARGET),
+        [0, 1, 2],
+    )
     failures = await ledger.recent_failures(TARGET)
     assert [(f.file_name, f.last_error) for f in failures] == [("c", "HTTP 413")]
 

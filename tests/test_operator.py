@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,3 +86,41 @@ async def test_no_proxy_keeps_the_named_hosts_direct(
     assert ran.code == 0, ran.stderr
     assert proxy.seen == []
     assert len(emulator.requests) == 1
+
+
+async def test_a_url_sources_probe_goes_through_the_proxy_the_environment_names(
+    job: Path, emulator: Emulator, proxy: ForwardProxy
+) -> None:
+    async def origin(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 50)
+
+    async with web_server(origin) as base:
+        manifest = write_manifest(job, emulator.base_url, [{"url": f"{base}/one.bin"}])
+        env = {"HTTP_PROXY": proxy.url, "NO_PROXY": ""}
+
+        planned = await run_cli("plan", str(manifest), env=env)
+
+    assert planned.code == 0, planned.stderr
+    assert proxy.seen
+    assert {path for _, path in proxy.seen} == {f"{base}/one.bin"}
+
+
+async def test_an_origin_login_in_the_netrc_file_is_sent_to_that_origin(
+    job: Path, emulator: Emulator, tmp_path: Path
+) -> None:
+    seen: list[str | None] = []
+
+    async def origin(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.Response(body=b"x" * 50)
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login reader password s3cret\n", encoding="utf-8")
+    netrc.chmod(0o600)
+    async with web_server(origin) as base:
+        manifest = write_manifest(job, emulator.base_url, [{"url": f"{base}/one.bin"}])
+
+        planned = await run_cli("plan", str(manifest), env={"NETRC": str(netrc)})
+
+    assert planned.code == 0, planned.stderr
+    assert seen == ["Basic " + base64.b64encode(b"reader:s3cret").decode()]

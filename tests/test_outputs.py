@@ -7,9 +7,12 @@ import io
 import json
 import stat
 from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from migrator.errors import UsageError
@@ -23,6 +26,7 @@ from migrator.outputs import (
     render_metrics,
     write_export,
 )
+from migrator.units import iso_utc
 
 UPLOADED = 1_737_196_200.0  # 2025-01-18T10:30:00Z
 
@@ -263,3 +267,31 @@ def test_metrics_escape_label_values() -> None:
     job = 'back\\slash "quoted"\nnewline'
     values = samples(render_metrics(snapshot(migration=job)))
     assert values["migrator_failures", (("command", "run"), ("migration", job))] == 1
+
+
+def _datetime_text(timestamp: float) -> str | None:
+    """What datetime itself makes of a timestamp, as iso_utc promises to."""
+    try:
+        moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    fraction = f".{moment.microsecond // 1000:03d}" if moment.microsecond else ""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z"
+
+
+@given(
+    st.one_of(
+        st.floats(min_value=-1e11, max_value=3e11, allow_nan=False),
+        st.integers(min_value=-(10**11), max_value=3 * 10**11),
+        st.floats(min_value=1.7e9, max_value=1.8e9),  # the times a ledger holds
+    )
+)
+@example(1796045002.582)
+@example(1796045002.9999995)  # rounds up to the next second
+@example(0.0000005)  # half a microsecond: to even
+@example(0.0000015)
+@example(253402300799.9999)  # the last second datetime knows
+@example(float("inf"))
+@example(float("nan"))
+def test_iso_utc_writes_the_text_datetime_writes(timestamp: float) -> None:
+    assert iso_utc(timestamp) == _datetime_text(timestamp)

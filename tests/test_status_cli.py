@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from migrator.emulator import Emulator
 from migrator.ledger import open_ledger
 from migrator.manifest import load_manifest
-from migrator.report import CommandResult, metrics_snapshot
+from migrator.report import CommandResult, build_status, metrics_snapshot
 from migrator.units import relative_time
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,6 +50,15 @@ async def status_text(manifest: Path) -> str:
 async def run_job(manifest: Path, api_key: str, *args: str) -> None:
     result = await run_cli("run", str(manifest), "--no-progress", *args, key=api_key)
     assert result.code == 0, result.stderr
+
+
+async def uploaded(job: Path, emulator: Emulator, api_key: str, *names: str) -> Path:
+    """A job of `names` (files of 100 bytes) run to the end; returns its manifest."""
+    for name in names:
+        write_file(job / "files" / name, 100)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
+    await run_job(manifest, api_key)
+    return manifest
 
 
 # -- the manifest against the ledger ---------------------------------------------------------
@@ -95,6 +104,61 @@ async def test_status_asks_no_origin_to_know_which_items_the_manifest_names(
     assert report["manifest"] == {"in_manifest": 2, "not_started": 1, "not_in_manifest": 0}
     assert len(requests) == seen_by_origin
     assert len(emulator.requests) == seen_by_service
+
+
+async def test_status_does_not_compare_a_ledger_bigger_than_its_limit_and_says_how_to_ask(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    manifest = await uploaded(job, emulator, api_key, "a.txt", "b.txt", "c.txt")
+
+    report = await build_status(load_manifest(manifest), compare_limit=2)
+
+    assert report.coverage is None
+    assert report.not_compared is not None
+    assert "the ledger holds 3 items, more than 2" in report.not_compared
+    assert "status --compare" in report.not_compared
+
+
+async def test_status_does_not_compare_a_manifest_naming_more_than_its_limit(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    manifest = await uploaded(job, emulator, api_key, "a.txt")
+    for name in ("b.txt", "c.txt"):
+        write_file(job / "files" / name, 100)
+
+    report = await build_status(load_manifest(manifest), compare_limit=2)
+
+    assert report.coverage is None
+    assert report.not_compared is not None
+    assert "the manifest names more than 2 items" in report.not_compared
+
+
+async def test_status_without_a_limit_compares_however_many_items(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    manifest = await uploaded(job, emulator, api_key, "a.txt", "b.txt", "c.txt")
+
+    report = await build_status(load_manifest(manifest), compare_limit=None)
+
+    assert report.not_compared is None
+    assert report.coverage is not None
+    assert report.coverage.as_dict() == {"in_manifest": 3, "not_started": 0, "not_in_manifest": 0}
+
+
+async def test_status_compare_option_compares_and_is_refused_with_ledger_only(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    manifest = await uploaded(job, emulator, api_key, "a.txt")
+
+    compared = await run_cli("status", str(manifest), "--format", "json", "--compare")
+    both = await run_cli("status", str(manifest), "--compare", "--ledger-only")
+
+    assert compared.code == 0, compared.stderr
+    report = json.loads(compared.stdout)
+    assert report["manifest"] == {"in_manifest": 1, "not_started": 0, "not_in_manifest": 0}
+    assert report["manifest_not_compared"] is None
+    assert both.code == 2
+    assert "not allowed with" in both.stderr
 
 
 # -- expiry ----------------------------------------------------------------------------------
@@ -292,9 +356,7 @@ def test_a_relative_time_is_never_a_negative_duration(moment: float, now: float)
 async def test_status_ledger_only_does_not_compare_with_the_manifest(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
-    write_file(job / "files" / "a.txt", 100)
-    manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
-    await run_job(manifest, api_key)
+    manifest = await uploaded(job, emulator, api_key, "a.txt")
 
     result = await run_cli("status", str(manifest), "--format", "json", "--ledger-only")
 
