@@ -32,10 +32,8 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import quote
-
-import aiohttp
 
 from migrator.errors import (
     AuthRejectedError,
@@ -51,6 +49,9 @@ from migrator.errors import (
 from migrator.model import UploadReceipt
 from migrator.naming import file_type, printable
 from migrator.units import parse_iso
+
+if TYPE_CHECKING:  # aiohttp is imported where a request is made: a run with nothing to
+    import aiohttp  # send never loads it
 
 BASE64_ENDPOINT = "/api/file-base64-upload"
 STREAM_ENDPOINT = "/api/file-stream-upload"
@@ -453,6 +454,8 @@ class UploadClient:
         self._json = {**self._headers, "Content-Type": "application/json"}
 
     def _timeouts(self, read_timeout: float) -> aiohttp.ClientTimeout:
+        import aiohttp
+
         return aiohttp.ClientTimeout(
             total=None, sock_connect=self._connect_timeout, sock_read=read_timeout
         )
@@ -562,6 +565,8 @@ class UploadClient:
         timeouts: aiohttp.ClientTimeout,
         trouble: _SourceTrouble | None = None,
     ) -> UploadReceipt:
+        import aiohttp
+
         url = self._base_url + endpoint
         read_timeout = timeouts.sock_read or 0.0
         try:
@@ -765,6 +770,8 @@ async def _read_answer(response: aiohttp.ClientResponse) -> bytes:
 
 
 def _source_error(error: BaseException) -> UploadError:
+    import aiohttp
+
     if isinstance(error, UploadError):
         return error
     if isinstance(error, aiohttp.ClientError | TimeoutError):
@@ -784,6 +791,8 @@ def _check_size(receipt: UploadReceipt, sent: int) -> UploadReceipt:
 
 def _transport_error(err: BaseException, base_url: str, read_timeout: float) -> UploadError:
     """A one-line RetryableError (status None) for a failure below HTTP."""
+    import aiohttp
+
     if isinstance(err, aiohttp.InvalidURL):
         return EndpointError(_one_line(f"target.base_url {base_url} is not a valid URL"))
     if isinstance(err, aiohttp.ConnectionTimeoutError):
@@ -826,6 +835,8 @@ def _untrusted_message(err: aiohttp.ClientConnectorCertificateError, base_url: s
 
 
 def _connector_message(err: aiohttp.ClientConnectorError, base_url: str) -> str:
+    import aiohttp
+
     code = err.os_error.errno
     if code == errno.ECONNREFUSED:
         return f"connection refused to {base_url}"

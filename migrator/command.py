@@ -32,7 +32,7 @@ from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 from migrator.claims import DEFAULT_LEASE, ClaimedOperation
 from migrator.clock import OFFSET_FACT, SKEW_WARNING, ServiceClock
-from migrator.connect import connect, key_source, read_api_key, trust
+from migrator.connect import check_ca_bundle, connect, key_source, read_api_key
 from migrator.errors import (
     ExitCode,
     MigratorError,
@@ -452,7 +452,9 @@ async def execute(
         return await _dry_run(operation, manifest, watcher)
     for path in output_paths(manifest, options.metrics_file):
         check_writable(path)  # ConfigError (exit 2) or DiskError before anything is sent
-    trust(manifest.target)  # a CA bundle that cannot be read: exit 2, the ledger untouched
+    check_ca_bundle(
+        manifest.target
+    )  # a CA bundle that cannot be read: exit 2, the ledger untouched
     api_key = None
     if operation.uses_api and not manifest.target.is_embedded:
         api_key = read_api_key(manifest.target, environ)  # ConfigError before any write

@@ -6,6 +6,9 @@
 free, so links recorded by an earlier run keep working) and a read-only demo origin
 serving the files the manifest names under `${EMBEDDED_ORIGIN}` (`DemoFiles`). The
 emulator and aiohttp's server are imported only then: the client side never loads them.
+
+The HTTP sessions (and aiohttp itself, and the TLS context) are opened at the first
+request a command makes, not before: a re-run with nothing to send makes none.
 """
 
 from __future__ import annotations
@@ -24,11 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-import aiohttp
-from aiohttp.helpers import get_env_proxy_for_url, netrc_from_env, proxies_from_env
-from yarl import URL
-
-from migrator.client import UploadClient
 from migrator.clock import ServiceClock
 from migrator.errors import ConfigError
 from migrator.logs import register_secret
@@ -37,9 +35,12 @@ from migrator.model import Manifest, Target, UrlListSource, UrlSource
 from migrator.naming import EMBEDDED_ORIGIN
 from migrator.pacer import Pacer
 from migrator.plan import iter_url_list
-from migrator.transfer import Connection, Limits
+from migrator.transfer import Connection, Http, Limits
 
 if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
+
     from migrator.emulator import Emulator
 
 EMBEDDED_ORIGIN_VAR = "EMBEDDED_ORIGIN"
@@ -138,44 +139,86 @@ async def connect(
     pacer: Pacer | None = None,
     clock: ServiceClock | None = None,
 ) -> AsyncIterator[Connection]:
-    """Open the sessions (and the embedded emulator when asked) for one command.
+    """The connection of one command: the embedded emulator started when asked, and
+    the HTTP sessions opened at its first request (closed on the way out either way).
 
     `api_key` None: a command that only reads links (download, verify); its
     connection has no API client. An embedded target makes its own key.
     """
     async with contextlib.AsyncExitStack() as stack:
-        client: UploadClient | None = None
+        url_vars: dict[str, str] = {}
         if manifest.target.is_embedded:
             api_key = register_secret(secrets.token_urlsafe(24))
             base_url = await _start_embedded(manifest, api_key, stack)
+            url_vars[EMBEDDED_ORIGIN_VAR] = await _start_demo_origin(manifest, stack)
         else:
             base_url = manifest.target.base_url.rstrip("/")
-        origins = await stack.enter_async_context(open_origins(manifest, concurrency=concurrency))
         service_clock = clock or ServiceClock()
         settings = manifest.settings
-        if api_key is not None:
-            api = await stack.enter_async_context(_api_session(manifest, concurrency, base_url))
-            client = UploadClient(
-                api,
-                base_url,
-                api_key,
-                connect_timeout=settings.connect_timeout,
-                read_timeout=settings.timeout,
-                on_answer=service_clock.observe,
-            )
+        sessions = _Sessions(manifest, concurrency, base_url, api_key, service_clock, stack)
         yield Connection(
             target_id=manifest.target.base_url,
             base_url=base_url,
-            client=client,
-            origins=origins.session,
-            url_vars=origins.url_vars,
+            http=sessions.http,
+            url_vars=url_vars,
             pacer=pacer or Pacer(),
             clock=service_clock,
             limits=Limits(
                 settings.timeout, settings.min_rate, settings.max_size, settings.base64_max
             ),
             private_origins=settings.allow_private_origins,
+            origin_connections=_origin_connections(concurrency),
         )
+
+
+class _Sessions:
+    """A connection's HTTP side, opened by the first request of any worker (the others
+    wait for it) and closed with the connection: the same sessions, proxy settings,
+    CA bundle and timeouts as if opened up front, and no aiohttp until then."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        concurrency: int,
+        base_url: str,
+        api_key: str | None,
+        clock: ServiceClock,
+        stack: contextlib.AsyncExitStack,
+    ) -> None:
+        self._manifest = manifest
+        self._concurrency = concurrency
+        self._base_url = base_url
+        self._api_key = api_key
+        self._clock = clock
+        self._stack = stack
+        self._lock = asyncio.Lock()
+        self._opened: Http | None = None
+
+    async def http(self) -> Http:
+        if self._opened is None:
+            async with self._lock:
+                if self._opened is None:
+                    self._opened = await self._open()
+        return self._opened
+
+    async def _open(self) -> Http:
+        from migrator.client import UploadClient
+
+        manifest, concurrency, stack = self._manifest, self._concurrency, self._stack
+        origins = await stack.enter_async_context(_origin_session(manifest, concurrency))
+        if self._api_key is None:
+            return Http(origins)
+        settings = manifest.settings
+        api = await stack.enter_async_context(_api_session(manifest, concurrency, self._base_url))
+        client = UploadClient(
+            api,
+            self._base_url,
+            self._api_key,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.timeout,
+            on_answer=self._clock.observe,
+        )
+        return Http(origins, client)
 
 
 def trust(target: Target) -> ssl.SSLContext:
@@ -192,18 +235,30 @@ def trust(target: Target) -> ssl.SSLContext:
 def _trust(ca_bundle: Path | None, cert_files: tuple[str | None, str | None]) -> ssl.SSLContext:
     context = ssl.create_default_context()  # reads SSL_CERT_FILE / SSL_CERT_DIR itself
     if ca_bundle is not None:
-        try:
-            context.load_verify_locations(cafile=ca_bundle)
-        except ssl.SSLError:  # an OSError too: first
-            raise ConfigError(f"the CA bundle {ca_bundle} holds no PEM certificate") from None
-        except OSError as err:
-            raise ConfigError(
-                f"cannot read the CA bundle {ca_bundle}: {err.strerror or err}"
-            ) from None
+        _load_ca_bundle(context, ca_bundle)
     return context
 
 
+def check_ca_bundle(target: Target) -> None:
+    """ConfigError when target.ca_bundle cannot be read or holds no certificate: before
+    anything is written, without loading the system's certificates (`trust` does, at
+    the first request)."""
+    if target.ca_bundle is not None:
+        _load_ca_bundle(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), target.ca_bundle)
+
+
+def _load_ca_bundle(context: ssl.SSLContext, ca_bundle: Path) -> None:
+    try:
+        context.load_verify_locations(cafile=ca_bundle)
+    except ssl.SSLError:  # an OSError too: first
+        raise ConfigError(f"the CA bundle {ca_bundle} holds no PEM certificate") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read the CA bundle {ca_bundle}: {err.strerror or err}") from None
+
+
 def _api_session(manifest: Manifest, concurrency: int, base_url: str) -> aiohttp.ClientSession:
+    import aiohttp
+
     # One connection per worker; API calls get their own per-request timeouts.
     connector = aiohttp.TCPConnector(
         limit=concurrency, limit_per_host=concurrency, ssl=trust(manifest.target)
@@ -221,16 +276,26 @@ def _api_session(manifest: Manifest, concurrency: int, base_url: str) -> aiohttp
 
 def _env_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
     """The proxy the environment names for `url` and its credentials, or (None, None)."""
+    from aiohttp.helpers import get_env_proxy_for_url
+    from yarl import URL
+
     try:
         return get_env_proxy_for_url(URL(url))
     except LookupError:
         return None, None
 
 
-def _origin_session(manifest: Manifest, concurrency: int) -> aiohttp.ClientSession:
+def _origin_connections(concurrency: int) -> int:
     # Separate from the API session: a stream-through holds one origin connection and one
     # API connection at once, and sharing one pool of N could deadlock N workers.
-    connector = aiohttp.TCPConnector(limit=concurrency * 2, ssl=trust(manifest.target))
+    return concurrency * 2
+
+
+def _origin_session(manifest: Manifest, concurrency: int) -> aiohttp.ClientSession:
+    import aiohttp
+
+    limit = _origin_connections(concurrency)
+    connector = aiohttp.TCPConnector(limit=limit, ssl=trust(manifest.target))
     settings = manifest.settings
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=settings.connect_timeout, sock_read=settings.timeout
@@ -245,6 +310,8 @@ def _environment_routes() -> bool:
     file's logins. aiohttp's trust_env asks both again at every request, in two threads
     (a plan's probe of a URL: two thread hops, half its CPU); when there is neither,
     nothing needs asking."""
+    from aiohttp.helpers import netrc_from_env, proxies_from_env
+
     return bool(proxies_from_env()) or netrc_from_env() is not None
 
 

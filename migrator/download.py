@@ -203,7 +203,8 @@ async def fetch_to(session: CommandSession, row: LedgerItem, path: Path, meter: 
     if not url:
         raise PermanentError("no download link recorded")
     try:
-        async with session.conn.origins.get(url) as response:
+        origins = await session.conn.origins()
+        async with origins.get(url) as response:
             session.clock.observe(response.headers)
             check_link_status(f"download of {url}", response.status, response.headers)
             limit = session.conn.limits.body_limit(row.size)

@@ -35,9 +35,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
-
-import aiohttp
+from typing import TYPE_CHECKING, NamedTuple
 
 from migrator.errors import ManifestError, ManifestProblem
 from migrator.logs import get_logger
@@ -67,6 +65,12 @@ from migrator.naming import (
     without_credentials,
 )
 from migrator.transfer import plain_length, range_total
+
+if TYPE_CHECKING:  # imported by the probes: a plan of local files never loads aiohttp
+    import aiohttp
+
+OpenSession = Callable[[], Awaitable["aiohttp.ClientSession"]]
+"""A session opened at the first call: the probes open it only when one is sent."""
 
 __all__ = [
     "GlobFile",
@@ -812,7 +816,7 @@ _Pending = RemoteInfo | asyncio.Task[RemoteInfo]
 async def expand(
     manifest: Manifest,
     *,
-    session: aiohttp.ClientSession | None,
+    session: aiohttp.ClientSession | OpenSession | None,
     probe_concurrency: int | None = None,
     url_vars: Mapping[str, str] | None = None,
     probe_timeout: float = PROBE_TIMEOUT,
@@ -838,7 +842,7 @@ async def expand(
 async def expand_batches(
     manifest: Manifest,
     *,
-    session: aiohttp.ClientSession | None,
+    session: aiohttp.ClientSession | OpenSession | None,
     probe_concurrency: int | None = None,
     url_vars: Mapping[str, str] | None = None,
     probe_timeout: float = PROBE_TIMEOUT,
@@ -849,10 +853,11 @@ async def expand_batches(
     `kept` (what `check_plan` kept) when given, else walking the sources.
 
     Local files carry size and mtime from stat. Remote files are probed for their size
-    (and ETag / Last-Modified) through `session` in a sliding window of
-    `probe_concurrency` requests (default: as many as the session may connect at
-    once), so one slow origin holds up no other probe; answers are put back in order,
-    and what is ready is yielded before waiting for a slow one.
+    (and ETag / Last-Modified) through `session` (or the session it opens at the first
+    probe) in a sliding window of `probe_concurrency` requests (default: as many as an
+    open session may connect at once), so one slow origin holds up no other probe;
+    answers are put back in order, and what is ready is yielded before waiting for a
+    slow one.
     An `immutable` source's file that `remembered` knows is not probed. Without a
     session, or when the origin tells nothing, a remote file's size is None.
     `url_vars` fills `${NAME}` in URLs (e.g. EMBEDDED_ORIGIN) for probing only: an
@@ -861,7 +866,7 @@ async def expand_batches(
     refuses; raises ManifestError only for a forced method the file's size forbids.
     """
     width = probe_concurrency or _connection_limit(session)
-    window = _ProbeWindow(session, width, dict(url_vars or {}), probe_timeout)
+    window = _ProbeWindow(_opener(session), width, dict(url_vars or {}), probe_timeout)
     pending: deque[tuple[_Entry, _Pending]] = deque()
     try:
         chunks = _kept_chunks(kept) if kept is not None else _chunks_off_the_loop(manifest)
@@ -921,7 +926,7 @@ async def _planned(manifest: Manifest, entry: _Entry, info: _Pending) -> PlanIte
 class _ProbeWindow:
     """Probes of remote files, at most `width` in flight; each a task of its own."""
 
-    session: aiohttp.ClientSession | None
+    session: OpenSession | None
     width: int
     variables: dict[str, str]
     timeout: float = PROBE_TIMEOUT
@@ -941,14 +946,26 @@ class _ProbeWindow:
         url = substitute_url(entry.source, self.variables)
         return asyncio.create_task(self._probe(self.session, url))
 
-    async def _probe(self, session: aiohttp.ClientSession, url: str) -> RemoteInfo:
+    async def _probe(self, session: OpenSession, url: str) -> RemoteInfo:
         async with self._slots:
-            return await probe_remote(session, url, probe_timeout=self.timeout)
+            return await probe_remote(await session(), url, probe_timeout=self.timeout)
 
 
-def _connection_limit(session: aiohttp.ClientSession | None) -> int:
-    limit = 0 if session is None else session.connector.limit if session.connector else 0
-    return limit or PROBE_WINDOW
+def _opener(session: aiohttp.ClientSession | OpenSession | None) -> OpenSession | None:
+    if session is None or callable(session):
+        return session
+    opened = session
+
+    async def open_session() -> aiohttp.ClientSession:
+        return opened
+
+    return open_session
+
+
+def _connection_limit(session: aiohttp.ClientSession | OpenSession | None) -> int:
+    if session is None or callable(session) or session.connector is None:
+        return PROBE_WINDOW
+    return session.connector.limit or PROBE_WINDOW
 
 
 def _ready(info: _Pending) -> bool:
@@ -1028,7 +1045,6 @@ def _plan_item(manifest: Manifest, entry: _Entry, info: RemoteInfo) -> PlanItem:
 
 # -- probing origins ------------------------------------------------------------------------
 
-_PROBE_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError, OSError)
 _IDENTITY = {"Accept-Encoding": "identity"}
 
 
@@ -1040,6 +1056,8 @@ async def probe_remote(
     HEAD first (redirects followed); when it fails or gives no length, a GET for
     `Range: bytes=0-0` whose Content-Range tells the total (the body is not read).
     """
+    import aiohttp
+
     limit = aiohttp.ClientTimeout(total=probe_timeout)
     head = await _probe_head(session, url, limit)
     if head.size is not None:
@@ -1055,6 +1073,8 @@ async def probe_remote(
 async def _probe_head(
     session: aiohttp.ClientSession, url: str, limit: aiohttp.ClientTimeout
 ) -> RemoteInfo:
+    import aiohttp
+
     try:
         async with session.head(
             url, allow_redirects=True, timeout=limit, headers=_IDENTITY
@@ -1062,13 +1082,15 @@ async def _probe_head(
             if not 200 <= response.status < 300:
                 return RemoteInfo()
             return _info(response, plain_length(response))
-    except _PROBE_ERRORS:
+    except (aiohttp.ClientError, TimeoutError, ValueError, OSError):
         return RemoteInfo()
 
 
 async def _probe_ranged_get(
     session: aiohttp.ClientSession, url: str, limit: aiohttp.ClientTimeout
 ) -> RemoteInfo:
+    import aiohttp
+
     headers = {**_IDENTITY, "Range": "bytes=0-0"}
     try:
         async with session.get(url, timeout=limit, headers=headers) as response:
@@ -1081,7 +1103,7 @@ async def _probe_ranged_get(
             info = _info(response, size)
             response.close()  # drop the connection rather than read a body we do not want
             return info
-    except _PROBE_ERRORS:
+    except (aiohttp.ClientError, TimeoutError, ValueError, OSError):
         return RemoteInfo()
 
 

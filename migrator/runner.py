@@ -122,6 +122,7 @@ class RunOperation:
         plan = expand_batches(
             self.manifest,
             session=conn.origins,
+            probe_concurrency=conn.origin_connections,
             url_vars=conn.url_vars,
             remembered=remembered_in(ledger, session.target_id),
             kept=self._take_kept(),
@@ -146,6 +147,7 @@ class RunOperation:
         plan = expand_batches(
             self.manifest,
             session=conn.origins,
+            probe_concurrency=conn.origin_connections,
             url_vars=conn.url_vars,
             remembered=remembered,
             kept=self._take_kept(),

@@ -26,10 +26,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 from urllib.parse import urljoin, urlsplit
-
-import aiohttp
 
 from migrator.client import (
     DEFAULT_CHUNK_SIZE,
@@ -58,6 +56,9 @@ from migrator.model import AttemptRecord, Method, SourceKind, Uploaded, UploadRe
 from migrator.naming import substitute_url
 from migrator.pacer import Pacer, Sleep, Ticket, is_throttle
 from migrator.retry import RetryPolicy, backoff_delay, should_retry
+
+if TYPE_CHECKING:  # imported where a request is made: a run with nothing to send never
+    import aiohttp  # loads aiohttp
 
 T = TypeVar("T")
 log = get_logger("migrator.transfer")
@@ -172,26 +173,52 @@ def _read_each(jobs: list[tuple[str, int, Digest]]) -> list[Whole | Exception | 
 
 
 @dataclass(frozen=True, slots=True)
+class Http:
+    """The HTTP side of a connection."""
+
+    origins: aiohttp.ClientSession  # remote sources, download links, stream-through
+    client: UploadClient | None = None  # holds the key; None for commands that only read links
+
+
+OpenHttp = Callable[[], Awaitable[Http]]
+"""The HTTP side, opened at the first call (`connect()` opens it once, under a lock)."""
+
+
+def already_open(http: Http) -> OpenHttp:
+    """An `OpenHttp` for sessions the caller opened itself (tests, embedders)."""
+
+    async def opened() -> Http:
+        return http
+
+    return opened
+
+
+@dataclass(frozen=True, slots=True)
 class Connection:
-    """Live handles for one command; valid inside `connect()`'s context only."""
+    """Live handles for one command; valid inside `connect()`'s context only. Its
+    sessions open at the first request: a run with nothing to send makes none."""
 
     target_id: str  # what the ledger keys items by: the manifest's base_url as written
     base_url: str  # where requests to the service go
-    client: UploadClient | None  # holds the key; None for commands that only read links
-    origins: aiohttp.ClientSession  # remote sources, download links, stream-through
+    http: OpenHttp
     url_vars: Mapping[str, str]  # substitutions for URL sources (${EMBEDDED_ORIGIN})
     pacer: Pacer = field(default_factory=Pacer)
     clock: ServiceClock = field(default_factory=ServiceClock)
     limits: Limits = field(default_factory=Limits)
     private_origins: bool = False  # may a stream-through be redirected to private addresses
     files: WholeFiles = field(default_factory=WholeFiles)  # small local files, read whole
+    origin_connections: int = 0  # the origins' session's limit, for probes; 0: unknown
 
-    @property
-    def api(self) -> UploadClient:
+    async def origins(self) -> aiohttp.ClientSession:
+        """The session for remote sources, download links and stream-throughs."""
+        return (await self.http()).origins
+
+    async def api(self) -> UploadClient:
         """The API client; only commands that upload open a connection with one."""
-        if self.client is None:
+        client = (await self.http()).client
+        if client is None:
             raise RuntimeError("this connection was opened without the API key")
-        return self.client
+        return client
 
     def resolve(self, url: str) -> str:
         """A URL source with `${NAME}` filled in (the ledger keeps the template)."""
@@ -348,9 +375,8 @@ async def _send_base64(conn: Connection, job: Send, meter: Meter) -> Sent:
         return replace(await _send_file(conn, job, meter), method=Method.STREAM)
     data, mtime_ns = whole
     await meter(data)
-    receipt = await conn.api.upload_base64(
-        data, upload_path=job.upload_path, file_name=job.file_name
-    )
+    api = await conn.api()
+    receipt = await api.upload_base64(data, upload_path=job.upload_path, file_name=job.file_name)
     size = len(data)
     return Sent(receipt, size, meter.sha256, size, mtime_ns, conn.clock.now())
 
@@ -358,7 +384,8 @@ async def _send_base64(conn: Connection, job: Send, meter: Meter) -> Sent:
 async def _send_file(conn: Connection, job: Send, meter: Meter) -> Sent:
     path = Path(job.source)
     size, mtime_ns = await asyncio.to_thread(_local_stat, path)
-    receipt = await conn.api.upload_file(
+    api = await conn.api()
+    receipt = await api.upload_file(
         path,
         upload_path=job.upload_path,
         file_name=job.file_name,
@@ -384,7 +411,8 @@ def _check_unchanged(path: str | os.PathLike[str], size: int, mtime_ns: int) -> 
 
 async def _send_by_url(conn: Connection, job: Send) -> Sent:
     url = conn.resolve(job.source)
-    receipt = await conn.api.upload_url(url, upload_path=job.upload_path, file_name=job.file_name)
+    api = await conn.api()
+    receipt = await api.upload_url(url, upload_path=job.upload_path, file_name=job.file_name)
     if job.size is not None and receipt.file_size is not None and receipt.file_size != job.size:
         # Permanent: a retry would fetch the same changed file; the next run re-plans it.
         raise PermanentError(
@@ -396,7 +424,10 @@ async def _send_by_url(conn: Connection, job: Send) -> Sent:
 
 
 async def _stream_through(conn: Connection, job: Send, meter: Meter) -> Sent:
+    import aiohttp
+
     url = conn.resolve(job.source)
+    api = await conn.api()
     try:
         async with fetch_origin(conn, url) as response:
             check_origin_status(f"origin {url}", response.status, response.headers)
@@ -406,7 +437,7 @@ async def _stream_through(conn: Connection, job: Send, meter: Meter) -> Sent:
                 raise SourceGoneError(
                     f"origin {url} now has {size} bytes, not the {job.size} planned: it changed"
                 )
-            receipt = await conn.api.upload_stream(
+            receipt = await api.upload_stream(
                 body_chunks(response, meter.chunk_size()),
                 upload_path=job.upload_path,
                 file_name=job.file_name,
@@ -431,12 +462,13 @@ async def fetch_origin(conn: Connection, url: str) -> AsyncIterator[aiohttp.Clie
     this machine may reach addresses it cannot: a redirect into loopback, link-local
     or private addresses is refused, unless the manifest's URL names such an address
     itself or `allow_private_origins` is set."""
+    origins = await conn.origins()
     if conn.private_origins or await names_private_address(url):
-        async with conn.origins.get(url) as response:
+        async with origins.get(url) as response:
             yield response
         return
     for _ in range(MAX_REDIRECTS + 1):
-        async with conn.origins.get(url, allow_redirects=False) as response:
+        async with origins.get(url, allow_redirects=False) as response:
             location = response.headers.get("Location")
             if response.status not in REDIRECTS or not location:
                 yield response
@@ -522,23 +554,26 @@ class LinkCheck:
 
 _IDENTITY = {"Accept-Encoding": "identity"}
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(?:\d+-\d+|\*)/(\d+)\s*$", re.IGNORECASE)
-_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
 
 
 async def check_link(conn: Connection, url: str) -> LinkCheck:
     """HEAD the link, or GET its first byte where HEAD is refused (405, 501); no body
     is read. Gone (404/410) is an answer, not an error; 5xx and the like raise as
     every fetch does, to be retried."""
+    import aiohttp
+
     what = f"check of {url}"
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
     try:
-        async with conn.origins.head(
-            url, allow_redirects=True, headers=_IDENTITY, timeout=_PROBE_TIMEOUT
+        origins = await conn.origins()
+        async with origins.head(
+            url, allow_redirects=True, headers=_IDENTITY, timeout=timeout
         ) as response:
             conn.clock.observe(response.headers)
             if response.status not in (405, 501):
                 return _link_check(what, response, plain_length(response))
         ranged = {**_IDENTITY, "Range": "bytes=0-0"}
-        async with conn.origins.get(url, headers=ranged, timeout=_PROBE_TIMEOUT) as response:
+        async with origins.get(url, headers=ranged, timeout=timeout) as response:
             conn.clock.observe(response.headers)
             total = range_total(response.headers.get("Content-Range", ""))
             size = total if response.status == 206 else plain_length(response)
@@ -560,10 +595,13 @@ def _link_check(what: str, response: aiohttp.ClientResponse, size: int | None) -
 async def read_service_clock(conn: Connection, sleep: Sleep) -> None:
     """Ask the service anything, to read its clock from the answer's Date (and keep
     nothing else); a service that does not answer leaves the clock as it was."""
+    import aiohttp
+
     ticket = await conn.pacer.request(sleep)
     conn.pacer.released(ticket)
+    origins = await conn.origins()
     with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-        async with conn.origins.get(
+        async with origins.get(
             conn.base_url + "/", allow_redirects=False, timeout=aiohttp.ClientTimeout(total=10)
         ) as response:
             conn.clock.observe(response.headers)
@@ -648,6 +686,8 @@ def sha256_of(path: Path) -> str:
 
 def describe(err: BaseException) -> str:
     """An exception as a short line of text (its message, or its type's name)."""
+    import aiohttp
+
     if isinstance(err, aiohttp.ClientConnectorCertificateError):
         reason = getattr(err.certificate_error, "verify_message", None) or "it does not verify"
         return f"its TLS certificate is not trusted: {reason} (see target.ca_bundle)"

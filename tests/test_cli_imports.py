@@ -1,17 +1,25 @@
-"""`migrator --version` and `--help` load only what parsing the command line needs.
+"""`migrator --version` and `--help` load only what parsing the command line needs, and
+a re-run with nothing to send loads no HTTP library.
 
 Cron users pay the start-up at every run, and aiohttp, aiosqlite, rich and the emulator
-are most of it; each command imports them when it runs. This checks imports, not time.
+are most of it; each command imports them when it runs, and `run` imports aiohttp only
+at its first request. This checks imports, not time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import migrator_env
+from conftest import migrator_env, write_file, write_manifest
+
+from migrator.emulator import Emulator
+from migrator.manifest import load_manifest
+from migrator.model import Outcome
+from migrator.runner import RunOptions, run_manifest
 
 HEAVY = ("aiohttp", "aiosqlite", "rich", "structlog", "yaml", "asyncio", "migrator.emulator")
 
@@ -24,6 +32,16 @@ try:
 except SystemExit:
     pass
 print("\\n".join(sorted(sys.modules)), file=sys.stderr)
+"""
+
+# The same, for a command that prints and logs to stderr: the list goes to a file.
+PROBE_TO_FILE = """
+import sys
+from pathlib import Path
+from migrator.cli import main
+code = main(sys.argv[2:])
+Path(sys.argv[1]).write_text("\\n".join(sorted(sys.modules)))
+sys.exit(code)
 """
 
 
@@ -54,3 +72,37 @@ def test_the_probe_sees_what_a_command_imports(tmp_path: Path) -> None:
     # `status` of a missing manifest sets up logging (structlog) before it fails.
     loaded = modules_loaded_by("status", str(tmp_path / "missing.yaml"))
     assert "structlog" in heavy_among(loaded)
+
+
+async def test_a_re_run_with_nothing_to_send_loads_no_http_library(
+    job: Path, emulator: Emulator, api_key: str
+) -> None:
+    for name in ("a.txt", "b.txt"):
+        write_file(job / name, 100)
+    manifest = write_manifest(job, emulator.base_url, [{"glob": "./*.txt"}])
+    first = await run_manifest(
+        load_manifest(manifest, environ={}), RunOptions(), environ={"KIE_API_KEY": api_key}
+    )
+    assert first.count(Outcome.UPLOADED) == 2
+    sent = len(emulator.requests)
+    listing = job / "modules.txt"
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        PROBE_TO_FILE,
+        str(listing),
+        "run",
+        str(manifest),
+        env={**migrator_env(), "KIE_API_KEY": api_key},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(child.communicate(), 60)
+
+    assert child.returncode == 0, err.decode()
+    assert "0 uploaded, 2 skipped" in out.decode()
+    assert len(emulator.requests) == sent
+    loaded = set(listing.read_text().split())
+    assert "migrator.runner" in loaded
+    assert [m for m in loaded if m == "aiohttp" or m.startswith("aiohttp.")] == []

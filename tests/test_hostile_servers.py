@@ -28,7 +28,16 @@ from migrator.errors import ExitCode
 from migrator.model import HOUR, ItemState, Method, SourceKind
 from migrator.pacer import plain_sleep
 from migrator.runner import RunOptions, run_manifest
-from migrator.transfer import Connection, Limits, Meter, Send, names_private_address, send
+from migrator.transfer import (
+    Connection,
+    Http,
+    Limits,
+    Meter,
+    Send,
+    already_open,
+    names_private_address,
+    send,
+)
 
 pytestmark = pytest.mark.timeout(60)
 KEY = {"KIE_API_KEY": "hostile-key-0123456789"}
@@ -289,8 +298,7 @@ async def test_a_file_planned_as_base64_that_grew_since_is_streamed_not_read_who
         conn = Connection(
             target_id=emulator.base_url,
             base_url=emulator.base_url,
-            client=UploadClient(session, emulator.base_url, api_key),
-            origins=session,
+            http=already_open(Http(session, UploadClient(session, emulator.base_url, api_key))),
             url_vars={},
             limits=Limits(base64_max=2048),
         )
