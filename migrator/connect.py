@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from migrator.client import UploadClient
 from migrator.clock import ServiceClock
 from migrator.errors import ConfigError
 from migrator.logs import register_secret
@@ -202,8 +203,6 @@ class _Sessions:
         return self._opened
 
     async def _open(self) -> Http:
-        from migrator.client import UploadClient
-
         manifest, concurrency, stack = self._manifest, self._concurrency, self._stack
         origins = await stack.enter_async_context(_origin_session(manifest, concurrency))
         if self._api_key is None:
