@@ -23,24 +23,28 @@ from migrator.units import iso_utc
 
 # The columns of EXPORT_FIELDS, in their order (the item's state is its `status`).
 _COLUMNS = "id, " + ", ".join("state" if f == "status" else f for f in EXPORT_FIELDS)
-_TIMES = frozenset(
-    i for i, f in enumerate(EXPORT_FIELDS) if f.endswith("_at")
-)  # uploaded_at, expires_at, downloaded_at, checked_at, dead_at
-_SOURCE, _ERROR = EXPORT_FIELDS.index("source"), EXPORT_FIELDS.index("last_error")
 _JSON_LINE = "{" + ", ".join(f'"{field}": %s' for field in EXPORT_FIELDS) + "}"
-assert len(EXPORT_FIELDS) == 17  # as _json_text unpacks them
+assert len(EXPORT_FIELDS) == 17  # as _json_text and _csv_row unpack them
 
 
-def _values(row: Sequence[Any]) -> list[Any]:
-    """The export's values of one row (its id first), as `export_record` makes them."""
-    values = list(row[1:])
-    values[_SOURCE] = without_credentials(values[_SOURCE])
-    if values[_ERROR] is not None:
-        values[_ERROR] = hide_credentials(values[_ERROR])
-    for index in _TIMES:
-        if values[index] is not None:
-            values[index] = iso_utc(values[index])
-    return values
+def _csv_row(row: Sequence[Any]) -> tuple[Any, ...]:
+    """The csv fields of one row (its id first), as `export_record` makes them; None is
+    written empty by csv itself, as `write_export` writes it."""
+    (_, source, upload_path, file_name, method, size, sha256, state, url, file_id) = row[:10]
+    (uploaded, expires, attempts, error, path, downloaded, checked, dead) = row[10:]
+    if "@" in source:
+        source = without_credentials(source)
+    if error is not None and "@" in error:
+        error = hide_credentials(error)
+    return (
+        source, upload_path, file_name, method, size, sha256, state, url, file_id,
+        None if uploaded is None else iso_utc(uploaded),
+        None if expires is None else iso_utc(expires),
+        attempts, error, path,
+        None if downloaded is None else iso_utc(downloaded),
+        None if checked is None else iso_utc(checked),
+        None if dead is None else iso_utc(dead),
+    )  # fmt: skip
 
 
 def _json(value: object) -> str:
@@ -99,7 +103,7 @@ async def export_ledger(ledger: BaseLedger, target: str, fmt: str, out: TextIO) 
     count = 0
     async for page in ledger.iter_columns(target, _COLUMNS):  # a page: one write
         if fmt == "csv":
-            writer.writerows(["" if v is None else v for v in _values(row)] for row in page)
+            writer.writerows(map(_csv_row, page))
         elif fmt == "json":
             out.write((",\n" if count else "\n") + ",\n".join(map(_json_text, page)))
         else:

@@ -113,6 +113,8 @@ TRICKY = [  # (file_name, source, size, last_error, a time): each a reason SQL c
     ("tab\tnew\nline.bin", "/data/tab", 7, "line one\nline two\r\n", None),
     ("secret.bin", "https://user:pass@origin.example/s.bin", 9, "at https://u:p@h/x", 1.5),
     ("control\x01.bin", "/data/c", 3, "\x1f", 253402300800.0),
+    ("nul\x00.bin", "/data/n\x00", 2**63 - 1, "\x00\r", 253402300798.9999999),
+    ("quote'\u2028.bin", '/data/"quoted"', 0, "", 1e-7),
 ]
 
 
