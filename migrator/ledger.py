@@ -694,9 +694,9 @@ class BaseLedger(abc.ABC):
 
     shared = False  # True: many processes write it at once (leases, not the run lock)
     folds_updates = False  # True: an update of an item already buffered goes into that one
-    # The items table, read in id order a page at a time, every item of a target: a back
-    # end whose planner would rather search an index on the target (and sort all the
-    # target's items for each page) says so here.
+    # The items table, read whole or in id order a page at a time (every item of a target):
+    # a back end whose planner would rather search an index on the target (and sort all
+    # the target's items for each page) says so here.
     _ITEMS_BY_ID = "items"
 
     def __init__(
@@ -1098,7 +1098,8 @@ class BaseLedger(abc.ABC):
         """The latest uploaded_at of a DONE item, or None."""
         where, params = _where(target, "state = ?")
         rows = await self._fetch(
-            f"SELECT MAX(uploaded_at) FROM items{where}", [*params, ItemState.DONE.value]
+            f"SELECT MAX(uploaded_at) FROM {self._ITEMS_BY_ID}{where}",
+            [*params, ItemState.DONE.value],
         )
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 
@@ -1160,7 +1161,9 @@ class Ledger(BaseLedger):
     folds_updates = True
     # SQLite searches (target, ...) for `target = ?`, then sorts every item of the target
     # for each page of `id > ? ORDER BY id LIMIT ?`: a million items, minutes. By id, it
-    # reads each page where the last one ended.
+    # reads each page where the last one ended. The latest success too: found through the
+    # index on (target, state) it looks up every done item's row, 2.8 s of CPU for a
+    # million; reading the table in order, 0.3 s.
     _ITEMS_BY_ID = "items NOT INDEXED"
 
     def __init__(
@@ -1269,10 +1272,8 @@ class Ledger(BaseLedger):
         await self.flush()
         async with self._db_lock:
             with _as_ledger_error(self.path):
-                cursor = await self._conn.execute(sql, params)
-                rows = await cursor.fetchall()
-                await cursor.close()
-        return [tuple(row) for row in rows]
+                rows = await self._conn.execute_fetchall(sql, params)  # one thread trip
+        return list(rows)
 
     def _errors(self) -> contextlib.AbstractContextManager[None]:
         return _as_ledger_error(self.path)
