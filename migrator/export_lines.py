@@ -24,18 +24,31 @@ from migrator.units import iso_utc
 # The columns of EXPORT_FIELDS, in their order (the item's state is its `status`).
 _COLUMNS = "id, " + ", ".join("state" if f == "status" else f for f in EXPORT_FIELDS)
 _JSON_LINE = "{" + ", ".join(f'"{field}": %s' for field in EXPORT_FIELDS) + "}"
-assert len(EXPORT_FIELDS) == 17  # as _json_text and _csv_row unpack them
+assert len(EXPORT_FIELDS) == 17  # as _shown unpacks them
 
 
-def _csv_row(row: Sequence[Any]) -> tuple[Any, ...]:
-    """The csv fields of one row (its id first), as `export_record` makes them; None is
-    written empty by csv itself, as `write_export` writes it."""
+def _shown(row: Sequence[Any]) -> tuple[Any, ...]:
+    """The 17 exported columns of one row (its id first), credentials hidden as
+    `export_record` hides them; the one place both formats take their columns from."""
     (_, source, upload_path, file_name, method, size, sha256, state, url, file_id) = row[:10]
     (uploaded, expires, attempts, error, path, downloaded, checked, dead) = row[10:]
     if "@" in source:
         source = without_credentials(source)
     if error is not None and "@" in error:
         error = hide_credentials(error)
+    return (
+        source, upload_path, file_name, method, size, sha256, state, url, file_id,
+        uploaded, expires, attempts, error, path, downloaded, checked, dead,
+    )  # fmt: skip
+
+
+def _csv_row(row: Sequence[Any]) -> tuple[Any, ...]:
+    """The csv fields of one row, as `export_record` makes them; None is written empty
+    by csv itself, as `write_export` writes it."""
+    (
+        source, upload_path, file_name, method, size, sha256, state, url, file_id,
+        uploaded, expires, attempts, error, path, downloaded, checked, dead,
+    ) = _shown(row)  # fmt: skip
     return (
         source, upload_path, file_name, method, size, sha256, state, url, file_id,
         None if uploaded is None else iso_utc(uploaded),
@@ -63,12 +76,10 @@ def _json_time(moment: float) -> str:
 def _json_text(row: Sequence[Any]) -> str:
     """The jsonl line of one row, without a call for a column that is NULL (a million
     rows: every call a second)."""
-    (_, source, upload_path, file_name, method, size, sha256, state, url, file_id) = row[:10]
-    (uploaded, expires, attempts, error, path, downloaded, checked, dead) = row[10:]
-    if "@" in source:
-        source = without_credentials(source)
-    if error is not None and "@" in error:
-        error = hide_credentials(error)
+    (
+        source, upload_path, file_name, method, size, sha256, state, url, file_id,
+        uploaded, expires, attempts, error, path, downloaded, checked, dead,
+    ) = _shown(row)  # fmt: skip
     return _JSON_LINE % (
         _quote(source),
         _quote(upload_path),
