@@ -98,6 +98,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
+def emulator_argv(data_dir: Path, *, port: int = 0) -> list[str]:
+    """`migrator emulator` keeping its files in `data_dir`; its key comes from KIE_API_KEY,
+    never a command line. Run it as a Server: it prints `listening on URL` once it listens."""
+    argv = [sys.executable, "-m", "migrator", "emulator", "--port", str(port)]
+    return [*argv, "--data-dir", str(data_dir)]
+
+
 class Server:
     """A long-lived helper process that prints `... listening on URL` once it listens."""
 

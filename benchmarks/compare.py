@@ -41,7 +41,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench_procs import Sample, Server, measure
+from bench_procs import Sample, Server, emulator_argv, measure
 from bench_report import Result, Run, raw, render, targets
 from bench_scenarios import SCENARIOS, Condition, Contender, Context, Workload
 
@@ -61,19 +61,7 @@ class Servers:
         self._started: list[Server] = []
         self._proxies: dict[str, str] = {}
         self._origins: dict[Path, str] = {}
-        self.emulator = self._start(
-            "emulator",
-            [
-                sys.executable,
-                "-m",
-                "migrator",
-                "emulator",
-                "--port",
-                "0",
-                "--data-dir",
-                str(work / "emulator"),
-            ],
-        )
+        self.emulator = self._start("emulator", emulator_argv(work / "emulator"))
 
     def _start(self, name: str, argv: list[str]) -> Server:
         server = Server(name, argv, env=self._env, log=self._work / f"{name}.log")

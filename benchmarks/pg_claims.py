@@ -36,6 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from bench_procs import Server, emulator_argv  # noqa: E402
 from postgres_server import running_postgres  # noqa: E402
 
 from migrator.ledger_pg import PgLedger  # noqa: E402
@@ -139,35 +140,16 @@ def run_throughput(url: str, items: int, processes: int, folder: Path) -> float:
         if not path.exists():
             path.write_bytes(os.urandom(256 + i % 4096))
     env = {**os.environ, "PYTHONPATH": str(REPO), "KIE_API_KEY": API_KEY}
-    emulator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "migrator",
-            "emulator",
-            "--port",
-            "0",
-            "--data-dir",
-            str(folder / f"emu-{kind}-{processes}"),
-            "--api-key",
-            API_KEY,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
+    data = folder / f"emu-{kind}-{processes}"
+    emulator = Server("emulator", emulator_argv(data), env=env, log=folder / "emulator.log")
     try:
-        assert emulator.stdout is not None
-        line = emulator.stdout.readline()
-        base_url = line.split("listening on ", 1)[1].split()[0]
         manifest = folder / "job.yaml"
         manifest.write_text(
             yaml.safe_dump(
                 {
                     "version": 1,
                     "name": "bench",
-                    "target": {"base_url": base_url, "upload_path": "b"},
+                    "target": {"base_url": emulator.url, "upload_path": "b"},
                     "settings": {"concurrency": 16},
                     "sources": [{"glob": str(src / "*.bin")}],
                 }
@@ -197,8 +179,7 @@ def run_throughput(url: str, items: int, processes: int, folder: Path) -> float:
         took = time.perf_counter() - started
         assert codes == [0] * processes, codes
     finally:
-        emulator.terminate()
-        emulator.wait()
+        emulator.stop()
     return items / took
 
 

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_procs import Server, emulator_argv
+
 REPO = Path(__file__).resolve().parents[1]
 KEY = "benchmark-key-0123456789"
 
@@ -35,21 +37,11 @@ def make_files(root: Path, count: int, size: int) -> None:
         (folder / f"f{index:07d}.bin").write_bytes(payload)
 
 
-def start_emulator(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "migrator", "emulator", "--port", "0", "--data-dir", str(data_dir)],
-        env={**os.environ, "PYTHONPATH": str(REPO), "KIE_API_KEY": KEY},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+def start_emulator(data_dir: Path) -> Server:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KIE_API_KEY": KEY}
+    return Server(
+        "emulator", emulator_argv(data_dir), env=env, log=data_dir.parent / "emulator.log"
     )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = re.search(r"(http://\S+)", line)
-    if not match:
-        process.kill()
-        raise SystemExit(f"the emulator did not start: {line!r}")
-    return process, match.group(1)
 
 
 def run_once(work: Path, base_url: str, count: int, concurrency: int) -> tuple[float, float]:
@@ -100,7 +92,8 @@ def main() -> int:
     counts = sorted(args.items or [2000, 20000])
     with tempfile.TemporaryDirectory(prefix="migrator-bench-") as temp:
         work = Path(temp)
-        emulator, base_url = start_emulator(work / "emulator")
+        emulator = start_emulator(work / "emulator")
+        base_url = emulator.url
         peaks = []
         try:
             for count in counts:
@@ -112,8 +105,7 @@ def main() -> int:
                     f"{count / elapsed:.0f} items/s, peak RSS {peak:.1f} MB"
                 )
         finally:
-            emulator.terminate()
-            emulator.wait(timeout=10)
+            emulator.stop()
     growth = peaks[-1] - peaks[0]
     print(f"peak RSS growth from {counts[0]} to {counts[-1]} items: {growth:+.1f} MB")
     return 0 if growth <= args.max_growth else 1

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_procs import Server, measure
+from bench_procs import Server, emulator_argv, measure
 from scale_url_list import (
     BODY_BYTES,
     EXPORT_LIMIT,
@@ -136,8 +136,7 @@ def main() -> int:
     servers: list[Server] = []
     failed = False
     try:
-        emulator = [sys.executable, "-m", "migrator", "emulator", "--port", str(service_port)]
-        emulator += ["--data-dir", str(work / "emulator")]
+        emulator = emulator_argv(work / "emulator", port=service_port)
         servers.append(Server("emulator", emulator, env=env, log=work / "emulator.log"))
         origin = [sys.executable, str(HERE / "origin.py"), "--synthetic", str(BODY_BYTES)]
         origin += ["--port", str(origin_port)]

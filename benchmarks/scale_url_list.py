@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_procs import Sample, Server, measure
+from bench_procs import Sample, Server, emulator_argv, measure
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -147,8 +147,7 @@ def main() -> int:
     servers: list[Server] = []
     failed = False
     try:
-        emulator = [sys.executable, "-m", "migrator", "emulator", "--port", "0"]
-        emulator += ["--data-dir", str(work / "emulator")]
+        emulator = emulator_argv(work / "emulator")
         servers.append(Server("emulator", emulator, env=env, log=work / "emulator.log"))
         origin = [sys.executable, str(HERE / "origin.py"), "--synthetic", str(BODY_BYTES)]
         servers.append(Server("origin", origin, env=env, log=work / "origin.log"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -24,24 +23,17 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench_procs import Server, emulator_argv
+
 REPO = Path(__file__).resolve().parents[1]
 KEY = "benchmark-key-0123456789"
 
 
-def start_emulator(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "migrator", "emulator", "--port", "0", "--data-dir", str(data_dir)],
-        env={**os.environ, "PYTHONPATH": str(REPO), "KIE_API_KEY": KEY},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+def start_emulator(data_dir: Path) -> Server:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KIE_API_KEY": KEY}
+    return Server(
+        "emulator", emulator_argv(data_dir), env=env, log=data_dir.parent / "emulator.log"
     )
-    assert process.stdout is not None
-    match = re.search(r"(http://\S+)", process.stdout.readline())
-    if not match:
-        process.kill()
-        raise SystemExit("the emulator did not start")
-    return process, match.group(1)
 
 
 def uploads_seen(base_url: str) -> int:
@@ -75,7 +67,8 @@ def main() -> int:
         (work / "files").mkdir()
         for index in range(args.items):
             (work / "files" / f"f{index:06d}.txt").write_bytes(b"%d\n" % index)
-        emulator, base_url = start_emulator(work / "emulator")
+        emulator = start_emulator(work / "emulator")
+        base_url = emulator.url
         try:
             manifest = work / "job.yaml"
             manifest.write_text(
@@ -93,8 +86,7 @@ def main() -> int:
             )
             uploads = uploads_seen(base_url) - before
         finally:
-            emulator.terminate()
-            emulator.wait(10)
+            emulator.stop()
     print(f"setup: {args.items} uploads in {setup:.1f} s")
     print(out.strip())
     print(
