@@ -4,7 +4,8 @@ Fixtures: `api_key`, `emulator`, `emulator_process`, `origin`, `job`, `postgres`
 server for the session, see tests/postgres_server.py), `pg_url` (a fresh database on it per test).
 Helpers: `write_file`, `files_below`, `write_manifest`, `load`, `ledger_states`, `ledger_rows`,
 `closed_port`, `run_cli` (and its `Finished`), `start_cli`, `web_server`, `gateway` (a
-Pushgateway) and `samples_of`.
+Pushgateway, `serving_gateway` over HTTPS), `samples_of`, and `item_update` (a ledger update
+of one file, for tests of the ledger alone).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from migrator.emulator import Emulator
 from migrator.ledger import Ledger
 from migrator.manifest import load_manifest
-from migrator.model import LedgerItem, Manifest
+from migrator.model import ItemState, ItemUpdate, LedgerItem, Manifest, SourceKind
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_API_KEY = "test-key-0123456789abcdef"
@@ -57,6 +58,24 @@ class EmulatorProcess:
     process: asyncio.subprocess.Process
     base_url: str
     data_dir: Path
+
+
+LEDGER_TARGET = "http://127.0.0.1:9/api"  # the target of ledger-only tests: nothing listens
+
+
+def item_update(name: str, state: ItemState = ItemState.PENDING, **fields: object) -> ItemUpdate:
+    """An update of the local file /data/NAME, uploaded as batch/NAME to LEDGER_TARGET;
+    `fields` set the rest."""
+    values: dict[str, object] = {
+        "target": LEDGER_TARGET,
+        "upload_path": "batch",
+        "file_name": name,
+        "source": f"/data/{name}",
+        "kind": SourceKind.FILE,
+        "state": state,
+    }
+    values.update(fields)
+    return ItemUpdate(**values)  # type: ignore[arg-type]
 
 
 def migrator_env() -> dict[str, str]:

@@ -11,30 +11,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import LEDGER_TARGET as TARGET
+from conftest import item_update
 
 from migrator.errors import LedgerError
 from migrator.ledger import SCHEMA_VERSION, Ledger
 from migrator.model import AttemptRecord, ItemState, ItemUpdate, Method, SourceKind
 
-TARGET = "http://127.0.0.1:9/api"
 HOUR = 3600.0
 
 
-def update(name: str, state: ItemState = ItemState.PENDING, **fields: object) -> ItemUpdate:
-    values: dict[str, object] = {
-        "target": TARGET,
-        "upload_path": "batch",
-        "file_name": name,
-        "source": f"/data/{name}",
-        "kind": SourceKind.FILE,
-        "state": state,
-    }
-    values.update(fields)
-    return ItemUpdate(**values)  # type: ignore[arg-type]
-
-
 def done(name: str, *, uploaded_at: float, expires_at: float, size: int = 10) -> ItemUpdate:
-    return update(
+    return item_update(
         name,
         ItemState.DONE,
         size=size,
@@ -118,7 +106,7 @@ async def test_schema_version_is_recorded(ledger_path: Path) -> None:
 
 async def test_reopening_keeps_items(ledger_path: Path) -> None:
     async with await Ledger.open(ledger_path) as first:
-        first.put_item(update("a.txt"))
+        first.put_item(item_update("a.txt"))
     async with await Ledger.open(ledger_path) as second:
         item = await second.get(TARGET, "batch", "a.txt")
     assert item is not None
@@ -128,7 +116,7 @@ async def test_reopening_keeps_items(ledger_path: Path) -> None:
 async def test_update_without_link_keeps_the_known_link(ledger: Ledger) -> None:
     ledger.put_item(done("a.txt", uploaded_at=100.0, expires_at=200.0))
     await ledger.flush()
-    ledger.put_item(update("a.txt", ItemState.DONE, last_error="refresh failed: 503"))
+    ledger.put_item(item_update("a.txt", ItemState.DONE, last_error="refresh failed: 503"))
     item = await ledger.get(TARGET, "batch", "a.txt")
     assert item is not None
     assert item.download_url == "https://files.example/a.txt"
@@ -137,7 +125,7 @@ async def test_update_without_link_keeps_the_known_link(ledger: Ledger) -> None:
 
 
 async def test_state_is_always_written_and_a_field_given_none_is_cleared(ledger: Ledger) -> None:
-    ledger.put_item(update("a.txt", ItemState.FAILED, last_error="HTTP 400"))
+    ledger.put_item(item_update("a.txt", ItemState.FAILED, last_error="HTTP 400"))
     await ledger.flush()
     ledger.put_item(done("a.txt", uploaded_at=1.0, expires_at=2.0))
     item = await ledger.get(TARGET, "batch", "a.txt")
@@ -147,9 +135,9 @@ async def test_state_is_always_written_and_a_field_given_none_is_cleared(ledger:
 
 
 async def test_a_field_left_out_keeps_its_value(ledger: Ledger) -> None:
-    ledger.put_item(update("a.txt", ItemState.FAILED, last_error="HTTP 400", sha256="ab" * 32))
+    ledger.put_item(item_update("a.txt", ItemState.FAILED, last_error="HTTP 400", sha256="ab" * 32))
     await ledger.flush()
-    ledger.put_item(update("a.txt", ItemState.INTERRUPTED))
+    ledger.put_item(item_update("a.txt", ItemState.INTERRUPTED))
     item = await ledger.get(TARGET, "batch", "a.txt")
     assert item is not None
     assert (item.state, item.last_error, item.sha256) == (
@@ -160,36 +148,38 @@ async def test_a_field_left_out_keeps_its_value(ledger: Ledger) -> None:
 
 
 async def test_a_download_is_cleared_by_an_upload_of_other_bytes(ledger: Ledger) -> None:
-    ledger.put_item(update("a.txt", ItemState.DONE, downloaded_path="/dl/a.txt", downloaded_at=5.0))
+    ledger.put_item(
+        item_update("a.txt", ItemState.DONE, downloaded_path="/dl/a.txt", downloaded_at=5.0)
+    )
     await ledger.flush()
-    ledger.put_item(update("a.txt", ItemState.DONE, downloaded_path=None, downloaded_at=None))
+    ledger.put_item(item_update("a.txt", ItemState.DONE, downloaded_path=None, downloaded_at=None))
     item = await ledger.get(TARGET, "batch", "a.txt")
     assert item is not None
     assert (item.downloaded_path, item.downloaded_at) == (None, None)
 
 
 async def test_given_size_and_method_replace_the_old_ones(ledger: Ledger) -> None:
-    ledger.put_item(update("a.txt", size=10, method=Method.BASE64))
+    ledger.put_item(item_update("a.txt", size=10, method=Method.BASE64))
     await ledger.flush()
-    ledger.put_item(update("a.txt", size=5_000_000, method=Method.STREAM))
-    ledger.put_item(update("a.txt"))
+    ledger.put_item(item_update("a.txt", size=5_000_000, method=Method.STREAM))
+    ledger.put_item(item_update("a.txt"))
     item = await ledger.get(TARGET, "batch", "a.txt")
     assert item is not None
     assert (item.size, item.method) == (5_000_000, Method.STREAM)
 
 
 async def test_attempts_accumulate_across_updates(ledger: Ledger) -> None:
-    ledger.put_item(update("a.txt", attempts_added=2))
+    ledger.put_item(item_update("a.txt", attempts_added=2))
     await ledger.flush()
-    ledger.put_item(update("a.txt", attempts_added=3))
+    ledger.put_item(item_update("a.txt", attempts_added=3))
     item = await ledger.get(TARGET, "batch", "a.txt")
     assert item is not None
     assert item.attempts == 5
 
 
 async def test_updates_to_one_item_in_one_batch_apply_in_order(ledger: Ledger) -> None:
-    ledger.put_item(update("a.txt", ItemState.PENDING, attempts_added=1))
-    ledger.put_item(update("a.txt", ItemState.FAILED, last_error="boom", attempts_added=1))
+    ledger.put_item(item_update("a.txt", ItemState.PENDING, attempts_added=1))
+    ledger.put_item(item_update("a.txt", ItemState.FAILED, last_error="boom", attempts_added=1))
     ledger.put_item(done("a.txt", uploaded_at=1.0, expires_at=2.0))
     await ledger.flush()
     item = await ledger.get(TARGET, "batch", "a.txt")
@@ -202,8 +192,8 @@ async def test_updates_of_one_item_in_one_batch_leave_the_row_writing_each_would
     tmp_path: Path,
 ) -> None:
     updates = [
-        update("a.txt", size=10, etag="e1"),
-        update("a.txt", ItemState.FAILED, last_error="boom", attempts_added=1, size=None),
+        item_update("a.txt", size=10, etag="e1"),
+        item_update("a.txt", ItemState.FAILED, last_error="boom", attempts_added=1, size=None),
         ItemUpdate(TARGET, "batch", "a.txt", ItemState.PENDING, uncertain_at=5.0),
         done("a.txt", uploaded_at=1.0, expires_at=2.0, size=12),
         ItemUpdate(TARGET, "batch", "a.txt", ItemState.DONE, checked_at=3.0, attempts_added=2),
@@ -226,7 +216,7 @@ async def test_an_attempt_of_a_new_item_done_in_the_same_batch_is_recorded(
     ledger: Ledger, ledger_path: Path
 ) -> None:
     run_id = await ledger.start_run("run", "job.yaml")
-    ledger.put_item(update("a.txt"))
+    ledger.put_item(item_update("a.txt"))
     ledger.put_attempt(attempt("a.txt", run_id, 1))
     ledger.put_item(done("a.txt", uploaded_at=1.0, expires_at=2.0))
     await ledger.flush()
@@ -242,8 +232,8 @@ async def test_items_are_keyed_by_target(ledger: Ledger) -> None:
 
 
 async def test_lookup_sees_buffered_updates(ledger: Ledger) -> None:
-    ledger.put_item(update("a.txt"))
-    ledger.put_item(update("b.txt"))
+    ledger.put_item(item_update("a.txt"))
+    ledger.put_item(item_update("b.txt"))
     found = await ledger.lookup(TARGET, [("batch", "a.txt"), ("batch", "b.txt"), ("x", "y")])
     assert set(found) == {("batch", "a.txt"), ("batch", "b.txt")}
     assert found["batch", "a.txt"].source == "/data/a.txt"
@@ -252,7 +242,7 @@ async def test_lookup_sees_buffered_updates(ledger: Ledger) -> None:
 async def test_lookup_of_more_keys_than_one_query_takes(ledger: Ledger) -> None:
     names = [f"f{i:05d}" for i in range(1_300)]
     for name in names:
-        ledger.put_item(update(name))
+        ledger.put_item(item_update(name))
     keys = [("batch", name) for name in names] + [("batch", "missing")]
     found = await ledger.lookup(TARGET, keys)
     assert len(found) == 1_300
@@ -260,7 +250,7 @@ async def test_lookup_of_more_keys_than_one_query_takes(ledger: Ledger) -> None:
 
 async def test_lookup_found_reads_what_deciding_needs_as_lookup_does(ledger: Ledger) -> None:
     ledger.put_item(done("a.txt", uploaded_at=1.0, expires_at=2.0))
-    ledger.put_item(update("b.txt", sha256="ab" * 32))
+    ledger.put_item(item_update("b.txt", sha256="ab" * 32))
     keys = [("batch", "a.txt"), ("batch", "b.txt"), ("x", "y")]
     whole, found = await ledger.lookup(TARGET, keys), await ledger.lookup_found(TARGET, keys)
     assert set(found) == set(whole) == {("batch", "a.txt"), ("batch", "b.txt")}
@@ -272,7 +262,7 @@ async def test_lookup_found_reads_what_deciding_needs_as_lookup_does(ledger: Led
 
 async def test_ten_thousand_updates_take_few_transactions(ledger: Ledger) -> None:
     for i in range(10_000):
-        ledger.put_item(update(f"f{i:05d}", size=i))
+        ledger.put_item(item_update(f"f{i:05d}", size=i))
     await ledger.flush()
     assert ledger.flushes <= 2
     counts = await ledger.state_counts(TARGET)
@@ -282,7 +272,7 @@ async def test_ten_thousand_updates_take_few_transactions(ledger: Ledger) -> Non
 async def test_a_full_batch_is_written_without_waiting_for_the_interval(ledger_path: Path) -> None:
     async with await Ledger.open(ledger_path, batch_size=10, flush_interval=3600.0) as ledger:
         for i in range(10):
-            ledger.put_item(update(f"f{i}"))
+            ledger.put_item(item_update(f"f{i}"))
         count = "SELECT COUNT(*) FROM items"
         # `pending` drops when the batch is taken, before it commits: watch the file itself.
         for _ in range(3000):
@@ -295,7 +285,7 @@ async def test_a_full_batch_is_written_without_waiting_for_the_interval(ledger_p
 
 async def test_buffered_updates_are_written_after_the_interval(ledger_path: Path) -> None:
     async with await Ledger.open(ledger_path, flush_interval=0.02) as ledger:
-        ledger.put_item(update("a.txt"))
+        ledger.put_item(item_update("a.txt"))
         names = "SELECT file_name FROM items"
         for _ in range(3000):
             if sql_rows(ledger_path, names):
@@ -306,14 +296,14 @@ async def test_buffered_updates_are_written_after_the_interval(ledger_path: Path
 
 async def test_close_writes_what_is_buffered(ledger_path: Path) -> None:
     ledger = await Ledger.open(ledger_path, flush_interval=3600.0)
-    ledger.put_item(update("a.txt"))
+    ledger.put_item(item_update("a.txt"))
     await ledger.close()
     assert sql_rows(ledger_path, "SELECT file_name FROM items") == [("a.txt",)]
 
 
 async def test_attempts_are_recorded_against_their_item(ledger: Ledger, ledger_path: Path) -> None:
     run_id = await ledger.start_run("run", "/m/job.yaml")
-    ledger.put_item(update("a.txt", attempts_added=2))
+    ledger.put_item(item_update("a.txt", attempts_added=2))
     ledger.put_attempt(attempt("a.txt", run_id, 1, "retry"))
     ledger.put_attempt(attempt("a.txt", run_id, 2, "ok"))
     await ledger.flush()
@@ -339,7 +329,7 @@ async def test_runs_are_recorded_with_their_summary(ledger: Ledger) -> None:
 
 async def test_finish_run_writes_buffered_updates_first(ledger: Ledger, ledger_path: Path) -> None:
     run_id = await ledger.start_run("run", "/m/job.yaml")
-    ledger.put_item(update("a.txt"))
+    ledger.put_item(item_update("a.txt"))
     await ledger.finish_run(run_id, "ok", {})
     assert sql_rows(ledger_path, "SELECT file_name FROM items") == [("a.txt",)]
 
@@ -347,7 +337,7 @@ async def test_finish_run_writes_buffered_updates_first(ledger: Ledger, ledger_p
 async def test_iter_items_streams_pages_in_id_order(ledger: Ledger) -> None:
     names = [f"f{i:02d}" for i in range(23)]
     for name in names:
-        ledger.put_item(update(name))
+        ledger.put_item(item_update(name))
     seen = [item.file_name async for item in ledger.iter_items(TARGET, page_size=5)]
     assert seen == names
 
@@ -355,7 +345,7 @@ async def test_iter_items_streams_pages_in_id_order(ledger: Ledger) -> None:
 async def test_iter_items_filters_by_state_and_expiry(ledger: Ledger) -> None:
     ledger.put_item(done("soon", uploaded_at=0.0, expires_at=10.0))
     ledger.put_item(done("later", uploaded_at=0.0, expires_at=1_000.0))
-    ledger.put_item(update("failed", ItemState.FAILED, last_error="HTTP 400"))
+    ledger.put_item(item_update("failed", ItemState.FAILED, last_error="HTTP 400"))
     done_names = [i.file_name async for i in ledger.iter_items(states={ItemState.DONE})]
     expiring = [i.file_name async for i in ledger.iter_items(TARGET, expiring_before=100.0)]
     assert done_names == ["soon", "later"]
@@ -366,8 +356,8 @@ async def test_summaries_of_the_ledger(ledger: Ledger) -> None:
     now = 1_700_000_000.0
     ledger.put_item(done("a", uploaded_at=now - 70 * HOUR, expires_at=now + 2 * HOUR, size=5))
     ledger.put_item(done("b", uploaded_at=now - 10 * HOUR, expires_at=now + 62 * HOUR, size=7))
-    ledger.put_item(update("c", ItemState.FAILED, size=100, last_error="HTTP 413"))
-    ledger.put_item(update("d", ItemState.PENDING))
+    ledger.put_item(item_update("c", ItemState.FAILED, size=100, last_error="HTTP 413"))
+    ledger.put_item(item_update("d", ItemState.PENDING))
     counts = await ledger.state_counts()
     assert counts[ItemState.DONE] == (2, 12)
     assert counts[ItemState.FAILED] == (1, 100)
@@ -406,7 +396,7 @@ async def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(
 async def test_a_truncated_database_is_refused_and_left_untouched(ledger_path: Path) -> None:
     async with await Ledger.open(ledger_path) as ledger:
         for i in range(2_000):
-            ledger.put_item(update(f"f{i:05d}", last_error="x" * 100))
+            ledger.put_item(item_update(f"f{i:05d}", last_error="x" * 100))
     damaged = read_bytes(ledger_path)[:4096] + b"\x00garbage" * 512
     write_bytes(ledger_path, damaged)
     with pytest.raises(LedgerError, match=str(ledger_path)):
@@ -474,21 +464,21 @@ async def test_readonly_open_reads_what_a_writer_committed(ledger_path: Path) ->
 async def test_readonly_ledger_refuses_writes(ledger_path: Path) -> None:
     async with await Ledger.open(ledger_path, readonly=True) as ledger:
         with pytest.raises(LedgerError, match="read-only"):
-            ledger.put_item(update("a.txt"))
+            ledger.put_item(item_update("a.txt"))
 
 
 async def test_a_full_disk_surfaces_as_ledger_error_and_keeps_the_data(ledger_path: Path) -> None:
     ledger = await Ledger.open(ledger_path, flush_interval=3600.0)
-    ledger.put_item(update("kept.txt"))
+    ledger.put_item(item_update("kept.txt"))
     await ledger.flush()
     # Cap the file at its current size: SQLite then answers "database or disk is full".
     await ledger._conn.execute("PRAGMA max_page_count = 1")
     for i in range(500):
-        ledger.put_item(update(f"f{i:04d}", last_error="x" * 200))
+        ledger.put_item(item_update(f"f{i:04d}", last_error="x" * 200))
     with pytest.raises(LedgerError, match="full"):
         await ledger.flush()
     with pytest.raises(LedgerError, match="full"):
-        ledger.put_item(update("more.txt"))
+        ledger.put_item(item_update("more.txt"))
     assert sql_rows(ledger_path, "SELECT file_name FROM items") == [("kept.txt",)]
     await ledger._conn.execute("PRAGMA max_page_count = 1000000")
     await ledger.close()
@@ -499,13 +489,13 @@ async def test_a_cancelled_flush_still_commits_its_whole_batch(
     ledger: Ledger, ledger_path: Path
 ) -> None:
     for i in range(5_000):
-        ledger.put_item(update(f"f{i:05d}"))
+        ledger.put_item(item_update(f"f{i:05d}"))
     flushing = asyncio.create_task(ledger.flush())
     await asyncio.sleep(0)
     flushing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await flushing
     assert sql_rows(ledger_path, "SELECT COUNT(*) FROM items") == [(5_000,)]
-    ledger.put_item(update("after.txt"))
+    ledger.put_item(item_update("after.txt"))
     await ledger.flush()
     assert sql_rows(ledger_path, "SELECT COUNT(*) FROM items") == [(5_001,)]

@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_file, write_manifest
+from conftest import LEDGER_TARGET as TARGET
+from conftest import item_update, run_cli, write_file, write_manifest
 
 from migrator.claims import (
     IDLE_POLL,
@@ -31,25 +32,11 @@ from migrator.model import AttemptRecord, ItemState, ItemUpdate, Method, PlanIte
 from migrator.pacer import Pacer
 from migrator.resume import Decision
 
-TARGET = "http://127.0.0.1:9/api"
 LEASE = 30.0
 
 
-def update(name: str, state: ItemState = ItemState.PENDING, **fields: object) -> ItemUpdate:
-    values: dict[str, object] = {
-        "target": TARGET,
-        "upload_path": "batch",
-        "file_name": name,
-        "source": f"/data/{name}",
-        "kind": SourceKind.FILE,
-        "state": state,
-    }
-    values.update(fields)
-    return ItemUpdate(**values)  # type: ignore[arg-type]
-
-
 def done(name: str) -> ItemUpdate:
-    return update(
+    return item_update(
         name,
         ItemState.DONE,
         size=10,
@@ -64,7 +51,7 @@ async def queued(ledger: PgLedger, count: int) -> list[str]:
     """`count` pending items, each queued for upload; returns their names."""
     names = [f"f{i:04}" for i in range(count)]
     for name in names:
-        ledger.put_item(update(name))
+        ledger.put_item(item_update(name))
     await ledger.enqueue(TARGET, [("batch", name, {"upload_path": "batch", "file_name": name})
                                   for name in names])  # fmt: skip
     return names
@@ -72,7 +59,7 @@ async def queued(ledger: PgLedger, count: int) -> list[str]:
 
 async def test_items_written_are_read_back_as_in_sqlite(pg_url: str) -> None:
     async with await PgLedger.open(pg_url) as ledger:
-        ledger.put_item(update("a"))
+        ledger.put_item(item_update("a"))
         ledger.put_item(done("b"))
         counts = await ledger.state_counts(TARGET)
         row = await ledger.get(TARGET, "batch", "b")
@@ -161,7 +148,7 @@ async def test_a_stale_result_is_refused_and_recorded(pg_url: str) -> None:
         await fast.claim(TARGET, 1, LEASE)
         fast.put_item(done("f0000"))
         await fast.flush()
-        slow.put_item(update("f0000", ItemState.FAILED, last_error="late"))
+        slow.put_item(item_update("f0000", ItemState.FAILED, last_error="late"))
         await slow.flush()
         row = await fast.get(TARGET, "batch", "f0000")
         refusals = await fast._fetch("SELECT error FROM attempts WHERE outcome = 'refused'", [])
@@ -217,7 +204,7 @@ async def test_ledger_import_moves_a_sqlite_ledger_in_once(tmp_path: Path, pg_ur
     async with await Ledger.open(source) as sqlite_ledger:
         run_id = await sqlite_ledger.start_run("run", "/jobs/job.yaml")
         sqlite_ledger.put_item(done("a"))
-        sqlite_ledger.put_item(update("b", ItemState.FAILED, last_error="HTTP 500"))
+        sqlite_ledger.put_item(item_update("b", ItemState.FAILED, last_error="HTTP 500"))
         sqlite_ledger.put_attempt(attempt_of("a", run_id))
         await sqlite_ledger.set_fact("offset", 2.0)
         await sqlite_ledger.finish_run(run_id, "done", {"uploaded": 1})
@@ -374,7 +361,7 @@ async def test_finishing_a_lost_claim_changes_nothing(pg_url: str) -> None:
         await PgLedger.open(pg_url, owner="late") as late,
         await PgLedger.open(pg_url, owner="next") as other,
     ):
-        late.put_item(update("f0000"))
+        late.put_item(item_update("f0000"))
         await late.enqueue(TARGET, [("batch", "f0000", {"upload_path": "batch",
                                                         "file_name": "f0000"})], queue)  # fmt: skip
         [stale] = await late.claim(queue, 1, 0.01)
@@ -424,7 +411,7 @@ async def test_a_round_still_open_is_joined_whenever_the_command_was_launched(
 ) -> None:
     queue = queue_of("verify", TARGET)
     async with await PgLedger.open(pg_url, owner="a") as ledger:
-        ledger.put_item(update("f0000"))
+        ledger.put_item(item_update("f0000"))
         work = {"upload_path": "batch", "file_name": "f0000"}
         await ledger.enqueue(TARGET, [("batch", "f0000", work)], queue)
         async with ledger.planning(queue, time.time()) as must_plan:
@@ -433,10 +420,10 @@ async def test_a_round_still_open_is_joined_whenever_the_command_was_launched(
 
 async def test_new_items_get_their_rows_with_their_queue_rows(pg_url: str) -> None:
     async with await PgLedger.open(pg_url, owner="planner") as ledger:
-        ledger.put_item(update("known", ItemState.FAILED))
+        ledger.put_item(item_update("known", ItemState.FAILED))
         await ledger.flush()
         work = [("batch", n, {"upload_path": "batch", "file_name": n}) for n in ("known", "new")]
-        assert await ledger.enqueue(TARGET, work, new=[update("new")]) == 2
+        assert await ledger.enqueue(TARGET, work, new=[item_update("new")]) == 2
         known = await ledger.get(TARGET, "batch", "known")
         new = await ledger.get(TARGET, "batch", "new")
         claims = await ledger.claim(TARGET, 10, LEASE)
