@@ -60,6 +60,7 @@ class EmulatorProcess:
     data_dir: Path
 
 
+DIRECT = {"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}  # loopback past any proxy set
 LEDGER_TARGET = "http://127.0.0.1:9/api"  # the target of ledger-only tests: nothing listens
 
 

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Gateway, closed_port, run_cli, samples_of, write_file, write_manifest
+from conftest import DIRECT, Gateway, closed_port, run_cli, samples_of, write_file, write_manifest
 
 from migrator.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(60)
-DIRECT = {"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
 
 
 @pytest.fixture

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 import trustme
 from aiohttp import web
-from conftest import Finished, run_cli, serving_gateway, write_file, write_manifest
+from conftest import (
+    DIRECT,
+    Finished,
+    run_cli,
+    serving_gateway,
+    web_server,
+    write_file,
+    write_manifest,
+)
 
 from migrator.emulator import Emulator
 
@@ -30,11 +38,19 @@ def ca() -> trustme.CA:
 
 
 @pytest.fixture
-async def tls_emulator(tmp_path: Path, api_key: str, ca: trustme.CA) -> AsyncIterator[Emulator]:
-    """The emulator over HTTPS, with a certificate for 127.0.0.1 the test CA signed."""
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    """A server's TLS with a certificate for 127.0.0.1 the test CA signed."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(context)
-    async with Emulator(tmp_path / "tls-data", api_key, ssl_context=context) as emulator:
+    return context
+
+
+@pytest.fixture
+async def tls_emulator(
+    tmp_path: Path, api_key: str, server_tls: ssl.SSLContext
+) -> AsyncIterator[Emulator]:
+    """The emulator over HTTPS, its certificate signed by the test CA."""
+    async with Emulator(tmp_path / "tls-data", api_key, ssl_context=server_tls) as emulator:
         yield emulator
 
 
@@ -138,24 +154,14 @@ async def test_downloads_trust_the_same_ca(
 
 
 @pytest.fixture
-async def tls_origin(ca: trustme.CA) -> AsyncIterator[str]:
+async def tls_origin(server_tls: ssl.SSLContext) -> AsyncIterator[str]:
     """An HTTPS origin on 127.0.0.1 serving /pixel.bin, its certificate from the test CA."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
 
     async def serve(request: web.Request) -> web.Response:
         return web.Response(body=b"p" * 75, content_type="application/octet-stream")
 
-    app = web.Application()
-    app.router.add_get("/pixel.bin", serve)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    await site.start()
-    try:
-        yield f"https://127.0.0.1:{runner.addresses[0][1]}/pixel.bin"
-    finally:
-        await runner.cleanup()
+    async with web_server(serve, ssl_context=server_tls) as url:
+        yield f"{url}/pixel.bin"
 
 
 async def test_origins_trust_the_ca_bundle_too(
@@ -185,13 +191,11 @@ async def test_an_untrusted_origin_fails_its_item_with_the_reason(
 
 
 async def test_the_metrics_push_trusts_the_ca_bundle_too(
-    job: Path, tls_emulator: Emulator, api_key: str, ca: trustme.CA, ca_file: Path
+    job: Path, tls_emulator: Emulator, api_key: str, server_tls: ssl.SSLContext, ca_file: Path
 ) -> None:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
     manifest = manifest_for(job, tls_emulator, ca_bundle=ca_file.name)
 
-    async with serving_gateway(context) as gateway:
+    async with serving_gateway(server_tls) as gateway:
         result = await run_cli(
             "run",
             str(manifest),
@@ -199,7 +203,7 @@ async def test_the_metrics_push_trusts_the_ca_bundle_too(
             "--metrics-push",
             gateway.url,
             key=api_key,
-            env={"NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"},
+            env=DIRECT,
         )
 
     assert result.code == 0, result.stderr
