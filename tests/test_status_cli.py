@@ -164,14 +164,21 @@ async def test_status_compare_option_compares_and_is_refused_with_ledger_only(
 # -- expiry ----------------------------------------------------------------------------------
 
 
-async def test_an_expired_item_counts_as_expired_not_done_and_no_duration_is_negative(
-    job: Path, tmp_path: Path, api_key: str
-) -> None:
+async def job_expired_since(job: Path, tmp_path: Path, api_key: str) -> Path:
+    """A job of one 100-byte file, uploaded to a service that kept it one second, now past
+    its expiry on both clocks; returns its manifest."""
     write_file(job / "files" / "short.txt", 100)
     async with Emulator(tmp_path / "short-lived", api_key, ttl=1.0) as emulator:
         manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
         await run_job(manifest, api_key)
     await asyncio.sleep(1.5)  # past its expiry on both clocks
+    return manifest
+
+
+async def test_an_expired_item_counts_as_expired_not_done_and_no_duration_is_negative(
+    job: Path, tmp_path: Path, api_key: str
+) -> None:
+    manifest = await job_expired_since(job, tmp_path, api_key)
 
     report = await status_json(manifest)
     text = await status_text(manifest)
@@ -190,11 +197,7 @@ async def test_an_expired_item_counts_as_expired_not_done_and_no_duration_is_neg
 async def test_the_metrics_count_an_expired_item_as_expired_as_status_does(
     job: Path, tmp_path: Path, api_key: str
 ) -> None:
-    write_file(job / "files" / "short.txt", 100)
-    async with Emulator(tmp_path / "short-lived", api_key, ttl=1.0) as emulator:
-        manifest = write_manifest(job, emulator.base_url, [{"glob": "./files/*"}])
-        await run_job(manifest, api_key)
-    await asyncio.sleep(1.5)  # past its expiry on both clocks
+    manifest = await job_expired_since(job, tmp_path, api_key)
     loaded = load_manifest(manifest)
 
     async with await open_ledger(loaded, readonly=True) as ledger:
