@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import io
 import json
+import mimetypes
 import os
 import re
 import shutil
@@ -42,8 +43,10 @@ from migrator.emulator import (
     Emulator,
     EmulatorRequest,
     StoredFile,
+    decode_base64_data,
     download_path,
     iso_ms,
+    pick_mime_type,
     success_body,
 )
 
@@ -1362,3 +1365,39 @@ def test_a_success_answer_is_json_dumps_of_the_endpoint_shape(stored: StoredFile
     }
     envelope = {"success": True, "code": 200, "msg": "File uploaded successfully", "data": data}
     assert success_body(stored, base_url, "endpoint") == json.dumps(envelope).encode()
+
+
+def stdlib_base64(payload: str) -> bytes | str:
+    """What the service makes of a plain `base64Data`, by the standard library's strict
+    decoder (whitespace dropped when it refuses it), or "refused"."""
+    try:
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except ValueError:
+            data = base64.b64decode("".join(payload.split()), validate=True)
+    except ValueError:
+        return "refused"
+    return data if data and payload.strip() else "refused"
+
+
+def emulator_base64(payload: str) -> bytes | str:
+    try:
+        return decode_base64_data(payload)[0]
+    except Exception:  # the emulator's 400
+        return "refused"
+
+
+BASE64_PAYLOADS = st.binary(max_size=64).map(
+    lambda data: base64.b64encode(data).decode()
+) | st.text(alphabet="QUJDYWJj+/=09 \n\té", max_size=24)
+
+
+@given(BASE64_PAYLOADS)
+def test_base64_data_decodes_as_the_standard_library_strictly_does(payload: str) -> None:
+    assert emulator_base64(payload) == stdlib_base64(payload)
+
+
+@given(st.text(max_size=16) | st.from_regex(r"[a-z]{1,4}(\.[A-Za-z0-9]{0,4}){0,3}", fullmatch=True))
+def test_a_stored_name_gets_the_type_mimetypes_guesses_for_it(name: str) -> None:
+    guessed = mimetypes.guess_type(name, strict=False)[0]
+    assert pick_mime_type(name, None) == (guessed or "application/octet-stream")
