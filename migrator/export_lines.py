@@ -10,9 +10,11 @@ character (tests/test_export_cli.py compares the two on hostile rows).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from json.encoder import encode_basestring as _quote  # what json.dumps quotes str with
 from typing import Any, TextIO
 
@@ -112,14 +114,29 @@ async def export_ledger(ledger: BaseLedger, target: str, fmt: str, out: TextIO) 
     elif fmt == "json":
         out.write("[")
     count = 0
-    async for page in ledger.iter_columns(target, _COLUMNS):  # a page: one write
-        if fmt == "csv":
-            writer.writerows(map(_csv_row, page))
-        elif fmt == "json":
-            out.write((",\n" if count else "\n") + ",\n".join(map(_json_text, page)))
-        else:
-            out.write("\n".join(map(_json_text, page)) + "\n")
-        count += len(page)
+    with _collector_paused():
+        async for page in ledger.iter_columns(target, _COLUMNS):  # a page: one write
+            if fmt == "csv":
+                writer.writerows(map(_csv_row, page))
+            elif fmt == "json":
+                out.write((",\n" if count else "\n") + ",\n".join(map(_json_text, page)))
+            else:
+                out.write("\n".join(map(_json_text, page)) + "\n")
+            count += len(page)
     if fmt == "json":
         out.write("\n]\n" if count else "]\n")
     return count
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No garbage collection while pages of rows come and go: a page's rows outlive a
+    young collection, so every few pages a full one walked every object of the process
+    (a sixth of an export's CPU). Pages hold no cycles: nothing is left for it to find."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -224,10 +224,12 @@ def iso_utc(timestamp: float | None) -> str | None:
         micro = round((timestamp - whole) * 1_000_000)
         if micro >= 1_000_000:
             whole, micro = whole + 1, micro - 1_000_000
-        if micro:
-            return f"{_second_text(whole)}.{micro // 1000:03d}Z"
-        return _second_text(whole) + "Z"
+        return _second_text(whole) + (_MILLIS_Z[micro // 1000] if micro else "Z")
     return _iso_utc_by_datetime(timestamp)
+
+
+# The milliseconds' text looked up, not formatted: half the cost of iso_utc.
+_MILLIS_Z = tuple(f".{millis:03d}Z" for millis in range(1000))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -7,6 +7,7 @@ database of its own.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from dataclasses import replace
@@ -25,6 +26,7 @@ from migrator.claims import (
     queue_of,
     share_of,
 )
+from migrator.export_lines import export_ledger
 from migrator.ledger import Ledger
 from migrator.ledger_pg import PgLedger, redacted
 from migrator.manifest import load_manifest
@@ -466,3 +468,27 @@ async def test_a_process_joins_a_plan_in_progress_once_it_has_queued_work(pg_url
                     assert not joins_as_planner
             assert await joiner.being_planned(TARGET)  # more may come: it stays
         assert not await joiner.being_planned(TARGET)
+
+
+async def test_an_export_is_the_same_text_as_from_a_sqlite_ledger(
+    pg_url: str, tmp_path: Path
+) -> None:
+    rows = [
+        done("plain.bin"),
+        replace(done('comma,"quote"\n.bin'), last_error='HTTP 500: "busy", again'),
+        replace(done("ünïcode 名前 😀\x01.bin"), source="https://u:p@origin.example/ü"),
+        replace(done("half.bin"), uploaded_at=0.0000005, expires_at=1796045002.9999995),
+    ]
+    async with (
+        await PgLedger.open(pg_url) as shared,
+        await Ledger.open(tmp_path / "ledger.sqlite") as local,
+    ):
+        for row in rows:
+            shared.put_item(row)
+            local.put_item(row)
+        await local.flush()
+        for fmt in ("jsonl", "csv", "json"):
+            from_pg, from_sqlite = io.StringIO(), io.StringIO()
+            assert await export_ledger(shared, TARGET, fmt, from_pg) == len(rows)
+            await export_ledger(local, TARGET, fmt, from_sqlite)
+            assert from_pg.getvalue() == from_sqlite.getvalue(), fmt
