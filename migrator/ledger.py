@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, cast
 from urllib.parse import quote
 
 import aiosqlite
@@ -50,6 +50,9 @@ from migrator.model import (
     Method,
     SourceKind,
 )
+
+if TYPE_CHECKING:
+    from migrator.ledger_pg import PgLedger
 
 BAD_STATES = (ItemState.FAILED, ItemState.DEAD, ItemState.MISMATCH, ItemState.LOST)
 BUSY_TIMEOUT_MS = 10_000
@@ -1288,6 +1291,12 @@ async def open_ledger(manifest: Manifest, *, readonly: bool = False) -> BaseLedg
     return await Ledger.open(manifest.ledger, readonly=readonly)
 
 
+def as_shared(ledger: BaseLedger) -> PgLedger | None:
+    """The ledger as the shared (PostgreSQL) one it is, else None: a process on a SQLite
+    ledger never loads the PostgreSQL back end, not even to ask `isinstance`."""
+    return cast("PgLedger", ledger) if ledger.shared else None
+
+
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
@@ -1296,6 +1305,7 @@ __all__ = [
     "Ledger",
     "Migration",
     "RunRow",
+    "as_shared",
     "describe_sqlite_error",
     "open_ledger",
 ]

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from migrator.claims import LeaseKeeper, SharedLimits, from_work, planned_and_claimed
 from migrator.clock import ServiceClock
@@ -28,9 +29,7 @@ from migrator.command import (
 from migrator.connect import open_origins
 from migrator.dedup import Claim, Contents, worth_hashing
 from migrator.errors import Interrupted, UploadError
-from migrator.ledger import BaseLedger, open_ledger
-from migrator.ledger_pg import Claim as QueueClaim
-from migrator.ledger_pg import PgLedger
+from migrator.ledger import BaseLedger, as_shared, open_ledger
 from migrator.logs import get_logger
 from migrator.model import (
     ItemState,
@@ -56,6 +55,10 @@ from migrator.plan import (
 )
 from migrator.resume import Decision, decide
 from migrator.transfer import Meter, Send, Sent, Step, sha256_of, upload_step
+
+if TYPE_CHECKING:
+    from migrator.ledger_pg import Claim as QueueClaim
+    from migrator.ledger_pg import PgLedger
 
 log = get_logger("migrator.runner")
 
@@ -111,8 +114,8 @@ class RunOperation:
     async def items(self, session: CommandSession) -> AsyncIterator[Entry]:
         """The plan joined with the ledger; what needs no upload is counted and skipped.
         A shared ledger: the items this process claims from the queue."""
-        if isinstance(session.ledger, PgLedger):
-            async for entry in self._claimed(session, session.ledger):
+        if (shared := as_shared(session.ledger)) is not None:
+            async for entry in self._claimed(session, shared):
                 yield entry
             return
         _fail_unreadable_folders(session, self._check)
