@@ -184,7 +184,12 @@ async def commit_plan(manifest: Manifest, *, checksum: bool = False) -> int | No
         await PgLedger.open(manifest.ledger_url) as ledger,
         open_origins(manifest, concurrency=manifest.settings.concurrency) as origins,
     ):
-        plan = expand_batches(manifest, session=origins.session, url_vars=origins.url_vars)
+        plan = expand_batches(
+            manifest,
+            session=origins.session,
+            probe_concurrency=origins.connections,
+            url_vars=origins.url_vars,
+        )
         clock = await stored_clock(ledger)
         return await plan_once(
             manifest, ledger, decide_items(manifest, ledger, plan, checksum, clock)

@@ -882,7 +882,7 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     import asyncio
 
     from migrator.plan import KEEP_BYTES, check_plan
-    from migrator.runner import RunOptions, preview
+    from migrator.runner import RunOptions, preview_batches
     from migrator.views import PlanJsonPrinter, PlanTablePrinter, PlanTotals
 
     check = await asyncio.to_thread(check_plan, manifest, keep=KEEP_BYTES)
@@ -890,12 +890,13 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     printer = PlanJsonPrinter() if fmt == "json" else PlanTablePrinter(_stdout_console())
     # aclosing: a reader gone mid-plan (`plan | head`) must close the preview's sessions
     # inside this loop, not in asyncio.run's shutdown (which prints a traceback).
-    decided = preview(manifest, RunOptions(checksum=checksum), check.kept)
+    decided = preview_batches(manifest, RunOptions(checksum=checksum), check.kept)
     try:
-        async with contextlib.aclosing(decided) as entries:
-            async for item, decision, _row in entries:
-                totals.add(item, decision)
-                printer.item(item, decision)
+        async with contextlib.aclosing(decided) as batches:
+            async for entries in batches:
+                for item, decision, _row in entries:
+                    totals.add(item, decision)
+                    printer.item(item, decision)
     finally:
         printer.flush()  # the rows before a failure are shown too
     printer.totals(totals)
