@@ -644,7 +644,8 @@ async def _open_writable(path: Path) -> aiosqlite.Connection:
     return conn
 
 
-async def _open_readonly(path: Path) -> aiosqlite.Connection:
+async def _open_readonly(path: Path) -> tuple[aiosqlite.Connection, bool]:
+    """The ledger at `path` read-only, and whether it is blank: no ledger there yet."""
     _refuse_directory(path)
     if _exists(path):
         conn = await _connect(f"file:{quote(str(path))}?mode=ro", path, uri=True)
@@ -656,7 +657,7 @@ async def _open_readonly(path: Path) -> aiosqlite.Connection:
             await conn.close()
             raise
         if version == SCHEMA_VERSION:
-            return conn
+            return conn, False
         await conn.close()
         if version != 0:
             raise LedgerError(
@@ -666,7 +667,7 @@ async def _open_readonly(path: Path) -> aiosqlite.Connection:
     # No ledger yet: an empty view, so that plan and status never create one.
     conn = await _connect(":memory:", path)
     await _apply_schema_in_memory(conn)
-    return conn
+    return conn, True
 
 
 @contextlib.contextmanager
@@ -696,6 +697,7 @@ class BaseLedger(abc.ABC):
     `where`, the place it names in messages (never a credential)."""
 
     shared = False  # True: many processes write it at once (leases, not the run lock)
+    blank = False  # True: no ledger yet, read-only: no item to look up (a first plan)
     folds_updates = False  # True: an update of an item already buffered goes into that one
     # The items table, read whole or in id order a page at a time (every item of a target):
     # a back end whose planner would rather search an index on the target (and sort all
@@ -858,6 +860,8 @@ class BaseLedger(abc.ABC):
     ) -> list[Sequence[Any]]:
         """These `columns` (of `items.`) of the items among `keys` the ledger knows."""
         found: list[Sequence[Any]] = []
+        if self.blank:
+            return found
         for start in range(0, len(keys), LOOKUP_CHUNK):
             chunk = keys[start : start + LOOKUP_CHUNK]
             params: list[object] = [part for key in chunk for part in key]
@@ -1199,10 +1203,15 @@ class Ledger(BaseLedger):
         missing file yields an empty ledger without creating it.
         """
         path = Path(path)
-        conn = await (_open_readonly(path) if readonly else _open_writable(path))
+        blank = False
+        if readonly:
+            conn, blank = await _open_readonly(path)
+        else:
+            conn = await _open_writable(path)
         ledger = cls(
             path, conn, readonly=readonly, batch_size=batch_size, flush_interval=flush_interval
         )
+        ledger.blank = blank
         ledger._start_flusher()
         return ledger
 

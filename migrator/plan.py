@@ -587,16 +587,14 @@ class _Expansion:
                 part = None
             if size is not None and mtime_ns is not None and own_name == name:
                 if part is None:
-                    first = self._file_entry(index, source, path, upload_path, name)
+                    first = self._file_entry(index, source, path, upload_path, name, size, mtime_ns)
                     part = _Folder(first, where)
                 part.add(name, size, mtime_ns)
                 continue
             if part is not None:
                 yield part
                 part = None
-            entry = self._file_entry(index, source, path, upload_path, name)
-            entry.size, entry.mtime_ns = size, mtime_ns
-            yield entry
+            yield self._file_entry(index, source, path, upload_path, name, size, mtime_ns)
         if part is not None:
             yield part
         if not found and source.require_match:
@@ -607,7 +605,13 @@ class _Expansion:
 
     @staticmethod
     def _file_entry(
-        index: int, source: GlobSource, path: str, upload_path: str, name: str
+        index: int,
+        source: GlobSource,
+        path: str,
+        upload_path: str,
+        name: str,
+        size: int | None,
+        mtime_ns: int | None,
     ) -> _Entry:
         return _Entry(
             index=index,
@@ -617,6 +621,8 @@ class _Expansion:
             upload_path=upload_path,
             file_name=name,
             requested=source.options.method,
+            size=size,
+            mtime_ns=mtime_ns,
         )
 
     def _url_entry(

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 log = get_logger("migrator.runner")
 
-Entry = tuple[PlanItem, Decision, LedgerItem | None]  # the row: see decide_items
+Entry = tuple[PlanItem, Decision, LedgerItem | None]  # the row: see decide_batches
 
 
 @dataclass(frozen=True, slots=True)
