@@ -538,17 +538,9 @@ class _Expansion:
 
     def _path_entry(self, index: int, source: PathSource) -> _Entry:
         size, mtime_ns = _stat(source.path)
-        return _Entry(
-            index=index,
-            source_line=source.line,
-            kind=SourceKind.FILE,
-            source=_followed(source.path),
-            upload_path=self._upload_path(source),
-            file_name=source.options.file_name or source.path.name,
-            requested=source.options.method,
-            size=size,
-            mtime_ns=mtime_ns,
-        )
+        path, upload_path = _followed(source.path), self._upload_path(source)
+        name = source.options.file_name or source.path.name
+        return self._file_entry(index, source, path, upload_path, name, size, mtime_ns)
 
     def _glob_parts(self, index: int, source: GlobSource) -> Iterator[_Entry | _Folder]:
         """The files the glob takes: those of a folder as `_Folder`s of up to FOLDER_PART
@@ -610,7 +602,7 @@ class _Expansion:
     @staticmethod
     def _file_entry(
         index: int,
-        source: GlobSource,
+        source: PathSource | GlobSource,
         path: str,
         upload_path: str,
         name: str,
