@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from migrator.errors import LedgerError
-from migrator.ledger_pg import Claim, ClaimedWork, PgLedger
+from migrator.ledger import as_shared
 from migrator.logs import get_logger
 from migrator.model import ItemUpdate, LedgerItem, Manifest, Method, PlanItem, SourceKind
 from migrator.pacer import Pacer
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from migrator.clock import ServiceClock
     from migrator.command import CommandSession, Operation, Totals
     from migrator.ledger import BaseLedger
+    from migrator.ledger_pg import Claim, ClaimedWork, PgLedger
 
 DEFAULT_LEASE = 60.0  # seconds; --lease
 RENEWALS_PER_LEASE = 3  # a lease is renewed this often within its length
@@ -175,6 +176,7 @@ async def commit_plan(manifest: Manifest, *, checksum: bool = False) -> int | No
     the first worker would), unless workers are still on a queued plan."""
     from migrator.command import stored_clock
     from migrator.connect import open_origins
+    from migrator.ledger_pg import PgLedger
     from migrator.runner import decide_items
 
     assert manifest.ledger_url is not None
@@ -182,7 +184,12 @@ async def commit_plan(manifest: Manifest, *, checksum: bool = False) -> int | No
         await PgLedger.open(manifest.ledger_url) as ledger,
         open_origins(manifest, concurrency=manifest.settings.concurrency) as origins,
     ):
-        plan = expand_batches(manifest, session=origins.session, url_vars=origins.url_vars)
+        plan = expand_batches(
+            manifest,
+            session=origins.session,
+            probe_concurrency=origins.connections,
+            url_vars=origins.url_vars,
+        )
         clock = await stored_clock(ledger)
         return await plan_once(
             manifest, ledger, decide_items(manifest, ledger, plan, checksum, clock)
@@ -399,8 +406,8 @@ class ClaimedOperation:
         return self.operation.preview(clock)
 
     async def items(self, session: CommandSession) -> AsyncIterator[ClaimedWork]:
-        ledger, target = session.ledger, session.target_id
-        assert isinstance(ledger, PgLedger), "a claimed operation needs a shared ledger"
+        ledger, target = as_shared(session.ledger), session.target_id
+        assert ledger is not None, "a claimed operation needs a shared ledger"
         ledger.settles_by_state = False  # a claim ends when its item is done with
         queue = queue_of(self.name, target)
         async with ledger.planning(queue, self.launched_at) as must_plan:
@@ -417,13 +424,14 @@ class ClaimedOperation:
             yield work
 
     async def handle(self, session: CommandSession, work: ClaimedWork) -> None:
-        assert self._keeper is not None and isinstance(session.ledger, PgLedger)
+        ledger = as_shared(session.ledger)
+        assert self._keeper is not None and ledger is not None
         try:
             row = work.row
             if row is None or await self._keeper.guard(
                 work.claim, lambda: self.operation.handle(session, row)
             ):
-                await session.ledger.finish(work.claim)
+                await ledger.finish(work.claim)
         finally:
             self._waiting -= 1
             self._keeper.wake.set()

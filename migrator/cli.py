@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -214,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
-    from migrator.logs import configure_logging, get_logger
+    with _not_installed("rich"):
+        from migrator.logs import configure_logging, get_logger
 
     # Until a command sets up its own logging: warnings only, on stderr, never a
     # traceback with local variables on stdout (structlog's default).
@@ -247,6 +248,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return int(ExitCode.INTERNAL)
+
+
+@contextlib.contextmanager
+def _not_installed(module: str) -> Iterator[None]:
+    """Inside, `import module` fails as if it were not installed, unless it is imported
+    already (a None in sys.modules: the import system's own way of saying so).
+
+    For structlog: `import structlog` imports rich (for rich tracebacks and rich reprs
+    of local variables), and with it pygments and attrs: 0.05 to 0.1 s of every command,
+    a run with nothing to send included. Our tracebacks are plain and never show locals,
+    so nothing we write changes. Only the CLI does this: it owns the process, where a
+    program using migrator as a library keeps its structlog as it is.
+    """
+    if module in sys.modules:
+        yield
+        return
+    sys.modules[module] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get(module, "") is None:
+            del sys.modules[module]
 
 
 def _ensure_std_streams() -> None:
@@ -771,13 +794,15 @@ async def _with_display(
 ) -> CommandSummary:
     import asyncio
 
-    from rich.console import Console
-
-    from migrator.progress import BarProgress, LineProgress, StopNotice
+    from migrator.progress import LineProgress, StopNotice
 
     if quiet:
         return await command(StopNotice(sys.stderr, noun))
     if sys.stderr.isatty():
+        from rich.console import Console  # rich only for a terminal: a bar is worth its cost
+
+        from migrator.progress_bar import BarProgress
+
         with BarProgress(Console(stderr=True), noun) as bar:
             return await command(bar)
     lines = LineProgress(sys.stderr, interval, noun=noun)
@@ -857,7 +882,7 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     import asyncio
 
     from migrator.plan import KEEP_BYTES, check_plan
-    from migrator.runner import RunOptions, preview
+    from migrator.runner import RunOptions, preview_batches
     from migrator.views import PlanJsonPrinter, PlanTablePrinter, PlanTotals
 
     check = await asyncio.to_thread(check_plan, manifest, keep=KEEP_BYTES)
@@ -865,12 +890,13 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     printer = PlanJsonPrinter() if fmt == "json" else PlanTablePrinter(_stdout_console())
     # aclosing: a reader gone mid-plan (`plan | head`) must close the preview's sessions
     # inside this loop, not in asyncio.run's shutdown (which prints a traceback).
-    decided = preview(manifest, RunOptions(checksum=checksum), check.kept)
+    decided = preview_batches(manifest, RunOptions(checksum=checksum), check.kept)
     try:
-        async with contextlib.aclosing(decided) as entries:
-            async for item, decision, _row in entries:
-                totals.add(item, decision)
-                printer.item(item, decision)
+        async with contextlib.aclosing(decided) as batches:
+            async for entries in batches:
+                for item, decision, _row in entries:
+                    totals.add(item, decision)
+                    printer.item(item, decision)
     finally:
         printer.flush()  # the rows before a failure are shown too
     printer.totals(totals)

@@ -43,7 +43,6 @@ from migrator.errors import (
     stop_reason_for,
 )
 from migrator.ledger import BaseLedger, locked, open_ledger
-from migrator.ledger_pg import PgLedger
 from migrator.logs import get_logger
 from migrator.model import ItemUpdate, LedgerItem, Manifest, Method, Settings
 from migrator.model import Outcome as Outcome  # public here too: what counts mean
@@ -475,7 +474,7 @@ def _claimed_if_shared(
 ) -> Operation[Any]:
     """On a shared ledger, the processes of one command share its work by claims:
     `run` claims by itself, any other command through `ClaimedOperation`."""
-    if isinstance(ledger, PgLedger) and operation.name != "run":
+    if ledger.shared and operation.name != "run":
         claimed = cast("Operation[LedgerItem]", operation)
         return ClaimedOperation(claimed, options.lease, options.launched_at)
     return operation

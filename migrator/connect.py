@@ -35,7 +35,7 @@ from migrator.manifest import ledger_files
 from migrator.model import Manifest, Target, UrlListSource, UrlSource
 from migrator.naming import EMBEDDED_ORIGIN
 from migrator.pacer import Pacer
-from migrator.plan import iter_url_list
+from migrator.plan import OpenSession, iter_url_list
 from migrator.transfer import Connection, Http, Limits
 
 if TYPE_CHECKING:
@@ -116,19 +116,30 @@ def embedded_dir(manifest: Manifest) -> Path:
 class Origins:
     """Where remote sources are fetched from; no API key involved."""
 
-    session: aiohttp.ClientSession
+    session: OpenSession  # opened at the first call: a plan of local files loads no aiohttp
     url_vars: Mapping[str, str]  # substitutions for URL sources (${EMBEDDED_ORIGIN})
+    connections: int  # the session's limit, for probes
 
 
 @contextlib.asynccontextmanager
 async def open_origins(manifest: Manifest, *, concurrency: int) -> AsyncIterator[Origins]:
-    """A session for origins, and for an embedded target the demo origin it names."""
+    """A session for origins, opened when first asked for, and for an embedded target
+    the demo origin it names."""
     async with contextlib.AsyncExitStack() as stack:
         url_vars: dict[str, str] = {}
         if manifest.target.is_embedded:
             url_vars[EMBEDDED_ORIGIN_VAR] = await _start_demo_origin(manifest, stack)
-        session = await stack.enter_async_context(_origin_session(manifest, concurrency))
-        yield Origins(session, url_vars)
+        lock = asyncio.Lock()
+        opened: list[aiohttp.ClientSession] = []
+
+        async def session() -> aiohttp.ClientSession:
+            async with lock:
+                if not opened:
+                    origin_session = _origin_session(manifest, concurrency)
+                    opened.append(await stack.enter_async_context(origin_session))
+            return opened[0]
+
+        yield Origins(session, url_vars, _origin_connections(concurrency))
 
 
 @contextlib.asynccontextmanager

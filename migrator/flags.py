@@ -13,10 +13,8 @@ naming the variable. Nothing here imports more than argparse.
 from __future__ import annotations
 
 import argparse
-import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import TypeVar
 
 from migrator import __version__
@@ -137,6 +135,9 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
 
 def version_text() -> str:
     """migrator's version, and the Python and aiohttp it runs on (aiohttp not imported)."""
+    import platform
+    from importlib import metadata  # not before: every command would pay for it
+
     try:
         aiohttp = metadata.version("aiohttp")
     except metadata.PackageNotFoundError:

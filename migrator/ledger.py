@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Self, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, cast
 from urllib.parse import quote
 
 import aiosqlite
@@ -50,6 +50,9 @@ from migrator.model import (
     Method,
     SourceKind,
 )
+
+if TYPE_CHECKING:
+    from migrator.ledger_pg import PgLedger
 
 BAD_STATES = (ItemState.FAILED, ItemState.DEAD, ItemState.MISMATCH, ItemState.LOST)
 BUSY_TIMEOUT_MS = 10_000
@@ -641,7 +644,8 @@ async def _open_writable(path: Path) -> aiosqlite.Connection:
     return conn
 
 
-async def _open_readonly(path: Path) -> aiosqlite.Connection:
+async def _open_readonly(path: Path) -> tuple[aiosqlite.Connection, bool]:
+    """The ledger at `path` read-only, and whether it is blank: no ledger there yet."""
     _refuse_directory(path)
     if _exists(path):
         conn = await _connect(f"file:{quote(str(path))}?mode=ro", path, uri=True)
@@ -653,7 +657,7 @@ async def _open_readonly(path: Path) -> aiosqlite.Connection:
             await conn.close()
             raise
         if version == SCHEMA_VERSION:
-            return conn
+            return conn, False
         await conn.close()
         if version != 0:
             raise LedgerError(
@@ -663,7 +667,7 @@ async def _open_readonly(path: Path) -> aiosqlite.Connection:
     # No ledger yet: an empty view, so that plan and status never create one.
     conn = await _connect(":memory:", path)
     await _apply_schema_in_memory(conn)
-    return conn
+    return conn, True
 
 
 @contextlib.contextmanager
@@ -693,6 +697,7 @@ class BaseLedger(abc.ABC):
     `where`, the place it names in messages (never a credential)."""
 
     shared = False  # True: many processes write it at once (leases, not the run lock)
+    blank = False  # True: no ledger yet, read-only: no item to look up (a first plan)
     folds_updates = False  # True: an update of an item already buffered goes into that one
     # The items table, read whole or in id order a page at a time (every item of a target):
     # a back end whose planner would rather search an index on the target (and sort all
@@ -855,6 +860,8 @@ class BaseLedger(abc.ABC):
     ) -> list[Sequence[Any]]:
         """These `columns` (of `items.`) of the items among `keys` the ledger knows."""
         found: list[Sequence[Any]] = []
+        if self.blank:
+            return found
         for start in range(0, len(keys), LOOKUP_CHUNK):
             chunk = keys[start : start + LOOKUP_CHUNK]
             params: list[object] = [part for key in chunk for part in key]
@@ -1196,10 +1203,15 @@ class Ledger(BaseLedger):
         missing file yields an empty ledger without creating it.
         """
         path = Path(path)
-        conn = await (_open_readonly(path) if readonly else _open_writable(path))
+        blank = False
+        if readonly:
+            conn, blank = await _open_readonly(path)
+        else:
+            conn = await _open_writable(path)
         ledger = cls(
             path, conn, readonly=readonly, batch_size=batch_size, flush_interval=flush_interval
         )
+        ledger.blank = blank
         ledger._start_flusher()
         return ledger
 
@@ -1288,6 +1300,12 @@ async def open_ledger(manifest: Manifest, *, readonly: bool = False) -> BaseLedg
     return await Ledger.open(manifest.ledger, readonly=readonly)
 
 
+def as_shared(ledger: BaseLedger) -> PgLedger | None:
+    """The ledger as the shared (PostgreSQL) one it is, else None: a process on a SQLite
+    ledger never loads the PostgreSQL back end, not even to ask `isinstance`."""
+    return cast("PgLedger", ledger) if ledger.shared else None
+
+
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
@@ -1296,6 +1314,7 @@ __all__ = [
     "Ledger",
     "Migration",
     "RunRow",
+    "as_shared",
     "describe_sqlite_error",
     "open_ledger",
 ]

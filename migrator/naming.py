@@ -13,7 +13,7 @@ import posixpath
 import re
 import stat
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 MAX_SEGMENT_BYTES = 255
@@ -85,6 +85,14 @@ def check_name(upload_path: str, file_name: str) -> str | None:
     return _check_segment(file_name, "file name")
 
 
+def names_pass(upload_path: str, file_names: Iterable[str]) -> bool:
+    """Whether `check_name` finds nothing wrong with any of these file names in this
+    upload path: one look at the path, one scan of each name (a folder of files)."""
+    if _upload_path_problem(upload_path) is not None:
+        return False
+    return all("/" not in name and _check_segment(name, "file name") is None for name in file_names)
+
+
 @functools.lru_cache(maxsize=4096)  # every file of a folder shares its upload path
 def _upload_path_problem(upload_path: str) -> str | None:
     if upload_path.startswith("/"):
@@ -145,6 +153,8 @@ def printable(text: str) -> str:
     """Text with its control characters (a line break, a terminal escape) and the bytes
     of a name that is not UTF-8 written as escapes, so a hostile file name can neither
     break a line, steer a terminal, nor fail the write of a log line."""
+    if text.isprintable():  # the common case: no Cc or Cs character, nothing to escape
+        return text
     return _UNPRINTABLE_RE.sub(lambda match: repr(match.group(0))[1:-1], text)
 
 

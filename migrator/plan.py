@@ -19,6 +19,7 @@ import array
 import asyncio
 import contextlib
 import itertools
+import operator
 import os
 import re
 import stat
@@ -60,6 +61,7 @@ from migrator.naming import (
     glob_depth,
     join_upload_path,
     name_from_url,
+    names_pass,
     printable,
     substitute_url,
     without_credentials,
@@ -134,7 +136,7 @@ class KeptEntries:
     __slots__ = ("_parts", "cost")
 
     def __init__(self) -> None:
-        self._parts: list[_Entry | _KeptFolder] = []
+        self._parts: list[_Entry | _Folder] = []
         self.cost = 0  # bytes held, roughly
 
     def add(self, entry: _Entry) -> None:
@@ -146,12 +148,17 @@ class KeptEntries:
             self._add_whole(entry)
             return
         last = self._parts[-1] if self._parts else None
-        if not (isinstance(last, _KeptFolder) and last.holds(entry, folder)):
-            last = _KeptFolder(entry, folder)
+        if not (isinstance(last, _Folder) and last.holds(entry, folder)):
+            last = _Folder(entry, folder)
             self._parts.append(last)
             self.cost += _ENTRY_COST
         last.add(name, entry.size, entry.mtime_ns)
         self.cost += _NAME_COST + len(name)
+
+    def add_folder(self, folder: _Folder) -> None:
+        """Every file of `folder`, after what was added before."""
+        self._parts.append(folder)
+        self.cost += folder.cost
 
     def entries(self) -> Iterator[_Entry]:
         for part in self._parts:
@@ -160,7 +167,7 @@ class KeptEntries:
             else:
                 yield from part.entries()
 
-    def parts(self) -> Iterator[_Entry | _KeptFolder]:
+    def parts(self) -> Iterator[_Entry | _Folder]:
         """What `entries` yields, with a folder's files as the folder."""
         yield from self._parts
 
@@ -171,12 +178,15 @@ class KeptEntries:
 
 _ENTRY_COST = 400  # an _Entry and its strings, beyond their characters
 _NAME_COST = 80  # a name's str, its list slot, and two array slots
+FOLDER_PART = 4096  # files of a folder the expansion hands over at once, at most
 
 
-class _KeptFolder:
-    """Files of one folder from one source, as `_Entry`s would hold them."""
+class _Folder:
+    """Files of one folder from one glob source, as `_Entry`s would hold them, without
+    an object a file: how the expansion hands a folder's files to `check_plan` (a no-op
+    re-run or a plan of a big tree is mostly this), and how `KeptEntries` keeps them."""
 
-    __slots__ = ("first", "folder", "mtimes", "names", "sizes")
+    __slots__ = ("cost", "first", "folder", "mtimes", "names", "sizes")
 
     def __init__(self, first: _Entry, folder: str) -> None:
         self.first = first  # what every file here shares with it: source, upload path
@@ -184,6 +194,7 @@ class _KeptFolder:
         self.names: list[str] = []
         self.sizes = array.array("q")
         self.mtimes = array.array("q")
+        self.cost = _ENTRY_COST  # as KeptEntries counts what it holds
 
     def holds(self, entry: _Entry, folder: str) -> bool:
         first = self.first
@@ -194,10 +205,42 @@ class _KeptFolder:
             and entry.requested is first.requested
         )
 
+    def held_by(self, manifest: Manifest) -> _Folder:
+        """The files of this part that are the manifest's shard's."""
+        held, upload_path = _Folder(self.first, self.folder), self.first.upload_path
+        for name, size, mtime_ns in zip(self.names, self.sizes, self.mtimes, strict=True):
+            if manifest.holds(upload_path, name):
+                held.add(name, size, mtime_ns)
+        return held
+
+    def takes(self, folder: str, upload_path: str) -> bool:
+        """Whether the next file of the same glob, in `folder`, may join this part."""
+        return (
+            folder == self.folder
+            and upload_path == self.first.upload_path
+            and len(self.names) < FOLDER_PART
+        )
+
     def add(self, name: str, size: int, mtime_ns: int) -> None:
         self.names.append(name)
         self.sizes.append(size)
         self.mtimes.append(mtime_ns)
+        self.cost += _NAME_COST + len(name)
+
+    def entry(self, index: int) -> _Entry:
+        """The file at `index`, as an `_Entry`."""
+        first = self.first
+        return _Entry(
+            index=first.index,
+            source_line=first.source_line,
+            kind=SourceKind.FILE,
+            source=f"{self.folder}/{self.names[index]}",
+            upload_path=first.upload_path,
+            file_name=self.names[index],
+            requested=first.requested,
+            size=self.sizes[index],
+            mtime_ns=self.mtimes[index],
+        )
 
     def entries(self) -> Iterator[_Entry]:
         first, prefix = self.first, self.folder + "/"
@@ -243,7 +286,7 @@ class _KeptFolder:
         try:
             return choose_method(first.kind, self.sizes[index], first.requested, manifest.settings)
         except ValueError:
-            entry = next(itertools.islice(self.entries(), index, None))
+            entry = self.entry(index)
             return _plan_item(manifest, entry, RemoteInfo(entry.size)).method
 
 
@@ -333,33 +376,34 @@ def walk_glob(
     stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", _entries(str(root), on_error))]
     while stack:
         prefix, entries = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
-            stack.pop()
-            continue
-        relative = prefix + entry.name
-        kind = _kind(entry)
-        if kind in (_DIR, _DIR_LINK):
-            if _may_descend(relative, max_depth, excludes):
+        for entry in entries:  # until the folder's end, or a subfolder to go down into
+            relative = prefix + entry.name
+            kind = _kind(entry)
+            if kind in (_DIR, _DIR_LINK):
+                if not _may_descend(relative, max_depth, excludes):
+                    continue
                 if kind == _DIR:
                     stack.append((relative + "/", _entries(entry.path, on_error)))
-                elif on_skip is not None:
+                    break
+                if on_skip is not None:
                     on_skip(Skipped(entry.path, "a symbolic link to a folder: never followed"))
-            continue
-        if (
-            kind is None
-            or not include.fullmatch(relative)
-            or (excludes and _matches(excludes, relative))
-        ):
-            continue
-        if kind == _FILE:
-            yield GlobFile(relative, entry.path)
-            continue
-        target, reason = (None, kind) if kind != _LINK else _link_target(entry.path, real_root)
-        if target is not None:
-            yield GlobFile(relative, target)
-        elif on_skip is not None:
-            on_skip(Skipped(entry.path, reason))
+                continue
+            if (
+                kind is None
+                or not include.fullmatch(relative)
+                or (excludes and _matches(excludes, relative))
+            ):
+                continue
+            if kind == _FILE:
+                yield GlobFile(relative, entry.path)
+                continue
+            target, reason = (None, kind) if kind != _LINK else _link_target(entry.path, real_root)
+            if target is not None:
+                yield GlobFile(relative, target)
+            elif on_skip is not None:
+                on_skip(Skipped(entry.path, reason))
+        else:
+            stack.pop()
 
 
 def iter_url_list(path: Path) -> Iterator[tuple[int, str]]:
@@ -374,10 +418,13 @@ def iter_url_list(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
+_BY_NAME = operator.attrgetter("name")  # a folder's entries in name order, no lambda each
+
+
 def _entries(path: str, on_error: OnWalkError | None) -> Iterator[os.DirEntry[str]]:
     try:
         with os.scandir(path) as scan:
-            return iter(sorted(scan, key=lambda e: e.name))
+            return iter(sorted(scan, key=_BY_NAME))
     except OSError as err:
         if on_error is not None:
             on_error(path, err)
@@ -453,20 +500,28 @@ class _Expansion:
         self._file = str(self.manifest.path)
 
     def entries(self) -> Iterator[_Entry]:
+        for part in self.parts():
+            if isinstance(part, _Entry):
+                yield part
+            else:
+                yield from part.entries()
+
+    def parts(self) -> Iterator[_Entry | _Folder]:
+        """The entries, in order, a glob's files a folder (part) at a time."""
         for index, source in enumerate(self.manifest.sources):
-            yield from self._source_entries(index, source)
+            yield from self._source_parts(index, source)
 
     def report(self, file: str, line: int | None, where: str, message: str) -> None:
         if self.on_problem is not None:
             self.on_problem(ManifestProblem(file, line, where, message))
 
-    def _source_entries(self, index: int, source: Source) -> Iterator[_Entry]:
+    def _source_parts(self, index: int, source: Source) -> Iterator[_Entry | _Folder]:
         if isinstance(source, PathSource):
             entry = self._path_entry(index, source)
             if self._takes(source.path.name, entry):
                 yield entry
         elif isinstance(source, GlobSource):
-            yield from self._glob_entries(index, source)
+            yield from self._glob_parts(index, source)
         elif isinstance(source, UrlSource):
             yield self._url_entry(index, source, source.url)
         else:
@@ -483,19 +538,15 @@ class _Expansion:
 
     def _path_entry(self, index: int, source: PathSource) -> _Entry:
         size, mtime_ns = _stat(source.path)
-        return _Entry(
-            index=index,
-            source_line=source.line,
-            kind=SourceKind.FILE,
-            source=_followed(source.path),
-            upload_path=self._upload_path(source),
-            file_name=source.options.file_name or source.path.name,
-            requested=source.options.method,
-            size=size,
-            mtime_ns=mtime_ns,
-        )
+        path, upload_path = _followed(source.path), self._upload_path(source)
+        name = source.options.file_name or source.path.name
+        return self._file_entry(index, source, path, upload_path, name, size, mtime_ns)
 
-    def _glob_entries(self, index: int, source: GlobSource) -> Iterator[_Entry]:
+    def _glob_parts(self, index: int, source: GlobSource) -> Iterator[_Entry | _Folder]:
+        """The files the glob takes: those of a folder as `_Folder`s of up to FOLDER_PART
+        files; a file that vanished before its stat, or a link followed to a file of
+        another name, as an `_Entry` of its own."""
+
         def walk_error(path: str, err: OSError) -> None:
             if self.on_unreadable is not None:
                 self.on_unreadable(index, Skipped(path, _walk_message(path, err)))
@@ -514,6 +565,7 @@ class _Expansion:
             on_skip=skipped,
         )
         folder, upload_path = None, ""
+        part: _Folder | None = None
         filters = self.manifest.filters
         for relative, path in walk:
             found = True
@@ -525,22 +577,49 @@ class _Expansion:
             here, _, name = relative.rpartition("/")
             if here != folder:  # files come folder by folder: join once per folder
                 folder, upload_path = here, self._upload_path(source, here)
-            yield _Entry(
-                index=index,
-                source_line=source.line,
-                kind=SourceKind.FILE,
-                source=path,
-                upload_path=upload_path,
-                file_name=name,
-                requested=source.options.method,
-                size=size,
-                mtime_ns=mtime_ns,
-            )
+            where, _, own_name = path.rpartition("/")
+            if part is not None and not part.takes(where, upload_path):
+                yield part
+                part = None
+            if size is not None and mtime_ns is not None and own_name == name:
+                if part is None:
+                    first = self._file_entry(index, source, path, upload_path, name, size, mtime_ns)
+                    part = _Folder(first, where)
+                part.add(name, size, mtime_ns)
+                continue
+            if part is not None:
+                yield part
+                part = None
+            yield self._file_entry(index, source, path, upload_path, name, size, mtime_ns)
+        if part is not None:
+            yield part
         if not found and source.require_match:
             message = f"{source.pattern!r} matches no files (require_match is set)"
             self.report(self._file, source.line, f"sources[{index}].glob", message)
         elif not found and self.on_problem is not None:  # check_plan's walk says it, once
             log.warning("plan.no_match", source=f"sources[{index}]", glob=printable(source.pattern))
+
+    @staticmethod
+    def _file_entry(
+        index: int,
+        source: PathSource | GlobSource,
+        path: str,
+        upload_path: str,
+        name: str,
+        size: int | None,
+        mtime_ns: int | None,
+    ) -> _Entry:
+        return _Entry(
+            index=index,
+            source_line=source.line,
+            kind=SourceKind.FILE,
+            source=path,
+            upload_path=upload_path,
+            file_name=name,
+            requested=source.options.method,
+            size=size,
+            mtime_ns=mtime_ns,
+        )
 
     def _url_entry(
         self, index: int, source: Source, url: str, list_line: int | None = None
@@ -641,6 +720,17 @@ class _Tally:
             if self.sizes_above is not None:
                 self._note_size(entry.size)
 
+    def count_files(self, sizes: Sequence[int]) -> None:
+        """`count` for local files of these sizes."""
+        self.items += len(sizes)
+        self.local_files += len(sizes)
+        self.local_bytes += sum(sizes)
+        if self.sizes_above is not None:
+            above = self.sizes_above
+            for size in sizes:
+                if size > above:
+                    self._note_size(size)
+
     def _note_size(self, size: int | None) -> None:
         if self.sizes_above is None or size is None or size <= self.sizes_above:
             return
@@ -703,7 +793,6 @@ def check_plan(manifest: Manifest, *, keep: int = 0) -> PlanCheck:
     (`kept`) for `expand`, so one walk and one stat a file serve both.
     """
     problems = _Problems(str(manifest.path))
-    kept: KeptEntries | None = KeptEntries() if keep > 0 else None
     settings = manifest.settings
     tally = _Tally(sizes_above=settings.base64_max if settings.dedup else None)
 
@@ -712,36 +801,82 @@ def check_plan(manifest: Manifest, *, keep: int = 0) -> PlanCheck:
             tally.cannot_read(index, folder)
 
     expansion = _Expansion(manifest, problems.add, tally.skip, cannot_read)
-    seen: set[int] = set()
-    repeats: list[_Entry] = []
-    upload_path, prefix = "", ""
-    unsharded = manifest.shard is None
-    for entry in expansion.entries():
-        reason = _entry_problem(entry)
-        if reason:
-            _report_entry(expansion, entry, reason)
-            continue
-        if entry.upload_path is not upload_path:  # a folder's files share their path
-            upload_path = entry.upload_path
-            prefix = upload_path + "/" if upload_path else ""
-        # entry.collision, joined at no cost: check_name found no segment to drop
-        digest = _digest(unicodedata.normalize("NFC", prefix + entry.file_name))
-        if digest in seen:
-            if len(repeats) < PROBLEM_LIMIT:
-                repeats.append(entry)
+    check = _Checking(expansion, tally, KeptEntries() if keep > 0 else None, keep)
+    for part in expansion.parts():
+        if isinstance(part, _Folder):
+            check.folder(part)
         else:
-            seen.add(digest)
-        if unsharded or manifest.holds(entry.upload_path, entry.file_name):
-            tally.count(entry)
-            if kept is not None:
-                kept.add(entry)
-                kept = kept if kept.cost <= keep else None  # too big: `expand` walks again
-    for later, first in _first_holders(manifest, repeats):
+            check.entry(part)
+    for later, first in _first_holders(manifest, check.repeats):
         message = f"{later.shown} lands on {later.key!r}, as does {first.describe()}"
         _report_entry(expansion, later, message)
     if problems.kept:
         raise ManifestError(problems.all())
-    return tally.result(kept)
+    return tally.result(check.kept)
+
+
+@dataclass(slots=True)
+class _Checking:
+    """`check_plan` on its way through the expansion: the names seen (a digest each),
+    the first repeats, the counts, and the entries kept while they fit in `keep` bytes."""
+
+    expansion: _Expansion
+    tally: _Tally
+    kept: KeptEntries | None
+    keep: int
+    seen: set[int] = field(default_factory=set)
+    repeats: list[_Entry] = field(default_factory=list)
+
+    def entry(self, entry: _Entry) -> None:
+        reason = _entry_problem(entry)
+        if reason:
+            _report_entry(self.expansion, entry, reason)
+            return
+        if self._repeated(entry.upload_path, entry.file_name):
+            self._note_repeat(entry)
+        if self.expansion.manifest.holds(entry.upload_path, entry.file_name):
+            self.tally.count(entry)
+            if self.kept is not None:
+                self.kept.add(entry)
+                self._within_keep()
+
+    def folder(self, folder: _Folder) -> None:
+        """`entry` for each of the folder's files, without making an entry of each
+        (one look at their upload path); a folder with a name check_name refuses, or
+        with a method the manifest forces, goes entry by entry."""
+        first, manifest = folder.first, self.expansion.manifest
+        if first.requested is not Method.AUTO or not names_pass(first.upload_path, folder.names):
+            for index in range(len(folder.names)):
+                self.entry(folder.entry(index))
+            return
+        for index, name in enumerate(folder.names):
+            if self._repeated(first.upload_path, name):
+                self._note_repeat(folder.entry(index))
+        held = folder if manifest.shard is None else folder.held_by(manifest)
+        if held.names:
+            self.tally.count_files(held.sizes)
+            if self.kept is not None:
+                self.kept.add_folder(held)
+                self._within_keep()
+
+    def _repeated(self, upload_path: str, file_name: str) -> bool:
+        """Whether a name seen before lands where this one does (or one sharing its
+        digest: the second pass tells them apart); if not, it is seen now."""
+        # collision_key, joined at no cost: check_name found no segment to drop
+        joined = f"{upload_path}/{file_name}" if upload_path else file_name
+        digest = _digest(unicodedata.normalize("NFC", joined))
+        if digest in self.seen:
+            return True
+        self.seen.add(digest)
+        return False
+
+    def _note_repeat(self, entry: _Entry) -> None:
+        if len(self.repeats) < PROBLEM_LIMIT:
+            self.repeats.append(entry)
+
+    def _within_keep(self) -> None:
+        if self.kept is not None and self.kept.cost > self.keep:
+            self.kept = None  # too big: `expand` walks again
 
 
 def _entry_problem(entry: _Entry) -> str | None:
@@ -871,7 +1006,7 @@ async def expand_batches(
     try:
         chunks = _kept_chunks(kept) if kept is not None else _chunks_off_the_loop(manifest)
         async for chunk in chunks:
-            if isinstance(chunk, _KeptFolder):  # local files: nothing to probe or wait for
+            if isinstance(chunk, _Folder):  # local files: nothing to probe or wait for
                 ready = [await _planned(manifest, head, info) for head, info in _drain(pending)]
                 for items in chunk.plan_items(manifest, BATCH):
                     yield ready + items if ready else items
@@ -1003,11 +1138,11 @@ async def _chunks_off_the_loop(
 
 async def _kept_chunks(
     kept: KeptEntries, chunk: int = BATCH
-) -> AsyncIterator[list[_Entry] | _KeptFolder]:
+) -> AsyncIterator[list[_Entry] | _Folder]:
     """The kept entries: a folder's files as the folder, other entries in lists."""
     entries: list[_Entry] = []
     for part in kept.parts():
-        if isinstance(part, _KeptFolder):
+        if isinstance(part, _Folder):
             if entries:
                 yield entries
                 entries = []

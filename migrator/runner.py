@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from migrator.claims import LeaseKeeper, SharedLimits, from_work, planned_and_claimed
 from migrator.clock import ServiceClock
@@ -28,9 +29,7 @@ from migrator.command import (
 from migrator.connect import open_origins
 from migrator.dedup import Claim, Contents, worth_hashing
 from migrator.errors import Interrupted, UploadError
-from migrator.ledger import BaseLedger, open_ledger
-from migrator.ledger_pg import Claim as QueueClaim
-from migrator.ledger_pg import PgLedger
+from migrator.ledger import BaseLedger, as_shared, open_ledger
 from migrator.logs import get_logger
 from migrator.model import (
     ItemState,
@@ -57,9 +56,13 @@ from migrator.plan import (
 from migrator.resume import Decision, decide
 from migrator.transfer import Meter, Send, Sent, Step, sha256_of, upload_step
 
+if TYPE_CHECKING:
+    from migrator.ledger_pg import Claim as QueueClaim
+    from migrator.ledger_pg import PgLedger
+
 log = get_logger("migrator.runner")
 
-Entry = tuple[PlanItem, Decision, LedgerItem | None]  # the row: see decide_items
+Entry = tuple[PlanItem, Decision, LedgerItem | None]  # the row: see decide_batches
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +114,8 @@ class RunOperation:
     async def items(self, session: CommandSession) -> AsyncIterator[Entry]:
         """The plan joined with the ledger; what needs no upload is counted and skipped.
         A shared ledger: the items this process claims from the queue."""
-        if isinstance(session.ledger, PgLedger):
-            async for entry in self._claimed(session, session.ledger):
+        if (shared := as_shared(session.ledger)) is not None:
+            async for entry in self._claimed(session, shared):
                 yield entry
             return
         _fail_unreadable_folders(session, self._check)
@@ -127,12 +130,13 @@ class RunOperation:
             remembered=remembered_in(ledger, session.target_id),
             kept=self._take_kept(),
         )
-        async for entry in decide_items(self.manifest, session.ledger, plan, checksum, conn.clock):
-            item, decision, _row = entry
-            if decision.needs_upload or decision is Decision.VERIFY:
-                yield entry
-            else:
-                session.finish(item.source, Outcome.SKIPPED)
+        async for entries in decide_batches(self.manifest, ledger, plan, checksum, conn.clock):
+            for entry in entries:
+                item, decision, _row = entry
+                if decision.needs_upload or decision is Decision.VERIFY:
+                    yield entry
+                else:
+                    session.finish(item.source, Outcome.SKIPPED)
 
     def _take_kept(self) -> KeptEntries | None:
         """The entries check_plan kept, once: held by nothing else, they go with the plan."""
@@ -242,10 +246,20 @@ async def _same_bytes(item: PlanItem, row: LedgerItem) -> bool:
 
 async def preview(
     manifest: Manifest, options: RunOptions | None = None, kept: KeptEntries | None = None
-) -> AsyncGenerator[tuple[PlanItem, Decision, LedgerItem | None], None]:
+) -> AsyncGenerator[Entry, None]:
     """The plan joined with the ledger, read-only: what `plan` shows and `--dry-run` counts.
     Origins may be asked for sizes; the service is not contacted. `kept`: the entries
     `check_plan` kept, planned from instead of walking again."""
+    async with contextlib.aclosing(preview_batches(manifest, options, kept)) as batches:
+        async for entries in batches:
+            for entry in entries:
+                yield entry
+
+
+async def preview_batches(
+    manifest: Manifest, options: RunOptions | None = None, kept: KeptEntries | None = None
+) -> AsyncGenerator[list[Entry], None]:
+    """`preview`, a batch of entries at a time (a plan of 200,000 files shows each)."""
     opts = options or RunOptions()
     workers, checksum = opts.workers(manifest.settings), opts.by_checksum(manifest.settings)
     async with (
@@ -256,13 +270,14 @@ async def preview(
         items = expand_batches(
             manifest,
             session=origins.session,
+            probe_concurrency=origins.connections,
             url_vars=origins.url_vars,
             remembered=remembered_in(ledger, target),
             kept=kept,
         )
         clock = await stored_clock(ledger)
-        async for entry in decide_items(manifest, ledger, items, checksum, clock):
-            yield entry
+        async for entries in decide_batches(manifest, ledger, items, checksum, clock):
+            yield entries
 
 
 async def decide_items(
@@ -272,6 +287,21 @@ async def decide_items(
     checksum: bool,
     clock: ServiceClock,
 ) -> AsyncIterator[Entry]:
+    """`decide_batches`, an entry at a time."""
+    decided = decide_batches(manifest, ledger, batches, checksum, clock)
+    async with contextlib.aclosing(decided) as entries:
+        async for batch in entries:
+            for entry in batch:
+                yield entry
+
+
+async def decide_batches(
+    manifest: Manifest,
+    ledger: BaseLedger,
+    batches: AsyncIterator[Sequence[PlanItem]],
+    checksum: bool,
+    clock: ServiceClock,
+) -> AsyncGenerator[list[Entry], None]:
     """Join the plan (`expand_batches`) with the ledger, a batch at a time; expiry is
     judged on the service's clock. An entry's row is the ledger's item when there is
     work to do on it (None for a new item, and for one that needs nothing): deciding
@@ -292,8 +322,10 @@ async def decide_items(
             if decision is not unchanged and key in found
         ]
         rows = await ledger.lookup(target, worked) if worked else {}
-        for item, key, decision in zip(batch, keys, decisions, strict=True):
-            yield item, decision, rows.get(key) if rows else None
+        yield [
+            (item, decision, rows.get(key) if rows else None)
+            for item, key, decision in zip(batch, keys, decisions, strict=True)
+        ]
 
 
 def remembered_in(ledger: BaseLedger, target: str) -> Remembered:

@@ -175,6 +175,8 @@ def format_size(size: int | float | None) -> str:
     """Bytes -> `1.5 MiB`; None -> `?`."""
     if size is None:
         return "?"
+    if -1024 < size < 1024:  # most rows of a plan of small files: no float, no loop
+        return f"{int(size)} B"
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":

@@ -1,5 +1,7 @@
 """`migrator --version` and `--help` load only what parsing the command line needs, and
-a re-run with nothing to send loads no HTTP library.
+a plan of local files loads no HTTP library, nor does a re-run with nothing to send (and
+no terminal), which loads no rich either (not even through structlog) and no PostgreSQL
+back end.
 
 Cron users pay the start-up at every run, and aiohttp, aiosqlite, rich and the emulator
 are most of it; each command imports them when it runs, and `run` imports aiohttp only
@@ -74,7 +76,15 @@ def test_the_probe_sees_what_a_command_imports(tmp_path: Path) -> None:
     assert "structlog" in heavy_among(loaded)
 
 
-async def test_a_re_run_with_nothing_to_send_loads_no_http_library(
+def test_a_plan_of_local_files_loads_no_http_library(tmp_path: Path) -> None:
+    write_file(tmp_path / "a.txt", 100)
+    manifest = write_manifest(tmp_path, "http://127.0.0.1:9", [{"glob": "./*.txt"}])
+    loaded = modules_loaded_by("plan", str(manifest))
+    assert "migrator.runner" in loaded
+    assert [m for m in loaded if m == "aiohttp" or m.startswith("aiohttp.")] == []
+
+
+async def test_a_re_run_with_nothing_to_send_loads_no_http_display_or_postgresql_library(
     job: Path, emulator: Emulator, api_key: str
 ) -> None:
     for name in ("a.txt", "b.txt"):
@@ -105,4 +115,5 @@ async def test_a_re_run_with_nothing_to_send_loads_no_http_library(
     assert len(emulator.requests) == sent
     loaded = set(listing.read_text().split())
     assert "migrator.runner" in loaded
-    assert [m for m in loaded if m == "aiohttp" or m.startswith("aiohttp.")] == []
+    unused = ("aiohttp", "rich", "pygments", "migrator.ledger_pg", "importlib.metadata")
+    assert [m for m in loaded if any(m == u or m.startswith(u + ".") for u in unused)] == []

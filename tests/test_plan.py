@@ -22,6 +22,8 @@ from migrator.manifest import load_manifest
 from migrator.methods import choose_method
 from migrator.model import MIB, Manifest, Method, PlanItem, Settings, SourceKind
 from migrator.plan import (
+    FOLDER_PART,
+    KEEP_BYTES,
     GlobFile,
     PlanCheck,
     RemoteInfo,
@@ -457,6 +459,25 @@ async def test_expanding_what_check_plan_kept_gives_what_a_walk_gives_and_lists_
 
     assert from_kept == walked_items and len(from_kept) == 5
     assert scanned == []
+
+
+async def test_a_folder_of_more_files_than_a_part_plans_as_a_walk_does(tmp_path: Path) -> None:
+    count = FOLDER_PART + 2
+    make_tree(tmp_path, *(f"p/{n:05d}.txt" for n in range(count)), "p/sub/z.txt")
+    manifest = manifest_in(tmp_path, "  - glob: 'p/**'\n")
+    walked_items = await collect(manifest)
+
+    check = check_plan(manifest, keep=KEEP_BYTES)
+    from_kept = await collect(manifest, kept=check.kept)
+
+    assert check.items == count + 1
+    assert from_kept == walked_items
+    names = [item.file_name for item in from_kept]
+    assert names[FOLDER_PART - 1 : FOLDER_PART + 1] == [
+        f"{FOLDER_PART - 1:05d}.txt",
+        f"{FOLDER_PART:05d}.txt",
+    ]
+    assert names[-1] == "z.txt"
 
 
 async def test_local_items_carry_size_mtime_and_the_full_upload_path(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from migrator.emulator import Emulator
 from migrator.errors import ExitCode, StopReason
 from migrator.ledger import Ledger
 from migrator.model import ItemState, Method, PlanItem, SourceKind
-from migrator.progress import BarProgress
+from migrator.progress_bar import BarProgress
 from migrator.resume import Decision
 from migrator.runner import RunOptions, preview, run_manifest
 
