@@ -4,8 +4,9 @@
 
 One ClientSession, an asyncio.Semaphore of --concurrency, one task per item of LIST
 (see upload_items.py). Each item is posted the way migrator posts it: a local file up
-to --base64-max as base64 JSON, a larger one as a multipart stream read from disk in
-256 KiB chunks with an exact Content-Length, a URL as a URL upload. No retry, no
+to --base64-max as base64 JSON, a larger one as a multipart stream read from disk a
+MiB at a time in a thread, the next read running while the last is sent (as migrator
+reads it), with an exact Content-Length, a URL as a URL upload. No retry, no
 hashing, no record. Prints `bare: N uploaded, M failed, B bytes in S s` and exits 1
 when any item failed.
 """
@@ -34,7 +35,7 @@ from upload_items import (
     url_body,
 )
 
-CHUNK = 256 * 1024
+READ = 1024 * 1024
 
 
 def _size(path: str) -> int:
@@ -47,14 +48,17 @@ def _read(path: str) -> bytes:
 
 
 async def _file_body(path: str, preamble: bytes, epilogue: bytes) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
     handle: BinaryIO = await asyncio.to_thread(open, path, "rb")
     try:
         yield preamble
-        while chunk := await asyncio.to_thread(handle.read, CHUNK):
+        reading = loop.run_in_executor(None, handle.read, READ)
+        while chunk := await reading:
+            reading = loop.run_in_executor(None, handle.read, READ)
             yield chunk
         yield epilogue
     finally:
-        handle.close()
+        handle.close()  # after a read still running: a buffered file closes under its lock
 
 
 async def upload(

@@ -58,6 +58,9 @@ STREAM_ENDPOINT = "/api/file-stream-upload"
 URL_ENDPOINT = "/api/file-url-upload"
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
+READ_SIZE = 1024 * 1024  # of a local file, read (and hashed) per trip to a thread
+
+Chunk = bytes | memoryview  # a piece of a body; a view when it is part of a larger read
 
 
 class Digest(Protocol):
@@ -73,7 +76,7 @@ _MILLIS_THRESHOLD = 1e11  # epoch numbers above this are milliseconds (year 5138
 _LINK_KEYS = ("downloadUrl", "fileUrl", "url")
 _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 
-OnChunk = Callable[[bytes], Awaitable[None]]  # told of (and may pace) every chunk
+OnChunk = Callable[[Chunk], Awaitable[None]]  # told of (and may pace) every chunk
 
 
 # -- parsing the service's answer -------------------------------------------------------------
@@ -504,17 +507,18 @@ class UploadClient:
         )
         handle = await _open_source(path)
         trouble = _SourceTrouble()
+        chunks = _file_chunks(handle, size, max(chunk_size, 1), digest)
         try:
-            chunks = _file_chunks(handle, size, max(chunk_size, 1), trouble, digest)
             body = _multipart_body(form, _watch(chunks, trouble, on_chunk, size))
             receipt = await self._post_multipart(form, body, form.length(size), trouble)
         finally:
+            await _close_quietly(chunks)  # no read of the handle is started after this
             await asyncio.to_thread(handle.close)
         return _check_size(receipt, trouble.sent)
 
     async def upload_stream(
         self,
-        chunks: AsyncIterable[bytes],
+        chunks: AsyncIterable[Chunk],
         *,
         upload_path: str,
         file_name: str,
@@ -545,7 +549,7 @@ class UploadClient:
     async def _post_multipart(
         self,
         form: _Multipart,
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[Chunk],
         length: int | None,
         trouble: _SourceTrouble,
     ) -> UploadReceipt:
@@ -560,7 +564,7 @@ class UploadClient:
     async def _post(
         self,
         endpoint: str,
-        body: bytes | AsyncIterator[bytes],
+        body: bytes | AsyncIterator[Chunk],
         headers: Mapping[str, str],
         timeouts: aiohttp.ClientTimeout,
         trouble: _SourceTrouble | None = None,
@@ -685,19 +689,41 @@ def local_read_error(path: Path, err: OSError) -> UploadError:
 
 
 async def _file_chunks(
-    handle: BinaryIO,
-    size: int,
-    chunk_size: int,
-    trouble: _SourceTrouble,
-    digest: Digest | None = None,
-) -> AsyncIterator[bytes]:
-    while True:
-        # Ask for one byte more than expected so a grown file shows up at once.
-        wanted = min(chunk_size, max(size - trouble.sent, 0) + 1)
-        chunk = await asyncio.to_thread(_read_chunk, handle, wanted, digest)
-        if not chunk:
-            return
-        yield chunk
+    handle: BinaryIO, size: int, chunk_size: int, digest: Digest | None = None
+) -> AsyncIterator[Chunk]:
+    """The file in pieces of `chunk_size`, read READ_SIZE at a time in a thread (and
+    hashed there), the next read running while the pieces of the last one are sent:
+    the sending waits for the disk and the hash only when it outruns them, and a trip
+    to a thread (a wake-up of a worker and of the loop) is paid once per READ_SIZE."""
+    loop = asyncio.get_running_loop()
+    read_size = chunk_size * max(READ_SIZE // chunk_size, 1)  # whole chunks
+    done = 0
+
+    def read_next() -> asyncio.Future[bytes]:
+        # One byte more than expected is asked for, so a grown file shows up at once.
+        wanted = min(read_size, max(size - done, 0) + 1)
+        return loop.run_in_executor(None, _read_chunk, handle, wanted, digest)
+
+    reading = read_next()
+    try:
+        while block := await reading:
+            done += len(block)
+            reading = read_next()
+            if len(block) <= chunk_size:
+                yield block
+                continue
+            view = memoryview(block)
+            for start in range(0, len(block), chunk_size):
+                yield view[start : start + chunk_size]
+    finally:
+        # A read still running ends before the handle closes (a buffered file closes
+        # under its lock); what it read is not wanted.
+        reading.add_done_callback(_unwanted)
+
+
+def _unwanted(read: asyncio.Future[bytes]) -> None:
+    if not read.cancelled():
+        read.exception()  # retrieved: its failure, if any, is of no interest
 
 
 def _read_chunk(handle: BinaryIO, wanted: int, digest: Digest | None) -> bytes:
@@ -708,17 +734,18 @@ def _read_chunk(handle: BinaryIO, wanted: int, digest: Digest | None) -> bytes:
 
 
 async def _watch(
-    chunks: AsyncIterable[bytes],
+    chunks: AsyncIterable[Chunk],
     trouble: _SourceTrouble,
     on_chunk: OnChunk | None,
     size: int | None,
     limit: int | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[Chunk]:
     """Count, check and report every chunk; remember any failure for the caller."""
     try:
-        async for chunk in chunks:
-            if not chunk:
+        async for given in chunks:
+            if not given:
                 continue
+            chunk = _unchangeable(given)
             if size is not None and trouble.sent + len(chunk) > size:
                 raise SourceChangedError(
                     f"source changed while uploading: more than the expected {size} bytes"
@@ -727,8 +754,8 @@ async def _watch(
                 raise PermanentError(f"the source sent more than {limit} bytes: refused")
             trouble.sent += len(chunk)
             if on_chunk is not None:
-                await on_chunk(bytes(chunk))
-            yield bytes(chunk)
+                await on_chunk(chunk)
+            yield chunk
             trouble.progressed()
         trouble.body_sent()
         if size is not None and trouble.sent != size:
@@ -740,7 +767,15 @@ async def _watch(
         raise
 
 
-async def _multipart_body(form: _Multipart, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+def _unchangeable(chunk: Chunk) -> Chunk:
+    """`chunk`, or a copy of it when its source could change it: the transport may hold
+    on to what it was given after the write returns."""
+    if isinstance(chunk, bytes) or (isinstance(chunk, memoryview) and chunk.readonly):
+        return chunk
+    return bytes(chunk)
+
+
+async def _multipart_body(form: _Multipart, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
     yield form.preamble
     try:
         async for chunk in chunks:
@@ -750,7 +785,7 @@ async def _multipart_body(form: _Multipart, chunks: AsyncIterator[bytes]) -> Asy
     yield form.epilogue
 
 
-async def _close_quietly(generator: AsyncIterator[bytes]) -> None:
+async def _close_quietly(generator: AsyncIterator[Chunk]) -> None:
     aclose = getattr(generator, "aclose", None)
     if aclose is None:
         return

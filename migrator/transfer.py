@@ -31,6 +31,7 @@ from urllib.parse import urljoin, urlsplit
 
 from migrator.client import (
     DEFAULT_CHUNK_SIZE,
+    Chunk,
     Digest,
     UploadClient,
     check_regular,
@@ -328,7 +329,7 @@ class Meter:
         self._digest = hashlib.sha256()
         self._hash_chunks = True
 
-    async def __call__(self, chunk: bytes) -> None:
+    async def __call__(self, chunk: Chunk) -> None:
         if self._hash_chunks:
             self._digest.update(chunk)
         self.total += len(chunk)

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from conftest import closed_port
 
-from migrator.client import UploadClient, parse_response
+from migrator.client import READ_SIZE, UploadClient, parse_response
 from migrator.emulator import Emulator
 from migrator.errors import (
     AuthRejectedError,
@@ -670,6 +670,54 @@ async def test_a_large_file_arrives_intact(session: aiohttp.ClientSession, tmp_p
             path, upload_path="a", file_name="big.bin", size=len(data), chunk_size=64 * 1024
         )
     assert digests == [hashlib.sha256(data).hexdigest()]
+
+
+def several_reads(tmp_path: Path) -> Source:
+    """A file the client reads in three trips to a thread, the last one short."""
+    data = hashlib.sha256(b"reads").digest() * ((2 * READ_SIZE + 12_345) // 32)
+    return write_source(tmp_path / "reads.bin", data)
+
+
+async def test_a_file_of_several_reads_is_hashed_whole_and_in_order(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    source = several_reads(tmp_path)
+    digest = hashlib.sha256()
+    async with serve(reply(quickstart(fileSize=source.size))) as server:
+        await client_for(session, server.base_url).upload_file(
+            source.path, upload_path="a", file_name="reads.bin", size=source.size, digest=digest
+        )
+    assert digest.hexdigest() == hashlib.sha256(source.data).hexdigest()
+    assert server.seen[0].form()["file"].get_payload(decode=True) == source.data
+
+
+async def test_a_file_of_several_reads_is_reported_in_chunks_of_the_size_asked(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    source = several_reads(tmp_path)
+    reported: list[bytes] = []
+    async with serve(reply(quickstart(fileSize=source.size))) as server:
+        await client_for(session, server.base_url).upload_file(
+            source.path,
+            upload_path="a",
+            file_name="reads.bin",
+            size=source.size,
+            on_chunk=collect(reported),
+            chunk_size=100_000,
+        )
+    assert b"".join(reported) == source.data
+    assert {len(chunk) for chunk in reported[:-1]} == {100_000}
+
+
+async def test_a_file_that_grew_past_its_first_read_is_a_change_to_send_again(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    source = several_reads(tmp_path)
+    async with serve(reply(quickstart(fileSize=source.size))) as server:
+        with pytest.raises(SourceChangedError, match="more than the expected"):
+            await client_for(session, server.base_url).upload_file(
+                source.path, upload_path="a", file_name="reads.bin", size=READ_SIZE + 10
+            )
 
 
 async def test_each_call_reads_the_file_afresh(

@@ -8,16 +8,20 @@ MIGRATOR_CA_BUNDLE or SSL_CERT_FILE) the file is uploaded.
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import trustme
 from aiohttp import web
 from conftest import (
     DIRECT,
     Finished,
+    ledger_rows,
+    load,
     run_cli,
     serving_gateway,
     web_server,
@@ -100,6 +104,27 @@ async def test_target_ca_bundle_trusts_a_private_ca(
     assert result.code == 0, result.stderr
     assert "run: 1 uploaded" in result.stdout
     assert [r.file_name for r in tls_emulator.requests] == ["a.txt"]
+
+
+async def test_a_file_streamed_over_https_in_several_reads_arrives_whole(
+    job: Path, tls_emulator: Emulator, api_key: str, ca_file: Path
+) -> None:
+    manifest = manifest_for(job, tls_emulator, ca_bundle=ca_file.name)
+    data = write_file(job / "a.txt", 3 * 1024 * 1024 + 5)  # streamed, in pieces of reads
+
+    result = await run(manifest, api_key)
+
+    assert result.code == 0, result.stderr
+    (request,) = tls_emulator.requests
+    assert (request.endpoint, request.size) == ("stream", len(data))
+    row = (await ledger_rows(load(manifest)))["a.txt"]
+    assert row.sha256 == hashlib.sha256(data).hexdigest()
+    trusting = ssl.create_default_context(cafile=str(ca_file))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(str(row.download_url), ssl=trusting) as response,
+    ):
+        assert await response.read() == data
 
 
 @pytest.mark.parametrize("variable", ["MIGRATOR_CA_BUNDLE", "SSL_CERT_FILE"])
