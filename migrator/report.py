@@ -312,7 +312,7 @@ async def export_to(
     from migrator.export_lines import export_ledger
 
     with atomic_writer(path, make_parents=make_parents) as out:
-        return await export_ledger(ledger, manifest.target.base_url, fmt, out)
+        return await export_ledger(ledger, manifest.target.base_url, fmt, out, scratch=path.parent)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import LEDGER_TARGET, item_update, load, run_cli, write_file, write_manifest
 
+from migrator import export_lines
 from migrator.emulator import Emulator
 from migrator.errors import ExitCode
 from migrator.export_lines import export_ledger
@@ -365,3 +366,56 @@ async def test_an_export_to_stdout_of_hostile_rows_is_exactly_the_pinned_bytes(
 
     assert result.code == 0, result.stderr
     assert result.stdout == PINNED[fmt]
+
+
+# -- a large export, in parts by worker processes -----------------------------------------------
+
+
+@pytest.fixture
+def in_three_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any export with a scratch folder goes in three parts, whatever this machine has."""
+    monkeypatch.setattr(export_lines, "PARALLEL_ROWS", 1)
+    monkeypatch.setattr(export_lines, "MAX_WORKERS", 3)
+    monkeypatch.setattr(export_lines.os, "cpu_count", lambda: 3)
+
+
+def parts_left(folder: Path) -> list[Path]:
+    return list(folder.glob(".export-*"))
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+async def test_an_export_in_parts_holds_exactly_the_pinned_bytes_and_leaves_no_part(
+    hostile_job: Path, tmp_path: Path, fmt: str, in_three_parts: None
+) -> None:
+    out = tmp_path / f"map.{fmt}"
+    async with await Ledger.open(tmp_path / "ledger.sqlite", readonly=True) as ledger:
+        assert len(await export_lines._id_spans(ledger, LEDGER_TARGET)) == 3
+
+        with out.open("w", encoding="utf-8", newline="") as handle:
+            written = await export_ledger(ledger, LEDGER_TARGET, fmt, handle, scratch=tmp_path)
+
+    assert written == len(HOSTILE)
+    assert out.read_bytes() == PINNED[fmt].encode()
+    assert not parts_left(tmp_path)
+
+
+async def test_an_export_in_parts_to_a_text_buffer_is_the_same_text(
+    hostile_job: Path, tmp_path: Path, in_three_parts: None
+) -> None:
+    async with await Ledger.open(tmp_path / "ledger.sqlite", readonly=True) as ledger:
+        buffer = io.StringIO()
+        await export_ledger(ledger, LEDGER_TARGET, "jsonl", buffer, scratch=tmp_path)
+
+    assert buffer.getvalue() == PINNED["jsonl"]
+
+
+async def test_a_failed_export_worker_is_an_os_error_that_leaves_no_part(
+    hostile_job: Path, tmp_path: Path, in_three_parts: None
+) -> None:
+    async with await Ledger.open(tmp_path / "ledger.sqlite", readonly=True) as ledger:
+        (tmp_path / "ledger.sqlite").rename(tmp_path / "moved.sqlite")  # workers find none
+
+        with pytest.raises(OSError, match=r"an export worker failed: .*unable to open"):
+            await export_ledger(ledger, LEDGER_TARGET, "csv", io.StringIO(), scratch=tmp_path)
+
+    assert not parts_left(tmp_path)
