@@ -45,6 +45,7 @@ RENEWALS_PER_LEASE = 3  # a lease is renewed this often within its length
 IDLE_POLL = 1.0  # the longest wait between looks at a queue others still hold
 ENQUEUE_BATCH = 500
 FIRST_ENQUEUE = 50  # a plan's first batch: small, for the workers to start on
+PLAN_WATCH = 1.0  # seconds between looks at a plan another process is making
 
 log = get_logger("migrator.claims")
 
@@ -113,6 +114,7 @@ async def plan_once(
     async with ledger.planning(target) as must_plan:
         if not must_plan:
             return None
+        await ledger.set_fact(_plan_fact(target), {"complete": False})
         queued = 0
         batch: list[tuple[str, str, Mapping[str, Any]]] = []
         new: list[ItemUpdate] = []  # the queue refers to an item's row: a new one needs one
@@ -130,7 +132,19 @@ async def plan_once(
         if batch:
             queued += await ledger.enqueue(target, batch, new=new)
             on_queued()
+        await ledger.set_fact(_plan_fact(target), {"complete": True})
         return queued
+
+
+def _plan_fact(target: str) -> str:
+    return f"plan:{target}"
+
+
+async def plan_complete(ledger: PgLedger, target: str) -> bool:
+    """Whether the last plan of `target` queued all it had to (one whose process died
+    midway did not); a queue planned before this was recorded counts as complete."""
+    fact = await ledger.fact(_plan_fact(target))
+    return not isinstance(fact, dict) or fact.get("complete") is not False
 
 
 async def planned_and_claimed(
@@ -147,7 +161,15 @@ async def planned_and_claimed(
     queued while it plans the rest, as a single-machine run uploads while it plans."""
 
     async def plan() -> None:
-        queued = await plan_once(manifest, ledger, decided, on_skipped, keeper.wake.set)
+        # Another process plans: wait until its plan is complete. If it died midway, plan
+        # here once the queue is empty (its rest would otherwise wait for the next run).
+        target = manifest.target.base_url
+        while (
+            queued := await plan_once(manifest, ledger, decided, on_skipped, keeper.wake.set)
+        ) is None:
+            if await plan_complete(ledger, target):
+                break
+            await asyncio.sleep(PLAN_WATCH)
         log.info("run.queue", planned_here=queued is not None, queued=queued, owner=ledger.owner)
         keeper.wake.set()
 

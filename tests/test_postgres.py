@@ -7,17 +7,30 @@ workers are `python -m migrator` children that the tests start, stop, resume and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
-from conftest import Finished, closed_port, run_cli, start_cli, write_file, write_manifest
+from conftest import (
+    Finished,
+    closed_port,
+    load,
+    run_cli,
+    start_cli,
+    write_file,
+    write_manifest,
+)
 from test_run import fetch
 
+from migrator.claims import plan_complete, plan_once
 from migrator.emulator import Emulator
+from migrator.ledger_pg import PgLedger
+from migrator.runner import Entry, preview
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -275,3 +288,37 @@ async def test_four_workers_survive_a_kill_and_a_stop_past_the_lease(
     stopped_log = (outs[1] / "log.jsonl").read_text(encoding="utf-8")
     assert "lease.result_refused" in stopped_log
     assert await scalar(pg_url, "SELECT COUNT(*) FROM queue WHERE NOT finished") == 0
+
+
+# -- a planner that dies midway ---------------------------------------------------------------
+
+
+async def test_a_plan_cut_short_by_its_process_dying_is_finished_by_a_worker_that_joined(
+    job: Path, emulator: Emulator, api_key: str, pg_url: str
+) -> None:
+    manifest_path, data = manifest_for(job, emulator, 120)
+    manifest = dataclasses.replace(load(manifest_path), ledger_url=pg_url)
+
+    async def two_thirds_then_death() -> AsyncIterator[Entry]:
+        async for number, entry in aenumerate(preview(manifest)):
+            if number == 80:  # past the first batch queued (FIRST_ENQUEUE)
+                raise RuntimeError("the planning process died")
+            yield entry
+
+    async with await PgLedger.open(pg_url) as ledger:
+        with pytest.raises(RuntimeError, match="died"):
+            await plan_once(manifest, ledger, two_thirds_then_death())
+        assert not await plan_complete(ledger, manifest.target.base_url)
+
+    run = await run_cli("run", str(manifest_path), "--no-progress", "--ledger", pg_url, key=api_key)
+
+    assert run.code == 0, run.stderr
+    states = await item_states(pg_url)
+    assert Counter(state for state, _link in states.values()) == {"done": len(data)}
+
+
+async def aenumerate(entries: AsyncIterator[Entry]) -> AsyncIterator[tuple[int, Entry]]:
+    number = 0
+    async for entry in entries:
+        yield number, entry
+        number += 1
