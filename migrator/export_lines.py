@@ -123,9 +123,9 @@ async def export_ledger(
     range of ids, then joined in order: Python's formatting of a row, not SQLite, is most
     of an export's time. Without one (stdout), one process writes it all.
     """
-    check_export_format(fmt)
     if not isinstance(ledger, Ledger):
         return await write_export(ledger.iter_items(target), fmt, out)
+    check_export_format(fmt)
     spans = [] if scratch is None or ledger.blank else await _id_spans(ledger, target)
     if fmt == "csv":
         csv.writer(out, lineterminator="\n").writerow(EXPORT_FIELDS)
@@ -212,8 +212,8 @@ async def _write_in_parts(
                     await worker.wait()
         written = 0
         for part, count in zip(parts, counts, strict=True):
-            if count and fmt == "json":
-                out.write("\n" if not written else ",\n")
+            if count and written and fmt == "json":
+                out.write(",")  # a json part opens with the "\n" of its first page
             _copy_part(part, out)
             written += count
     return written
@@ -240,7 +240,7 @@ async def _rows_written(worker: asyncio.subprocess.Process) -> int:
 
 def write_part(database: str, target: str, fmt: str, span: tuple[int, int], part: str) -> int:
     """The rows of `target` whose id is in `span` to the file `part`, as `export_ledger`
-    writes them, a json part without its separators at either end (in a worker)."""
+    writes them (in a worker); a json part has no "," before its first row."""
     uri = f"file:{quote(database)}?mode=ro"
     sql = (
         f"SELECT {_COLUMNS} FROM {Ledger.ITEMS_BY_ID} WHERE target = ? AND id BETWEEN ? AND ? "
@@ -255,10 +255,7 @@ def write_part(database: str, target: str, fmt: str, span: tuple[int, int], part
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cursor = db.execute(sql, (target, *span))
         while page := cursor.fetchmany(PAGE_SIZE * 5):
-            if fmt == "json" and not count:
-                out.write(",\n".join(map(_json_text, page)))
-            else:
-                _write_page(out, fmt, page, first=False)
+            _write_page(out, fmt, page, first=not count)
             count += len(page)
     return count
 
