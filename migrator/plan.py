@@ -36,7 +36,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from migrator.errors import ManifestError, ManifestProblem
 from migrator.logs import get_logger
@@ -94,6 +94,7 @@ PROBLEM_LIMIT = 100
 SKIPS_LOGGED = 100  # warnings for skipped files at most; the rest are counted
 PROBE_TIMEOUT = 10.0
 
+T = TypeVar("T")
 log = get_logger()
 
 
@@ -968,10 +969,16 @@ async def expand(
         remembered=remembered,
         kept=kept,
     )
+    async for item in one_at_a_time(batches):
+        yield item
+
+
+async def one_at_a_time(batches: AsyncGenerator[Sequence[T], None]) -> AsyncIterator[T]:
+    """The elements of each batch in turn; the batches are closed with this iterator."""
     async with contextlib.aclosing(batches):
         async for batch in batches:
-            for item in batch:
-                yield item
+            for element in batch:
+                yield element
 
 
 async def expand_batches(

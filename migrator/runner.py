@@ -52,6 +52,7 @@ from migrator.plan import (
     Skipped,
     check_plan,
     expand_batches,
+    one_at_a_time,
 )
 from migrator.resume import Decision, decide
 from migrator.transfer import Meter, Send, Sent, Step, sha256_of, upload_step
@@ -288,11 +289,8 @@ async def decide_items(
     clock: ServiceClock,
 ) -> AsyncIterator[Entry]:
     """`decide_batches`, an entry at a time."""
-    decided = decide_batches(manifest, ledger, batches, checksum, clock)
-    async with contextlib.aclosing(decided) as entries:
-        async for batch in entries:
-            for entry in batch:
-                yield entry
+    async for entry in one_at_a_time(decide_batches(manifest, ledger, batches, checksum, clock)):
+        yield entry
 
 
 async def decide_batches(
