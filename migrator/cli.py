@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import gc
 import json
 import os
 import sys
@@ -207,6 +208,21 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
 def _examples(command: str) -> str | None:
     lines = EXAMPLES.get(command)
     return None if lines is None else "examples:\n" + "".join(f"  {line}\n" for line in lines)
+
+
+def entry() -> int:
+    """The program `migrator` (and `python -m migrator`): `main`, then a light exit.
+
+    When `main` returns, what the command wrote is closed (the ledger, the outputs)
+    or flushed at exit (the log file, by atexit). What is left is the interpreter's
+    finalization, whose garbage collections walk every object of every module again:
+    0.15 to 0.2 s of CPU after a run's summary. Frozen, those objects are freed as
+    before when nothing refers to them any more, and only cycles that are garbage
+    already are left to the end of the process, as its memory is.
+    """
+    code = main()
+    gc.freeze()
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

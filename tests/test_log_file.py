@@ -47,6 +47,20 @@ async def test_the_log_file_a_run_creates_is_0600_in_a_folder_made_0700(
     assert (mode_of(log), mode_of(log.parent)) == (0o600, 0o700)
 
 
+async def test_the_log_file_ends_with_the_runs_summary_once_the_process_has_exited(
+    manifest: Path, api_key: str, tmp_path: Path
+) -> None:
+    # The program leaves its garbage to the end of the process (a light exit), not
+    # what it wrote: the log is flushed whole, its last event the summary.
+    log = tmp_path / "job.log"
+
+    ran = await run_cli("run", str(manifest), "--no-progress", "--log-file", str(log), key=api_key)
+
+    assert ran.code == 0, ran.stderr
+    last = events_in(log)[-1]
+    assert (last["event"], last["uploaded"]) == ("run.summary", FILES)
+
+
 async def test_the_log_level_leaves_out_less_severe_events(
     manifest: Path, api_key: str, tmp_path: Path
 ) -> None:

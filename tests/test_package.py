@@ -79,7 +79,7 @@ def test_the_wheel_is_kie_migrator_with_the_samples_schema_license_and_command(
     assert "License-Expression: MIT" in metadata.splitlines()
     assert f"{dist_info}/licenses/LICENSE" in names
     assert {"migrator/py.typed", "migrator/starter.yaml"} <= names
-    assert re.search(r"^migrator = migrator\.cli:main$", entry_points, re.MULTILINE)
+    assert re.search(r"^migrator = migrator\.cli:entry$", entry_points, re.MULTILINE)
     assert shipped == sample_files()  # byte for byte, and no ledger or output
     assert schema == (REPO_ROOT / "migrator" / "manifest.schema.json").read_bytes()
 
