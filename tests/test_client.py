@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 from conftest import closed_port
 
-from migrator.client import READ_SIZE, UploadClient, parse_response
+from migrator.client import READ_BUDGET, READ_SIZE, UploadClient, parse_response, read_size
 from migrator.emulator import Emulator
 from migrator.errors import (
     AuthRejectedError,
@@ -673,9 +673,47 @@ async def test_a_large_file_arrives_intact(session: aiohttp.ClientSession, tmp_p
 
 
 def several_reads(tmp_path: Path) -> Source:
-    """A file the client reads in three trips to a thread, the last one short."""
-    data = hashlib.sha256(b"reads").digest() * ((2 * READ_SIZE + 12_345) // 32)
+    """A file the client, sending it alone, reads in three trips to a thread, the last
+    one short."""
+    data = hashlib.sha256(b"reads").digest() * ((2 * READ_BUDGET + 12_345) // 32)
     return write_source(tmp_path / "reads.bin", data)
+
+
+class NotedReads:
+    """A sha256 that notes the size of each read it is given."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.sizes: list[int] = []
+
+    def update(self, data: bytes, /) -> None:
+        self.sizes.append(len(data))
+        self.sha256.update(data)
+
+
+async def test_a_file_sent_alone_is_read_the_whole_read_budget_a_trip(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    source = several_reads(tmp_path)
+    reads = NotedReads()
+    async with serve(reply(quickstart(fileSize=source.size))) as server:
+        await client_for(session, server.base_url).upload_file(
+            source.path, upload_path="a", file_name="reads.bin", size=source.size, digest=reads
+        )
+    rest = source.size - 2 * READ_BUDGET
+    assert reads.sizes == [READ_BUDGET, READ_BUDGET, rest, 0]  # the last: the end, seen
+    assert reads.sha256.hexdigest() == hashlib.sha256(source.data).hexdigest()
+
+
+def test_files_sent_at_once_share_the_read_budget_down_to_the_read_size() -> None:
+    chunk = 256 * 1024
+    shares = [read_size(chunk, readers) for readers in (1, 2, 4, 16)]
+    assert shares == [READ_BUDGET, READ_BUDGET // 2, READ_SIZE, READ_SIZE]
+
+
+def test_a_read_is_whole_chunks_and_at_least_one() -> None:
+    assert read_size(100_000, 1) == 41 * 100_000  # 4 MiB holds 41 whole chunks
+    assert read_size(8 * READ_BUDGET, 1) == 8 * READ_BUDGET
 
 
 async def test_a_file_of_several_reads_is_hashed_whole_and_in_order(
