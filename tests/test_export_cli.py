@@ -373,10 +373,12 @@ async def test_an_export_to_stdout_of_hostile_rows_is_exactly_the_pinned_bytes(
 
 @pytest.fixture
 def in_three_parts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any export with a scratch folder goes in three parts, whatever this machine has."""
+    """Any export with a scratch folder goes in three parts, of five ids at most, written by
+    two workers, whatever this machine has."""
     monkeypatch.setattr(export_lines, "PARALLEL_ROWS", 1)
-    monkeypatch.setattr(export_lines, "MAX_WORKERS", 3)
-    monkeypatch.setattr(export_lines.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(export_lines, "SPAN_ROWS", 5)
+    monkeypatch.setattr(export_lines, "MAX_WORKERS", 2)
+    monkeypatch.setattr(export_lines.os, "cpu_count", lambda: 4)
 
 
 def parts_left(folder: Path) -> list[Path]:
@@ -389,7 +391,7 @@ async def test_an_export_in_parts_holds_exactly_the_pinned_bytes_and_leaves_no_p
 ) -> None:
     out = tmp_path / f"map.{fmt}"
     async with await Ledger.open(tmp_path / "ledger.sqlite", readonly=True) as ledger:
-        assert len(await export_lines._id_spans(ledger, LEDGER_TARGET)) == 3
+        assert len(await export_lines._id_spans(ledger)) == 3
 
         with out.open("w", encoding="utf-8", newline="") as handle:
             written = await export_ledger(ledger, LEDGER_TARGET, fmt, handle, scratch=tmp_path)
@@ -407,6 +409,18 @@ async def test_an_export_in_parts_to_a_text_buffer_is_the_same_text(
         await export_ledger(ledger, LEDGER_TARGET, "jsonl", buffer, scratch=tmp_path)
 
     assert buffer.getvalue() == PINNED["jsonl"]
+
+
+async def test_an_export_in_parts_to_utf8_text_without_a_file_is_the_same_bytes(
+    hostile_job: Path, tmp_path: Path, in_three_parts: None
+) -> None:
+    raw = io.BytesIO()
+    async with await Ledger.open(tmp_path / "ledger.sqlite", readonly=True) as ledger:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        await export_ledger(ledger, LEDGER_TARGET, "json", text, scratch=tmp_path)
+        text.flush()
+
+    assert raw.getvalue() == PINNED["json"].encode()
 
 
 async def test_a_failed_export_worker_is_an_os_error_that_leaves_no_part(
