@@ -89,6 +89,7 @@ _Request = tuple[str, int, Digest, "asyncio.Future[Whole | None]"]
 
 READ_LANES = 4  # trips to threads at once: a file on a hung mount holds up one of them
 READ_BATCH = 64  # the most files one trip reads
+READ_STALL = 0.1  # seconds a trip may be out before the reads waiting for it take a new lane
 
 
 class WholeFiles:
@@ -99,13 +100,21 @@ class WholeFiles:
     one turn of the loop go together, and all their answers come back with one
     wake-up. Never on the loop itself: a hung mount must not freeze it (progress,
     timeouts, leases), and it holds up one lane of READ_LANES, not every read.
+
+    One lane at a time while trips come back within `stall` seconds: the reads asked
+    meanwhile wait and go together in the next trip. Two threads reading at once
+    fight the loop for the GIL at every system call (a futex storm: a tenth of a
+    small-file run's CPU); a trip out longer than `stall` (a hung mount) lets the
+    waiting reads take another lane.
     """
 
-    def __init__(self, lanes: int = READ_LANES) -> None:
+    def __init__(self, lanes: int = READ_LANES, stall: float = READ_STALL) -> None:
         self.lanes = lanes
+        self.stall = stall
         self._waiting: list[_Request] = []
-        self._busy = 0
+        self._out: list[float] = []  # when each trip now in a thread left
         self._called = False  # a dispatch is due at the next turn of the loop
+        self._recheck: asyncio.TimerHandle | None = None
         self.trips = 0  # trips to a thread so far, for tests and stats
 
     async def read(self, source: str, limit: int, digest: Digest) -> Whole | None:
@@ -118,17 +127,35 @@ class WholeFiles:
         return await future
 
     def _call_dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._called and self._busy < self.lanes:
+        if self._called:
+            return
+        if self._lane_free(loop.time()):
             self._called = True  # the other reads asked for in this turn join the trip
             loop.call_soon(self._dispatch, loop)
+        elif len(self._out) < self.lanes and self._recheck is None:
+            self._recheck = loop.call_later(self.stall, self._stalled, loop)
+
+    def _lane_free(self, now: float) -> bool:
+        """No trip out, or every trip out has taken `stall` seconds (and a lane is left)."""
+        out = self._out
+        return not out or (len(out) < self.lanes and now - max(out) >= self.stall)
+
+    def _stalled(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._recheck = None
+        if self._waiting:
+            self._call_dispatch(loop)
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._called = False
         self._waiting = [request for request in self._waiting if not request[3].done()]
-        if not self._waiting or self._busy >= self.lanes:
+        now = loop.time()
+        if not self._waiting:
+            return
+        if not self._lane_free(now):
+            self._call_dispatch(loop)  # when the trip out comes back, or stalls
             return
         batch, self._waiting = self._waiting[:READ_BATCH], self._waiting[READ_BATCH:]
-        self._busy += 1
+        self._out.append(now)
         self.trips += 1
         jobs = [(source, limit, digest) for source, limit, digest, _ in batch]
         try:
@@ -136,15 +163,16 @@ class WholeFiles:
         except RuntimeError as err:  # the executor is shut down: say so, never hang
             trip = loop.create_future()
             trip.set_exception(err)
-        trip.add_done_callback(lambda done: self._answer(loop, batch, done))
+        trip.add_done_callback(lambda done: self._answer(loop, batch, done, now))
 
     def _answer(
         self,
         loop: asyncio.AbstractEventLoop,
         batch: list[_Request],
         trip: asyncio.Future[list[Whole | Exception | None]],
+        left: float,
     ) -> None:
-        self._busy -= 1
+        self._out.remove(left)
         failure = trip.exception() if not trip.cancelled() else asyncio.CancelledError()
         answers = trip.result() if failure is None else [failure] * len(batch)
         for (_, _, _, future), answer in zip(batch, answers, strict=True):

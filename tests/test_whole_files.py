@@ -77,3 +77,40 @@ async def test_a_read_given_up_meanwhile_leaves_the_others_theirs(tmp_path: Path
     assert first == (paths[0].read_bytes(), paths[0].stat().st_mtime_ns)
     assert last == (paths[2].read_bytes(), paths[2].stat().st_mtime_ns)
     assert await files.read(str(paths[1]), 1024, hashlib.sha256()) is not None
+
+
+def _big_files(folder: Path, count: int) -> list[Path]:
+    """Files enough to keep a trip out for a few turns of the loop."""
+    paths = []
+    for number in range(count):
+        path = folder / f"big{number}.bin"
+        path.write_bytes(bytes([number]) * (256 * 1024))
+        paths.append(path)
+    return paths
+
+
+async def _reads_in_three_turns(files: WholeFiles, folder: Path) -> None:
+    """A trip of big files, then two small reads, each asked in a turn of its own."""
+    first = [files.read(str(p), 1 << 20, hashlib.sha256()) for p in _big_files(folder, 32)]
+    reads = [asyncio.ensure_future(asyncio.gather(*first))]
+    for path in _files(folder, 2):
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        reads.append(asyncio.ensure_future(files.read(str(path), 1024, hashlib.sha256())))
+    await asyncio.gather(*reads)
+
+
+async def test_reads_asked_while_a_trip_is_out_wait_for_it_and_go_together(
+    tmp_path: Path,
+) -> None:
+    files = WholeFiles(lanes=4, stall=60.0)
+    await _reads_in_three_turns(files, tmp_path)
+    assert files.trips == 2
+
+
+async def test_a_trip_out_past_the_stall_limit_lets_waiting_reads_take_another_lane(
+    tmp_path: Path,
+) -> None:
+    files = WholeFiles(lanes=4, stall=0.0)
+    await _reads_in_three_turns(files, tmp_path)
+    assert files.trips == 3
