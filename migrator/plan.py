@@ -40,9 +40,10 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from migrator.errors import ManifestError, ManifestProblem
 from migrator.logs import get_logger
-from migrator.methods import automatic_method, choose_method, forced_method_problem
+from migrator.methods import automatic_methods, choose_method, forced_method_problem
 from migrator.model import (
     GlobSource,
+    LocalItems,
     Manifest,
     Method,
     PathSource,
@@ -258,28 +259,26 @@ class _Folder:
                 mtime_ns=mtime_ns,
             )
 
-    def plan_items(self, manifest: Manifest, batch: int) -> Iterator[list[PlanItem]]:
-        """The folder's files as `PlanItem`s, `batch` at a time: what `_plan_item` makes of
-        each entry, without the entry (a no-op re-run of a big tree is mostly this)."""
-        first, prefix = self.first, self.folder + "/"
-        upload_path, requested = first.upload_path, first.requested
-        forced = requested is not Method.AUTO
-        settings, file = manifest.settings, SourceKind.FILE
-        names, sizes, mtimes = self.names, self.sizes, self.mtimes
+    def plan_items(self, manifest: Manifest, batch: int) -> Iterator[LocalItems]:
+        """The folder's files as plan items, `batch` at a time: what `_plan_item` makes of
+        each entry, held as columns (a no-op re-run or a plan of a big tree is mostly this)."""
+        first, names, sizes, mtimes = self.first, self.names, self.sizes, self.mtimes
+        forced = first.requested is not Method.AUTO
         for start in range(0, len(names), batch):
-            items: list[PlanItem] = []
-            for index in range(start, min(start + batch, len(names))):
-                name, size = names[index], sizes[index]
-                if forced:
-                    method = self._forced_method(manifest, index)
-                else:
-                    method = automatic_method(file, size, settings)
-                source = prefix + name
-                item = PlanItem(
-                    source, file, upload_path, name, size, method, forced, mtimes[index]
-                )
-                items.append(item)
-            yield items
+            end = min(start + batch, len(names))
+            if forced:
+                methods = [self._forced_method(manifest, index) for index in range(start, end)]
+            else:
+                methods = automatic_methods(sizes[start:end], manifest.settings)
+            yield LocalItems(
+                self.folder,
+                first.upload_path,
+                names[start:end],
+                sizes[start:end],
+                mtimes[start:end],
+                methods,
+                forced=forced,
+            )
 
     def _forced_method(self, manifest: Manifest, index: int) -> Method:
         """The method the manifest names, or the ManifestError `_plan_item` raises."""
@@ -990,9 +989,10 @@ async def expand_batches(
     probe_timeout: float = PROBE_TIMEOUT,
     remembered: Remembered | None = None,
     kept: KeptEntries | None = None,
-) -> AsyncGenerator[list[PlanItem], None]:
-    """Yield the plan's items lazily, in manifest order, in lists of about BATCH; from
-    `kept` (what `check_plan` kept) when given, else walking the sources.
+) -> AsyncGenerator[Sequence[PlanItem], None]:
+    """Yield the plan's items lazily, in manifest order, in batches of about BATCH (a
+    folder's files as `LocalItems`); from `kept` (what `check_plan` kept) when given, else
+    walking the sources.
 
     Local files carry size and mtime from stat. Remote files are probed for their size
     (and ETag / Last-Modified) through `session` (or the session it opens at the first
@@ -1014,13 +1014,13 @@ async def expand_batches(
         chunks = _kept_chunks(kept) if kept is not None else _chunks_off_the_loop(manifest)
         async for chunk in chunks:
             if isinstance(chunk, _Folder):  # local files: nothing to probe or wait for
-                ready = [await _planned(manifest, head, info) for head, info in _drain(pending)]
+                if pending:
+                    yield [await _planned(manifest, head, info) for head, info in _drain(pending)]
                 for items in chunk.plan_items(manifest, BATCH):
-                    yield ready + items if ready else items
-                    ready = []
+                    yield items
                 continue
             known = await _remembered_infos(chunk, remembered)
-            ready = []
+            ready: list[PlanItem] = []
             for entry in chunk:
                 pending.append((entry, window.info(entry, known.get(entry.identity))))
                 while pending and (_ready(pending[0][1]) or len(pending) > PROBE_LOOKAHEAD):

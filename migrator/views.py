@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,10 +15,10 @@ from rich.table import Table
 
 from migrator.history import ItemHistory
 from migrator.ledger import RunRow
-from migrator.model import HOUR, Outcome, PlanItem
+from migrator.model import HOUR, LocalItems, Outcome, PlanItem
 from migrator.naming import hide_credentials, printable, without_credentials
 from migrator.report import JobCoverage, RunFailure, StatusReport
-from migrator.resume import Decision
+from migrator.resume import DecidedBatch, Decision
 from migrator.units import format_duration, format_size, iso_utc, relative_time
 
 if TYPE_CHECKING:  # not at run time: `status` must not load the HTTP stack
@@ -225,10 +227,24 @@ class PlanTotals:
     skipped: int = 0  # files globs matched but did not take (check_plan's count)
     unreadable: int = 0  # folders globs could not read
 
-    def add(self, item: PlanItem, decision: Decision) -> None:
-        count, size = self.by_method.get(item.method, (0, 0))
-        self.by_method[item.method] = (count + 1, size + (item.size or 0))
-        self.by_decision[decision] = self.by_decision.get(decision, 0) + 1
+    def add(self, batch: DecidedBatch) -> None:
+        """Count each entry of the batch (a folder's files from their columns)."""
+        items = batch.items
+        if isinstance(items, LocalItems):
+            if len(set(items.methods)) == 1:  # a folder of small files, or of big ones
+                self._add_method(items.methods[0], len(items), sum(items.sizes))
+            else:
+                for method, size in zip(items.methods, items.sizes, strict=True):
+                    self._add_method(method, 1, size)
+        else:
+            for item in items:
+                self._add_method(item.method, 1, item.size or 0)
+        for decision, count in Counter(batch.decisions).items():  # in the order first seen
+            self.by_decision[decision] = self.by_decision.get(decision, 0) + count
+
+    def _add_method(self, method: str, count: int, size: int) -> None:
+        counted, total = self.by_method.get(method, (0, 0))
+        self.by_method[method] = (counted + count, total + size)
 
 
 def skipped_line(count: int) -> str:
@@ -251,34 +267,30 @@ def unreadable_line(count: int) -> str:
 
 class PlanTablePrinter:
     """Rows are printed as they come (a million-item plan must not be held in memory),
-    ROWS_A_WRITE at a time."""
-
-    ROWS_A_WRITE = 1000
+    a batch in one write."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.console.print(
             f"[bold]{'method':<7} {'size':>10}  {'ledger':<9} target <- source[/bold]"
         )
-        self._rows: list[str] = []
 
-    def item(self, item: PlanItem, decision: Decision) -> None:
+    def batch(self, batch: DecidedBatch) -> None:
         # Plain text: rich's rendering costs ~0.1 ms a row, too much for 200,000 rows.
-        source = printable(without_credentials(item.source))
-        self._rows.append(
-            f"{item.method:<7} {format_size(item.size):>10}  {decision:<9} "
-            f"{item.upload_path}/{item.file_name} <- {source}\n"
-        )
-        if len(self._rows) >= self.ROWS_A_WRITE:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the rows held so far."""
-        rows, self._rows = self._rows, []
+        items = batch.items
+        if isinstance(items, LocalItems):
+            rows = _folder_rows(items, batch.decisions)
+        else:
+            rows = [
+                _table_row(item, decision)
+                for item, decision in zip(items, batch.decisions, strict=True)
+            ]
         sys.stdout.write("".join(rows))
 
+    def flush(self) -> None:
+        sys.stdout.flush()
+
     def totals(self, totals: PlanTotals) -> None:
-        self.flush()
         table = Table(title="totals", show_edge=False)
         table.add_column("method")
         table.add_column("items", justify="right")
@@ -294,6 +306,33 @@ class PlanTablePrinter:
             self.console.print(unreadable_line(totals.unreadable), markup=False)
 
 
+def _table_row(item: PlanItem, decision: Decision) -> str:
+    source = printable(without_credentials(item.source))
+    return (
+        f"{item.method:<7} {format_size(item.size):>10}  {decision:<9} "
+        f"{item.upload_path}/{item.file_name} <- {source}\n"
+    )
+
+
+def _folder_rows(items: LocalItems, decisions: Sequence[Decision]) -> list[str]:
+    """`_table_row` of each of a folder's files, with what they share written once: the
+    folder, and the text of each method, size and decision."""
+    folder = items.folder + "/"
+    names = "".join(items.names)
+    if not (shown_as_is := folder + names).isprintable() or "@" in shown_as_is:
+        return [_table_row(item, decision) for item, decision in zip(items, decisions, strict=True)]
+    methods = {method: f"{method:<7}" for method in set(items.methods)}
+    sizes = {size: f"{format_size(size):>10}" for size in set(items.sizes)}
+    decided = {decision: f"{decision:<9}" for decision in set(decisions)}
+    target = items.upload_path + "/"
+    return [
+        f"{methods[method]} {sizes[size]}  {decided[decision]} {target}{name} <- {folder}{name}\n"
+        for method, size, decision, name in zip(
+            items.methods, items.sizes, decisions, items.names, strict=True
+        )
+    ]
+
+
 class PlanJsonPrinter:
     """One JSON document, streamed: {"items": [...], "totals": {...}, "ledger": {...}}."""
 
@@ -301,7 +340,11 @@ class PlanJsonPrinter:
         self.first = True
         sys.stdout.write('{"items": [')
 
-    def item(self, item: PlanItem, decision: Decision) -> None:
+    def batch(self, batch: DecidedBatch) -> None:
+        for item, decision, _row in batch:
+            self._item(item, decision)
+
+    def _item(self, item: PlanItem, decision: Decision) -> None:
         row = {
             "source": without_credentials(item.source),
             "kind": item.kind,
