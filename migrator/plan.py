@@ -229,6 +229,18 @@ class _Folder:
         self.mtimes.append(mtime_ns)
         self.cost += _NAME_COST + len(name)
 
+    def extend(
+        self, names: list[str], sizes: array.array[int], mtimes: array.array[int], start: int
+    ) -> int:
+        """`add` the files from `start` on, as many as fit in the part; how many did."""
+        end = min(len(names), start + FOLDER_PART - len(self.names))
+        taken = names[start:end]
+        self.names += taken
+        self.sizes += sizes[start:end]
+        self.mtimes += mtimes[start:end]
+        self.cost += _NAME_COST * len(taken) + sum(map(len, taken))
+        return len(taken)
+
     def entry(self, index: int) -> _Entry:
         """The file at `index`, as an `_Entry`."""
         first = self.first
@@ -369,6 +381,42 @@ def walk_glob(
     root (its `path` is then the real file). Links to folders are never followed:
     what they reach inside the root is walked anyway, and no loop can start.
     """
+    walk = _walk_runs(
+        root,
+        relative_pattern,
+        exclude,
+        follow_symlinks=follow_symlinks,
+        on_error=on_error,
+        on_skip=on_skip,
+    )
+    for found in walk:
+        if isinstance(found, GlobFile):
+            yield found
+            continue
+        prefix, folder = found.prefix, found.folder + "/"
+        for name in found.names:
+            yield GlobFile(prefix + name, folder + name)
+
+
+class _Run(NamedTuple):
+    """Regular files a glob takes that come one after another in one folder."""
+
+    prefix: str  # the folder below the root, with its '/' ('' for the root itself)
+    folder: str  # the folder's path: a file's path is folder/name
+    names: list[str]
+
+
+def _walk_runs(
+    root: Path,
+    relative_pattern: str,
+    exclude: tuple[str, ...] = (),
+    *,
+    follow_symlinks: bool = False,
+    on_error: OnWalkError | None = None,
+    on_skip: OnSkip | None = None,
+) -> Iterator[_Run | GlobFile]:
+    """What `walk_glob` yields, a folder's regular files as runs of names (a run ends
+    where a subfolder or a link comes between), a followed link as its `GlobFile`."""
     include = compile_glob(relative_pattern)
     excludes = [compile_glob(p) for p in exclude]
     max_depth = glob_depth(relative_pattern)
@@ -376,9 +424,20 @@ def walk_glob(
     stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", _entries(str(root), on_error))]
     while stack:
         prefix, entries = stack[-1]
+        run: _Run | None = None
         for entry in entries:  # until the folder's end, or a subfolder to go down into
-            relative = prefix + entry.name
+            name = entry.name
+            relative = prefix + name
+            if _is_file(entry):
+                if include.fullmatch(relative) and not (excludes and _matches(excludes, relative)):
+                    if run is None:
+                        run = _Run(prefix, entry.path[: -len(name) - 1], [])
+                    run.names.append(name)
+                continue
             kind = _kind(entry)
+            if run is not None:
+                yield run
+                run = None
             if kind in (_DIR, _DIR_LINK):
                 if not _may_descend(relative, max_depth, excludes):
                     continue
@@ -394,9 +453,6 @@ def walk_glob(
                 or (excludes and _matches(excludes, relative))
             ):
                 continue
-            if kind == _FILE:
-                yield GlobFile(relative, entry.path)
-                continue
             target, reason = (None, kind) if kind != _LINK else _link_target(entry.path, real_root)
             if target is not None:
                 yield GlobFile(relative, target)
@@ -404,6 +460,8 @@ def walk_glob(
                 on_skip(Skipped(entry.path, reason))
         else:
             stack.pop()
+        if run is not None:
+            yield run
 
 
 def iter_url_list(path: Path) -> Iterator[tuple[int, str]]:
@@ -434,11 +492,19 @@ def _entries(path: str, on_error: OnWalkError | None) -> Iterator[os.DirEntry[st
 _FILE, _DIR, _LINK, _DIR_LINK = "file", "folder", "link", "folder link"
 
 
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """Whether the entry is a regular file, not a link (most entries: one look)."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
+
+
 def _kind(entry: os.DirEntry[str]) -> str | None:
     """_FILE, _DIR, _LINK, _DIR_LINK, or for anything else why it is skipped; None
     when the entry vanished while the folder was read."""
     try:
-        if entry.is_file(follow_symlinks=False):  # most entries: one look, no link
+        if entry.is_file(follow_symlinks=False):
             return _FILE
         if entry.is_symlink():
             return _DIR_LINK if _leads_to_folder(entry) else _LINK
@@ -556,7 +622,7 @@ class _Expansion:
                 self.on_skip(index, skip)
 
         found = False
-        walk = walk_glob(
+        walk = _walk_runs(
             source.root,
             source.relative_pattern,
             source.exclude,
@@ -564,35 +630,27 @@ class _Expansion:
             on_error=walk_error,
             on_skip=skipped,
         )
-        folder, upload_path = None, ""
-        part: _Folder | None = None
+        parts = _GlobParts(self, index, source)
         filters = self.manifest.filters
-        for relative, path in walk:
+        for files in walk:
             found = True
-            if not filters.takes_path(relative):
+            if isinstance(files, GlobFile):
+                if filters.takes_path(files.relative):
+                    yield from parts.file(files.relative, files.path, *_stat(files.path))
                 continue
-            size, mtime_ns = _stat(path)
-            if not filters.takes_stat(size, mtime_ns):
-                continue
-            here, _, name = relative.rpartition("/")
-            if here != folder:  # files come folder by folder: join once per folder
-                folder, upload_path = here, self._upload_path(source, here)
-            where, _, own_name = path.rpartition("/")
-            if part is not None and not part.takes(where, upload_path):
-                yield part
-                part = None
-            if size is not None and mtime_ns is not None and own_name == name:
-                if part is None:
-                    first = self._file_entry(index, source, path, upload_path, name, size, mtime_ns)
-                    part = _Folder(first, where)
-                part.add(name, size, mtime_ns)
-                continue
-            if part is not None:
-                yield part
-                part = None
-            yield self._file_entry(index, source, path, upload_path, name, size, mtime_ns)
-        if part is not None:
-            yield part
+            prefix, folder, names = files
+            if filters.by_path:
+                names = [name for name in names if filters.takes_path(prefix + name)]
+            infos = None if filters.by_stat else _stat_all(folder, names)
+            if infos is None:  # file by file: a size or an age may leave one out
+                for name in names:
+                    path = f"{folder}/{name}"
+                    yield from parts.file(prefix + name, path, *_stat(path))
+            elif names:
+                sizes = array.array("q", [info.st_size for info in infos])
+                mtimes = array.array("q", [info.st_mtime_ns for info in infos])
+                yield from parts.run(files._replace(names=names), sizes, mtimes)
+        yield from parts.end()
         if not found and source.require_match:
             message = f"{source.pattern!r} matches no files (require_match is set)"
             self.report(self._file, source.line, f"sources[{index}].glob", message)
@@ -654,6 +712,97 @@ class _Expansion:
             return
         if not found:
             self.report(self._file, source.line, where, f"{source.path} lists no usable URLs")
+
+
+class _GlobParts:
+    """The files of one glob source, in order, as `_Folder` parts of up to FOLDER_PART
+    files of one folder; a file that vanished before its stat, or a link followed to a
+    file of another name, as an `_Entry` of its own."""
+
+    __slots__ = ("_expansion", "_here", "_index", "_part", "_source", "_upload_path")
+
+    def __init__(self, expansion: _Expansion, index: int, source: GlobSource) -> None:
+        self._expansion, self._index, self._source = expansion, index, source
+        self._here: str | None = None  # the folder below the root of the last file
+        self._upload_path = ""  # its upload path: files come folder by folder, joined once
+        self._part: _Folder | None = None
+
+    def file(
+        self, relative: str, path: str, size: int | None, mtime_ns: int | None
+    ) -> Iterator[_Entry | _Folder]:
+        """One file the glob takes (stat'ed: `size` and `mtime_ns`, None if it vanished)."""
+        if not self._expansion.manifest.filters.takes_stat(size, mtime_ns):
+            return
+        here, _, name = relative.rpartition("/")
+        upload_path = self._upload_path_of(here)
+        where, _, own_name = path.rpartition("/")
+        if size is None or mtime_ns is None or own_name != name:
+            yield from self.end()
+            yield self._entry(path, upload_path, name, size, mtime_ns)
+            return
+        yield from self._room(where, upload_path, path, name, size, mtime_ns)
+        assert self._part is not None
+        self._part.add(name, size, mtime_ns)
+
+    def run(
+        self, run: _Run, sizes: array.array[int], mtimes: array.array[int]
+    ) -> Iterator[_Folder]:
+        """A run's files, all taken, stat'ed: `sizes` and `mtimes` in the run's order."""
+        upload_path = self._upload_path_of(run.prefix[:-1])
+        names, start = run.names, 0
+        while start < len(names):
+            name = names[start]
+            path = f"{run.folder}/{name}"
+            yield from self._room(run.folder, upload_path, path, name, sizes[start], mtimes[start])
+            assert self._part is not None
+            start += self._part.extend(names, sizes, mtimes, start)
+
+    def end(self) -> Iterator[_Folder]:
+        """The part being filled, if any: what comes next is not of it."""
+        if self._part is not None:
+            yield self._part
+            self._part = None
+
+    def _room(
+        self, where: str, upload_path: str, path: str, name: str, size: int, mtime_ns: int
+    ) -> Iterator[_Folder]:
+        """A part that takes the next file of `where` (the full one before it, if any)."""
+        if self._part is not None and not self._part.takes(where, upload_path):
+            yield from self.end()
+        if self._part is None:
+            self._part = _Folder(self._entry(path, upload_path, name, size, mtime_ns), where)
+
+    def _upload_path_of(self, here: str) -> str:
+        if here != self._here:
+            self._here, self._upload_path = here, self._expansion._upload_path(self._source, here)
+        return self._upload_path
+
+    def _entry(
+        self, path: str, upload_path: str, name: str, size: int | None, mtime_ns: int | None
+    ) -> _Entry:
+        index, source = self._index, self._source
+        return _Expansion._file_entry(index, source, path, upload_path, name, size, mtime_ns)
+
+
+def _stat_all(folder: str, names: list[str]) -> list[os.stat_result] | None:
+    """`os.stat` of each file of a folder, or None when one vanished. From the folder
+    opened once: the kernel then resolves a name, not the whole path (on this VM, a
+    fifth less a file)."""
+    try:
+        if len(names) < _STAT_FROM_FOLDER:
+            return [os.stat(f"{folder}/{name}") for name in names]  # noqa: PTH116
+        opened = os.open(folder or "/", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        return [os.stat(name, dir_fd=opened) for name in names]
+    except OSError:
+        return None
+    finally:
+        os.close(opened)
+
+
+_STAT_FROM_FOLDER = 8  # files, at least, to open their folder for
 
 
 def _stat(path: Path | str) -> tuple[int | None, int | None]:
