@@ -641,15 +641,13 @@ class _Expansion:
             prefix, folder, names = files
             if filters.by_path:
                 names = [name for name in names if filters.takes_path(prefix + name)]
-            infos = None if filters.by_stat else _stat_all(folder, names)
-            if infos is None:  # file by file: a size or an age may leave one out
+            stats = None if filters.by_stat else _stat_all(folder, names)
+            if stats is None:  # file by file: a size or an age may leave one out
                 for name in names:
                     path = f"{folder}/{name}"
                     yield from parts.file(prefix + name, path, *_stat(path))
             elif names:
-                sizes = array.array("q", [info.st_size for info in infos])
-                mtimes = array.array("q", [info.st_mtime_ns for info in infos])
-                yield from parts.run(files._replace(names=names), sizes, mtimes)
+                yield from parts.run(files._replace(names=names), *stats)
         yield from parts.end()
         if not found and source.require_match:
             message = f"{source.pattern!r} matches no files (require_match is set)"
@@ -784,25 +782,27 @@ class _GlobParts:
         return _Expansion._file_entry(index, source, path, upload_path, name, size, mtime_ns)
 
 
-def _stat_all(folder: str, names: list[str]) -> list[os.stat_result] | None:
-    """`os.stat` of each file of a folder, or None when one vanished. From the folder
-    opened once: the kernel then resolves a name, not the whole path (on this VM, a
-    fifth less a file)."""
+def _stat_all(folder: str, names: list[str]) -> tuple[array.array[int], array.array[int]] | None:
+    """The sizes and mtimes of these files of a folder, or None when one vanished. Each
+    looked up from the folder opened once: the kernel then resolves a name, not the
+    whole path (on this VM, a fifth less a file)."""
+    sizes, mtimes = array.array("q"), array.array("q")
+    size, mtime = sizes.append, mtimes.append
+    stat = os.stat
     try:
-        if len(names) < _STAT_FROM_FOLDER:
-            return [os.stat(f"{folder}/{name}") for name in names]  # noqa: PTH116
         opened = os.open(folder or "/", os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return None
     try:
-        return [os.stat(name, dir_fd=opened) for name in names]
+        for name in names:  # a loop, not a list of stat results to free at once
+            info = stat(name, dir_fd=opened)
+            size(info.st_size)
+            mtime(info.st_mtime_ns)
     except OSError:
         return None
     finally:
         os.close(opened)
-
-
-_STAT_FROM_FOLDER = 8  # files, at least, to open their folder for
+    return sizes, mtimes
 
 
 def _stat(path: Path | str) -> tuple[int | None, int | None]:
@@ -998,15 +998,30 @@ class _Checking:
             for index in range(len(folder.names)):
                 self.entry(folder.entry(index))
             return
-        for index, name in enumerate(folder.names):
-            if self._repeated(first.upload_path, name):
-                self._note_repeat(folder.entry(index))
+        if not self._all_new(first.upload_path, folder.names):
+            for index, name in enumerate(folder.names):
+                if self._repeated(first.upload_path, name):
+                    self._note_repeat(folder.entry(index))
         held = folder if manifest.shard is None else folder.held_by(manifest)
         if held.names:
             self.tally.count_files(held.sizes)
             if self.kept is not None:
                 self.kept.add_folder(held)
                 self._within_keep()
+
+    def _all_new(self, upload_path: str, file_names: list[str]) -> bool:
+        """Whether none of these names (all passing check_name) lands where a name seen
+        before does, nor two of them on one place; if so, they are all seen now (what
+        `_repeated` finds of each, for a folder at once)."""
+        prefix = f"{upload_path}/" if upload_path else ""
+        joined = [prefix + name for name in file_names]
+        if not (prefix.isascii() and "".join(file_names).isascii()):  # NFC changes no ASCII
+            joined = [unicodedata.normalize("NFC", key) for key in joined]
+        digests = set(map(_digest, joined))
+        if len(digests) < len(joined) or not self.seen.isdisjoint(digests):
+            return False
+        self.seen |= digests
+        return True
 
     def _repeated(self, upload_path: str, file_name: str) -> bool:
         """Whether a name seen before lands where this one does (or one sharing its
