@@ -311,17 +311,16 @@ async def decide_batches(
         keys = batch.keys() if isinstance(batch, LocalItems) else [item.key for item in batch]
         found = await ledger.lookup_found(target, keys)
         now = clock.now()
-        decisions = [
-            new
-            if (row := found.get(key)) is None
-            else decide(batch[index], row, now=now, refresh_within=within, checksum=checksum)
-            for index, key in enumerate(keys)
-        ]
-        worked = [
-            key
-            for key, decision in zip(keys, decisions, strict=True)
-            if decision is not unchanged and key in found
-        ]
+        decisions = [new] * len(keys)  # what the ledger has never seen
+        worked: list[tuple[str, str]] = []  # keys of the rows with work
+        for index, key in enumerate(keys) if found else ():
+            if (row := found.get(key)) is not None:
+                decision = decide(
+                    batch[index], row, now=now, refresh_within=within, checksum=checksum
+                )
+                decisions[index] = decision
+                if decision is not unchanged:
+                    worked.append(key)
         rows = await ledger.lookup(target, worked) if worked else {}
         yield DecidedBatch(batch, decisions, keys, rows)
 
