@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, JustifyMethod
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from migrator.history import ItemHistory
 from migrator.ledger import RunRow
-from migrator.model import HOUR, LocalItems, Outcome, PlanItem
+from migrator.model import HOUR, LocalItems, Outcome, PlanItem, SourceKind
 from migrator.naming import hide_credentials, printable, without_credentials
 from migrator.report import JobCoverage, RunFailure, StatusReport
 from migrator.resume import DecidedBatch, Decision
@@ -341,21 +342,18 @@ class PlanJsonPrinter:
         sys.stdout.write('{"items": [')
 
     def batch(self, batch: DecidedBatch) -> None:
-        for item, decision, _row in batch:
-            self._item(item, decision)
-
-    def _item(self, item: PlanItem, decision: Decision) -> None:
-        row = {
-            "source": without_credentials(item.source),
-            "kind": item.kind,
-            "upload_path": item.upload_path,
-            "file_name": item.file_name,
-            "size": item.size,
-            "method": item.method,
-            "ledger": decision,
-        }
-        sys.stdout.write(("\n  " if self.first else ",\n  ") + json.dumps(row, ensure_ascii=False))
-        self.first = False
+        """The batch's rows, in one write."""
+        items = batch.items
+        if isinstance(items, LocalItems):
+            rows = _folder_json_rows(items, batch.decisions)
+        else:
+            rows = [
+                _json_row(item, decision)
+                for item, decision in zip(items, batch.decisions, strict=True)
+            ]
+        if rows:
+            sys.stdout.write(("\n  " if self.first else ",\n  ") + ",\n  ".join(rows))
+            self.first = False
 
     def flush(self) -> None:
         sys.stdout.flush()
@@ -369,3 +367,35 @@ class PlanJsonPrinter:
             f'"skipped": {totals.skipped},\n'
             f'"unreadable": {totals.unreadable}}}\n'
         )
+
+
+def _json_row(item: PlanItem, decision: Decision) -> str:
+    row = {
+        "source": without_credentials(item.source),
+        "kind": item.kind,
+        "upload_path": item.upload_path,
+        "file_name": item.file_name,
+        "size": item.size,
+        "method": item.method,
+        "ledger": decision,
+    }
+    return json.dumps(row, ensure_ascii=False)
+
+
+def _folder_json_rows(items: LocalItems, decisions: Sequence[Decision]) -> list[str]:
+    """`_json_row` of each of a folder's files, what they share encoded once (each string
+    as `json.dumps` encodes it: `encode_basestring`)."""
+    folder = items.folder + "/"
+    if "@" in folder + "".join(items.names):  # maybe a URL's credentials: `_json_row` decides
+        return [_json_row(item, decision) for item, decision in zip(items, decisions, strict=True)]
+    quoted = {value: encode_basestring(value) for value in {*items.methods, *decisions}}
+    shared = f'"kind": {encode_basestring(SourceKind.FILE)}, '
+    shared += f'"upload_path": {encode_basestring(items.upload_path)}'
+    return [
+        f'{{"source": {encode_basestring(folder + name)}, {shared}, '
+        f'"file_name": {encode_basestring(name)}, "size": {size}, '
+        f'"method": {quoted[method]}, "ledger": {quoted[decision]}}}'
+        for name, size, method, decision in zip(
+            items.names, items.sizes, items.methods, decisions, strict=True
+        )
+    ]

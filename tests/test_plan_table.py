@@ -4,13 +4,14 @@ as the same items one by one would."""
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from rich.console import Console
 
 from migrator.model import LocalItems, Method
 from migrator.resume import DecidedBatch, Decision
-from migrator.views import PlanTablePrinter, PlanTotals
+from migrator.views import PlanJsonPrinter, PlanTablePrinter, PlanTotals
 
 NAMES = ["a.bin", "b@c.bin", "nbsp\u00a0name.bin", "é.bin", "e.bin", "f.bin"]
 PLAIN_NAMES = ["a.bin", "b.bin", "c.bin", "é.bin", "e.bin", "f.bin"]
@@ -45,6 +46,15 @@ def one_by_one(batch: DecidedBatch) -> DecidedBatch:
     return DecidedBatch(list(batch.items), batch.decisions, batch.keys, batch.rows)
 
 
+def printed_json(batches: list[DecidedBatch], capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    printer = PlanJsonPrinter()
+    for batch in batches:
+        printer.batch(batch)
+    printer.totals(PlanTotals())
+    return capsys.readouterr().out
+
+
 def printed_rows(batch: DecidedBatch, capsys: pytest.CaptureFixture[str]) -> str:
     printer = PlanTablePrinter(Console(file=io.StringIO()))
     capsys.readouterr()
@@ -73,6 +83,19 @@ def test_a_folders_row_shows_its_method_size_decision_target_and_source(
     batch = folder_batch("/data", ["e.bin"])
     expected = "stream         0 B  new       up/load/e.bin <- /data/e.bin\n"
     assert printed_rows(batch, capsys) == expected
+
+
+@pytest.mark.parametrize("folder", ["/data/photos", "/data/user@host", "/data/caf\u00e9", ""])
+@pytest.mark.parametrize("names", [PLAIN_NAMES, NAMES], ids=["plain names", "odd names"])
+def test_a_folders_json_rows_are_those_its_items_print_one_by_one(
+    folder: str, names: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    batches = [folder_batch(folder, names), folder_batch("/data/next", PLAIN_NAMES[:2])]
+
+    text = printed_json(batches, capsys)
+
+    assert text == printed_json([one_by_one(batch) for batch in batches], capsys)
+    assert len(json.loads(text)["items"]) == len(names) + 2
 
 
 @pytest.mark.parametrize("count", [1, 3, len(NAMES)])
