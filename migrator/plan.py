@@ -641,13 +641,14 @@ class _Expansion:
             prefix, folder, names = files
             if filters.by_path:
                 names = [name for name in names if filters.takes_path(prefix + name)]
+                files = _Run(prefix, folder, names)
             stats = None if filters.by_stat else _stat_all(folder, names)
             if stats is None:  # file by file: a size or an age may leave one out
                 for name in names:
                     path = f"{folder}/{name}"
                     yield from parts.file(prefix + name, path, *_stat(path))
             elif names:
-                yield from parts.run(files._replace(names=names), *stats)
+                yield from parts.run(files, *stats)
         yield from parts.end()
         if not found and source.require_match:
             message = f"{source.pattern!r} matches no files (require_match is set)"
@@ -784,25 +785,28 @@ class _GlobParts:
 
 def _stat_all(folder: str, names: list[str]) -> tuple[array.array[int], array.array[int]] | None:
     """The sizes and mtimes of these files of a folder, or None when one vanished. Each
-    looked up from the folder opened once: the kernel then resolves a name, not the
-    whole path (on this VM, a fifth less a file)."""
+    looked up from the folder opened once, when there are a few: the kernel then resolves
+    a name, not the whole path (on this VM, a fifth less a file)."""
     sizes, mtimes = array.array("q"), array.array("q")
     size, mtime = sizes.append, mtimes.append
-    stat = os.stat
+    stat, opened = os.stat, None
     try:
-        opened = os.open(folder or "/", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return None
-    try:
+        if len(names) >= _STAT_FROM_FOLDER:
+            opened = os.open(folder or "/", os.O_RDONLY | os.O_DIRECTORY)
+        where = "" if opened is not None else f"{folder}/"
         for name in names:  # a loop, not a list of stat results to free at once
-            info = stat(name, dir_fd=opened)
+            info = stat(where + name, dir_fd=opened)
             size(info.st_size)
             mtime(info.st_mtime_ns)
     except OSError:
         return None
     finally:
-        os.close(opened)
+        if opened is not None:
+            os.close(opened)
     return sizes, mtimes
+
+
+_STAT_FROM_FOLDER = 4  # files of a run, at least, to open their folder for
 
 
 def _stat(path: Path | str) -> tuple[int | None, int | None]:

@@ -266,15 +266,38 @@ def unreadable_line(count: int) -> str:
     )
 
 
+class _HeldRows:
+    """Rows printed as they come (a million-item plan must not be held in memory), but
+    ROWS_A_WRITE at a time: a batch may be a folder of one file."""
+
+    ROWS_A_WRITE = 1000
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self._rows = 0
+
+    def add(self, text: str, rows: int) -> None:
+        self._texts.append(text)
+        self._rows += rows
+        if self._rows >= self.ROWS_A_WRITE:
+            self.write()
+
+    def write(self) -> None:
+        """Write the rows held so far."""
+        texts, self._texts, self._rows = self._texts, [], 0
+        if texts:
+            sys.stdout.write("".join(texts))
+
+
 class PlanTablePrinter:
-    """Rows are printed as they come (a million-item plan must not be held in memory),
-    a batch in one write."""
+    """A row a planned item, printed as they come."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.console.print(
             f"[bold]{'method':<7} {'size':>10}  {'ledger':<9} target <- source[/bold]"
         )
+        self._held = _HeldRows()
 
     def batch(self, batch: DecidedBatch) -> None:
         # Plain text: rich's rendering costs ~0.1 ms a row, too much for 200,000 rows.
@@ -286,12 +309,13 @@ class PlanTablePrinter:
                 _table_row(item, decision)
                 for item, decision in zip(items, batch.decisions, strict=True)
             ]
-        sys.stdout.write("".join(rows))
+        self._held.add("".join(rows), len(rows))
 
     def flush(self) -> None:
-        sys.stdout.flush()
+        self._held.write()
 
     def totals(self, totals: PlanTotals) -> None:
+        self.flush()
         table = Table(title="totals", show_edge=False)
         table.add_column("method")
         table.add_column("items", justify="right")
@@ -340,9 +364,9 @@ class PlanJsonPrinter:
     def __init__(self) -> None:
         self.first = True
         sys.stdout.write('{"items": [')
+        self._held = _HeldRows()
 
     def batch(self, batch: DecidedBatch) -> None:
-        """The batch's rows, in one write."""
         items = batch.items
         if isinstance(items, LocalItems):
             rows = _folder_json_rows(items, batch.decisions)
@@ -352,13 +376,15 @@ class PlanJsonPrinter:
                 for item, decision in zip(items, batch.decisions, strict=True)
             ]
         if rows:
-            sys.stdout.write(("\n  " if self.first else ",\n  ") + ",\n  ".join(rows))
+            self._held.add(("\n  " if self.first else ",\n  ") + ",\n  ".join(rows), len(rows))
             self.first = False
 
     def flush(self) -> None:
+        self._held.write()
         sys.stdout.flush()
 
     def totals(self, totals: PlanTotals) -> None:
+        self._held.write()
         by_method = {m: {"items": n, "bytes": b} for m, (n, b) in totals.by_method.items()}
         sys.stdout.write(
             "\n],\n"

@@ -59,6 +59,7 @@ def printed_rows(batch: DecidedBatch, capsys: pytest.CaptureFixture[str]) -> str
     printer = PlanTablePrinter(Console(file=io.StringIO()))
     capsys.readouterr()
     printer.batch(batch)
+    printer.flush()
     return capsys.readouterr().out
 
 
@@ -75,6 +76,26 @@ def test_a_folders_rows_are_those_its_items_print_one_by_one(
 
     assert rows == printed_rows(one_by_one(batch), capsys)
     assert len(rows.splitlines()) == len(names)
+
+
+def test_rows_are_written_a_thousand_at_a_time_and_at_the_flush(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    printer = PlanTablePrinter(Console(file=io.StringIO()))
+    batch = folder_batch("/data", PLAIN_NAMES[:2])
+    for _ in range(499):
+        printer.batch(batch)
+    held = capsys.readouterr().out
+    printer.batch(batch)
+    written = capsys.readouterr().out
+    printer.batch(batch)
+    printer.flush()
+
+    assert (held, len(written.splitlines()), len(capsys.readouterr().out.splitlines())) == (
+        "",
+        1000,
+        2,
+    )
 
 
 def test_a_folders_row_shows_its_method_size_decision_target_and_source(
