@@ -32,7 +32,7 @@ from migrator.logs import get_logger
 from migrator.model import ItemUpdate, LedgerItem, Manifest, Method, PlanItem, SourceKind
 from migrator.pacer import Pacer
 from migrator.plan import expand_batches
-from migrator.resume import Decision
+from migrator.resume import Decision, Entry
 
 if TYPE_CHECKING:
     from migrator.clock import ServiceClock
@@ -48,8 +48,6 @@ FIRST_ENQUEUE = 50  # a plan's first batch: small, for the workers to start on
 PLAN_WATCH = 1.0  # seconds between looks at a plan another process is making
 
 log = get_logger("migrator.claims")
-
-Entry = tuple[PlanItem, Decision, LedgerItem | None]
 
 
 # -- the plan as queued work (pure) ---------------------------------------------------------

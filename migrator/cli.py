@@ -909,10 +909,9 @@ async def _plan(manifest: Manifest, fmt: str, checksum: bool) -> None:
     decided = preview_batches(manifest, RunOptions(checksum=checksum), check.kept)
     try:
         async with contextlib.aclosing(decided) as batches:
-            async for entries in batches:
-                for item, decision, _row in entries:
-                    totals.add(item, decision)
-                    printer.item(item, decision)
+            async for batch in batches:
+                totals.add(batch)
+                printer.batch(batch)
     finally:
         printer.flush()  # the rows before a failure are shown too
     printer.totals(totals)

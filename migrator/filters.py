@@ -54,6 +54,16 @@ class Filters:
         object.__setattr__(self, "_included", _any_of(self.include))
         object.__setattr__(self, "_excluded", _any_of(self.exclude))
 
+    @property
+    def by_path(self) -> bool:
+        """Whether any pattern was given (else `takes_path` takes every path)."""
+        return bool(self.include or self.exclude)
+
+    @property
+    def by_stat(self) -> bool:
+        """Whether any size or age limit was given (else `takes_stat` takes every file)."""
+        return not (self.min_size is None and self.max_size is None and self.modified_since is None)
+
     def takes_path(self, relative: str) -> bool:
         """Whether the patterns take the file at `relative` (below its source's root)."""
         if self._excluded is not None and self._excluded.fullmatch(relative):

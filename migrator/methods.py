@@ -8,6 +8,8 @@ is streamed through this machine.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from migrator.model import BASE64_LIMIT, URL_LIMIT, Method, Settings, SourceKind
 
 
@@ -45,9 +47,14 @@ def forced_method_problem(kind: SourceKind, size: int | None, requested: Method)
 def automatic_method(kind: SourceKind, size: int | None, settings: Settings) -> Method:
     """The method by size alone (what refresh uses, and the plan when nothing is forced)."""
     if kind is SourceKind.FILE:
-        # An empty file goes by stream: an empty base64Data reads as a missing one.
-        small = size is not None and 0 < size <= settings.base64_max
-        return Method.BASE64 if small else Method.STREAM
+        return automatic_methods((size,), settings)[0]
     if size is None or size <= settings.url_max:
         return Method.URL
     return Method.STREAM
+
+
+def automatic_methods(sizes: Iterable[int | None], settings: Settings) -> list[Method]:
+    """`automatic_method` of local files of these sizes (a folder of them at once)."""
+    base64, stream, most = Method.BASE64, Method.STREAM, settings.base64_max
+    # An empty file goes by stream: an empty base64Data reads as a missing one.
+    return [base64 if size is not None and 0 < size <= most else stream for size in sizes]

@@ -7,10 +7,11 @@ program; they become ISO-8601 only at the edges (exports, logs, the CLI).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from migrator.filters import Filters
 from migrator.shard import Shard
@@ -222,6 +223,66 @@ class PlanItem:
     @property
     def key(self) -> tuple[str, str]:
         return (self.upload_path, self.file_name)
+
+
+class LocalItems(Sequence[PlanItem]):
+    """Plan items of local files of one folder, all of one source, held as columns: what
+    the plan of a big tree is mostly made of. A `PlanItem` is made only when one is
+    asked for (a run takes them one by one); `plan` prints from the columns."""
+
+    __slots__ = ("folder", "forced", "methods", "mtimes", "names", "sizes", "upload_path")
+
+    def __init__(
+        self,
+        folder: str,
+        upload_path: str,
+        names: Sequence[str],
+        sizes: Sequence[int],
+        mtimes: Sequence[int],
+        methods: Sequence[Method],
+        *,
+        forced: bool,
+    ) -> None:
+        self.folder = folder  # each item's source is folder/name
+        self.upload_path = upload_path
+        self.names = names
+        self.sizes = sizes
+        self.mtimes = mtimes
+        self.methods = methods
+        self.forced = forced
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @overload
+    def __getitem__(self, index: int) -> PlanItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[PlanItem]: ...
+    def __getitem__(self, index: int | slice) -> PlanItem | Sequence[PlanItem]:
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(*index.indices(len(self.names)))]
+        return self._item(range(len(self.names))[index])
+
+    def __iter__(self) -> Iterator[PlanItem]:
+        return map(self._item, range(len(self.names)))
+
+    def keys(self) -> list[tuple[str, str]]:
+        """Each item's `key`, in order."""
+        upload_path = self.upload_path
+        return [(upload_path, name) for name in self.names]
+
+    def _item(self, index: int) -> PlanItem:
+        name = self.names[index]
+        return PlanItem(
+            f"{self.folder}/{name}",
+            SourceKind.FILE,
+            self.upload_path,
+            name,
+            self.sizes[index],
+            self.methods[index],
+            self.forced,
+            self.mtimes[index],
+        )
 
 
 # -- the service's answers ------------------------------------------------------------------

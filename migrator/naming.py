@@ -90,7 +90,16 @@ def names_pass(upload_path: str, file_names: Iterable[str]) -> bool:
     upload path: one look at the path, one scan of each name (a folder of files)."""
     if _upload_path_problem(upload_path) is not None:
         return False
-    return all("/" not in name and _check_segment(name, "file name") is None for name in file_names)
+    names = list(file_names)
+    together = "".join(names)
+    if (
+        "/" not in together
+        and _ODD_CHAR_RE.search(together) is None
+        and max(map(len, names), default=0) <= _SHORT_SEGMENT
+        and _SPECIAL_SEGMENTS.isdisjoint(names)
+    ):
+        return True  # what _check_segment's common case finds of each, for all at once
+    return all("/" not in name and _check_segment(name, "file name") is None for name in names)
 
 
 @functools.lru_cache(maxsize=4096)  # every file of a folder shares its upload path
@@ -127,10 +136,13 @@ _ODD_CHAR_RE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _SHORT_SEGMENT = MAX_SEGMENT_BYTES // 4  # characters that cannot exceed it in UTF-8
 
 
+_SPECIAL_SEGMENTS = frozenset(("", ".", ".."))
+
+
 def _check_segment(segment: str, what: str) -> str | None:
     if (
         len(segment) <= _SHORT_SEGMENT
-        and segment not in ("", ".", "..")
+        and segment not in _SPECIAL_SEGMENTS
         and _ODD_CHAR_RE.search(segment) is None
     ):
         return None  # the common case, in one scan: every check below passes

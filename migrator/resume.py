@@ -8,10 +8,11 @@ was found dead, or that was lost, is uploaded again as soon as its source is the
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, overload
 
-from migrator.model import ItemState, PlanItem, SourceKind
+from migrator.model import ItemState, LedgerItem, PlanItem, SourceKind
 
 
 class Decision(StrEnum):
@@ -75,6 +76,51 @@ def decide(
     if row.expires_at is None or row.expires_at - now <= refresh_within:
         return Decision.EXPIRING
     return Decision.VERIFY if by_bytes else Decision.UNCHANGED
+
+
+Entry = tuple[PlanItem, Decision, LedgerItem | None]
+"""A planned item, its decision, and its ledger row when there is work to do on it."""
+
+
+class DecidedBatch(Sequence[Entry]):
+    """A batch of the plan joined with the ledger, held as the batch itself (its
+    `LocalItems` columns, for one), the decisions in its order, and the rows of the
+    items with work: an `Entry` is made only when one is asked for."""
+
+    __slots__ = ("decisions", "items", "keys", "rows")
+
+    def __init__(
+        self,
+        items: Sequence[PlanItem],
+        decisions: Sequence[Decision],
+        keys: Sequence[tuple[str, str]],
+        rows: Mapping[tuple[str, str], LedgerItem],
+    ) -> None:
+        self.items = items
+        self.decisions = decisions
+        self.keys = keys  # each item's key, in order
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, index: int) -> Entry: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Entry]: ...
+    def __getitem__(self, index: int | slice) -> Entry | Sequence[Entry]:
+        if isinstance(index, slice):
+            return [self._entry(i) for i in range(*index.indices(len(self.items)))]
+        return self._entry(range(len(self.items))[index])
+
+    def __iter__(self) -> Iterator[Entry]:
+        rows = self.rows
+        for item, decision, key in zip(self.items, self.decisions, self.keys, strict=True):
+            yield item, decision, rows.get(key) if rows else None
+
+    def _entry(self, index: int) -> Entry:
+        row = self.rows.get(self.keys[index]) if self.rows else None
+        return self.items[index], self.decisions[index], row
 
 
 def only_mtime_changed(item: PlanItem, row: Recorded) -> bool:

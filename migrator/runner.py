@@ -35,6 +35,7 @@ from migrator.model import (
     ItemState,
     ItemUpdate,
     LedgerItem,
+    LocalItems,
     Manifest,
     Method,
     Outcome,
@@ -54,7 +55,7 @@ from migrator.plan import (
     expand_batches,
     one_at_a_time,
 )
-from migrator.resume import Decision, decide
+from migrator.resume import DecidedBatch, Decision, Entry, decide
 from migrator.transfer import Meter, Send, Sent, Step, sha256_of, upload_step
 
 if TYPE_CHECKING:
@@ -62,8 +63,6 @@ if TYPE_CHECKING:
     from migrator.ledger_pg import PgLedger
 
 log = get_logger("migrator.runner")
-
-Entry = tuple[PlanItem, Decision, LedgerItem | None]  # the row: see decide_batches
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +258,7 @@ async def preview(
 
 async def preview_batches(
     manifest: Manifest, options: RunOptions | None = None, kept: KeptEntries | None = None
-) -> AsyncGenerator[list[Entry], None]:
+) -> AsyncGenerator[DecidedBatch, None]:
     """`preview`, a batch of entries at a time (a plan of 200,000 files shows each)."""
     opts = options or RunOptions()
     workers, checksum = opts.workers(manifest.settings), opts.by_checksum(manifest.settings)
@@ -299,31 +298,31 @@ async def decide_batches(
     batches: AsyncIterator[Sequence[PlanItem]],
     checksum: bool,
     clock: ServiceClock,
-) -> AsyncGenerator[list[Entry], None]:
+) -> AsyncGenerator[DecidedBatch, None]:
     """Join the plan (`expand_batches`) with the ledger, a batch at a time; expiry is
     judged on the service's clock. An entry's row is the ledger's item when there is
     work to do on it (None for a new item, and for one that needs nothing): deciding
-    reads only what it needs of each row, and the items with work are read whole."""
+    reads only what it needs of each row, and the items with work are read whole. An
+    item the ledger has never seen is NEW without a look at it (a first plan of a big
+    tree is all of them)."""
     target, within = manifest.target.base_url, manifest.settings.refresh_within
-    unchanged = Decision.UNCHANGED
+    unchanged, new = Decision.UNCHANGED, Decision.NEW
     async for batch in batches:
-        keys = [item.key for item in batch]
+        keys = batch.keys() if isinstance(batch, LocalItems) else [item.key for item in batch]
         found = await ledger.lookup_found(target, keys)
         now = clock.now()
-        decisions = [
-            decide(item, found.get(key), now=now, refresh_within=within, checksum=checksum)
-            for item, key in zip(batch, keys, strict=True)
-        ]
-        worked = [
-            key
-            for key, decision in zip(keys, decisions, strict=True)
-            if decision is not unchanged and key in found
-        ]
+        decisions = [new] * len(keys)  # what the ledger has never seen
+        worked: list[tuple[str, str]] = []  # keys of the rows with work
+        for index, key in enumerate(keys) if found else ():
+            if (row := found.get(key)) is not None:
+                decision = decide(
+                    batch[index], row, now=now, refresh_within=within, checksum=checksum
+                )
+                decisions[index] = decision
+                if decision is not unchanged:
+                    worked.append(key)
         rows = await ledger.lookup(target, worked) if worked else {}
-        yield [
-            (item, decision, rows.get(key) if rows else None)
-            for item, key, decision in zip(batch, keys, decisions, strict=True)
-        ]
+        yield DecidedBatch(batch, decisions, keys, rows)
 
 
 def remembered_in(ledger: BaseLedger, target: str) -> Remembered:

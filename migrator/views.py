@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, JustifyMethod
@@ -13,10 +16,10 @@ from rich.table import Table
 
 from migrator.history import ItemHistory
 from migrator.ledger import RunRow
-from migrator.model import HOUR, Outcome, PlanItem
+from migrator.model import HOUR, LocalItems, Outcome, PlanItem, SourceKind
 from migrator.naming import hide_credentials, printable, without_credentials
 from migrator.report import JobCoverage, RunFailure, StatusReport
-from migrator.resume import Decision
+from migrator.resume import DecidedBatch, Decision
 from migrator.units import format_duration, format_size, iso_utc, relative_time
 
 if TYPE_CHECKING:  # not at run time: `status` must not load the HTTP stack
@@ -225,10 +228,24 @@ class PlanTotals:
     skipped: int = 0  # files globs matched but did not take (check_plan's count)
     unreadable: int = 0  # folders globs could not read
 
-    def add(self, item: PlanItem, decision: Decision) -> None:
-        count, size = self.by_method.get(item.method, (0, 0))
-        self.by_method[item.method] = (count + 1, size + (item.size or 0))
-        self.by_decision[decision] = self.by_decision.get(decision, 0) + 1
+    def add(self, batch: DecidedBatch) -> None:
+        """Count each entry of the batch (a folder's files from their columns)."""
+        items = batch.items
+        if isinstance(items, LocalItems):
+            if len(set(items.methods)) == 1:  # a folder of small files, or of big ones
+                self._add_method(items.methods[0], len(items), sum(items.sizes))
+            else:
+                for method, size in zip(items.methods, items.sizes, strict=True):
+                    self._add_method(method, 1, size)
+        else:
+            for item in items:
+                self._add_method(item.method, 1, item.size or 0)
+        for decision, count in Counter(batch.decisions).items():  # in the order first seen
+            self.by_decision[decision] = self.by_decision.get(decision, 0) + count
+
+    def _add_method(self, method: str, count: int, size: int) -> None:
+        counted, total = self.by_method.get(method, (0, 0))
+        self.by_method[method] = (counted + count, total + size)
 
 
 def skipped_line(count: int) -> str:
@@ -249,33 +266,53 @@ def unreadable_line(count: int) -> str:
     )
 
 
-class PlanTablePrinter:
-    """Rows are printed as they come (a million-item plan must not be held in memory),
-    ROWS_A_WRITE at a time."""
+class _HeldRows:
+    """Rows printed as they come (a million-item plan must not be held in memory), but
+    ROWS_A_WRITE at a time: a batch may be a folder of one file."""
 
     ROWS_A_WRITE = 1000
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self._rows = 0
+
+    def add(self, text: str, rows: int) -> None:
+        self._texts.append(text)
+        self._rows += rows
+        if self._rows >= self.ROWS_A_WRITE:
+            self.write()
+
+    def write(self) -> None:
+        """Write the rows held so far."""
+        texts, self._texts, self._rows = self._texts, [], 0
+        if texts:
+            sys.stdout.write("".join(texts))
+
+
+class PlanTablePrinter:
+    """A row a planned item, printed as they come."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.console.print(
             f"[bold]{'method':<7} {'size':>10}  {'ledger':<9} target <- source[/bold]"
         )
-        self._rows: list[str] = []
+        self._held = _HeldRows()
 
-    def item(self, item: PlanItem, decision: Decision) -> None:
+    def batch(self, batch: DecidedBatch) -> None:
         # Plain text: rich's rendering costs ~0.1 ms a row, too much for 200,000 rows.
-        source = printable(without_credentials(item.source))
-        self._rows.append(
-            f"{item.method:<7} {format_size(item.size):>10}  {decision:<9} "
-            f"{item.upload_path}/{item.file_name} <- {source}\n"
-        )
-        if len(self._rows) >= self.ROWS_A_WRITE:
-            self.flush()
+        items = batch.items
+        if isinstance(items, LocalItems):
+            rows = _folder_rows(items, batch.decisions)
+        else:
+            rows = [
+                _table_row(item, decision)
+                for item, decision in zip(items, batch.decisions, strict=True)
+            ]
+        self._held.add("".join(rows), len(rows))
 
     def flush(self) -> None:
-        """Write the rows held so far."""
-        rows, self._rows = self._rows, []
-        sys.stdout.write("".join(rows))
+        self._held.write()
 
     def totals(self, totals: PlanTotals) -> None:
         self.flush()
@@ -294,30 +331,60 @@ class PlanTablePrinter:
             self.console.print(unreadable_line(totals.unreadable), markup=False)
 
 
+def _table_row(item: PlanItem, decision: Decision) -> str:
+    source = printable(without_credentials(item.source))
+    return (
+        f"{item.method:<7} {format_size(item.size):>10}  {decision:<9} "
+        f"{item.upload_path}/{item.file_name} <- {source}\n"
+    )
+
+
+def _folder_rows(items: LocalItems, decisions: Sequence[Decision]) -> list[str]:
+    """`_table_row` of each of a folder's files, with what they share written once: the
+    folder, and the text of each method, size and decision."""
+    folder = items.folder + "/"
+    names = "".join(items.names)
+    if not (shown_as_is := folder + names).isprintable() or "@" in shown_as_is:
+        return [_table_row(item, decision) for item, decision in zip(items, decisions, strict=True)]
+    methods = {method: f"{method:<7}" for method in set(items.methods)}
+    sizes = {size: f"{format_size(size):>10}" for size in set(items.sizes)}
+    decided = {decision: f"{decision:<9}" for decision in set(decisions)}
+    target = items.upload_path + "/"
+    return [
+        f"{methods[method]} {sizes[size]}  {decided[decision]} {target}{name} <- {folder}{name}\n"
+        for method, size, decision, name in zip(
+            items.methods, items.sizes, decisions, items.names, strict=True
+        )
+    ]
+
+
 class PlanJsonPrinter:
     """One JSON document, streamed: {"items": [...], "totals": {...}, "ledger": {...}}."""
 
     def __init__(self) -> None:
         self.first = True
         sys.stdout.write('{"items": [')
+        self._held = _HeldRows()
 
-    def item(self, item: PlanItem, decision: Decision) -> None:
-        row = {
-            "source": without_credentials(item.source),
-            "kind": item.kind,
-            "upload_path": item.upload_path,
-            "file_name": item.file_name,
-            "size": item.size,
-            "method": item.method,
-            "ledger": decision,
-        }
-        sys.stdout.write(("\n  " if self.first else ",\n  ") + json.dumps(row, ensure_ascii=False))
-        self.first = False
+    def batch(self, batch: DecidedBatch) -> None:
+        items = batch.items
+        if isinstance(items, LocalItems):
+            rows = _folder_json_rows(items, batch.decisions)
+        else:
+            rows = [
+                _json_row(item, decision)
+                for item, decision in zip(items, batch.decisions, strict=True)
+            ]
+        if rows:
+            self._held.add(("\n  " if self.first else ",\n  ") + ",\n  ".join(rows), len(rows))
+            self.first = False
 
     def flush(self) -> None:
+        self._held.write()
         sys.stdout.flush()
 
     def totals(self, totals: PlanTotals) -> None:
+        self._held.write()
         by_method = {m: {"items": n, "bytes": b} for m, (n, b) in totals.by_method.items()}
         sys.stdout.write(
             "\n],\n"
@@ -326,3 +393,35 @@ class PlanJsonPrinter:
             f'"skipped": {totals.skipped},\n'
             f'"unreadable": {totals.unreadable}}}\n'
         )
+
+
+def _json_row(item: PlanItem, decision: Decision) -> str:
+    row = {
+        "source": without_credentials(item.source),
+        "kind": item.kind,
+        "upload_path": item.upload_path,
+        "file_name": item.file_name,
+        "size": item.size,
+        "method": item.method,
+        "ledger": decision,
+    }
+    return json.dumps(row, ensure_ascii=False)
+
+
+def _folder_json_rows(items: LocalItems, decisions: Sequence[Decision]) -> list[str]:
+    """`_json_row` of each of a folder's files, what they share encoded once (each string
+    as `json.dumps` encodes it: `encode_basestring`)."""
+    folder = items.folder + "/"
+    if "@" in folder + "".join(items.names):  # maybe a URL's credentials: `_json_row` decides
+        return [_json_row(item, decision) for item, decision in zip(items, decisions, strict=True)]
+    quoted = {value: encode_basestring(value) for value in {*items.methods, *decisions}}
+    shared = f'"kind": {encode_basestring(SourceKind.FILE)}, '
+    shared += f'"upload_path": {encode_basestring(items.upload_path)}'
+    return [
+        f'{{"source": {encode_basestring(folder + name)}, {shared}, '
+        f'"file_name": {encode_basestring(name)}, "size": {size}, '
+        f'"method": {quoted[method]}, "ledger": {quoted[decision]}}}'
+        for name, size, method, decision in zip(
+            items.names, items.sizes, items.methods, decisions, strict=True
+        )
+    ]

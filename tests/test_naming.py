@@ -6,6 +6,8 @@ import hashlib
 import stat
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from migrator.naming import (
     check_name,
@@ -18,6 +20,7 @@ from migrator.naming import (
     hide_credentials,
     join_upload_path,
     name_from_url,
+    names_pass,
     printable,
     split_glob,
     substitute_url,
@@ -113,6 +116,25 @@ def test_check_name_refuses(upload_path: str, file_name: str, expected: str) -> 
     reason = check_name(upload_path, file_name)
     assert reason is not None
     assert expected in reason
+
+
+# Names from the characters each rule is about: separators, dots, controls, a backslash,
+# surrogates, and letters of one and of two UTF-8 bytes (for the 255-byte limit).
+_NAME_CHARACTERS = st.sampled_from(["a", ".", "/", "\\", "\n", "\x85", "\ud800", "é", " "])
+_NAMES = st.lists(
+    st.text(_NAME_CHARACTERS, max_size=4) | st.just("é" * 128), min_size=1, max_size=5
+)
+
+
+@given(_NAMES, st.sampled_from(["", "up/load", "a/../b"]))
+@example(["a", "b" * 80], "")
+@example(["a", "é" * 127], "up")
+@example(["a", ".."], "")
+def test_names_pass_when_check_name_finds_nothing_wrong_with_any(
+    names: list[str], upload_path: str
+) -> None:
+    expected = all(check_name(upload_path, name) is None for name in names)
+    assert names_pass(upload_path, names) == expected
 
 
 def test_check_name_counts_length_in_utf8_bytes() -> None:

@@ -11,6 +11,7 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -30,6 +31,7 @@ from migrator.plan import (
     Skipped,
     check_plan,
     expand,
+    expand_batches,
     probe_remote,
     walk_glob,
 )
@@ -392,6 +394,15 @@ def test_glob_files_colliding_with_a_path_source_name_both(tmp_path: Path) -> No
     assert f"as does sources[0] (line 6, {tmp_path}/one/a.txt)" in problem
 
 
+def test_files_of_two_folders_landing_in_one_place_each_collide(tmp_path: Path) -> None:
+    make_tree(tmp_path, *(f"{folder}/{n}.txt" for folder in ("one", "two") for n in range(10)))
+    sources = "  - glob: 'one/*.txt'\n  - glob: 'two/*.txt'\n"
+    problems = plan_problems(manifest_in(tmp_path, sources))
+    assert len(problems) == 10
+    assert f"sources[1]: {tmp_path}/two/0.txt lands on '0.txt'" in problems[0]
+    assert f"as does sources[0] (line 6, {tmp_path}/one/0.txt)" in problems[0]
+
+
 def test_two_globs_keep_their_trees_and_do_not_collide(tmp_path: Path) -> None:
     make_tree(tmp_path, "one/x/a.txt", "two/y/a.txt")
     sources = "  - glob: 'one/**'\n  - glob: 'two/**'\n"
@@ -478,6 +489,58 @@ async def test_a_folder_of_more_files_than_a_part_plans_as_a_walk_does(tmp_path:
         f"{FOLDER_PART:05d}.txt",
     ]
     assert names[-1] == "z.txt"
+
+
+async def test_a_folders_files_after_a_subfolder_are_planned_after_its_files(
+    tmp_path: Path,
+) -> None:
+    make_tree(tmp_path, *(f"p/a{n}.txt" for n in range(10)), "p/m/x.txt", "p/z.txt")
+    manifest = manifest_in(tmp_path, "  - glob: 'p/**'\n")
+    check = check_plan(manifest, keep=KEEP_BYTES)
+
+    items = await collect(manifest, kept=check.kept)
+
+    expected = [*(f"a{n}.txt" for n in range(10)), "x.txt", "z.txt"]
+    assert [item.file_name for item in items] == expected
+    assert items[-2].source == str(tmp_path / "p/m/x.txt")
+
+
+async def test_a_file_gone_before_its_stat_is_planned_in_its_place_with_no_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [f"{n:02d}.txt" for n in range(12)]
+    make_tree(tmp_path, *(f"p/{name}" for name in names))
+    real_stat = os.stat
+
+    def stat(path: str, **options: Any) -> os.stat_result:
+        if os.fspath(path).endswith("05.txt"):
+            raise FileNotFoundError(path)
+        return real_stat(path, **options)
+
+    monkeypatch.setattr("migrator.plan.os.stat", stat)
+    manifest = manifest_in(tmp_path, "  - glob: 'p/*.txt'\n")
+    check = check_plan(manifest, keep=KEEP_BYTES)
+
+    items = await collect(manifest, kept=check.kept)
+
+    assert (check.items, check.local_bytes) == (12, 11)
+    assert [item.file_name for item in items] == names
+    assert [item.size for item in items] == [1] * 5 + [None] + [1] * 6
+
+
+async def test_a_batch_of_a_folders_files_gives_the_same_items_however_it_is_read(
+    tmp_path: Path,
+) -> None:
+    make_tree(tmp_path, *(f"p/{n}.txt" for n in range(5)))
+    manifest = manifest_in(tmp_path, "  - glob: 'p/*.txt'\n")
+    check = check_plan(manifest, keep=KEEP_BYTES)
+
+    [batch] = [b async for b in expand_batches(manifest, session=None, kept=check.kept)]
+
+    items = list(batch)
+    assert [item.file_name for item in items] == [f"{n}.txt" for n in range(5)]
+    assert [batch[index] for index in range(len(batch))] == items
+    assert (batch[-1], batch[1:3], batch.index(items[2])) == (items[-1], items[1:3], 2)
 
 
 async def test_local_items_carry_size_mtime_and_the_full_upload_path(tmp_path: Path) -> None:
