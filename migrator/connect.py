@@ -46,13 +46,7 @@ if TYPE_CHECKING:
 
 EMBEDDED_ORIGIN_VAR = "EMBEDDED_ORIGIN"
 MAX_KEY_FILE = 64 * 1024  # a key is short; more than this is not a key file
-EMBEDDED_REQUESTS_KEPT = 100
-# OpenSSL's own: certificates that replace the system's list. Read by aiohttp's verifying
-# context when aiohttp is imported, and by `trust` when it is called.
-CERT_VARIABLES = (
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-)  # nobody reads the embedded emulator's request log
+EMBEDDED_REQUESTS_KEPT = 100  # nobody reads the embedded emulator's request log
 
 
 def read_api_key(target: Target, environ: Mapping[str, str] | None = None) -> str:
