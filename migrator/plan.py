@@ -257,19 +257,7 @@ class _Folder:
         )
 
     def entries(self) -> Iterator[_Entry]:
-        first, prefix = self.first, self.folder + "/"
-        for name, size, mtime_ns in zip(self.names, self.sizes, self.mtimes, strict=True):
-            yield _Entry(
-                index=first.index,
-                source_line=first.source_line,
-                kind=SourceKind.FILE,
-                source=prefix + name,
-                upload_path=first.upload_path,
-                file_name=name,
-                requested=first.requested,
-                size=size,
-                mtime_ns=mtime_ns,
-            )
+        return map(self.entry, range(len(self.names)))
 
     def plan_items(self, manifest: Manifest, batch: int) -> Iterator[LocalItems]:
         """The folder's files as plan items, `batch` at a time: what `_plan_item` makes of
