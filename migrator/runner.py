@@ -250,10 +250,8 @@ async def preview(
     """The plan joined with the ledger, read-only: what `plan` shows and `--dry-run` counts.
     Origins may be asked for sizes; the service is not contacted. `kept`: the entries
     `check_plan` kept, planned from instead of walking again."""
-    async with contextlib.aclosing(preview_batches(manifest, options, kept)) as batches:
-        async for entries in batches:
-            for entry in entries:
-                yield entry
+    async for entry in one_at_a_time(preview_batches(manifest, options, kept)):
+        yield entry
 
 
 async def preview_batches(
