@@ -116,9 +116,9 @@ async def export_ledger(
     """Write every item of `target` to `out` as `write_export` would; returns how many.
 
     `scratch`: a folder on the output's disk where a large export of a SQLite ledger is
-    written in parts by a worker process per CPU (up to MAX_WORKERS), each over its own
-    range of ids, then joined in order: Python's formatting of a row, not SQLite, is most
-    of an export's time. Without one (stdout), one process writes it all.
+    written in parts, spans of ids taken in turn by a pool of worker processes (one per
+    CPU, up to MAX_WORKERS), and joined in order: Python's formatting of a row, not
+    SQLite, is most of an export's time. Without one (stdout), one process writes it all.
     """
     if not isinstance(ledger, Ledger):
         return await write_export(ledger.iter_items(target), fmt, out)
